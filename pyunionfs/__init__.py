@@ -1,0 +1,11 @@
+"""pyunionfs: a union filesystem in userspace, compatible on disk with overlayfs.
+
+The union core (:mod:`.union` and what it uses) has no FUSE dependency;
+:mod:`.operations` adapts it to pyfuse3 and :mod:`.mount` runs the daemon.
+"""
+
+from .config import MountConfig as MountConfig
+from .union import UnionFS as UnionFS
+
+__all__ = ["MountConfig", "UnionFS"]
+__version__ = "0.1.0"

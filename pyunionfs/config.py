@@ -1,0 +1,169 @@
+"""A mount's settings: parsed once from the command line, validated once, frozen.
+
+Everything downstream (the union core, the FUSE adapter, the daemon) takes a
+:class:`MountConfig` and never re-reads ``argv``: a setting is checked here or
+nowhere.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+#: Options the core understands, with a one-line meaning for ``--help``.
+KNOWN_OPTIONS: dict[str, str] = {
+    "ro": "read-only mount: every write fails with EROFS (implied when UPPER is empty)",
+    "rw": "read-write mount (default when there is an upper)",
+    "userxattr": "use only user.overlay.* xattrs for markers, as overlayfs -o userxattr",
+    "workdir=DIR": "work directory for atomic copy-up (default: a hidden dir beside UPPER)",
+    "timeout=SECONDS": "how long the kernel may cache names and attributes (default 1)",
+    "allow_other": "let other users use the mount (default when run as root)",
+    "default_permissions": "the kernel checks permissions (always on)",
+    "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
+    "debug": "log every request (same as --debug)",
+}
+
+
+def split_layers(spec: str) -> list[str]:
+    r"""Split ``a:b\:c`` into paths; a backslash escapes ``:`` and ``\``.
+
+    The same escaping as overlayfs ``lowerdir=``, so a lowerdir string can be
+    pasted unchanged.
+    """
+    out: list[str] = []
+    cur: list[str] = []
+    it = iter(spec)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise UsageError(f"layer list ends with a lone backslash: {spec!r}")
+            cur.append(nxt)
+        elif ch == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """Turn ``-o a,b=c`` (possibly repeated) into a dict; empty items are skipped."""
+    opts: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            if not part:
+                continue
+            key, eq, value = part.partition("=")
+            opts[key] = value if eq else ""
+    return opts
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    """Validated settings of one mount.  Paths are absolute bytes."""
+
+    lowers: tuple[bytes, ...]
+    upper: bytes | None
+    mountpoint: bytes
+    workdir: bytes | None = None
+    readonly: bool = False
+    userxattr: bool = False
+    oci_whiteouts: bool = True
+    timeout: float = 1.0
+    allow_other: bool = False
+    foreground: bool = False
+    debug: bool = False
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def layers(self) -> tuple[bytes, ...]:
+        """Every layer, topmost first: the upper (if any), then the lowers."""
+        return ((self.upper,) if self.upper is not None else ()) + self.lowers
+
+
+def _absolute(path: str, what: str) -> bytes:
+    if not path:
+        raise UsageError(f"empty {what} path")
+    return os.fsencode(os.path.abspath(path))
+
+
+def _require_dir(path: bytes, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {os.fsdecode(path)} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {os.fsdecode(path)}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {os.fsdecode(path)} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"{what} {os.fsdecode(path)} is not readable")
+
+
+def build_config(
+    lowers: str,
+    upper: str,
+    mountpoint: str,
+    options: list[str],
+    foreground: bool = False,
+    debug: bool = False,
+) -> MountConfig:
+    """Validate the ``mount`` arguments; raise UsageError naming the problem.
+
+    Relative paths are made absolute here, before the daemon detaches and
+    changes its directory to ``/``.
+    """
+    opts = parse_options(options)
+    lower_paths = [_absolute(p, "lower layer") for p in split_layers(lowers)]
+    if not lower_paths:
+        raise UsageError("at least one lower layer is needed")
+    for p in lower_paths:
+        _require_dir(p, "lower layer")
+    readonly = "ro" in opts or not upper
+    upper_path = None if not upper else _absolute(upper, "upper")
+    if upper_path is not None:
+        _require_dir(upper_path, "upper")
+        if "ro" in opts:
+            # Read-only with an upper: the upper is read as the top layer.
+            lower_paths.insert(0, upper_path)
+            upper_path = None
+    mnt = _absolute(mountpoint, "mountpoint")
+    _require_dir(mnt, "mountpoint")
+    seen: set[bytes] = set()
+    for p in lower_paths + ([upper_path] if upper_path else []):
+        real = os.path.realpath(p)
+        if real in seen:
+            raise UsageError(f"layer {os.fsdecode(p)} is given twice")
+        seen.add(real)
+    workdir = opts.get("workdir") or None
+    try:
+        timeout = float(opts.get("timeout", "1"))
+    except ValueError:
+        raise UsageError(f"timeout must be a number of seconds, not {opts['timeout']!r}") from None
+    if timeout < 0:
+        raise UsageError("timeout must not be negative")
+    oci = opts.get("oci_whiteouts", "on")
+    if oci not in ("on", "off"):
+        raise UsageError(f"oci_whiteouts must be on or off, not {oci!r}")
+    known = {k.split("=")[0] for k in KNOWN_OPTIONS}
+    unknown = sorted(k for k in opts if k not in known)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} (see pyunionfs mount --help)")
+    return MountConfig(
+        lowers=tuple(lower_paths),
+        upper=upper_path,
+        mountpoint=mnt,
+        workdir=_absolute(workdir, "workdir") if workdir else None,
+        readonly=readonly,
+        userxattr="userxattr" in opts,
+        oci_whiteouts=oci == "on",
+        timeout=timeout,
+        allow_other="allow_other" in opts or os.geteuid() == 0,
+        foreground=foreground,
+        debug=debug or "debug" in opts,
+    )

@@ -1,0 +1,86 @@
+"""Inode numbers and the kernel's references to them.
+
+Numbering follows overlayfs's "xino" idea: an object's number is its real
+inode number, with the index of its filesystem in the high bits.  So numbers
+are unique across layers on different filesystems, stable for the life of the
+mount (and across remounts), and two names of one hardlinked lower file get
+the same number, as they must.  With all layers on one filesystem the index is
+0 and st_ino is the real one, as in overlayfs.  A real number too large for
+the remaining bits (or one that would read as the root's) gets a number from a
+private range instead: unique, but only stable while mounted.
+
+FUSE uses the inode number as the node id, so the table also counts the
+kernel's lookups and forgets a node when the kernel does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from .resolve import Entry
+
+ROOT_INO = 1
+_DEV_SHIFT = 48
+_REAL_MASK = (1 << _DEV_SHIFT) - 1
+_PRIVATE_BASE = 1 << 63
+
+
+@dataclass(slots=True)
+class Node:
+    """One object the kernel knows: its number, where it is, how often looked up."""
+
+    ino: int
+    path: bytes
+    entry: Entry
+    lookups: int = 0
+
+
+class InodeTable:
+    """Maps inode numbers to nodes and real objects to inode numbers."""
+
+    def __init__(self, root: Entry) -> None:
+        self._devs: dict[int, int] = {}
+        self._private: dict[tuple[int, int], int] = {}
+        self._next_private = itertools.count(_PRIVATE_BASE)
+        self._root_ident = root.ident
+        self.nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, b"", root, 1)}
+
+    def number(self, ident: tuple[int, int]) -> int:
+        """The inode number of the object *ident* = (st_dev, st_ino)."""
+        if ident == self._root_ident:
+            return ROOT_INO
+        dev, real = ident
+        index = self._devs.setdefault(dev, len(self._devs))
+        ino = (index << _DEV_SHIFT) | real
+        if real & ~_REAL_MASK or index >= 1 << (63 - _DEV_SHIFT) or ino == ROOT_INO:
+            ino = self._private.get(ident) or self._private.setdefault(ident, next(self._next_private))
+        return ino
+
+    def __getitem__(self, ino: int) -> Node:
+        return self.nodes[ino]
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def remember(self, path: bytes, entry: Entry) -> Node:
+        """Record that the kernel now holds one more reference to *entry* at *path*."""
+        ino = self.number(entry.ident)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, path, entry)
+        else:
+            node.entry = entry
+            if ino != ROOT_INO:
+                node.path = path
+        node.lookups += 1
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped *count* references; drop the node at zero."""
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self.nodes[ino]

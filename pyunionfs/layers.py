@@ -1,0 +1,143 @@
+"""The layer stack: directory roots opened once, and safe access beneath them.
+
+Layer 0 is the topmost.  When the mount has an upper directory it is layer 0
+and the only writable one.  Every access goes through :class:`~.paths.DirFds`
+(``*at`` calls relative to a directory fd, never following a symlink stored in
+a layer), so nothing outside the layer roots can be reached.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from .errors import MountError
+from .paths import DirFds, proc_path
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One directory of the stack."""
+
+    index: int
+    path: bytes
+    fd: int
+    dev: int
+    writable: bool
+
+
+class LayerStack:
+    """The opened layers plus the directory-fd cache shared by all of them."""
+
+    def __init__(self, paths: tuple[bytes, ...], writable_top: bool) -> None:
+        layers: list[Layer] = []
+        try:
+            for i, p in enumerate(paths):
+                try:
+                    fd = os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise MountError(f"cannot open layer {os.fsdecode(p)}: {exc.strerror}") from None
+                layers.append(Layer(i, p, fd, os.fstat(fd).st_dev, writable_top and i == 0))
+        except BaseException:
+            for layer in layers:
+                os.close(layer.fd)
+            raise
+        self.layers: tuple[Layer, ...] = tuple(layers)
+        self.fds = DirFds([layer.fd for layer in layers])
+
+    @property
+    def upper(self) -> Layer | None:
+        """The writable layer, if the mount has one."""
+        top = self.layers[0]
+        return top if top.writable else None
+
+    def close(self) -> None:
+        self.fds.clear()
+        for layer in self.layers:
+            os.close(layer.fd)
+
+    # -- primitives: each names a directory (layer, rel) and an entry in it --
+
+    def dirfd(self, layer: int, rel: bytes) -> int:
+        return self.fds.get(layer, rel)
+
+    def lstat(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
+        """lstat of *name* in directory *rel* of *layer*; None if absent.
+
+        A directory missing from the layer (or turned into a non-directory
+        since we looked) also reads as absent: overlayfs treats layers as
+        fixed while mounted, and absent is the harmless answer.
+        """
+        try:
+            return os.stat(name, dir_fd=self.fds.get(layer, rel), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a parent became a symlink
+                return None
+            raise
+
+    def stat_self(self, layer: int, rel: bytes) -> os.stat_result:
+        """lstat of the directory or entry *rel* itself."""
+        if not rel:
+            return os.fstat(self.layers[layer].fd)
+        parent, _, name = rel.rpartition(b"/")
+        return os.stat(name, dir_fd=self.fds.get(layer, parent), follow_symlinks=False)
+
+    def listdir(self, layer: int, rel: bytes) -> list[bytes]:
+        """Names in directory *rel* of *layer*, in on-disk order."""
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fds.get(layer, rel))
+        try:
+            return [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+
+    def open_file(self, layer: int, rel: bytes, flags: int) -> int:
+        """Open the entry *rel* for I/O without following a final symlink.
+
+        Lower files are opened with O_NOATIME where allowed, so reading through
+        the mount does not even change a lower file's atime.
+        """
+        parent, _, name = rel.rpartition(b"/")
+        dfd = self.fds.get(layer, parent)
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if not self.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):
+            try:
+                return os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
+            except PermissionError:
+                pass
+        return os.open(name, flags, dir_fd=dfd)
+
+    def readlink(self, layer: int, rel: bytes) -> bytes:
+        parent, _, name = rel.rpartition(b"/")
+        return os.readlink(name, dir_fd=self.fds.get(layer, parent))
+
+    def _xpath(self, layer: int, rel: bytes) -> tuple[bytes, bool]:
+        """A path reaching entry *rel*, and whether to follow its last step.
+
+        The layer root is reached through its own magic link, which must be
+        followed; anything else is a name inside a directory fd, never followed.
+        """
+        if not rel:
+            return proc_path(self.layers[layer].fd), True
+        parent, _, name = rel.rpartition(b"/")
+        return proc_path(self.fds.get(layer, parent), name), False
+
+    def listxattr(self, layer: int, rel: bytes) -> list[bytes]:
+        """Stored xattr names of entry *rel* (the entry itself, never a link target)."""
+        try:
+            path, follow = self._xpath(layer, rel)
+            names = os.listxattr(path, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return []
+            raise
+        return [os.fsencode(n) for n in names]
+
+    def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes:
+        path, follow = self._xpath(layer, rel)
+        return os.getxattr(path, name, follow_symlinks=follow)
+
+    def statvfs(self, layer: int) -> os.statvfs_result:
+        return os.statvfs(self.layers[layer].fd)

@@ -1,0 +1,245 @@
+"""Mount lifecycle: daemonizing, readiness, signals, clean unmount.
+
+``pyunionfs mount`` must return only when the mount is live and must report a
+failed mount as one line with a non-zero status.  So the command forks before
+anything else runs; the child mounts, then tells the parent through a pipe
+either ``ok`` or the error line, and serves requests until unmounted.  The
+parent exits with the child's verdict.  Nothing of the child keeps the
+caller's stdout/stderr open, so ``$(pyunionfs mount ...)`` and
+``subprocess.run(..., capture_output=True)`` return at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import resource
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pyfuse3
+import trio
+
+from .config import MountConfig
+from .errors import MountError
+from .operations import Operations
+from .union import UnionFS
+
+log = logging.getLogger(__name__)
+
+FSNAME = "pyunionfs"
+
+
+def mount_options(cfg: MountConfig) -> set[str]:
+    """FUSE mount options for *cfg*."""
+    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.readonly:
+        opts.add("ro")
+    return opts
+
+
+def find_mount(mountpoint: bytes) -> tuple[str, str] | None:
+    """(fstype, major:minor) of the mount at *mountpoint*, read from mountinfo.
+
+    Reads /proc rather than stat()ing the mountpoint: a hung or dead daemon
+    would make stat() hang or fail.
+    """
+    target = os.fsdecode(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            point = _unescape(fields[4])
+            if point == target:
+                found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
+    return found
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what libfuse prints on fd 2 during mount, to report it in one line."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(ln.strip() for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
+
+
+def _preflight(cfg: MountConfig) -> None:
+    """Catch the common failures before libfuse does, with a better message."""
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
+    if find_mount(cfg.mountpoint) is not None:
+        raise MountError(f"{os.fsdecode(cfg.mountpoint)} is already a mount point")
+
+
+async def _serve(stop: list[bool]) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    stop[0] = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount *cfg*, serve until unmounted, return the exit status.
+
+    If *ready_fd* is given, write ``ok`` (or the one-line error) to it as soon
+    as the mount is live, then close it.
+    """
+    fs: UnionFS | None = None
+    try:
+        _preflight(cfg)
+        _raise_fd_limit()
+        fs = UnionFS(cfg)
+        ops = Operations(fs)
+        with _captured_stderr() as said:
+            try:
+                pyfuse3.init(ops, os.fsdecode(cfg.mountpoint), mount_options(cfg))
+            except RuntimeError:
+                detail = said[-1] if said else "fuse_session_mount failed"
+                raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}") from None
+    except MountError as exc:
+        if fs is not None:
+            fs.close()
+        _report(ready_fd, str(exc))
+        return 1
+    _report(ready_fd, None)
+    stop = [False]
+    try:
+        trio.run(_serve, stop)
+    finally:
+        # After an external umount the kernel is gone already; after a
+        # signal we unmount ourselves (lazily, as libfuse does for root).
+        pyfuse3.close(unmount=stop[0])
+        fs.close()
+    return 0
+
+
+def _report(ready_fd: int | None, error: str | None) -> None:
+    if ready_fd is None:
+        if error:
+            print(f"pyunionfs: {error}", file=sys.stderr)
+        return
+    with os.fdopen(ready_fd, "wb") as w:
+        w.write(b"ok" if error is None else error.encode(errors="replace"))
+
+
+def _raise_fd_limit() -> None:
+    """Deep trees need one fd per level while a path is opened."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        if fd > 2:
+            os.close(fd)
+
+
+def mount(cfg: MountConfig, log_file: str | None = None) -> int:
+    """Mount in the background and return once the mount is live (or failed)."""
+    if cfg.foreground:
+        faulthandler.register(signal.SIGUSR1)
+        return serve(cfg)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        status = 1
+        try:
+            os.close(r)
+            os.setsid()
+            os.chdir("/")
+            _detach_stdio(log_file)
+            _setup_daemon_logging(cfg)
+            faulthandler.enable()
+            faulthandler.register(signal.SIGUSR1)
+            status = serve(cfg, w)
+        except BaseException:
+            log.exception("daemon failed")
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as rf:
+        verdict = rf.read()
+    if verdict == b"ok":
+        return 0
+    os.waitpid(pid, 0)
+    print(f"pyunionfs: {verdict.decode(errors='replace') or 'the mount daemon died during start-up'}", file=sys.stderr)
+    return 1
+
+
+def _setup_daemon_logging(cfg: MountConfig) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if cfg.debug else logging.INFO,
+        format="%(asctime)s pyunionfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
+    """Unmount a pyunionfs mount and wait until its daemon has let go.
+
+    Waiting matters: only when the daemon is gone is everything it wrote to
+    the upper closed.  The daemon's connection directory under
+    /sys/fs/fuse/connections disappears at that moment, when fusectl is mounted.
+    """
+    found = find_mount(mountpoint)
+    if found is None:
+        raise MountError(f"{os.fsdecode(mountpoint)} is not mounted")
+    fstype, devno = found
+    if fstype != f"fuse.{FSNAME}":
+        raise MountError(f"{os.fsdecode(mountpoint)} is not a pyunionfs mount (it is {fstype})")
+    import subprocess
+
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [os.fsdecode(mountpoint)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
+        raise MountError(f"cannot unmount {os.fsdecode(mountpoint)}: {msg}")
+    conn = f"/sys/fs/fuse/connections/{devno.split(':')[1]}"
+    deadline = time.monotonic() + wait
+    while os.path.exists(conn) and time.monotonic() < deadline:
+        time.sleep(0.02)

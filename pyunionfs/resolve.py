@@ -1,0 +1,157 @@
+"""Pure union logic: which layer (or layers) a merged name comes from.
+
+The rules are overlayfs's (``fs/overlayfs/namei.c``), applied top-down over the
+layers in which the parent directory exists:
+
+* the first layer that has the name wins;
+* a whiteout (any format of :mod:`.whiteout`) ends the search: the name is gone;
+* a non-directory ends the search;
+* a directory merges with the directories of the same name below it, until a
+  layer where it is opaque, or a layer where the name is a non-directory or a
+  whiteout (those end the merge without being shown).
+
+Nothing here caches: callers (the inode table, later the caches) decide what
+to keep.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from .layers import LayerStack
+from .paths import check_name, join
+from .whiteout import OCI_OPAQUE, Markers
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Where a merged name lives, as found by one lookup."""
+
+    #: Layers that make up the entry, topmost first.  A non-directory has one;
+    #: a merged directory has every layer whose directory it merges.
+    layers: tuple[int, ...]
+    #: lstat of the entry in ``layers[0]``: what the mount shows.
+    st: os.stat_result
+    #: (st_dev, st_ino) that names the object for inode numbering.  For a
+    #: directory it is the lowest merged layer's, so it does not change when a
+    #: lower directory later gets a copy in the upper.
+    ident: tuple[int, int]
+    #: Layers in which this directory holds xattr whiteouts (opaque=x).
+    xwh: tuple[int, ...] = ()
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def merged(self) -> bool:
+        """A directory that unions more than one layer (overlayfs reports nlink 1)."""
+        return len(self.layers) > 1
+
+
+class Resolver:
+    """Applies the union rules to a :class:`LayerStack`."""
+
+    def __init__(self, stack: LayerStack, markers: Markers) -> None:
+        self.stack = stack
+        self.markers = markers
+
+    def root(self) -> Entry:
+        """The root merges every layer: overlayfs ignores opacity at the root."""
+        layers = tuple(range(len(self.stack.layers)))
+        sts = [self.stack.stat_self(i, b"") for i in layers]
+        xwh = tuple(i for i in layers if self._opaque(i, b"") == b"x")
+        return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh)
+
+    def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
+        """Resolve *name* in the merged directory *parent*; None if it is not there."""
+        check_name(name)
+        if self.markers.is_oci_marker(name):
+            return None
+        stack = self.stack
+        rel = join(parent_rel, name)
+        dirs: list[int] = []
+        top: os.stat_result | None = None
+        low: os.stat_result | None = None
+        xwh: list[int] = []
+        last = parent.layers[-1]
+        for layer in parent.layers:
+            st = stack.lstat(layer, parent_rel, name)
+            if st is None:
+                if self._oci_whiteout(layer, parent_rel, name):
+                    break
+                continue
+            if self.markers.is_device_whiteout(st) or (
+                layer in parent.xwh
+                and self.markers.may_be_xwhiteout(st)
+                and self.markers.has_whiteout_xattr(stack.listxattr(layer, rel))
+            ):
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                if dirs:
+                    break  # a non-directory below a directory ends the merge
+                return Entry((layer,), st, (st.st_dev, st.st_ino))
+            dirs.append(layer)
+            top = top or st
+            low = st
+            opaque = self._opaque(layer, rel)
+            if opaque == b"x":
+                xwh.append(layer)
+            if layer == last:
+                break
+            if opaque == b"y" or self._oci_opaque(layer, parent_rel, name):
+                break
+        if top is None or low is None:
+            return None
+        return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+
+    def names(self, d: Entry, rel: bytes) -> list[bytes]:
+        """Candidate names of merged directory *d*, each once, top layer's order first.
+
+        Candidates still go through :meth:`child`: a name here may be whited
+        out.  Marker files are never candidates.
+        """
+        seen: set[bytes] = set()
+        out: list[bytes] = []
+        for layer in d.layers:
+            for n in self.stack.listdir(layer, rel):
+                if n not in seen and not self.markers.is_oci_marker(n):
+                    seen.add(n)
+                    out.append(n)
+        return out
+
+    def listing(self, d: Entry, rel: bytes) -> list[tuple[bytes, Entry]]:
+        """The merged directory's visible entries."""
+        out = []
+        for n in self.names(d, rel):
+            e = self.child(d, rel, n)
+            if e is not None:
+                out.append((n, e))
+        return out
+
+    # -- marker checks ---------------------------------------------------
+
+    def _opaque(self, layer: int, rel: bytes) -> bytes | None:
+        names = self.stack.listxattr(layer, rel)
+        try:
+            return self.markers.opaque_value(lambda n: self.stack.getxattr(layer, rel, n), names)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+
+    def _oci_whiteout(self, layer: int, parent_rel: bytes, name: bytes) -> bool:
+        wh = self.markers.oci_whiteout_name(name)
+        return wh is not None and self.stack.lstat(layer, parent_rel, wh) is not None
+
+    def _oci_opaque(self, layer: int, parent_rel: bytes, name: bytes) -> bool:
+        """OCI opacity of directory *name*: ``.wh..wh..opq`` inside it, or a
+        ``.wh.NAME`` beside it (a whiteout hides only the layers below its own)."""
+        if not self.markers.oci:
+            return False
+        if self._oci_whiteout(layer, parent_rel, name):
+            return True
+        return self.stack.lstat(layer, join(parent_rel, name), OCI_OPAQUE) is not None

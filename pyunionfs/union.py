@@ -1,0 +1,241 @@
+"""The union filesystem without FUSE: requests by inode number, answers as values.
+
+:class:`UnionFS` is what the FUSE adapter calls and what unit tests drive
+directly.  It raises :class:`OSError` with the errno the caller must see; it
+knows nothing of pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .config import MountConfig
+from .errors import fs_error
+from .inodes import ROOT_INO, InodeTable, Node
+from .layers import LayerStack
+from .paths import split
+from .resolve import Entry, Resolver
+from .whiteout import Markers
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What stat(2) shows for one object through the mount."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blksize: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(slots=True)
+class _OpenDir:
+    ino: int
+    path: bytes
+    entry: Entry
+    names: list[bytes]
+
+
+class UnionFS:
+    """One mounted union: layers, resolution rules, inode table, open handles."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.readonly = cfg.readonly
+        self.stack = LayerStack(cfg.layers, writable_top=cfg.upper is not None and not cfg.readonly)
+        self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
+        self.resolver = Resolver(self.stack, self.markers)
+        self.inodes = InodeTable(self.resolver.root())
+        self._dirs: dict[int, _OpenDir] = {}
+        self._dir_ids = itertools.count(1)
+        self._files: set[int] = set()
+
+    def close(self) -> None:
+        """Release every fd (at unmount, after the kernel let go)."""
+        for fd in self._files:
+            os.close(fd)
+        self._files.clear()
+        self._dirs.clear()
+        self.stack.close()
+
+    # -- names -------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            # The kernel only names inodes we gave it and has not forgotten.
+            raise fs_error(errno.ESTALE)
+        return node
+
+    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Attr]:
+        """Resolve *name* in a directory and take a kernel reference on it."""
+        parent = self.node(parent_ino)
+        if not parent.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        if name == b".":
+            path, entry = parent.path, parent.entry
+        elif name == b"..":
+            path = split(parent.path)[0]
+            entry = self._resolve_path(path)
+        else:
+            path = parent.path + b"/" + name if parent.path else name
+            found = self.resolver.child(parent.entry, parent.path, name)
+            if found is None:
+                raise fs_error(errno.ENOENT, name)
+            entry = found
+        node = self.inodes.remember(path, entry)
+        return node, self.attr_of(node.ino, entry)
+
+    def _resolve_path(self, path: bytes) -> Entry:
+        """Resolve a whole relative path from the root (rare: only for ``..``)."""
+        entry = self.inodes[ROOT_INO].entry
+        at = b""
+        for name in path.split(b"/") if path else []:
+            found = self.resolver.child(entry, at, name)
+            if found is None:
+                raise fs_error(errno.ENOENT, path)
+            entry, at = found, (at + b"/" + name if at else name)
+        return entry
+
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
+
+    # -- attributes ----------------------------------------------------------
+
+    def attr_of(self, ino: int, entry: Entry) -> Attr:
+        st = entry.st
+        return Attr(
+            ino=ino,
+            mode=st.st_mode,
+            # Counting subdirectories of every merged layer is not worth it;
+            # 1 is what overlayfs reports and what find(1) understands.
+            nlink=1 if entry.merged else st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            size=st.st_size,
+            blksize=st.st_blksize,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def getattr(self, ino: int) -> Attr:
+        """Fresh attributes, read from the layer that provides the object."""
+        node = self.node(ino)
+        st = self.stack.stat_self(node.entry.layers[0], node.path)
+        node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh)
+        return self.attr_of(ino, node.entry)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if not stat.S_ISLNK(node.entry.st.st_mode):
+            raise fs_error(errno.EINVAL)
+        return self.stack.readlink(node.entry.layers[0], node.path)
+
+    # -- directories ---------------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        node = self.node(ino)
+        if not node.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        handle = next(self._dir_ids)
+        self._dirs[handle] = _OpenDir(ino, node.path, node.entry, self.resolver.names(node.entry, node.path))
+        return handle
+
+    def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """Entries from offset *start*: (next offset, name, node-to-be, attributes).
+
+        ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
+        kernel takes no reference on them.  For the others the caller must call
+        :meth:`remember` once the kernel accepted the entry.  Offset 0 means
+        "from the start" and re-reads the directory, like overlayfs on rewind.
+        """
+        d = self._dirs.get(handle)
+        if d is None:
+            raise fs_error(errno.EBADF)
+        if start == 0:
+            d.names = self.resolver.names(d.entry, d.path)
+        if start < 1:
+            yield 1, b".", None, self.attr_of(d.ino, d.entry)
+        if start < 2:
+            parent_path = split(d.path)[0]
+            if d.ino == ROOT_INO:
+                parent_ino, parent_entry = d.ino, d.entry
+            else:
+                parent_entry = self._resolve_path(parent_path)
+                parent_ino = self.inodes.number(parent_entry.ident)
+            yield 2, b"..", None, self.attr_of(parent_ino, parent_entry)
+        for i in range(max(start, 2) - 2, len(d.names)):
+            name = d.names[i]
+            entry = self.resolver.child(d.entry, d.path, name)
+            if entry is None:
+                continue
+            path = d.path + b"/" + name if d.path else name
+            ino = self.inodes.number(entry.ident)
+            yield i + 3, name, Node(ino, path, entry), self.attr_of(ino, entry)
+
+    def remember(self, node: Node) -> None:
+        """The kernel accepted a readdir entry and holds a reference now."""
+        self.inodes.remember(node.path, node.entry)
+
+    def releasedir(self, handle: int) -> None:
+        self._dirs.pop(handle, None)
+
+    # -- files ---------------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> int:
+        """Open for reading; returns the fd, which is also the FUSE file handle."""
+        node = self.node(ino)
+        if flags & _WRITE_FLAGS:
+            raise fs_error(errno.EROFS)
+        if node.entry.is_dir:
+            raise fs_error(errno.EISDIR)
+        fd = self.stack.open_file(node.entry.layers[0], node.path, flags & (os.O_DIRECT | os.O_NONBLOCK))
+        self._files.add(fd)
+        return fd
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(fh, size, offset)
+
+    def release(self, fh: int) -> None:
+        if fh in self._files:
+            self._files.discard(fh)
+            os.close(fh)
+
+    # -- xattrs and the rest ---------------------------------------------------
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        names = self.stack.listxattr(node.entry.layers[0], node.path)
+        return [v for v in map(self.markers.visible_xattr, names) if v is not None]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        return self.stack.getxattr(node.entry.layers[0], node.path, self.markers.stored_xattr(name))
+
+    def access(self, ino: int, mode: int) -> None:
+        """Only what the kernel cannot know: writes to a read-only mount."""
+        self.node(ino)
+        if mode & os.W_OK and self.readonly:
+            raise fs_error(errno.EROFS)
+
+    def statfs(self) -> os.statvfs_result:
+        """The upper's filesystem (or the top layer's), as overlayfs reports."""
+        return self.stack.statvfs(0)

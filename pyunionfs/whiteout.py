@@ -1,0 +1,97 @@
+"""The only code that knows the on-disk deletion and opacity formats.
+
+Formats read (any layer):
+
+* kernel overlayfs: a whiteout is a character device 0/0; a directory is opaque
+  when its ``overlay.opaque`` xattr is ``y``;
+* kernel "xattr whiteouts" (Linux 6.7+, for layers stored on an overlay): a
+  zero-size regular file with an ``overlay.whiteout`` xattr, inside a
+  directory whose ``overlay.opaque`` is ``x`` (which does not make it opaque);
+* OCI image layers: ``.wh.NAME`` hides NAME in the layers below, and
+  ``.wh..wh..opq`` inside a directory makes it opaque.
+
+``overlay.*`` means ``trusted.overlay.*`` or ``user.overlay.*``.  The kernel
+reads one namespace per mount (``userxattr`` picks ``user.``); we read both
+unless ``userxattr`` is given, because the same image layers are unpacked by
+root tools (trusted) and by rootless ones (user) and a union of both is common.
+Deliberate difference from the kernel, which would show ``user.overlay.*``
+xattrs of a root mount as ordinary xattrs: we hide them.
+
+Escaping (as the kernel does for nested overlays): a stored
+``trusted.overlay.overlay.X`` is shown as ``trusted.overlay.X``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+OCI_PREFIX = b".wh."
+OCI_OPAQUE = b".wh..wh..opq"
+
+_TRUSTED = b"trusted.overlay."
+_USER = b"user.overlay."
+_ESCAPE = b"overlay."
+
+
+class Markers:
+    """Marker rules for one mount (which namespaces, whether OCI names count)."""
+
+    def __init__(self, userxattr: bool = False, oci: bool = True) -> None:
+        self.oci = oci
+        self.prefixes: tuple[bytes, ...] = (_USER,) if userxattr else (_TRUSTED, _USER)
+        self.write_prefix = _USER if userxattr else _TRUSTED
+        self.opaque_names = tuple(p + b"opaque" for p in self.prefixes)
+        self.whiteout_names = tuple(p + b"whiteout" for p in self.prefixes)
+
+    # -- whiteouts -------------------------------------------------------
+
+    @staticmethod
+    def is_device_whiteout(st: os.stat_result) -> bool:
+        """A character device 0/0: the kernel's own whiteout."""
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    def may_be_xwhiteout(self, st: os.stat_result) -> bool:
+        """Whether *st* has the shape of an xattr whiteout (xattr not yet read)."""
+        return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+    def has_whiteout_xattr(self, names: list[bytes]) -> bool:
+        return any(n in self.whiteout_names for n in names)
+
+    def oci_whiteout_name(self, name: bytes) -> bytes | None:
+        """The ``.wh.`` file that would hide *name*, if OCI markers are honoured."""
+        if not self.oci or len(name) + len(OCI_PREFIX) > 255:
+            return None
+        return OCI_PREFIX + name
+
+    def is_oci_marker(self, name: bytes) -> bool:
+        """Names that are markers, never entries, in an OCI layer."""
+        return self.oci and name.startswith(OCI_PREFIX)
+
+    # -- opacity ---------------------------------------------------------
+
+    def opaque_value(self, getxattr: callable, names: list[bytes]) -> bytes | None:  # type: ignore[valid-type]
+        """The directory's ``overlay.opaque`` value (``y``, ``x``) or None."""
+        for n in self.opaque_names:
+            if n in names:
+                return bytes(getxattr(n))
+        return None
+
+    # -- xattr names seen through the mount -----------------------------
+
+    def visible_xattr(self, real: bytes) -> bytes | None:
+        """The name a stored xattr has through the mount; None if private."""
+        for prefix in self.prefixes:
+            if real.startswith(prefix):
+                rest = real[len(prefix) :]
+                if rest.startswith(_ESCAPE):
+                    return prefix + rest[len(_ESCAPE) :]
+                return None
+        return real
+
+    def stored_xattr(self, visible: bytes) -> bytes:
+        """The stored name behind an xattr name asked for through the mount."""
+        for prefix in self.prefixes:
+            if visible.startswith(prefix):
+                return prefix + _ESCAPE + visible[len(prefix) :]
+        return visible
