@@ -1,0 +1,157 @@
+"""The command line: background mounts, failures, unmounting, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounting import Daemon, force_unmount, is_mounted, require_fuse, wait_until
+
+PYUNIONFS = [sys.executable, "-m", "pyunionfs"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(PYUNIONFS + list(args), capture_output=True, text=True, timeout=60, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    """Processes whose command line names *mnt* (the background daemon)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pyunionfs" in cmd and os.fsencode(str(mnt)) in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    lower1, lower2, upper, mnt = (tmp_path / n for n in ("l1", "l2", "up", "mnt"))
+    for d in (lower1, lower2, upper, mnt):
+        d.mkdir()
+    (lower2 / "f").write_text("lower2")
+    (lower1 / "f").write_text("lower1")
+    (lower2 / "g").write_text("g")
+    yield lower1, lower2, upper, mnt
+    force_unmount(mnt)
+
+
+def test_background_mount_is_live_on_return_and_umount_ends_daemon(layers) -> None:
+    require_fuse()
+    lower1, lower2, upper, mnt = layers
+    res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
+    # usable on the very next line: no waiting
+    assert (mnt / "f").read_text() == "lower1"
+    assert sorted(os.listdir(mnt)) == ["f", "g"]
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    res = run("umount", str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert not is_mounted(mnt)
+    wait_until(lambda: not Path(f"/proc/{pids[0]}").exists() or _zombie(pids[0]), 10, "the daemon to exit")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_relative_paths_and_escaped_colons(tmp_path) -> None:
+    require_fuse()
+    weird = tmp_path / "odd:name\\x"
+    plain = tmp_path / "plain"
+    mnt = tmp_path / "mnt"
+    for d in (weird, plain, mnt):
+        d.mkdir()
+    (weird / "w").write_text("w")
+    (plain / "p").write_text("p")
+    escaped = "odd\\:name\\\\x"
+    res = run("mount", f"{escaped}:plain", "", "mnt", cwd=tmp_path)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert sorted(os.listdir(mnt)) == ["p", "w"]
+    finally:
+        run("umount", str(mnt))
+        force_unmount(mnt)
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing-lower", "does not exist"),
+        ("lower-is-file", "is not a directory"),
+        ("missing-mountpoint", "does not exist"),
+        ("same-layer-twice", "given twice"),
+        ("unknown-option", "unknown option"),
+        ("already-mounted", "already a mount point"),
+    ],
+)
+def test_failed_mount_says_one_line_and_leaves_nothing(layers, case, expect) -> None:
+    require_fuse()
+    lower1, lower2, upper, mnt = layers
+    args = ["mount", f"{lower1}:{lower2}", str(upper), str(mnt)]
+    if case == "missing-lower":
+        args[1] = f"{lower1}:{lower2}/nope"
+    elif case == "lower-is-file":
+        args[1] = f"{lower1}:{lower2 / 'f'}"
+    elif case == "missing-mountpoint":
+        args[3] = str(mnt / "nope")
+    elif case == "same-layer-twice":
+        args[1] = f"{lower1}:{lower1}"
+    elif case == "unknown-option":
+        args += ["-o", "frobnicate"]
+    daemon = None
+    if case == "already-mounted":
+        daemon = Daemon([lower1], None, mnt)
+    try:
+        res = run(*args)
+        assert res.returncode != 0
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pyunionfs: ") and expect in lines[0], res.stderr
+        if daemon is None:
+            assert not is_mounted(mnt)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+def test_umount_refuses_what_is_not_ours(tmp_path) -> None:
+    res = run("umount", str(tmp_path))
+    assert res.returncode == 1 and "is not mounted" in res.stderr
+    res = run("umount", "/proc")
+    assert res.returncode == 1 and "not a pyunionfs mount" in res.stderr
+
+
+@pytest.mark.parametrize("how", ["fusermount3", "umount", "pyunionfs", "SIGTERM", "SIGINT"])
+def test_every_way_of_unmounting_exits_zero(layers, how) -> None:
+    lower1, lower2, upper, mnt = layers
+    d = Daemon([lower1, lower2], upper, mnt)
+    assert (mnt / "g").read_text() == "g"
+    if how.startswith("SIG"):
+        d.proc.send_signal(getattr(signal, how))
+        assert d.proc.wait(timeout=30) == 0
+        assert not is_mounted(mnt), "the daemon must unmount itself on a signal"
+        assert d.stop() == 0
+    else:
+        cmd = {
+            "fusermount3": ["fusermount3", "-u", str(mnt)],
+            "umount": ["umount", str(mnt)],
+            "pyunionfs": PYUNIONFS + ["umount", str(mnt)],
+        }[how]
+        assert d.stop(how=cmd) == 0
+    assert not is_mounted(mnt)
