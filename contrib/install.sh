@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what pyunionfs needs on a fresh Debian 12 machine (as root), into ./.venv.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in libfuse3-dev fuse3 pkg-config gcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+# Debian's own python3 needs these for a venv and to build pyfuse3's C extension.
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+python3 - <<'PY' 2>/dev/null || need+=(python3-dev)
+import os, sysconfig
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+PY
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install.sh: apt-get install ${need[*]}" >&2
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q -e .
+echo "install.sh: pyunionfs installed in $(pwd)/.venv ($(.venv/bin/pyunionfs --version 2>/dev/null || echo ok))" >&2
