@@ -7,6 +7,7 @@ nowhere.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -145,8 +146,8 @@ def build_config(
         timeout = float(opts.get("timeout", "1"))
     except ValueError:
         raise UsageError(f"timeout must be a number of seconds, not {opts['timeout']!r}") from None
-    if timeout < 0:
-        raise UsageError("timeout must not be negative")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise UsageError(f"timeout must be a non-negative number of seconds, not {opts['timeout']!r}")
     oci = opts.get("oci_whiteouts", "on")
     if oci not in ("on", "off"):
         raise UsageError(f"oci_whiteouts must be on or off, not {oci!r}")

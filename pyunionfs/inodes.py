@@ -16,6 +16,7 @@ kernel's lookups and forgets a node when the kernel does.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .resolve import Entry
@@ -39,8 +40,14 @@ class Node:
 class InodeTable:
     """Maps inode numbers to nodes and real objects to inode numbers."""
 
-    def __init__(self, root: Entry) -> None:
+    def __init__(self, root: Entry, devices: Sequence[int] = ()) -> None:
+        # Index the layers' filesystems up front, in a fixed order, so the
+        # same layers give the same numbers at every mount whatever is looked
+        # up first.  A filesystem mounted inside a layer is indexed when first
+        # seen: its numbers are stable only for the life of the mount.
         self._devs: dict[int, int] = {}
+        for dev in devices:
+            self._devs.setdefault(dev, len(self._devs))
         self._private: dict[tuple[int, int], int] = {}
         self._next_private = itertools.count(_PRIVATE_BASE)
         self._root_ident = root.ident

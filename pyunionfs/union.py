@@ -60,7 +60,9 @@ class UnionFS:
         self.stack = LayerStack(cfg.layers, writable_top=cfg.upper is not None and not cfg.readonly)
         self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
         self.resolver = Resolver(self.stack, self.markers)
-        self.inodes = InodeTable(self.resolver.root())
+        # Bottom layer first: the image layers' filesystem gets index 0.
+        devices = [layer.dev for layer in reversed(self.stack.layers)]
+        self.inodes = InodeTable(self.resolver.root(), devices)
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
         self._files: set[int] = set()
