@@ -106,6 +106,27 @@ def _require_dir(path: bytes, what: str) -> None:
         raise UsageError(f"{what} {os.fsdecode(path)} is not readable")
 
 
+def _check_overlaps(layers: list[bytes], mountpoint: bytes) -> None:
+    """Refuse a layer given twice, layers nested in each other, and a mountpoint
+    nested in a layer (or holding one).  The kernel refuses nested lowers with
+    ELOOP; for us a nested layer would also reappear below itself.  A mountpoint
+    equal to a lower (the "make this directory writable" idiom) is allowed: the
+    daemon opens its layers before the mount covers them.
+    """
+    real = [(p, os.path.realpath(p)) for p in layers]
+    seen: set[bytes] = set()
+    for p, r in real:
+        if r in seen:
+            raise UsageError(f"layer {os.fsdecode(p)} is given twice")
+        seen.add(r)
+    mnt = os.path.realpath(mountpoint)
+    for p, r in real:
+        for q, other in real + [(mountpoint, mnt)]:
+            if other.startswith(r + b"/") or (other != r and r.startswith(other + b"/")):
+                inner, outer = (q, p) if other.startswith(r + b"/") else (p, q)
+                raise UsageError(f"{os.fsdecode(inner)} is inside {os.fsdecode(outer)}: layers and the mountpoint must not nest")
+
+
 def build_config(
     lowers: str,
     upper: str,
@@ -135,12 +156,7 @@ def build_config(
             upper_path = None
     mnt = _absolute(mountpoint, "mountpoint")
     _require_dir(mnt, "mountpoint")
-    seen: set[bytes] = set()
-    for p in lower_paths + ([upper_path] if upper_path else []):
-        real = os.path.realpath(p)
-        if real in seen:
-            raise UsageError(f"layer {os.fsdecode(p)} is given twice")
-        seen.add(real)
+    _check_overlaps(lower_paths + ([upper_path] if upper_path else []), mnt)
     workdir = opts.get("workdir") or None
     try:
         timeout = float(opts.get("timeout", "1"))

@@ -53,15 +53,28 @@ class InodeTable:
         self._root_ident = root.ident
         self.nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, b"", root, 1)}
 
-    def number(self, ident: tuple[int, int]) -> int:
-        """The inode number of the object *ident* = (st_dev, st_ino)."""
+    def number(self, ident: tuple[int, int], path: bytes | None = None) -> int:
+        """The inode number of the object *ident* = (st_dev, st_ino) seen at *path*.
+
+        Only the root path gets the root's number: a layer nested in another
+        (which config refuses, as the kernel does) would otherwise show the
+        root's identity again below it.
+        """
         if ident == self._root_ident:
-            return ROOT_INO
+            if not path:
+                return ROOT_INO
+            return self._private_number(ident)
         dev, real = ident
         index = self._devs.setdefault(dev, len(self._devs))
         ino = (index << _DEV_SHIFT) | real
         if real & ~_REAL_MASK or index >= 1 << (63 - _DEV_SHIFT) or ino == ROOT_INO:
-            ino = self._private.get(ident) or self._private.setdefault(ident, next(self._next_private))
+            ino = self._private_number(ident)
+        return ino
+
+    def _private_number(self, ident: tuple[int, int]) -> int:
+        ino = self._private.get(ident)
+        if ino is None:
+            ino = self._private[ident] = next(self._next_private)
         return ino
 
     def __getitem__(self, ino: int) -> Node:
@@ -72,7 +85,7 @@ class InodeTable:
 
     def remember(self, path: bytes, entry: Entry) -> Node:
         """Record that the kernel now holds one more reference to *entry* at *path*."""
-        ino = self.number(entry.ident)
+        ino = self.number(entry.ident, path)
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, path, entry)

@@ -8,12 +8,37 @@ a layer), so nothing outside the layer roots can be reached.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from dataclasses import dataclass
 
 from .errors import MountError
 from .paths import DirFds, proc_path
+
+
+_SYS_OPEN_TREE = 428  # the same number on every architecture (new syscall table)
+_OPEN_TREE_CLONE = 1
+_AT_EMPTY_PATH = 0x1000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def open_layer_root(path: bytes) -> int:
+    """An fd of the layer directory *path* that does not see mounts inside it.
+
+    overlayfs works on the layer's own filesystem and never crosses a mount
+    point inside a layer (it shows the directory underneath).  A
+    non-recursive clone of the layer's mount (``open_tree(OPEN_TREE_CLONE)``,
+    root only) gives us the same view, and also keeps the daemon from ever
+    walking into a mount stacked inside a layer, its own included.  Without the
+    privilege, a plain directory fd is the fallback.
+    """
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    clone = _libc.syscall(_SYS_OPEN_TREE, fd, b"", _OPEN_TREE_CLONE | _AT_EMPTY_PATH | os.O_CLOEXEC)
+    if clone < 0:
+        return fd
+    os.close(fd)
+    return clone
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +60,7 @@ class LayerStack:
         try:
             for i, p in enumerate(paths):
                 try:
-                    fd = os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fd = open_layer_root(p)
                 except OSError as exc:
                     raise MountError(f"cannot open layer {os.fsdecode(p)}: {exc.strerror}") from None
                 layers.append(Layer(i, p, fd, os.fstat(fd).st_dev, writable_top and i == 0))

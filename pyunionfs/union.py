@@ -66,9 +66,13 @@ class UnionFS:
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
         self._files: set[int] = set()
+        self._closed = False
 
     def close(self) -> None:
-        """Release every fd (at unmount, after the kernel let go)."""
+        """Release every fd (at unmount, after the kernel let go); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for fd in self._files:
             os.close(fd)
         self._files.clear()
@@ -182,7 +186,7 @@ class UnionFS:
                 parent_ino, parent_entry = d.ino, d.entry
             else:
                 parent_entry = self._resolve_path(parent_path)
-                parent_ino = self.inodes.number(parent_entry.ident)
+                parent_ino = self.inodes.number(parent_entry.ident, parent_path)
             yield 2, b"..", None, self.attr_of(parent_ino, parent_entry)
         for i in range(max(start, 2) - 2, len(d.names)):
             name = d.names[i]
@@ -190,7 +194,7 @@ class UnionFS:
             if entry is None:
                 continue
             path = d.path + b"/" + name if d.path else name
-            ino = self.inodes.number(entry.ident)
+            ino = self.inodes.number(entry.ident, path)
             yield i + 3, name, Node(ino, path, entry), self.attr_of(ino, entry)
 
     def remember(self, node: Node) -> None:

@@ -382,3 +382,17 @@ def _check_as_nobody(m: Path) -> None:
     )
     out = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["everyone", "EACCES"], out.stderr
+
+
+def test_mounts_inside_a_layer_are_not_crossed(tmp_path, mount) -> None:
+    """As in overlayfs: a layer is its own filesystem, not whatever is mounted on it."""
+    low, other = tmp_path / "low", tmp_path / "other"
+    mkfile(low / "m/underneath", "under")
+    mkfile(other / "outside", "outside")
+    subprocess.run(["mount", "--bind", str(other), str(low / "m")], check=True)
+    try:
+        assert os.listdir(low / "m") == ["outside"]
+        m = mount([low]).mnt
+        assert os.listdir(m / "m") == ["underneath"]
+    finally:
+        subprocess.run(["umount", "-l", str(low / "m")], check=False)
