@@ -14,7 +14,9 @@ _OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyunionfs", description="A union filesystem in userspace, on disk compatible with overlayfs.")
+    p = argparse.ArgumentParser(
+        prog="pyunionfs", description="A union filesystem in userspace, on disk compatible with overlayfs."
+    )
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"pyunionfs {__version__}")

@@ -124,7 +124,9 @@ def _check_overlaps(layers: list[bytes], mountpoint: bytes) -> None:
         for q, other in real + [(mountpoint, mnt)]:
             if other.startswith(r + b"/") or (other != r and r.startswith(other + b"/")):
                 inner, outer = (q, p) if other.startswith(r + b"/") else (p, q)
-                raise UsageError(f"{os.fsdecode(inner)} is inside {os.fsdecode(outer)}: layers and the mountpoint must not nest")
+                raise UsageError(
+                    f"{os.fsdecode(inner)} is inside {os.fsdecode(outer)}: layers and the mountpoint must not nest"
+                )
 
 
 def build_config(

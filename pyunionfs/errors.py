@@ -13,8 +13,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def to_errno(exc: BaseException) -> int:
 
 
 def fuse_errors(
-    fn: Callable[P, Awaitable[T]],
-) -> Callable[P, Awaitable[T]]:
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Decorate a pyfuse3 handler so that it raises nothing but FUSEError."""
     import pyfuse3
 

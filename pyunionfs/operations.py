@@ -158,7 +158,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        os.fsync(fh) if not datasync else os.fdatasync(fh)
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
@@ -70,7 +71,7 @@ class Markers:
 
     # -- opacity ---------------------------------------------------------
 
-    def opaque_value(self, getxattr: callable, names: list[bytes]) -> bytes | None:  # type: ignore[valid-type]
+    def opaque_value(self, getxattr: Callable[[bytes], bytes], names: list[bytes]) -> bytes | None:
         """The directory's ``overlay.opaque`` value (``y``, ``x``) or None."""
         for n in self.opaque_names:
             if n in names:

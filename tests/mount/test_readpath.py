@@ -328,7 +328,7 @@ def test_lower_layers_are_never_modified(stack, mount) -> None:
 
     before = state()
     m = mount(list(stack)).mnt
-    for dp, dns, fns in os.walk(m):
+    for dp, _dns, fns in os.walk(m):
         for n in fns:
             p = os.path.join(dp, n)
             if os.path.isfile(p):
@@ -371,7 +371,8 @@ def test_other_users_get_kernel_permission_checks(tmp_path, mount) -> None:
 
 
 def _check_as_nobody(m: Path) -> None:
-    opts = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(m))
+    with open("/proc/self/mounts") as f:
+        opts = next(line.split()[3] for line in f if line.split()[1] == str(m))
     assert "allow_other" in opts and "default_permissions" in opts
     script = (
         "import os,sys\n"

@@ -342,7 +342,7 @@ def _add_scenarios(roots: list[_Node], is_upper: list[bool], mk: _Maker, xwhiteo
     """
     n = len(roots)
     ovl = [mk.dir() for _ in roots]
-    for root, o in zip(roots, ovl):
+    for root, o in zip(roots, ovl, strict=False):
         root.children[b"ovl"] = o
     if n < 2:
         ovl[0].children[b"a"] = mk.reg()
@@ -547,7 +547,7 @@ def build_stack(
 
     names = (["upper"] if upper else []) + [f"lower{i}" for i in range(n_lowers)]
     paths = [base / name for name in names]
-    for root, p in zip(roots, paths):
+    for root, p in zip(roots, paths, strict=False):
         _materialize(root, os.fsencode(p), xattr_ns)
     work = None
     if upper:
@@ -603,9 +603,7 @@ def _copy_layer_oci(src_root: bytes, dst_root: bytes, ns: str) -> None:
                     raise ValueError(f"{src!r}/{name!r}: layer already contains an OCI marker name")
                 s, cst = src + b"/" + name, os.lstat(src + b"/" + name)
                 d = dst + b"/" + name
-                if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
-                    marker(dst + b"/" + _WH_OCI + name, cst)
-                elif (
+                if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0 or (
                     opaque == b"x"
                     and stat.S_ISREG(cst.st_mode)
                     and cst.st_size == 0

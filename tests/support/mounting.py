@@ -71,7 +71,8 @@ class Daemon:
         self.mnt = mnt
         layer_arg = lowers if isinstance(lowers, str) else ":".join(str(p) for p in lowers)
         self.log = Path(tempfile.mkstemp(prefix="pyunionfs-daemon-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "pyunionfs", "mount", layer_arg, "" if upper is None else str(upper), str(mnt), "-f"]
+        upper_arg = "" if upper is None else str(upper)
+        cmd = [sys.executable, "-m", "pyunionfs", "mount", layer_arg, upper_arg, str(mnt), "-f"]
         for opt in options:
             cmd += ["-o", opt]
         cmd += list(extra_args)

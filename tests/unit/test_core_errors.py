@@ -53,9 +53,8 @@ async def test_unexpected_exception_is_eio_and_logged(caplog):
     async def broken_handler():
         raise ValueError("boom")
 
-    with caplog.at_level(logging.ERROR, logger="pyunionfs.errors"):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await broken_handler()
+    with caplog.at_level(logging.ERROR, logger="pyunionfs.errors"), pytest.raises(pyfuse3.FUSEError) as info:
+        await broken_handler()
     assert info.value.errno == errno.EIO
     records = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(records) == 1
@@ -68,9 +67,8 @@ async def test_oserror_without_errno_is_eio_and_logged(caplog):
     async def h():
         raise OSError("no errno here")
 
-    with caplog.at_level(logging.ERROR, logger="pyunionfs.errors"):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await h()
+    with caplog.at_level(logging.ERROR, logger="pyunionfs.errors"), pytest.raises(pyfuse3.FUSEError) as info:
+        await h()
     assert info.value.errno == errno.EIO
     assert any(r.levelno == logging.ERROR for r in caplog.records)
 
@@ -82,9 +80,8 @@ async def test_fuseerror_passes_through(caplog):
     async def h():
         raise original
 
-    with caplog.at_level(logging.DEBUG, logger="pyunionfs.errors"):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await h()
+    with caplog.at_level(logging.DEBUG, logger="pyunionfs.errors"), pytest.raises(pyfuse3.FUSEError) as info:
+        await h()
     assert info.value is original
     assert info.value.errno == errno.EXDEV
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -95,9 +92,8 @@ async def test_oserror_not_logged(caplog):
     async def h():
         raise FileNotFoundError(errno.ENOENT, "x")
 
-    with caplog.at_level(logging.DEBUG, logger="pyunionfs.errors"):
-        with pytest.raises(pyfuse3.FUSEError):
-            await h()
+    with caplog.at_level(logging.DEBUG, logger="pyunionfs.errors"), pytest.raises(pyfuse3.FUSEError):
+        await h()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

@@ -183,7 +183,7 @@ def _remove_chain(root: Path, depth: int) -> None:
         for _ in range(depth):
             fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
         os.unlink("leaf", dir_fd=fds[-1])
-        for i in range(depth, 0, -1):
+        for _i in range(depth, 0, -1):
             os.close(fds.pop())
             os.rmdir("d", dir_fd=fds[-1])
     finally:
@@ -265,7 +265,7 @@ def _read_everything(fs, ino: int, depth: int = 0) -> int:
     fs.listxattr(ino)
     for name in fs.listxattr(ino):
         fs.getxattr(ino, name)
-    for _, name, node, attr in readdir_all(fs, ino)[2:]:
+    for _, name, _node, attr in readdir_all(fs, ino)[2:]:
         child, cattr = fs.lookup(ino, name)
         assert cattr == attr
         count += 1

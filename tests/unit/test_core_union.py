@@ -428,7 +428,7 @@ def test_open_for_writing_erofs(layer, make_fs, flags):
                 ino, _ = lookup_path(fs, name)
             except FileNotFoundError:
                 continue
-            assert errno_of(lambda ino=ino: fs.open(ino, flags)) == errno.EROFS
+            assert errno_of(lambda fs=fs, ino=ino: fs.open(ino, flags)) == errno.EROFS
     assert (l1 / "f").read_bytes() == b"keep"
     assert (u / "g").read_bytes() == b"upper"
 

@@ -173,7 +173,7 @@ def _interesting_cases(layers: list[Snapshot], merged: Snapshot, ns: str) -> dic
         if merged[d].kind == "dir" and not any(set(visible) <= set(k.get(d, ())) for k in kids):
             cases["merged_dir"].append(d)
     for j, s in enumerate(layers):
-        for p, e in s.items():
+        for p, _e in s.items():
             if p == b"." or p in merged or _parent(p) not in merged or merged[_parent(p)].kind != "dir":
                 continue
             if _is_kernel_whiteout(s, p, ns):
@@ -218,7 +218,7 @@ def test_build_stack_is_deterministic(tmp_path: Path, upper: bool) -> None:
     b = layergen.build_stack(tmp_path / "b", 7, upper=upper)
     c = layergen.build_stack(tmp_path / "c", 8, upper=upper)
     assert len(a.layers) == 3 + upper
-    for la, lb in zip(a.layers, b.layers):
+    for la, lb in zip(a.layers, b.layers, strict=False):
         assert la.name == lb.name
         _assert_same(treesnap.snapshot(la, mtime=True), treesnap.snapshot(lb, mtime=True), la.name)
     assert [treesnap.snapshot(p) for p in a.layers] != [treesnap.snapshot(p) for p in c.layers]
@@ -335,7 +335,7 @@ def test_to_oci_converts_markers(tmp_path: Path, seed: int) -> None:
     assert [p.name for p in oci.layers] == [p.name for p in stack.layers]
     assert oci.work is not None and oci.work.is_dir() and oci.xattr_ns == ns
     n_wh = n_opq = 0
-    for kpath, opath in zip(stack.layers, oci.layers):
+    for kpath, opath in zip(stack.layers, oci.layers, strict=False):
         k = treesnap.snapshot(kpath, mtime=True)
         o = treesnap.snapshot(opath, mtime=True)
         # Build the expected OCI snapshot from the kernel-format one.
