@@ -57,14 +57,14 @@ def find_mount(mountpoint: bytes) -> tuple[str, str] | None:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
-            point = _unescape(fields[4])
+            point = os.fsdecode(unescape_mountinfo(fields[4]))
             if point == target:
                 found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
     return found
 
 
-def _unescape(field: bytes) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
+def unescape_mountinfo(field: bytes) -> bytes:
+    """Undo the octal escapes (space, tab, newline, backslash) of /proc mount tables."""
     out = bytearray()
     i = 0
     while i < len(field):
@@ -74,7 +74,7 @@ def _unescape(field: bytes) -> str:
         else:
             out.append(field[i])
             i += 1
-    return os.fsdecode(bytes(out))
+    return bytes(out)
 
 
 @contextlib.contextmanager

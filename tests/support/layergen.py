@@ -57,6 +57,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyunionfs.mount import unescape_mountinfo
+
 __all__ = [
     "DIR_MODES",
     "FILE_MODES",
@@ -679,24 +681,10 @@ def to_oci(stack: Stack, dest: Path) -> Stack:
 # --------------------------------------------------------------------------
 
 
-def _unescape_mounts(field_: bytes) -> bytes:
-    """Undo the octal escapes (``\\040`` etc.) of /proc/self/mounts."""
-    out = bytearray()
-    i = 0
-    while i < len(field_):
-        if field_[i : i + 1] == b"\\" and field_[i + 1 : i + 4].isdigit():
-            out.append(int(field_[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return bytes(out)
-
-
 def mount_points() -> list[bytes]:
     """All current mount points of this mount namespace, from /proc/self/mounts."""
     with open("/proc/self/mounts", "rb") as f:
-        return [_unescape_mounts(line.split(b" ")[1]) for line in f if line.strip()]
+        return [unescape_mountinfo(line.split(b" ")[1]) for line in f if line.strip()]
 
 
 def is_mounted(mnt: Path | bytes) -> bool:
