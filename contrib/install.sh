@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pkg in libfuse3-dev fuse3 pkg-config gcc; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # Debian's own python3 needs these for a venv and to build pyfuse3's C extension.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -234,7 +234,11 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
         raise MountError(f"{os.fsdecode(mountpoint)} is not a pyunionfs mount (it is {fstype})")
     import subprocess
 
-    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [os.fsdecode(mountpoint)]
+    # Root needs no setuid helper (and may not have fuse3's fusermount3).
+    if os.geteuid() == 0:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [os.fsdecode(mountpoint)]
+    else:
+        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [os.fsdecode(mountpoint)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
