@@ -35,6 +35,8 @@ class Node:
     path: bytes
     entry: Entry
     lookups: int = 0
+    #: The directory it was last seen in, for ``..`` without a walk from the root.
+    parent: int = ROOT_INO
 
 
 class InodeTable:
@@ -83,16 +85,17 @@ class InodeTable:
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
 
-    def remember(self, path: bytes, entry: Entry) -> Node:
+    def remember(self, path: bytes, entry: Entry, parent: int = ROOT_INO) -> Node:
         """Record that the kernel now holds one more reference to *entry* at *path*."""
         ino = self.number(entry.ident, path)
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, path, entry)
+            node = self.nodes[ino] = Node(ino, path, entry, parent=parent)
         else:
             node.entry = entry
             if ino != ROOT_INO:
                 node.path = path
+                node.parent = parent
         node.lookups += 1
         return node
 

@@ -93,18 +93,21 @@ class UnionFS:
         parent = self.node(parent_ino)
         if not parent.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
+        grandparent = ROOT_INO
         if name == b".":
-            path, entry = parent.path, parent.entry
+            path, entry, grandparent = parent.path, parent.entry, parent.parent
         elif name == b"..":
             path = split(parent.path)[0]
             entry = self._resolve_path(path)
+            above = self.inodes.get(parent.parent)
+            grandparent = above.parent if above is not None else ROOT_INO
         else:
             path = parent.path + b"/" + name if parent.path else name
             found = self.resolver.child(parent.entry, parent.path, name)
             if found is None:
                 raise fs_error(errno.ENOENT, name)
             entry = found
-        node = self.inodes.remember(path, entry)
+        node = self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino)
         return node, self.attr_of(node.ino, entry)
 
     def _resolve_path(self, path: bytes) -> Entry:
@@ -181,13 +184,7 @@ class UnionFS:
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry)
         if start < 2:
-            parent_path = split(d.path)[0]
-            if d.ino == ROOT_INO:
-                parent_ino, parent_entry = d.ino, d.entry
-            else:
-                parent_entry = self._resolve_path(parent_path)
-                parent_ino = self.inodes.number(parent_entry.ident, parent_path)
-            yield 2, b"..", None, self.attr_of(parent_ino, parent_entry)
+            yield 2, b"..", None, self._dotdot_attr(d)
         for i in range(max(start, 2) - 2, len(d.names)):
             name = d.names[i]
             entry = self.resolver.child(d.entry, d.path, name)
@@ -195,11 +192,24 @@ class UnionFS:
                 continue
             path = d.path + b"/" + name if d.path else name
             ino = self.inodes.number(entry.ident, path)
-            yield i + 3, name, Node(ino, path, entry), self.attr_of(ino, entry)
+            yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry)
+
+    def _dotdot_attr(self, d: _OpenDir) -> Attr:
+        """Attributes of an open directory's parent: the node the kernel holds
+        (it keeps a cached child's parent), else a walk from the root."""
+        if d.ino == ROOT_INO:
+            return self.attr_of(d.ino, d.entry)
+        node = self.inodes.get(d.ino)
+        above = self.inodes.get(node.parent) if node is not None else None
+        if above is not None:
+            return self.attr_of(above.ino, above.entry)
+        parent_path = split(d.path)[0]
+        parent_entry = self._resolve_path(parent_path)
+        return self.attr_of(self.inodes.number(parent_entry.ident, parent_path), parent_entry)
 
     def remember(self, node: Node) -> None:
         """The kernel accepted a readdir entry and holds a reference now."""
-        self.inodes.remember(node.path, node.entry)
+        self.inodes.remember(node.path, node.entry, node.parent)
 
     def releasedir(self, handle: int) -> None:
         self._dirs.pop(handle, None)

@@ -124,6 +124,10 @@ def test_dotdot_everywhere(stack, mount) -> None:
     assert os.stat(m / "merged/deep/..").st_ino == os.stat(m / "merged").st_ino
     assert os.stat(m / "merged/..").st_ino == os.stat(m).st_ino
     assert (m / "merged/deep/../../shadowed").read_text() == "top"
+    listed = subprocess.run(["ls", "-ai1", str(m / "merged/deep")], capture_output=True, text=True, check=True)
+    inos = {name: int(ino) for ino, name in (line.split(None, 1) for line in listed.stdout.splitlines())}
+    assert inos["."] == os.stat(m / "merged/deep").st_ino
+    assert inos[".."] == os.stat(m / "merged").st_ino
     fd = os.open(m / "merged/deep", os.O_RDONLY | os.O_DIRECTORY)
     try:
         assert os.stat("..", dir_fd=fd).st_ino == os.stat(m / "merged").st_ino
