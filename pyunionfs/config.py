@@ -129,6 +129,34 @@ def _check_overlaps(layers: list[bytes], mountpoint: bytes) -> None:
                 )
 
 
+def default_workdir(upper: bytes) -> bytes:
+    """A hidden directory beside the upper: on the same filesystem (usually),
+    outside the merged view, and found again at the next mount of that upper."""
+    parent, _, name = upper.rstrip(b"/").rpartition(b"/")
+    return (parent or b"") + b"/." + name + b".pyunionfs-work"
+
+
+def _check_workdir(workdir: bytes, upper: bytes, lowers: list[bytes], mountpoint: bytes) -> None:
+    """The work dir must be a directory (or creatable) on the upper's
+    filesystem, and must not overlap a layer or the mountpoint."""
+    real = os.path.realpath(workdir)
+    for p in [upper, *lowers, mountpoint]:
+        r = os.path.realpath(p)
+        if real == r or real.startswith(r + b"/") or r.startswith(real + b"/"):
+            raise UsageError(
+                f"work directory {os.fsdecode(workdir)} overlaps {os.fsdecode(p)}: it must be outside the layers"
+            )
+    probe = workdir
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"work directory {os.fsdecode(workdir)}: {os.fsdecode(probe)} is not a directory")
+    if os.stat(probe).st_dev != os.stat(upper).st_dev:
+        raise UsageError(
+            f"work directory {os.fsdecode(workdir)} is not on the upper's filesystem (choose one with -o workdir=DIR)"
+        )
+
+
 def build_config(
     lowers: str,
     upper: str,
@@ -159,7 +187,10 @@ def build_config(
     mnt = _absolute(mountpoint, "mountpoint")
     _require_dir(mnt, "mountpoint")
     _check_overlaps(lower_paths + ([upper_path] if upper_path else []), mnt)
-    workdir = opts.get("workdir") or None
+    workdir = None
+    if upper_path is not None and not readonly:
+        workdir = _absolute(opts["workdir"], "workdir") if opts.get("workdir") else default_workdir(upper_path)
+        _check_workdir(workdir, upper_path, lower_paths, mnt)
     try:
         timeout = float(opts.get("timeout", "1"))
     except ValueError:
@@ -177,7 +208,7 @@ def build_config(
         lowers=tuple(lower_paths),
         upper=upper_path,
         mountpoint=mnt,
-        workdir=_absolute(workdir, "workdir") if workdir else None,
+        workdir=workdir,
         readonly=readonly,
         userxattr="userxattr" in opts,
         oci_whiteouts=oci == "on",

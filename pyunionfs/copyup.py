@@ -27,7 +27,8 @@ _serial = count()
 _CHUNK = 1 << 24
 
 
-def _tmp_name() -> bytes:
+def tmp_name() -> bytes:
+    """A fresh temporary name for the work directory (cleaned at the next mount)."""
     return b"%s%d-%d" % (TMP_PREFIX, os.getpid(), next(_serial))
 
 
@@ -88,15 +89,20 @@ def copy_up(
     dst_dir: int,
     keep_xattr: Callable[[bytes], bool],
     fsync: bool = True,
+    extra_xattrs: dict[bytes, bytes] | None = None,
+    dst_name: bytes | None = None,
 ) -> os.stat_result:
-    """Copy entry *name* of directory fd *src_dir* to the same name in *dst_dir*.
+    """Copy entry *name* of directory fd *src_dir* to *dst_name* (default: the
+    same name) in *dst_dir*.
 
     Directories are created empty (their contents stay below, merged).  The
     target name must not exist in *dst_dir* except as a whiteout, which the
-    rename replaces.  Returns the lstat of the new upper object.
+    rename replaces.  *extra_xattrs* (the overlay records, e.g. origin) are
+    set on the copy before it appears.  Returns the lstat of the new object.
     """
+    target = name if dst_name is None else dst_name
     st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
-    tmp = _tmp_name()
+    tmp = tmp_name()
     mode = st.st_mode
     try:
         if stat.S_ISREG(mode):
@@ -117,16 +123,18 @@ def copy_up(
             lambda n, v: os.setxattr(tmp_path, n, v, follow_symlinks=False),
             keep_xattr,
         )
+        for xname, value in (extra_xattrs or {}).items():
+            os.setxattr(tmp_path, xname, value, follow_symlinks=False)
         if not stat.S_ISLNK(mode):
             os.chmod(tmp, stat.S_IMODE(mode), dir_fd=work)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
-        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=dst_dir)
+        os.rename(tmp, target, src_dir_fd=work, dst_dir_fd=dst_dir)
     except BaseException:
         _remove(work, tmp)
         raise
     if fsync:
         fsync_dir(dst_dir)
-    return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+    return os.stat(target, dir_fd=dst_dir, follow_symlinks=False)
 
 
 def fsync_dir(dir_fd: int) -> None:

@@ -37,6 +37,13 @@ class Node:
     lookups: int = 0
     #: The directory it was last seen in, for ``..`` without a walk from the root.
     parent: int = ROOT_INO
+    #: Other names of a hard-linked file seen so far (``path`` is one of them).
+    aliases: set[bytes] | None = None
+    #: No name left (unlinked or replaced while the kernel still holds it).
+    gone: bool = False
+
+    def names(self) -> list[bytes]:
+        return [self.path, *(self.aliases or ())]
 
 
 class InodeTable:
@@ -54,6 +61,10 @@ class InodeTable:
         self._next_private = itertools.count(_PRIVATE_BASE)
         self._root_ident = root.ident
         self.nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, b"", root, 1)}
+        # FUSE node ids are inode numbers, and a filesystem reuses the number
+        # of a deleted file; a new generation tells the kernel that a number
+        # it may still hold now names another object.
+        self._generations: dict[int, int] = {}
 
     def number(self, ident: tuple[int, int], path: bytes | None = None) -> int:
         """The inode number of the object *ident* = (st_dev, st_ino) seen at *path*.
@@ -94,10 +105,56 @@ class InodeTable:
         else:
             node.entry = entry
             if ino != ROOT_INO:
+                if node.gone:
+                    node.gone, node.aliases = False, None
+                elif node.path != path and not entry.is_dir:
+                    if node.aliases is None:
+                        node.aliases = set()
+                    node.aliases.add(node.path)
+                    node.aliases.discard(path)
                 node.path = path
                 node.parent = parent
         node.lookups += 1
         return node
+
+    def generation(self, ino: int) -> int:
+        return self._generations.get(ino, 0)
+
+    def unlinked(self, ino: int, path: bytes, last: bool) -> None:
+        """Name *path* of object *ino* was removed; *last* if it had no other name."""
+        if last:
+            self._generations[ino] = self._generations.get(ino, 0) + 1
+        node = self.nodes.get(ino)
+        if node is None:
+            return
+        if node.aliases:
+            node.aliases.discard(path)
+        if node.path == path:
+            if node.aliases:
+                node.path = node.aliases.pop()
+            else:
+                node.gone = True
+        if last:
+            node.gone = True
+
+    def moved(self, renames: dict[bytes, bytes]) -> None:
+        """Rewrite node paths after a rename: each key path (and everything
+        below it) is now at its value.  Several keys move at once (exchange)."""
+
+        def remap(p: bytes) -> bytes:
+            for old, new in renames.items():
+                if p == old:
+                    return new
+                if p.startswith(old + b"/"):
+                    return new + p[len(old) :]
+            return p
+
+        for node in self.nodes.values():
+            if node.gone or node.ino == ROOT_INO:
+                continue
+            node.path = remap(node.path)
+            if node.aliases:
+                node.aliases = {remap(a) for a in node.aliases}
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped *count* references; drop the node at zero."""

@@ -8,19 +8,13 @@ a layer), so nothing outside the layer roots can be reached.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from dataclasses import dataclass
 
 from .errors import MountError
 from .paths import DirFds, proc_path
-
-
-_SYS_OPEN_TREE = 428  # the same number on every architecture (new syscall table)
-_OPEN_TREE_CLONE = 1
-_AT_EMPTY_PATH = 0x1000
-_libc = ctypes.CDLL(None, use_errno=True)
+from .syscalls import OPEN_TREE_CLONE, open_tree
 
 
 def open_layer_root(path: bytes) -> int:
@@ -34,11 +28,54 @@ def open_layer_root(path: bytes) -> int:
     privilege, a plain directory fd is the fallback.
     """
     fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    clone = _libc.syscall(_SYS_OPEN_TREE, fd, b"", _OPEN_TREE_CLONE | _AT_EMPTY_PATH | os.O_CLOEXEC)
-    if clone < 0:
+    try:
+        clone = open_tree(fd, OPEN_TREE_CLONE | os.O_CLOEXEC)
+    except OSError:
         return fd
     os.close(fd)
     return clone
+
+
+def open_upper_and_work(upper: bytes, workdir: bytes) -> tuple[int, int]:
+    """Fds of the upper and the work directory on one (cloned) mount.
+
+    rename(2) works only within one mount, and copy-up renames from the work
+    dir into the upper: so both are reached below a single clone of their
+    closest common directory.  The work dir is created if missing.
+    """
+    try:
+        os.makedirs(workdir, 0o700, exist_ok=True)
+    except OSError as exc:
+        raise MountError(
+            f"cannot create work directory {os.fsdecode(workdir)}: {exc.strerror} (choose one with -o workdir=DIR)"
+        ) from None
+    up, work = os.path.realpath(upper), os.path.realpath(workdir)
+    common = os.path.commonpath([up, work])
+    base = open_layer_root(common)
+    fds: list[int] = []
+    try:
+        for target in (up, work):
+            fd = os.dup(base)
+            for part in os.path.relpath(target, common).split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            fds.append(fd)
+            st, want = os.fstat(fd), os.stat(target)
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                raise MountError(
+                    f"work directory {os.fsdecode(workdir)} must be on the same mount as the upper "
+                    f"{os.fsdecode(upper)} (copy-up renames from one into the other)"
+                )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(base)
+    return fds[0], fds[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +92,25 @@ class Layer:
 class LayerStack:
     """The opened layers plus the directory-fd cache shared by all of them."""
 
-    def __init__(self, paths: tuple[bytes, ...], writable_top: bool) -> None:
+    def __init__(self, paths: tuple[bytes, ...], writable_top: bool, workdir: bytes | None = None) -> None:
         layers: list[Layer] = []
+        #: The work directory's fd (writable stacks given a workdir only).
+        self.workdir_fd: int | None = None
         try:
             for i, p in enumerate(paths):
                 try:
-                    fd = open_layer_root(p)
+                    if i == 0 and writable_top and workdir is not None:
+                        fd, self.workdir_fd = open_upper_and_work(p, workdir)
+                    else:
+                        fd = open_layer_root(p)
                 except OSError as exc:
                     raise MountError(f"cannot open layer {os.fsdecode(p)}: {exc.strerror}") from None
                 layers.append(Layer(i, p, fd, os.fstat(fd).st_dev, writable_top and i == 0))
         except BaseException:
             for layer in layers:
                 os.close(layer.fd)
+            if self.workdir_fd is not None:
+                os.close(self.workdir_fd)
             raise
         self.layers: tuple[Layer, ...] = tuple(layers)
         self.fds = DirFds([layer.fd for layer in layers])
@@ -81,6 +125,8 @@ class LayerStack:
         self.fds.clear()
         for layer in self.layers:
             os.close(layer.fd)
+        if self.workdir_fd is not None:
+            os.close(self.workdir_fd)
 
     # -- primitives: each names a directory (layer, rel) and an entry in it --
 
@@ -138,7 +184,7 @@ class LayerStack:
         parent, _, name = rel.rpartition(b"/")
         return os.readlink(name, dir_fd=self.fds.get(layer, parent))
 
-    def _xpath(self, layer: int, rel: bytes) -> tuple[bytes, bool]:
+    def entry_path(self, layer: int, rel: bytes) -> tuple[bytes, bool]:
         """A path reaching entry *rel*, and whether to follow its last step.
 
         The layer root is reached through its own magic link, which must be
@@ -152,7 +198,7 @@ class LayerStack:
     def listxattr(self, layer: int, rel: bytes) -> list[bytes]:
         """Stored xattr names of entry *rel* (the entry itself, never a link target)."""
         try:
-            path, follow = self._xpath(layer, rel)
+            path, follow = self.entry_path(layer, rel)
             names = os.listxattr(path, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EPERM):
@@ -161,7 +207,7 @@ class LayerStack:
         return [os.fsencode(n) for n in names]
 
     def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes:
-        path, follow = self._xpath(layer, rel)
+        path, follow = self.entry_path(layer, rel)
         return os.getxattr(path, name, follow_symlinks=follow)
 
     def statvfs(self, layer: int) -> os.statvfs_result:

@@ -28,7 +28,7 @@ import trio
 from .config import MountConfig
 from .errors import MountError
 from .operations import Operations
-from .union import UnionFS
+from .writes import WritableUnionFS
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     If *ready_fd* is given, write ``ok`` (or the one-line error) to it as soon
     as the mount is live, then close it.
     """
-    fs: UnionFS | None = None
+    fs: WritableUnionFS | None = None
     try:
         _preflight(cfg)
         _raise_fd_limit()
-        fs = UnionFS(cfg)
+        fs = WritableUnionFS(cfg)
         ops = Operations(fs)
         with _captured_stderr() as said:
             try:

@@ -11,16 +11,16 @@ this kind of machine, sending short syscalls to threads made reads ~3x slower.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Sequence
 
 import pyfuse3
-from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext
+from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
 from .errors import fuse_errors
-from .union import Attr, UnionFS
+from .union import Attr
+from .writes import Caller, SetAttr, WritableUnionFS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, fs: UnionFS) -> None:
+    def __init__(self, fs: WritableUnionFS) -> None:
         super().__init__()
         self.fs = fs
         self.timeout = fs.cfg.timeout
@@ -39,7 +39,7 @@ class Operations(pyfuse3.Operations):
     def _entry(self, attr: Attr) -> EntryAttributes:
         e = EntryAttributes()
         e.st_ino = attr.ino
-        e.generation = 0
+        e.generation = self.fs.inodes.generation(attr.ino)
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
         e.st_mode = attr.mode
@@ -122,35 +122,29 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        # Lowers do not change under a mount (overlayfs's rule too), so the
-        # kernel may keep cached pages across opens.
-        return FileInfo(fh=self.fs.open(inode, flags), keep_cache=True)
+        # Lowers do not change under a mount (overlayfs's rule too), and the
+        # upper changes only through us, so the kernel may keep cached pages
+        # across opens.
+        return FileInfo(fh=await self.fs.open_file(inode, flags), keep_cache=True)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        fh, _, attr = await self.fs.create(parent_inode, name, mode, flags, Caller(ctx.uid, ctx.gid))
+        return FileInfo(fh=fh, keep_cache=True), self._entry(attr)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return self.fs.read(fh, off, size)
 
     @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @fuse_errors
     async def release(self, fh: int) -> None:
         self.fs.release(fh)
-
-    # -- extended attributes -------------------------------------------------
-
-    @fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        return self.fs.getxattr(inode, name)
-
-    @fuse_errors
-    async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
-        return self.fs.listxattr(inode)
-
-    # -- the write side: arrives with the write path ---------------------------
-
-    async def _readonly(self, *args: object) -> None:
-        raise FUSEError(errno.EROFS)
-
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _readonly  # type: ignore[assignment]
-    create = write = setxattr = removexattr = _readonly  # type: ignore[assignment]
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -165,4 +159,73 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        self.fs.fsyncdir(fh)
+
+    # -- names ---------------------------------------------------------------
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
+        _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid))
+        return self._entry(attr)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
+        _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid))
+        return self._entry(attr)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
+        _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid))
+        return self._entry(attr)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
+        _, attr = await self.fs.link(inode, new_parent_inode, new_name)
+        return self._entry(attr)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: RequestContext,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- attributes and extended attributes ------------------------------------
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: RequestContext
+    ) -> EntryAttributes:
+        change = SetAttr(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._entry(await self.fs.setattr(inode, change, fh))
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
+        return self.fs.listxattr(inode)
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        await self.fs.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        await self.fs.removexattr(inode, name)

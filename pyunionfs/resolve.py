@@ -21,6 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import origin
 from .layers import LayerStack
 from .paths import check_name, join
 from .whiteout import OCI_OPAQUE, Markers
@@ -58,6 +59,10 @@ class Resolver:
     def __init__(self, stack: LayerStack, markers: Markers) -> None:
         self.stack = stack
         self.markers = markers
+        #: (st_dev, st_ino) of copied-up objects -> the identity of their
+        #: lower original, learnt at copy-up or from an origin record.
+        self.origins: dict[tuple[int, int], tuple[int, int]] = {}
+        self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
 
     def root(self) -> Entry:
         """The root merges every layer: overlayfs ignores opacity at the root."""
@@ -93,7 +98,10 @@ class Resolver:
             if not stat.S_ISDIR(st.st_mode):
                 if dirs:
                     break  # a non-directory below a directory ends the merge
-                return Entry((layer,), st, (st.st_dev, st.st_ino))
+                ident = (st.st_dev, st.st_ino)
+                if layer != last and stack.layers[layer].writable:
+                    ident = self._origin(parent, parent_rel, name, layer, ident)
+                return Entry((layer,), st, ident)
             dirs.append(layer)
             top = top or st
             low = st
@@ -131,6 +139,41 @@ class Resolver:
             if e is not None:
                 out.append((n, e))
         return out
+
+    def _origin(
+        self, parent: Entry, parent_rel: bytes, name: bytes, layer: int, ident: tuple[int, int]
+    ) -> tuple[int, int]:
+        """The identity a copied-up non-directory keeps: its lower original's.
+
+        Known copies are remembered; otherwise the object's origin record is
+        checked against the entry of the same name in the layers below (the
+        kernel decodes the handle instead, which would mean opening objects
+        by handle, possibly outside a layer).
+        """
+        known = self.origins.get(ident)
+        if known is not None:
+            return known
+        rel = join(parent_rel, name)
+        record = None
+        for xname in self._origin_names:
+            try:
+                record = self.stack.getxattr(layer, rel, xname)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+        if record is None:
+            return ident
+        below = parent.layers[parent.layers.index(layer) + 1 :]
+        for lower in below:
+            st = self.stack.lstat(lower, parent_rel, name)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode) and origin.same_object(record, self.stack.dirfd(lower, parent_rel), name):
+                self.origins[ident] = (st.st_dev, st.st_ino)
+                return self.origins[ident]
+            break
+        return ident
 
     # -- marker checks ---------------------------------------------------
 

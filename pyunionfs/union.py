@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .config import MountConfig
+from .config import MountConfig, default_workdir
 from .errors import fs_error
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
@@ -57,8 +57,10 @@ class UnionFS:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
         self.readonly = cfg.readonly
-        self.stack = LayerStack(cfg.layers, writable_top=cfg.upper is not None and not cfg.readonly)
-        self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
+        writable = cfg.upper is not None and not cfg.readonly
+        workdir = cfg.workdir or (default_workdir(cfg.upper) if cfg.upper is not None and writable else None)
+        self.stack = LayerStack(cfg.layers, writable_top=writable, workdir=workdir)
+        self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts, trusted_ok=os.geteuid() == 0)
         self.resolver = Resolver(self.stack, self.markers)
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]

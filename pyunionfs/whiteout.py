@@ -17,6 +17,10 @@ root tools (trusted) and by rootless ones (user) and a union of both is common.
 Deliberate difference from the kernel, which would show ``user.overlay.*``
 xattrs of a root mount as ordinary xattrs: we hide them.
 
+Formats written (upper only), the kernel's: 0/0 character devices, and
+``overlay.opaque=y`` in ``trusted.`` (``user.`` with ``userxattr`` or when
+not privileged).  Nothing else of ours is ever stored in a layer.
+
 Escaping (as the kernel does for nested overlays): a stored
 ``trusted.overlay.overlay.X`` is shown as ``trusted.overlay.X``.
 """
@@ -38,10 +42,14 @@ _ESCAPE = b"overlay."
 class Markers:
     """Marker rules for one mount (which namespaces, whether OCI names count)."""
 
-    def __init__(self, userxattr: bool = False, oci: bool = True) -> None:
+    def __init__(self, userxattr: bool = False, oci: bool = True, trusted_ok: bool = True) -> None:
         self.oci = oci
         self.prefixes: tuple[bytes, ...] = (_USER,) if userxattr else (_TRUSTED, _USER)
-        self.write_prefix = _USER if userxattr else _TRUSTED
+        self.write_prefix = _USER if userxattr or not trusted_ok else _TRUSTED
+        self.opaque_xattr = self.write_prefix + b"opaque"
+        self.origin_xattr = self.write_prefix + b"origin"
+        self.impure_xattr = self.write_prefix + b"impure"
+        self.nlink_xattr = self.write_prefix + b"nlink"
         self.opaque_names = tuple(p + b"opaque" for p in self.prefixes)
         self.whiteout_names = tuple(p + b"whiteout" for p in self.prefixes)
 
@@ -51,6 +59,15 @@ class Markers:
     def is_device_whiteout(st: os.stat_result) -> bool:
         """A character device 0/0: the kernel's own whiteout."""
         return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    @staticmethod
+    def make_whiteout(dir_fd: int, name: bytes) -> None:
+        """Create a whiteout *name* in directory *dir_fd* (fails if *name* exists)."""
+        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+
+    def is_any_whiteout(self, st: os.stat_result, xattrs: Callable[[], list[bytes]]) -> bool:
+        """Whether an upper entry is a whiteout in a format the kernel reads."""
+        return self.is_device_whiteout(st) or (self.may_be_xwhiteout(st) and self.has_whiteout_xattr(xattrs()))
 
     def may_be_xwhiteout(self, st: os.stat_result) -> bool:
         """Whether *st* has the shape of an xattr whiteout (xattr not yet read)."""
@@ -70,6 +87,10 @@ class Markers:
         return self.oci and name.startswith(OCI_PREFIX)
 
     # -- opacity ---------------------------------------------------------
+
+    def set_opaque(self, path: bytes) -> None:
+        """Mark directory *path* (a /proc/self/fd path) opaque, the kernel's way."""
+        os.setxattr(path, self.opaque_xattr, b"y")
 
     def opaque_value(self, getxattr: Callable[[bytes], bytes], names: list[bytes]) -> bytes | None:
         """The directory's ``overlay.opaque`` value (``y``, ``x``) or None."""

@@ -92,7 +92,7 @@ def test_build_basic(dirs):
     assert cfg.timeout == 1.0
     assert cfg.oci_whiteouts is True
     assert cfg.userxattr is False
-    assert cfg.workdir is None
+    assert cfg.workdir == os.fsencode(f"{dirs}/.u.pyunionfs-work")  # beside the upper
 
 
 def test_build_relative_paths_made_absolute(dirs, monkeypatch):
@@ -191,7 +191,7 @@ def test_build_every_known_option_accepted(dirs):
     assert cfg.timeout == 2.5
     assert cfg.debug is True
     assert cfg.allow_other is True
-    assert cfg.workdir == b"/tmp"
+    assert cfg.workdir is None  # read-only: nothing is ever copied up
     assert {k.split("=")[0] for k in KNOWN_OPTIONS} >= {"ro", "rw", "timeout", "workdir"}
 
 
@@ -238,3 +238,18 @@ def test_build_overlapping_layers_refused(dirs, which):
     }[which]
     with pytest.raises(UsageError):
         build_config(lowers, upper, f"{dirs}/mnt", [])
+
+
+def test_workdir_given_must_stay_out_of_the_layers(dirs):
+    cfg = build_config(f"{dirs}/l1", f"{dirs}/u", f"{dirs}/mnt", [f"workdir={dirs}/work-new"])
+    assert cfg.workdir == os.fsencode(f"{dirs}/work-new")  # created at mount
+    for bad in (f"{dirs}/u/w", f"{dirs}/l1/w", f"{dirs}/mnt/w", f"{dirs}"):
+        with pytest.raises(UsageError, match="overlaps"):
+            build_config(f"{dirs}/l1", f"{dirs}/u", f"{dirs}/mnt", [f"workdir={bad}"])
+
+
+def test_workdir_on_another_filesystem_is_refused(dirs):
+    if os.stat("/dev/shm").st_dev == os.stat(dirs).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test dirs")
+    with pytest.raises(UsageError, match="not on the upper's filesystem"):
+        build_config(f"{dirs}/l1", f"{dirs}/u", f"{dirs}/mnt", ["workdir=/dev/shm/pyunionfs-w"])

@@ -1,0 +1,90 @@
+"""The kernel's ``overlay.origin`` record: which lower object an upper one was copied from.
+
+overlayfs stores, on every object it copies up, the lower object's file
+handle in the ``overlay.origin`` xattr (``struct ovl_fb`` of
+``fs/overlayfs/overlayfs.h``: version 0, magic 0xfb, length, flags, handle
+type, a 16-byte filesystem uuid, then the handle bytes).  It uses that record
+to give the copy the lower object's inode number, so st_ino survives copy-up,
+also after a remount.  We write the same record, so the kernel mounting an
+upper written by pyunionfs keeps the same numbers, and we read the kernel's.
+
+The uuid is written as all zeroes, as current kernels do by default
+(``uuid=auto`` on an upper without a uuid); on reading it is ignored, and a
+record is trusted only if it names the lower object found at the same path,
+so no handle is ever opened (open_by_handle_at could reach outside a layer).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from .syscalls import name_to_handle_at
+
+_VERSION = 0
+_MAGIC = 0xFB
+_HEADER = 5
+_UUID = 16
+FLAG_PATH_UPPER = 1 << 2  # the handle names an upper object (index's ``upper``)
+
+
+def encode(handle_type: int, handle: bytes, flags: int = 0) -> bytes:
+    """The on-disk record for one file handle (little-endian machines: flags 0)."""
+    length = _HEADER + _UUID + len(handle)
+    return bytes((_VERSION, _MAGIC, length, flags, handle_type)) + bytes(_UUID) + handle
+
+
+def decode(record: bytes) -> tuple[int, bytes] | None:
+    """(handle type, handle bytes) of a record; None if it is not one we understand."""
+    if len(record) < _HEADER + _UUID or record[0] != _VERSION or record[1] != _MAGIC:
+        return None
+    if record[2] != len(record):
+        return None
+    return record[4], bytes(record[_HEADER + _UUID :])
+
+
+def of(dir_fd: int, name: bytes) -> bytes | None:
+    """The origin record of entry *name* in *dir_fd*; None where the
+    filesystem has no file handles (then the kernel stores none either)."""
+    try:
+        handle_type, handle = name_to_handle_at(dir_fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EOVERFLOW, errno.EPERM):
+            return None
+        raise
+    return encode(handle_type, handle)
+
+
+def same_object(record: bytes, dir_fd: int, name: bytes) -> bool:
+    """Whether *record* names entry *name* of *dir_fd* (the uuid is not compared)."""
+    want = decode(record)
+    if want is None:
+        return False
+    try:
+        return name_to_handle_at(dir_fd, name) == want
+    except OSError:
+        return False
+
+
+def index_name(record: bytes) -> bytes:
+    """The name of the index entry for a lower object: the record in hex, as
+    the kernel names entries of ``workdir/index`` (``ovl_get_index_name``)."""
+    return record.hex().encode()
+
+
+def nlink_record(merged_nlink: int, upper_nlink: int) -> bytes:
+    """The ``overlay.nlink`` value: the merged link count relative to the
+    upper inode's (the kernel's ``"U%+i"`` form)."""
+    return b"U%+d" % (merged_nlink - upper_nlink)
+
+
+def parse_nlink(value: bytes, upper_nlink: int, lower_nlink: int) -> int | None:
+    """Merged link count from an ``overlay.nlink`` value; None if malformed."""
+    if len(value) < 3 or value[:1] not in (b"U", b"L") or value[1:2] not in (b"+", b"-"):
+        return None
+    try:
+        diff = int(value[1:])
+    except ValueError:
+        return None
+    n = (upper_nlink if value[:1] == b"U" else lower_nlink) + diff
+    return n if n > 0 else None
+

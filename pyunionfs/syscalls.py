@@ -1,0 +1,79 @@
+"""Linux system calls that the os module does not offer, through ctypes.
+
+Each wrapper raises OSError with the kernel's errno, like the os functions
+next to which it is used.  Syscall numbers are those of the generic (new)
+table where it exists, else x86_64's; other architectures are looked up in
+``_NUMBERS`` and refused clearly if missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_NUMBERS: dict[str, dict[str, int]] = {
+    # renameat2 and name_to_handle_at predate the unified syscall table.
+    "x86_64": {"renameat2": 316, "name_to_handle_at": 303},
+    "aarch64": {"renameat2": 276, "name_to_handle_at": 264},
+    "riscv64": {"renameat2": 276, "name_to_handle_at": 264},
+}
+_SYS_OPEN_TREE = 428  # the same everywhere: the unified table
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+
+
+def _number(name: str) -> int:
+    try:
+        return _NUMBERS[platform.machine()][name]
+    except KeyError:
+        raise OSError(38, f"{name} is not wired for {platform.machine()}") from None  # ENOSYS
+
+
+def _check(ret: int, *names: bytes) -> int:
+    if ret < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), *(os.fsdecode(n) for n in names[:1]))
+    return ret
+
+
+def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    _check(_libc.syscall(_number("renameat2"), src_dir, src, dst_dir, dst, flags), src)
+
+
+def open_tree(fd: int, flags: int) -> int:
+    """open_tree(fd, "", flags | AT_EMPTY_PATH); raises OSError (EPERM unprivileged)."""
+    return _check(_libc.syscall(_SYS_OPEN_TREE, fd, b"", flags | AT_EMPTY_PATH))
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+def name_to_handle_at(dir_fd: int, name: bytes, flags: int = 0) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of *name* in *dir_fd*, without following a
+    final symlink (the default without AT_SYMLINK_FOLLOW).  *name* may be
+    ``b""`` with AT_EMPTY_PATH for *dir_fd* itself."""
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(
+        _libc.syscall(
+            _number("name_to_handle_at"), dir_fd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags
+        ),
+        name,
+    )
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])

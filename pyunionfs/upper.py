@@ -1,0 +1,177 @@
+"""The writable upper layer and its work directory: every change made on disk.
+
+Each method here is one step the kernel's overlayfs also takes, done so that
+the merged view goes from one consistent state to the next in a single
+rename: new objects that must replace a whiteout are built in the work
+directory first, and objects that must leave a whiteout behind are swapped
+with one (RENAME_WHITEOUT or RENAME_EXCHANGE).  A crash between two steps
+leaves at worst an orphan in the work directory, cleaned at the next mount.
+
+The work directory has the kernel's layout, ``work/`` for temporaries and
+``index/`` for hard-linked lower files copied up, so that the same directory
+can later be handed to ``mount -t overlay -o workdir=``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+from . import copyup
+from .layers import LayerStack
+from .paths import join, proc_path
+from .syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, renameat2
+from .whiteout import Markers
+
+WORK = b"work"
+INDEX = b"index"
+
+
+def _open_subdir(base: int, name: bytes) -> int:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=base)
+    return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
+
+
+class Upper:
+    """On-disk operations on layer 0 of a writable :class:`LayerStack`."""
+
+    def __init__(self, stack: LayerStack, markers: Markers) -> None:
+        self.stack = stack
+        self.markers = markers
+        base = stack.workdir_fd
+        assert base is not None, "a writable stack is opened with its work directory"
+        self.work = _open_subdir(base, WORK)
+        self.index = _open_subdir(base, INDEX)
+        copyup.clean_workdir(proc_path(self.work))
+        self._impure: set[bytes] = set()
+
+    def close(self) -> None:
+        os.close(self.work)
+        os.close(self.index)
+
+    # -- looking ----------------------------------------------------------
+
+    def dirfd(self, rel: bytes) -> int:
+        return self.stack.dirfd(0, rel)
+
+    def lstat(self, parent: bytes, name: bytes) -> os.stat_result | None:
+        return self.stack.lstat(0, parent, name)
+
+    def keep_xattr(self, name: bytes) -> bool:
+        """Copied up: every xattr a user sees; not the overlay's own records."""
+        return self.markers.visible_xattr(name) is not None
+
+    # -- creating ---------------------------------------------------------
+
+    def whiteout(self, parent: bytes, name: bytes) -> None:
+        """Hide a lower-only *name*: a whiteout where the upper has nothing."""
+        self.markers.make_whiteout(self.dirfd(parent), name)
+
+    def replace_with_whiteout(self, parent: bytes, name: bytes) -> None:
+        """Swap the upper non-directory *name* for a whiteout in one step."""
+        dfd = self.dirfd(parent)
+        try:
+            renameat2(dfd, name, dfd, name, RENAME_WHITEOUT)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                raise
+        tmp = copyup.tmp_name()
+        self.markers.make_whiteout(self.work, tmp)
+        try:
+            os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=dfd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=self.work)
+            raise
+
+    def install(self, tmp: bytes, parent: bytes, name: bytes, is_dir: bool) -> None:
+        """Move *tmp* from the work dir to *name*, replacing a whiteout there.
+
+        A directory cannot be renamed over a non-directory, so it is exchanged
+        with the whiteout, which is then removed from the work dir.
+        """
+        dfd = self.dirfd(parent)
+        if not is_dir:
+            os.rename(tmp, name, src_dir_fd=self.work, dst_dir_fd=dfd)
+            return
+        renameat2(self.work, tmp, dfd, name, RENAME_EXCHANGE)
+        self.remove(self.work, tmp)
+
+    def set_opaque(self, rel: bytes) -> None:
+        parent, _, name = rel.rpartition(b"/")
+        self.markers.set_opaque(proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd))
+
+    def is_opaque(self, rel: bytes) -> bool:
+        parent, _, name = rel.rpartition(b"/")
+        path = proc_path(self.dirfd(parent), name)
+        try:
+            return os.getxattr(path, self.markers.opaque_xattr, follow_symlinks=False) == b"y"
+        except OSError:
+            return False
+
+    def set_impure(self, rel: bytes) -> None:
+        """Mark directory *rel* as holding copied-up entries, as the kernel
+        does, so its readdir knows to report their origin inode numbers."""
+        if rel in self._impure:
+            return
+        parent, _, name = rel.rpartition(b"/")
+        path = proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd)
+        try:
+            os.setxattr(path, self.markers.impure_xattr, b"y")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+        self._impure.add(rel)
+
+    def moved(self, old: bytes, new: bytes) -> None:
+        """Forget what was known about directory paths that a rename changed."""
+        for rel in (old, new):
+            self.stack.fds.forget_tree(0, rel)
+            prefix = rel + b"/"
+            self._impure = {p for p in self._impure if p != rel and not p.startswith(prefix)}
+
+    # -- removing ---------------------------------------------------------
+
+    def clear_dir(self, rel: bytes) -> None:
+        """Remove what is left in an upper directory whose merged view is
+        empty: whiteouts and markers only, never anything a user sees."""
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(rel))
+        try:
+            names = os.listdir(fd)
+            for n in names:
+                self.remove(fd, os.fsencode(n))
+        finally:
+            os.close(fd)
+
+    def remove_dir_leaving_whiteout(self, parent: bytes, name: bytes) -> None:
+        """Swap upper directory *name* for a whiteout, then delete it from the work dir."""
+        tmp = copyup.tmp_name()
+        self.markers.make_whiteout(self.work, tmp)
+        try:
+            renameat2(self.work, tmp, self.dirfd(parent), name, RENAME_EXCHANGE)
+        except BaseException:
+            os.unlink(tmp, dir_fd=self.work)
+            raise
+        self.stack.fds.forget_tree(0, join(parent, name))
+        self.remove(self.work, tmp)
+
+    @staticmethod
+    def remove(dir_fd: int, name: bytes) -> None:
+        """Remove *name* (a whiteout, marker, or a directory of those)."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            for n in os.listdir(sub):
+                Upper.remove(sub, os.fsencode(n))
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dir_fd)
+
+    def fsync_dir(self, rel: bytes) -> None:
+        copyup.fsync_dir(self.dirfd(rel))

@@ -1,0 +1,619 @@
+"""The write path: every change through the mount, with overlayfs's semantics.
+
+:class:`WritableUnionFS` adds the mutating requests to :class:`~.union.UnionFS`.
+The rules are the kernel's (``fs/overlayfs/dir.c``, ``copy_up.c``):
+
+* the first change to an object that only a lower layer has copies it up
+  (parents first), atomically, through the work dir (:mod:`.copyup`);
+* removing a name leaves a whiteout when a lower layer still has it
+  ("lower positive"), else just removes the upper entry;
+* a new name replaces an upper whiteout in one rename, and a directory made
+  there is opaque;
+* a directory with lower parts is not renamed (EXDEV: ``redirect_dir=off``);
+  an upper-only directory moved into a merged parent becomes opaque.
+
+Requests run on the event loop except the data copy of a copy-up, which runs
+in a worker thread so that a large copy does not stall other requests.  While
+an object is being copied up, other requests that would change it or its
+name wait for the copy (:meth:`WritableUnionFS._settle`); requests on other
+objects go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from . import copyup, origin
+from .config import MountConfig
+from .errors import fs_error
+from .inodes import Node
+from .paths import check_name, join, proc_path, split
+from .resolve import Entry
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from .union import Attr, UnionFS
+from .upper import Upper
+
+_ACCESS_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_DIRECT | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
+_THREAD_MIN = 1 << 16  # smaller copy-ups are cheaper inline than in a thread
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: new entries belong to them (the kernel checked permissions)."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """The attributes a setattr request changes; None means "leave it"."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class WritableUnionFS(UnionFS):
+    """A :class:`UnionFS` that also takes changes (EROFS when mounted read-only)."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        super().__init__(cfg)
+        self.upper: Upper | None = None
+        if self.stack.upper is not None:
+            try:
+                self.upper = Upper(self.stack, self.markers)
+            except BaseException:
+                self.stack.close()
+                raise
+        self._busy: dict[int, trio.Event] = {}
+        self._fh_ino: dict[int, int] = {}
+
+    def close(self) -> None:
+        if not self._closed and self.upper is not None:
+            self.upper.close()
+        super().close()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _up(self) -> Upper:
+        if self.upper is None or self.readonly:
+            raise fs_error(errno.EROFS)
+        return self.upper
+
+    def _dir_node(self, ino: int) -> Node:
+        node = self.node(ino)
+        if not node.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        if node.gone:
+            raise fs_error(errno.ENOENT)
+        return node
+
+    async def _settle(self, *inos: int) -> None:
+        """Wait until no copy-up of *inos* is in flight."""
+        for ino in inos:
+            while (ev := self._busy.get(ino)) is not None:
+                await ev.wait()
+
+    def _ino(self, entry: Entry, path: bytes) -> int:
+        return self.inodes.number(entry.ident, path)
+
+    def _update(self, path: bytes, entry: Entry) -> None:
+        """Give the node the kernel holds for *entry* (if any) the new entry."""
+        node = self.inodes.get(self._ino(entry, path))
+        if node is not None and not node.gone:
+            node.entry = entry
+
+    def _lower_positive(self, parent: Entry, parent_rel: bytes, name: bytes) -> bool:
+        """Whether a layer below the upper still shows *name* in *parent*
+        (then removing it needs a whiteout); overlayfs's ``ovl_lower_positive``."""
+        for layer in parent.layers:
+            if layer == 0 and self.upper is not None:
+                continue
+            st = self.stack.lstat(layer, parent_rel, name)
+            if st is None:
+                if self.resolver._oci_whiteout(layer, parent_rel, name):
+                    return False
+                continue
+            return not (
+                self.markers.is_device_whiteout(st)
+                or (
+                    layer in parent.xwh
+                    and self.markers.may_be_xwhiteout(st)
+                    and self.markers.has_whiteout_xattr(self.stack.listxattr(layer, join(parent_rel, name)))
+                )
+            )
+        return False
+
+    # -- copy-up --------------------------------------------------------------
+
+    def _upper_dir(self, rel: bytes) -> Entry:
+        """The merged entry of directory *rel*, copied up (with its parents) first."""
+        up = self._up()
+        entry = self.inodes[1].entry
+        at = b""
+        for name in rel.split(b"/") if rel else []:
+            child = self.resolver.child(entry, at, name)
+            if child is None or not child.is_dir:
+                raise fs_error(errno.ENOENT, rel)
+            if child.layers[0] != 0:
+                src = child.layers[0]
+                src_dir = self.stack.fds.dup(src, at)
+                try:
+                    record = origin.of(src_dir, name)
+                    st = copyup.copy_up(
+                        src_dir, name, up.work, up.dirfd(at), up.keep_xattr, fsync=False,
+                        extra_xattrs={self.markers.origin_xattr: record} if record else None,
+                    )
+                finally:
+                    os.close(src_dir)
+                if record:
+                    up.set_impure(at)
+                child = Entry((0, *child.layers), st, child.ident, child.xwh)
+                self._update(join(at, name), child)
+            entry, at = child, join(at, name)
+        return entry
+
+    async def _copy_up(self, node: Node) -> None:
+        """Make sure *node* has its own upper copy; directories copy up empty."""
+        up = self._up()
+        await self._settle(node.ino)
+        if node.entry.layers[0] == 0:
+            return
+        if node.entry.is_dir:
+            node.entry = self._upper_dir(node.path)
+            return
+        done = self._busy[node.ino] = trio.Event()
+        try:
+            parent_rel, name = split(node.path)
+            self._upper_dir(parent_rel)
+            src = node.entry.layers[0]
+            fds = [self.stack.fds.dup(src, parent_rel), os.dup(up.work), self.stack.fds.dup(0, parent_rel)]
+            try:
+                record = origin.of(fds[0], name)
+                args = (
+                    fds[0], name, fds[1], fds[2], up.keep_xattr, True,
+                    {self.markers.origin_xattr: record} if record else None,
+                )
+                if node.entry.st.st_size >= _THREAD_MIN:
+                    st = await trio.to_thread.run_sync(copyup.copy_up, *args)
+                else:
+                    st = copyup.copy_up(*args)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            parent_rel = split(node.path)[0]  # a rename may have moved the parent meanwhile
+            if record:
+                up.set_impure(parent_rel)
+            self.resolver.origins[(st.st_dev, st.st_ino)] = node.entry.ident
+            node.entry = Entry((0,), st, node.entry.ident)
+            self._repoint(node)
+        finally:
+            del self._busy[node.ino]
+            done.set()
+
+    def _repoint(self, node: Node) -> None:
+        """Re-open read-only handles of a just copied-up file on the copy, in
+        place (dup2 keeps the handle number), so they see later writes."""
+        for fh, ino in self._fh_ino.items():
+            if ino == node.ino:
+                fd = self.stack.open_file(0, node.path, os.O_RDONLY)
+                os.dup2(fd, fh)
+                os.close(fd)
+
+    # -- new entries ------------------------------------------------------------
+
+    def _create(
+        self, parent: Node, name: bytes, mode: int, caller: Caller,
+        make: Callable[[int, bytes, int], int | None],
+    ) -> tuple[Entry, int | None]:
+        """Create *name* with *make(dir_fd, name, mode)*, owned by *caller*.
+
+        Returns the new entry and what *make* returned (an open fd, for files).
+        """
+        up = self._up()
+        check_name(name)
+        if self.markers.is_oci_marker(name):
+            raise fs_error(errno.EPERM, name)  # it would read back as a marker
+        if self.resolver.child(parent.entry, parent.path, name) is not None:
+            raise fs_error(errno.EEXIST, name)
+        parent.entry = self._upper_dir(parent.path)
+        pst = self.stack.stat_self(0, parent.path)
+        gid = caller.gid
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        over = up.lstat(parent.path, name) is not None  # a whiteout: nothing visible is there
+        dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
+        result = make(dfd, target, mode)
+        try:
+            os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISLNK(mode):
+                os.chmod(target, stat.S_IMODE(mode), dir_fd=dfd)
+            if over and stat.S_ISDIR(mode):
+                self.markers.set_opaque(proc_path(dfd, target))
+            if over:
+                up.install(target, parent.path, name, stat.S_ISDIR(mode))
+        except BaseException:
+            if result is not None:
+                os.close(result)
+            up.remove(dfd, target)
+            raise
+        st = up.lstat(parent.path, name)
+        assert st is not None
+        entry = Entry((0,), st, (st.st_dev, st.st_ino))
+        if stat.S_ISDIR(mode):
+            entry = self.resolver.child(parent.entry, parent.path, name) or entry
+        return entry, result
+
+    def _new_node(self, parent: Node, name: bytes, entry: Entry) -> tuple[Node, Attr]:
+        node = self.inodes.remember(join(parent.path, name), entry, parent.ino)
+        return node, self.attr_of(node.ino, entry)
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Node, Attr]:
+        """open(O_CREAT): make the file, or open it if it exists and O_EXCL is not set."""
+        parent = self._dir_node(parent_ino)
+        self._up()
+        found = self.resolver.child(parent.entry, parent.path, name)
+        if found is not None:
+            if flags & os.O_EXCL:
+                raise fs_error(errno.EEXIST, name)
+            node, _ = self._new_node(parent, name, found)
+            fh = await self.open_file(node.ino, flags & ~os.O_CREAT)
+            return fh, node, self.getattr(node.ino)
+        open_flags = (flags & _ACCESS_FLAGS & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+        def make(dfd: int, n: bytes, m: int) -> int:
+            return os.open(n, open_flags, stat.S_IMODE(m), dir_fd=dfd)
+
+        entry, fd = self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller, make)
+        assert fd is not None
+        node, attr = self._new_node(parent, name, entry)
+        self._fh_ino[fd] = node.ino
+        self._files.add(fd)
+        return fd, node, attr
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> tuple[Node, Attr]:
+        parent = self._dir_node(parent_ino)
+
+        def make(dfd: int, n: bytes, m: int) -> None:
+            os.mkdir(n, stat.S_IMODE(m) & 0o777, dir_fd=dfd)
+
+        entry, _ = self._create(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), caller, make)
+        return self._new_node(parent, name, entry)
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, Attr]:
+        parent = self._dir_node(parent_ino)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise fs_error(errno.EPERM, name)  # it would read back as a whiteout
+
+        def make(dfd: int, n: bytes, m: int) -> None:
+            os.mknod(n, stat.S_IFMT(m) | stat.S_IMODE(m), rdev, dir_fd=dfd)
+
+        entry, _ = self._create(parent, name, mode, caller, make)
+        return self._new_node(parent, name, entry)
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> tuple[Node, Attr]:
+        parent = self._dir_node(parent_ino)
+
+        def make(dfd: int, n: bytes, m: int) -> None:
+            os.symlink(target, n, dir_fd=dfd)
+
+        entry, _ = self._create(parent, name, stat.S_IFLNK | 0o777, caller, make)
+        return self._new_node(parent, name, entry)
+
+    async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> tuple[Node, Attr]:
+        node = self.node(ino)
+        if node.entry.is_dir:
+            raise fs_error(errno.EPERM)
+        if node.gone:
+            raise fs_error(errno.ENOENT)
+        parent = self._dir_node(new_parent_ino)
+        up = self._up()
+        check_name(new_name)
+        if self.markers.is_oci_marker(new_name):
+            raise fs_error(errno.EPERM, new_name)
+        if self.resolver.child(parent.entry, parent.path, new_name) is not None:
+            raise fs_error(errno.EEXIST, new_name)
+        await self._copy_up(node)
+        parent.entry = self._upper_dir(parent.path)
+        src_parent, src_name = split(node.path)
+        src_dir = self.stack.fds.dup(0, src_parent)
+        try:
+            if up.lstat(parent.path, new_name) is None:
+                os.link(src_name, new_name, src_dir_fd=src_dir, dst_dir_fd=up.dirfd(parent.path), follow_symlinks=False)
+            else:
+                tmp = copyup.tmp_name()
+                os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=up.work, follow_symlinks=False)
+                up.install(tmp, parent.path, new_name, False)
+        finally:
+            os.close(src_dir)
+        path = join(parent.path, new_name)
+        if node.aliases is None:
+            node.aliases = set()
+        node.aliases.add(path)
+        node.lookups += 1
+        return node, self.getattr(node.ino)
+
+    # -- removing -------------------------------------------------------------
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        await self._remove(parent_ino, name, is_dir=False)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        await self._remove(parent_ino, name, is_dir=True)
+
+    async def _remove(self, parent_ino: int, name: bytes, is_dir: bool) -> None:
+        parent = self._dir_node(parent_ino)
+        up = self._up()
+        entry = self.resolver.child(parent.entry, parent.path, name)
+        if entry is None:
+            raise fs_error(errno.ENOENT, name)
+        path = join(parent.path, name)
+        ino = self._ino(entry, path)
+        await self._settle(ino)
+        entry = self.resolver.child(parent.entry, parent.path, name)
+        if entry is None:
+            raise fs_error(errno.ENOENT, name)
+        if entry.is_dir != is_dir:
+            raise fs_error(errno.ENOTDIR if is_dir else errno.EISDIR, name)
+        if is_dir and self.resolver.listing(entry, path):
+            raise fs_error(errno.ENOTEMPTY, name)
+        parent.entry = self._upper_dir(parent.path)
+        if entry.layers[0] != 0:
+            up.whiteout(parent.path, name)
+        elif self._lower_positive(parent.entry, parent.path, name):
+            if is_dir:
+                up.remove_dir_leaving_whiteout(parent.path, name)
+            else:
+                up.replace_with_whiteout(parent.path, name)
+        elif is_dir:
+            up.clear_dir(path)
+            os.rmdir(name, dir_fd=up.dirfd(parent.path))
+        else:
+            os.unlink(name, dir_fd=up.dirfd(parent.path))
+        if is_dir:
+            up.moved(path, path)
+        self.inodes.unlinked(ino, path, last=is_dir or entry.st.st_nlink <= 1)
+
+    # -- rename -----------------------------------------------------------------
+
+    async def rename(self, old_pino: int, old_name: bytes, new_pino: int, new_name: bytes, flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise fs_error(errno.EINVAL)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        op, np = self._dir_node(old_pino), self._dir_node(new_pino)
+        up = self._up()
+        check_name(new_name)
+        if self.markers.is_oci_marker(new_name):
+            raise fs_error(errno.EPERM, new_name)
+        src = self.resolver.child(op.entry, op.path, old_name)
+        if src is None:
+            raise fs_error(errno.ENOENT, old_name)
+        dst = self.resolver.child(np.entry, np.path, new_name)
+        src_path, dst_path = join(op.path, old_name), join(np.path, new_name)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise fs_error(errno.EEXIST, new_name)
+        if dst is None and exchange:
+            raise fs_error(errno.ENOENT, new_name)
+        if src_path == dst_path:
+            return
+        src_node = self.inodes.get(self._ino(src, src_path))
+        dst_ino = self._ino(dst, dst_path) if dst is not None else None
+        if dst is not None and not exchange and src.ident == dst.ident:
+            return  # two names of one file: rename(2) does nothing
+        if src.is_dir and (dst_path + b"/").startswith(src_path + b"/"):
+            raise fs_error(errno.EINVAL)
+        if exchange and dst is not None and dst.is_dir and (src_path + b"/").startswith(dst_path + b"/"):
+            raise fs_error(errno.EINVAL)
+        if dst is not None and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise fs_error(errno.ENOTDIR, new_name)
+            if not src.is_dir and dst.is_dir:
+                raise fs_error(errno.EISDIR, new_name)
+            if dst.is_dir and self.resolver.listing(dst, dst_path):
+                raise fs_error(errno.ENOTEMPTY, new_name)
+        # Without redirect records, a directory with lower parts cannot move.
+        if src.is_dir and src.layers != (0,):
+            raise fs_error(errno.EXDEV)
+        if exchange and dst is not None and dst.is_dir and dst.layers != (0,):
+            raise fs_error(errno.EXDEV)
+        await self._settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
+        if not src.is_dir:
+            src = await self._copied(src, src_path)
+        if exchange and dst is not None and not dst.is_dir:
+            dst = await self._copied(dst, dst_path)
+        op.entry = self._upper_dir(op.path)
+        np.entry = self._upper_dir(np.path)
+        old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
+        try:
+            if src.is_dir and np.entry.merged and not up.is_opaque(src_path):
+                up.set_opaque(src_path)
+            if exchange:
+                assert dst is not None
+                if dst.is_dir and op.entry.merged and not up.is_opaque(dst_path):
+                    up.set_opaque(dst_path)
+                renameat2(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE)
+            else:
+                self._rename_over(up, op, old_name, np, new_name, src, dst, old_dir, new_dir)
+        finally:
+            os.close(old_dir)
+            os.close(new_dir)
+        up.moved(src_path, dst_path)
+        if exchange:
+            self.inodes.moved({src_path: dst_path, dst_path: src_path})
+        else:
+            if dst is not None and dst_ino is not None:
+                self.inodes.unlinked(dst_ino, dst_path, last=dst.is_dir or dst.st.st_nlink <= 1)
+            self.inodes.moved({src_path: dst_path})
+        if src_node is not None and not src_node.gone:
+            src_node.parent = np.ino
+        if src.is_dir or (exchange and dst is not None and dst.is_dir):
+            for d in self._dirs.values():
+                d.path = _remap(d.path, src_path, dst_path, exchange)
+
+    async def _copied(self, entry: Entry, path: bytes) -> Entry:
+        """*entry* at *path*, copied up if it is not yet (non-directories)."""
+        if entry.layers[0] == 0:
+            return entry
+        node = self.inodes.get(self._ino(entry, path))
+        if node is None:
+            node = Node(self._ino(entry, path), path, entry)
+            await self._copy_up(node)
+            return node.entry
+        await self._copy_up(node)
+        return node.entry
+
+    def _rename_over(
+        self, up: Upper, op: Node, old_name: bytes, np: Node, new_name: bytes,
+        src: Entry, dst: Entry | None, old_dir: int, new_dir: int,
+    ) -> None:
+        """A replacing rename, leaving a whiteout at the old name when a lower
+        layer still has it (overlayfs's RENAME_WHITEOUT / exchange dance)."""
+        hidden = dst is None and up.lstat(np.path, new_name) is not None  # an upper whiteout
+        if dst is not None and dst.is_dir and dst.layers[0] == 0:
+            up.clear_dir(join(np.path, new_name))
+        if self._lower_positive(op.entry, op.path, old_name):
+            if hidden:
+                renameat2(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE)
+                return
+            try:
+                renameat2(old_dir, old_name, new_dir, new_name, RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EPERM):
+                    raise
+                os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+                self.markers.make_whiteout(old_dir, old_name)
+        elif src.is_dir and hidden:
+            renameat2(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE)
+            os.unlink(old_name, dir_fd=old_dir)
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+
+    # -- files --------------------------------------------------------------------
+
+    async def open_file(self, ino: int, flags: int) -> int:
+        """open(2) of any kind; a write open copies up first.  Returns the fd,
+        which is also the FUSE file handle."""
+        node = self.node(ino)
+        if node.entry.is_dir:
+            raise fs_error(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self._copy_up(node)
+        fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
+        self._files.add(fd)
+        self._fh_ino[fd] = ino
+        return fd
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(fh, data, offset)
+
+    def release(self, fh: int) -> None:
+        self._fh_ino.pop(fh, None)
+        super().release(fh)
+
+    def _fd_of(self, ino: int) -> int | None:
+        for fh, i in self._fh_ino.items():
+            if i == ino:
+                return fh
+        return None
+
+    def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        if node.gone:
+            fd = self._fd_of(ino)
+            if fd is None:
+                raise fs_error(errno.ENOENT)
+            st = os.fstat(fd)
+            node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh)
+            return self.attr_of(ino, node.entry)
+        return super().getattr(ino)
+
+    # -- attributes ---------------------------------------------------------------
+
+    async def setattr(self, ino: int, change: SetAttr, fh: int | None) -> Attr:
+        node = self.node(ino)
+        self._up()
+        await self._copy_up(node)
+        fd = fh if fh is not None and fh in self._fh_ino else (self._fd_of(ino) if node.gone else None)
+        path, follow = (proc_path(fd), True) if fd is not None else self._upper_path(node)
+        if change.size is not None:
+            if fd is not None:
+                os.ftruncate(fd, change.size)
+            else:
+                tfd = self.stack.open_file(0, node.path, os.O_WRONLY)
+                try:
+                    os.ftruncate(tfd, change.size)
+                finally:
+                    os.close(tfd)
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            gid = -1 if change.gid is None else change.gid
+            os.chown(path, uid, gid, follow_symlinks=follow)
+        if change.mode is not None and not stat.S_ISLNK(node.entry.st.st_mode):
+            os.chmod(path, stat.S_IMODE(change.mode), follow_symlinks=True)
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            cur = os.stat(path, follow_symlinks=follow)
+            times = (
+                cur.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                cur.st_mtime_ns if change.mtime_ns is None else change.mtime_ns,
+            )
+            os.utime(path, ns=times, follow_symlinks=follow)
+        return self.getattr(ino)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        node = self.node(ino)
+        self._up()
+        await self._copy_up(node)
+        path, follow = self._upper_path(node)
+        os.setxattr(path, self.markers.stored_xattr(name), value, follow_symlinks=follow)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        node = self.node(ino)
+        self._up()
+        stored = self.markers.stored_xattr(name)
+        if node.entry.layers[0] != 0:
+            self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
+        await self._copy_up(node)
+        path, follow = self._upper_path(node)
+        os.removexattr(path, stored, follow_symlinks=follow)
+
+    def _upper_path(self, node: Node) -> tuple[bytes, bool]:
+        """A path to *node*'s upper object for calls without an ``*at`` form,
+        and whether its last step must be followed (only the root's magic link)."""
+        return self.stack.entry_path(0, node.path)
+
+    # -- durability ---------------------------------------------------------------
+
+    def fsyncdir(self, handle: int) -> None:
+        d = self._dirs.get(handle)
+        if d is None or self.upper is None:
+            return
+        # A directory without an upper part has nothing to sync.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self.upper.fsync_dir(d.path)
+
+
+def _remap(path: bytes, a: bytes, b: bytes, exchange: bool) -> bytes:
+    for old, new in ((a, b), (b, a)) if exchange else ((a, b),):
+        if path == old:
+            return new
+        if path.startswith(old + b"/"):
+            return new + path[len(old) :]
+    return path
+
+
+__all__ = ["Caller", "SetAttr", "WritableUnionFS"]
