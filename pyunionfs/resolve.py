@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import origin
@@ -42,6 +43,9 @@ class Entry:
     ident: tuple[int, int]
     #: Layers in which this directory holds xattr whiteouts (opaque=x).
     xwh: tuple[int, ...] = ()
+    #: The merged link count of an indexed hard-linked file (its
+    #: ``overlay.nlink`` record); None means st_nlink.
+    nlink: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -63,6 +67,10 @@ class Resolver:
         #: lower original, learnt at copy-up or from an origin record.
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
         self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
+        self._nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
+        #: Called for a lower file with several links: the writable side
+        #: answers with the entry of its indexed upper copy, if there is one.
+        self.index_hook: Callable[[int, bytes, bytes, os.stat_result], Entry | None] | None = None
 
     def root(self) -> Entry:
         """The root merges every layer: overlayfs ignores opacity at the root."""
@@ -99,8 +107,14 @@ class Resolver:
                 if dirs:
                     break  # a non-directory below a directory ends the merge
                 ident = (st.st_dev, st.st_ino)
-                if layer != last and stack.layers[layer].writable:
-                    ident = self._origin(parent, parent_rel, name, layer, ident)
+                if stack.layers[layer].writable:
+                    if layer != last:
+                        ident = self._origin(parent, parent_rel, name, layer, ident)
+                    return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st))
+                if st.st_nlink > 1 and self.index_hook is not None:
+                    indexed = self.index_hook(layer, parent_rel, name, st)
+                    if indexed is not None:
+                        return indexed
                 return Entry((layer,), st, ident)
             dirs.append(layer)
             top = top or st
@@ -139,6 +153,22 @@ class Resolver:
             if e is not None:
                 out.append((n, e))
         return out
+
+    def merged_nlink(self, layer: int, rel: bytes, st: os.stat_result) -> int | None:
+        """The link count an upper file shows: its ``overlay.nlink`` record
+        when it is an indexed copy of a lower hard link (counting the names
+        still only in lower layers, less the index's own link)."""
+        if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
+            return None
+        for xname in self._nlink_names:
+            try:
+                value = self.stack.getxattr(layer, rel, xname)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+                continue
+            return origin.parse_nlink(value, st.st_nlink, st.st_nlink)
+        return None
 
     def _origin(
         self, parent: Entry, parent_rel: bytes, name: bytes, layer: int, ident: tuple[int, int]

@@ -135,7 +135,7 @@ class UnionFS:
             mode=st.st_mode,
             # Counting subdirectories of every merged layer is not worth it;
             # 1 is what overlayfs reports and what find(1) understands.
-            nlink=1 if entry.merged else st.st_nlink,
+            nlink=1 if entry.merged else (entry.nlink or st.st_nlink),
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,
@@ -151,7 +151,9 @@ class UnionFS:
         """Fresh attributes, read from the layer that provides the object."""
         node = self.node(ino)
         st = self.stack.stat_self(node.entry.layers[0], node.path)
-        node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh)
+        layer = node.entry.layers[0]
+        nlink = self.resolver.merged_nlink(layer, node.path, st) if self.stack.layers[layer].writable else None
+        node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh, nlink)
         return self.attr_of(ino, node.entry)
 
     def readlink(self, ino: int) -> bytes:

@@ -22,7 +22,7 @@ import stat
 from . import copyup
 from .layers import LayerStack
 from .paths import join, proc_path
-from .syscalls import RENAME_EXCHANGE, RENAME_WHITEOUT, renameat2
+from .syscalls import RENAME_EXCHANGE, renameat2
 from .whiteout import Markers
 
 WORK = b"work"
@@ -47,6 +47,8 @@ class Upper:
         self.index = _open_subdir(base, INDEX)
         copyup.clean_workdir(proc_path(self.work))
         self._impure: set[bytes] = set()
+        #: Names in ``index/``: lower hard-linked files that have an upper copy.
+        self.index_keys: set[bytes] = {os.fsencode(n) for n in os.listdir(proc_path(self.index))}
 
     def close(self) -> None:
         os.close(self.work)
@@ -73,12 +75,6 @@ class Upper:
     def replace_with_whiteout(self, parent: bytes, name: bytes) -> None:
         """Swap the upper non-directory *name* for a whiteout in one step."""
         dfd = self.dirfd(parent)
-        try:
-            renameat2(dfd, name, dfd, name, RENAME_WHITEOUT)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
-                raise
         tmp = copyup.tmp_name()
         self.markers.make_whiteout(self.work, tmp)
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable
@@ -78,6 +79,8 @@ class WritableUnionFS(UnionFS):
                 raise
         self._busy: dict[int, trio.Event] = {}
         self._fh_ino: dict[int, int] = {}
+        if self.upper is not None and not self.readonly:
+            self.resolver.index_hook = self._indexed
 
     def close(self) -> None:
         if not self._closed and self.upper is not None:
@@ -177,30 +180,79 @@ class WritableUnionFS(UnionFS):
         try:
             parent_rel, name = split(node.path)
             self._upper_dir(parent_rel)
-            src = node.entry.layers[0]
+            src, src_st = node.entry.layers[0], node.entry.st
             fds = [self.stack.fds.dup(src, parent_rel), os.dup(up.work), self.stack.fds.dup(0, parent_rel)]
             try:
                 record = origin.of(fds[0], name)
-                args = (
-                    fds[0], name, fds[1], fds[2], up.keep_xattr, True,
-                    {self.markers.origin_xattr: record} if record else None,
-                )
-                if node.entry.st.st_size >= _THREAD_MIN:
-                    st = await trio.to_thread.run_sync(copyup.copy_up, *args)
+                extra = {self.markers.origin_xattr: record} if record else None
+                key = origin.index_name(record) if record and src_st.st_nlink > 1 else None
+                if key is not None and key not in up.index_keys:
+                    # A hard-linked lower file is copied once, to the index,
+                    # and every name of it links there (overlayfs's index=on).
+                    assert extra is not None
+                    extra[self.markers.nlink_xattr] = origin.nlink_record(src_st.st_nlink, 1)
+                    fds.append(os.dup(up.index))
+                    job = functools.partial(
+                        copyup.copy_up, fds[0], name, fds[1], fds[3], up.keep_xattr, True, extra, key
+                    )
                 else:
-                    st = copyup.copy_up(*args)
+                    job = functools.partial(copyup.copy_up, fds[0], name, fds[1], fds[2], up.keep_xattr, True, extra)
+                if key is not None and key in up.index_keys:
+                    pass  # copied before, under another name: only a link is needed
+                elif src_st.st_size >= _THREAD_MIN:
+                    await trio.to_thread.run_sync(job)
+                else:
+                    job()
             finally:
                 for fd in fds:
                     os.close(fd)
-            parent_rel = split(node.path)[0]  # a rename may have moved the parent meanwhile
+            parent_rel, name = split(node.path)  # a rename may have moved it meanwhile
+            if key is not None:
+                up.index_keys.add(key)
+                entry = self._link_up(key, parent_rel, name, node.entry.ident)
+            else:
+                st = self.stack.stat_self(0, node.path)
+                entry = Entry((0,), st, node.entry.ident)
+                self.resolver.origins[(st.st_dev, st.st_ino)] = node.entry.ident
             if record:
                 up.set_impure(parent_rel)
-            self.resolver.origins[(st.st_dev, st.st_ino)] = node.entry.ident
-            node.entry = Entry((0,), st, node.entry.ident)
+            node.entry = entry
             self._repoint(node)
         finally:
             del self._busy[node.ino]
             done.set()
+
+    def _indexed(self, layer: int, parent_rel: bytes, name: bytes, st: os.stat_result) -> Entry | None:
+        """The resolver found a lower file with several links: if the index has
+        its copy (made through another name), link this name to it too, so every
+        name shows the same, current file."""
+        up = self.upper
+        if up is None or not up.index_keys:
+            return None
+        record = origin.of(self.stack.dirfd(layer, parent_rel), name)
+        if record is None or origin.index_name(record) not in up.index_keys:
+            return None
+        self._upper_dir(parent_rel)
+        entry = self._link_up(origin.index_name(record), parent_rel, name, (st.st_dev, st.st_ino))
+        up.set_impure(parent_rel)
+        return entry
+
+    def _link_up(self, key: bytes, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry:
+        """Link index entry *key* to *name*: one more upper link, the same
+        merged count, so the ``overlay.nlink`` record drops by one."""
+        up = self._up()
+        before = os.stat(key, dir_fd=up.index, follow_symlinks=False)
+        path = proc_path(up.index, key)
+        try:
+            merged = origin.parse_nlink(os.getxattr(path, self.markers.nlink_xattr), before.st_nlink, before.st_nlink)
+        except OSError:
+            merged = None
+        merged = merged or before.st_nlink
+        os.link(key, name, src_dir_fd=up.index, dst_dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
+        st = os.stat(name, dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
+        os.setxattr(path, self.markers.nlink_xattr, origin.nlink_record(merged, st.st_nlink))
+        self.resolver.origins[(st.st_dev, st.st_ino)] = ident
+        return Entry((0,), st, ident, nlink=merged)
 
     def _repoint(self, node: Node) -> None:
         """Re-open read-only handles of a just copied-up file on the copy, in
