@@ -124,7 +124,9 @@ def copy_up(
             keep_xattr,
         )
         for xname, value in (extra_xattrs or {}).items():
-            os.setxattr(tmp_path, xname, value, follow_symlinks=False)
+            # The records help (stable st_ino) but are not essential: a
+            # symlink cannot hold user.* xattrs, for instance.
+            _set_record(tmp_path, xname, value)
         if not stat.S_ISLNK(mode):
             os.chmod(tmp, stat.S_IMODE(mode), dir_fd=work)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
@@ -135,6 +137,14 @@ def copy_up(
     if fsync:
         fsync_dir(dst_dir)
     return os.stat(target, dir_fd=dst_dir, follow_symlinks=False)
+
+
+def _set_record(path: bytes, name: bytes, value: bytes) -> None:
+    try:
+        os.setxattr(path, name, value, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+            raise
 
 
 def fsync_dir(dir_fd: int) -> None:

@@ -10,15 +10,17 @@ upper written by pyunionfs keeps the same numbers, and we read the kernel's.
 
 The uuid is written as all zeroes, as current kernels do by default
 (``uuid=auto`` on an upper without a uuid); on reading it is ignored, and a
-record is trusted only if it names the lower object found at the same path,
-so no handle is ever opened (open_by_handle_at could reach outside a layer).
+record is first checked against the lower object found at the same path; only
+when that fails (a renamed copy, a name linked to one) is the handle opened,
+O_PATH, just to read its inode number.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
-from .syscalls import name_to_handle_at
+from .syscalls import name_to_handle_at, open_by_handle_at
 
 _VERSION = 0
 _MAGIC = 0xFB
@@ -63,6 +65,38 @@ def same_object(record: bytes, dir_fd: int, name: bytes) -> bool:
         return name_to_handle_at(dir_fd, name) == want
     except OSError:
         return False
+
+
+def identity(record: bytes, mount_fds: list[int]) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the object *record* names, on the filesystem of
+    one of *mount_fds*; None if no filesystem has it or we may not ask.
+
+    The object is opened with O_PATH only to fstat it: nothing is read and
+    no path is walked, so it does not matter where it sits.  Used when the
+    record does not name the entry at the same path (a renamed copy, or a
+    new name linked to one).
+    """
+    decoded = decode(record)
+    if decoded is None:
+        return None
+    for fd in mount_fds:
+        try:
+            # open_by_handle_at refuses O_PATH fds as its mount fd.
+            mnt = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            continue
+        try:
+            obj = open_by_handle_at(mnt, decoded[0], decoded[1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        finally:
+            os.close(mnt)
+        try:
+            st = os.fstat(obj)
+        finally:
+            os.close(obj)
+        return st.st_dev, st.st_ino
+    return None
 
 
 def index_name(record: bytes) -> bytes:

@@ -108,7 +108,7 @@ class Resolver:
                     break  # a non-directory below a directory ends the merge
                 ident = (st.st_dev, st.st_ino)
                 if stack.layers[layer].writable:
-                    if layer != last:
+                    if layer + 1 < len(stack.layers):
                         ident = self._origin(parent, parent_rel, name, layer, ident)
                     return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st))
                 if st.st_nlink > 1 and self.index_hook is not None:
@@ -203,6 +203,10 @@ class Resolver:
                 self.origins[ident] = (st.st_dev, st.st_ino)
                 return self.origins[ident]
             break
+        found = origin.identity(record, [lay.fd for lay in self.stack.layers[layer + 1 :]])
+        if found is not None and any(found[0] == lay.dev for lay in self.stack.layers[layer + 1 :]):
+            self.origins[ident] = found
+            return found
         return ident
 
     # -- marker checks ---------------------------------------------------

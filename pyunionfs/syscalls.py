@@ -16,9 +16,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 _NUMBERS: dict[str, dict[str, int]] = {
     # renameat2 and name_to_handle_at predate the unified syscall table.
-    "x86_64": {"renameat2": 316, "name_to_handle_at": 303},
-    "aarch64": {"renameat2": 276, "name_to_handle_at": 264},
-    "riscv64": {"renameat2": 276, "name_to_handle_at": 264},
+    "x86_64": {"renameat2": 316, "name_to_handle_at": 303, "open_by_handle_at": 304},
+    "aarch64": {"renameat2": 276, "name_to_handle_at": 264, "open_by_handle_at": 265},
+    "riscv64": {"renameat2": 276, "name_to_handle_at": 264, "open_by_handle_at": 265},
 }
 _SYS_OPEN_TREE = 428  # the same everywhere: the unified table
 
@@ -77,3 +77,15 @@ def name_to_handle_at(dir_fd: int, name: bytes, flags: int = 0) -> tuple[int, by
         name,
     )
     return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """Open the object a file handle names on *mount_fd*'s filesystem
+    (needs CAP_DAC_READ_SEARCH; EPERM otherwise, ESTALE if it is gone)."""
+    if len(handle) > MAX_HANDLE_SZ:
+        raise OSError(22, "file handle too long")  # EINVAL
+    fh = _FileHandle()
+    fh.handle_bytes = len(handle)
+    fh.handle_type = handle_type
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    return _check(_libc.syscall(_number("open_by_handle_at"), mount_fd, ctypes.byref(fh), flags))

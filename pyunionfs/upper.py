@@ -98,7 +98,9 @@ class Upper:
 
     def set_opaque(self, rel: bytes) -> None:
         parent, _, name = rel.rpartition(b"/")
-        self.markers.set_opaque(proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd))
+        self.markers.set_opaque(
+            proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd), follow=not rel
+        )
 
     def is_opaque(self, rel: bytes) -> bool:
         parent, _, name = rel.rpartition(b"/")
@@ -116,7 +118,7 @@ class Upper:
         parent, _, name = rel.rpartition(b"/")
         path = proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd)
         try:
-            os.setxattr(path, self.markers.impure_xattr, b"y")
+            os.setxattr(path, self.markers.impure_xattr, b"y", follow_symlinks=not rel)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise

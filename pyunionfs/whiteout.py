@@ -65,10 +65,6 @@ class Markers:
         """Create a whiteout *name* in directory *dir_fd* (fails if *name* exists)."""
         os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
 
-    def is_any_whiteout(self, st: os.stat_result, xattrs: Callable[[], list[bytes]]) -> bool:
-        """Whether an upper entry is a whiteout in a format the kernel reads."""
-        return self.is_device_whiteout(st) or (self.may_be_xwhiteout(st) and self.has_whiteout_xattr(xattrs()))
-
     def may_be_xwhiteout(self, st: os.stat_result) -> bool:
         """Whether *st* has the shape of an xattr whiteout (xattr not yet read)."""
         return stat.S_ISREG(st.st_mode) and st.st_size == 0
@@ -88,9 +84,10 @@ class Markers:
 
     # -- opacity ---------------------------------------------------------
 
-    def set_opaque(self, path: bytes) -> None:
-        """Mark directory *path* (a /proc/self/fd path) opaque, the kernel's way."""
-        os.setxattr(path, self.opaque_xattr, b"y")
+    def set_opaque(self, path: bytes, follow: bool = False) -> None:
+        """Mark directory *path* (a /proc/self/fd path) opaque, the kernel's way;
+        *follow* only for a bare /proc/self/fd/N magic link."""
+        os.setxattr(path, self.opaque_xattr, b"y", follow_symlinks=follow)
 
     def opaque_value(self, getxattr: Callable[[bytes], bytes], names: list[bytes]) -> bytes | None:
         """The directory's ``overlay.opaque`` value (``y``, ``x``) or None."""

@@ -167,8 +167,12 @@ class WritableUnionFS(UnionFS):
             entry, at = child, join(at, name)
         return entry
 
-    async def _copy_up(self, node: Node) -> None:
-        """Make sure *node* has its own upper copy; directories copy up empty."""
+    async def _copy_up(self, node: Node, path: bytes | None = None) -> None:
+        """Make sure *node* has its own upper copy; directories copy up empty.
+
+        *path* picks which name of a hard-linked file gets the upper copy
+        (default: the node's current name).
+        """
         up = self._up()
         await self._settle(node.ino)
         if node.entry.layers[0] == 0:
@@ -177,6 +181,12 @@ class WritableUnionFS(UnionFS):
             node.entry = self._upper_dir(node.path)
             return
         done = self._busy[node.ino] = trio.Event()
+        if path is not None and path != node.path:
+            if node.aliases is None:
+                node.aliases = set()
+            node.aliases.add(node.path)
+            node.aliases.discard(path)
+            node.path = path
         try:
             parent_rel, name = split(node.path)
             self._upper_dir(parent_rel)
@@ -244,13 +254,15 @@ class WritableUnionFS(UnionFS):
         before = os.stat(key, dir_fd=up.index, follow_symlinks=False)
         path = proc_path(up.index, key)
         try:
-            merged = origin.parse_nlink(os.getxattr(path, self.markers.nlink_xattr), before.st_nlink, before.st_nlink)
+            merged = origin.parse_nlink(
+                os.getxattr(path, self.markers.nlink_xattr, follow_symlinks=False), before.st_nlink, before.st_nlink
+            )
         except OSError:
             merged = None
         merged = merged or before.st_nlink
         os.link(key, name, src_dir_fd=up.index, dst_dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
         st = os.stat(name, dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
-        os.setxattr(path, self.markers.nlink_xattr, origin.nlink_record(merged, st.st_nlink))
+        os.setxattr(path, self.markers.nlink_xattr, origin.nlink_record(merged, st.st_nlink), follow_symlinks=False)
         self.resolver.origins[(st.st_dev, st.st_ino)] = ident
         return Entry((0,), st, ident, nlink=merged)
 
@@ -424,6 +436,11 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.ENOTDIR if is_dir else errno.EISDIR, name)
         if is_dir and self.resolver.listing(entry, path):
             raise fs_error(errno.ENOTEMPTY, name)
+        if not is_dir and entry.layers[0] != 0 and entry.st.st_nlink > 1:
+            # A name of a hard-linked lower file: copy it up (to the index)
+            # first, so the merged link count has a record to drop, as
+            # overlayfs does with index=on.
+            entry = await self._copied(entry, path)
         parent.entry = self._upper_dir(parent.path)
         if entry.layers[0] != 0:
             up.whiteout(parent.path, name)
@@ -522,11 +539,9 @@ class WritableUnionFS(UnionFS):
         if entry.layers[0] == 0:
             return entry
         node = self.inodes.get(self._ino(entry, path))
-        if node is None:
+        if node is None or node.gone:
             node = Node(self._ino(entry, path), path, entry)
-            await self._copy_up(node)
-            return node.entry
-        await self._copy_up(node)
+        await self._copy_up(node, path)
         return node.entry
 
     def _rename_over(
