@@ -124,6 +124,16 @@ class Upper:
                 raise
         self._impure.add(rel)
 
+    def dir_times(self, rel: bytes) -> tuple[int, int]:
+        st = self.stack.stat_self(0, rel)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    def restore_times(self, rel: bytes, times: tuple[int, int]) -> None:
+        """Put back a directory's times after a copy-up added an entry to it:
+        copy-up is invisible in the merged view, as in overlayfs."""
+        path, follow = self.stack.entry_path(0, rel)
+        os.utime(path, ns=times, follow_symlinks=follow)
+
     def moved(self, old: bytes, new: bytes) -> None:
         """Forget what was known about directory paths that a rename changed."""
         for rel in (old, new):

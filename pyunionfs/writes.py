@@ -152,6 +152,7 @@ class WritableUnionFS(UnionFS):
             if child.layers[0] != 0:
                 src = child.layers[0]
                 src_dir = self.stack.fds.dup(src, at)
+                times = up.dir_times(at)
                 try:
                     record = origin.of(src_dir, name)
                     st = copyup.copy_up(
@@ -162,6 +163,7 @@ class WritableUnionFS(UnionFS):
                     os.close(src_dir)
                 if record:
                     up.set_impure(at)
+                up.restore_times(at, times)
                 child = Entry((0, *child.layers), st, child.ident, child.xwh)
                 self._update(join(at, name), child)
             entry, at = child, join(at, name)
@@ -190,6 +192,7 @@ class WritableUnionFS(UnionFS):
         try:
             parent_rel, name = split(node.path)
             self._upper_dir(parent_rel)
+            times = up.dir_times(parent_rel)
             src, src_st = node.entry.layers[0], node.entry.st
             fds = [self.stack.fds.dup(src, parent_rel), os.dup(up.work), self.stack.fds.dup(0, parent_rel)]
             try:
@@ -226,6 +229,7 @@ class WritableUnionFS(UnionFS):
                 self.resolver.origins[(st.st_dev, st.st_ino)] = node.entry.ident
             if record:
                 up.set_impure(parent_rel)
+            up.restore_times(parent_rel, times)
             node.entry = entry
             self._repoint(node)
         finally:
@@ -243,8 +247,10 @@ class WritableUnionFS(UnionFS):
         if record is None or origin.index_name(record) not in up.index_keys:
             return None
         self._upper_dir(parent_rel)
+        times = up.dir_times(parent_rel)
         entry = self._link_up(origin.index_name(record), parent_rel, name, (st.st_dev, st.st_ino))
         up.set_impure(parent_rel)
+        up.restore_times(parent_rel, times)
         return entry
 
     def _link_up(self, key: bytes, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry:
