@@ -157,7 +157,11 @@ def fsync_dir(dir_fd: int) -> None:
 
 
 def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, fsync: bool) -> None:
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:  # reading a lower file never changes it, not even its atime
+        src = os.open(name, flags | os.O_NOATIME, dir_fd=src_dir)
+    except PermissionError:
+        src = os.open(name, flags, dir_fd=src_dir)
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:

@@ -183,6 +183,9 @@ class UnionFS:
         d = self._dirs.get(handle)
         if d is None:
             raise fs_error(errno.EBADF)
+        node = self.inodes.get(d.ino)
+        if node is not None and not node.gone:
+            d.entry = node.entry  # it may have been copied up since opendir
         if start == 0:
             d.names = self.resolver.names(d.entry, d.path)
         if start < 1:
