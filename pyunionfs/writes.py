@@ -179,6 +179,8 @@ class WritableUnionFS(UnionFS):
         await self._settle(node.ino)
         if node.entry.layers[0] == 0:
             return
+        if node.gone:
+            raise fs_error(errno.EEXIST)  # its name is whited out: do not bring it back (overlayfs: EEXIST)
         if node.entry.is_dir:
             node.entry = self._upper_dir(node.path)
             return
@@ -586,7 +588,11 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             await self._copy_up(node)
-        fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
+        try:
+            fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
+        except FileNotFoundError:
+            self._relocate(node)
+            fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
         self._files.add(fd)
         self._fh_ino[fd] = ino
         return fd
@@ -613,7 +619,22 @@ class WritableUnionFS(UnionFS):
             st = os.fstat(fd)
             node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh)
             return self.attr_of(ino, node.entry)
-        return super().getattr(ino)
+        try:
+            return super().getattr(ino)
+        except FileNotFoundError:
+            self._relocate(node)
+            return super().getattr(ino)
+
+    def _relocate(self, node: Node) -> None:
+        """Re-resolve a hard-linked file whose current name is not where its
+        entry says (a name still only in a lower layer, of a file whose copy
+        is in the index): resolving it links that name to the copy."""
+        if node.entry.is_dir or node.gone:
+            raise fs_error(errno.ENOENT)
+        entry = self._resolve_path(node.path)
+        if entry.ident != node.entry.ident:
+            raise fs_error(errno.ENOENT)
+        node.entry = entry
 
     # -- attributes ---------------------------------------------------------------
 
@@ -621,6 +642,8 @@ class WritableUnionFS(UnionFS):
         node = self.node(ino)
         self._up()
         await self._copy_up(node)
+        if fh is None and not node.gone and node.path and self.stack.lstat(0, *split(node.path)) is None:
+            self._relocate(node)
         fd = fh if fh is not None and fh in self._fh_ino else (self._fd_of(ino) if node.gone else None)
         path, follow = (proc_path(fd), True) if fd is not None else self._upper_path(node)
         if change.size is not None:
