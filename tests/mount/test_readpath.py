@@ -11,20 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.writecheck import put, whiteout
 from tests.support.mounting import drop_kernel_caches
 
 
-def mkfile(path: Path, data: bytes | str = b"", mode: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    if mode is not None:
-        os.chmod(path, mode)
-    return path
-
-
-def whiteout(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+mkfile = put  # a file (and its parents) in a layer being built
 
 
 def oserror(fn, *args) -> int:
