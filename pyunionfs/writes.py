@@ -79,6 +79,7 @@ class WritableUnionFS(UnionFS):
                 raise
         self._busy: dict[int, trio.Event] = {}
         self._fh_ino: dict[int, int] = {}
+        self._handles: dict[int, set[int]] = {}  # ino -> its open file handles
         if self.upper is not None and not self.readonly:
             self.resolver.index_hook = self._indexed
 
@@ -277,11 +278,10 @@ class WritableUnionFS(UnionFS):
     def _repoint(self, node: Node) -> None:
         """Re-open read-only handles of a just copied-up file on the copy, in
         place (dup2 keeps the handle number), so they see later writes."""
-        for fh, ino in self._fh_ino.items():
-            if ino == node.ino:
-                fd = self.stack.open_file(0, node.path, os.O_RDONLY)
-                os.dup2(fd, fh)
-                os.close(fd)
+        for fh in self._handles.get(node.ino, ()):
+            fd = self.stack.open_file(0, node.path, os.O_RDONLY)
+            os.dup2(fd, fh)
+            os.close(fd)
 
     # -- new entries ------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class WritableUnionFS(UnionFS):
         entry, fd = self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller, make)
         assert fd is not None
         node, attr = self._new_node(parent, name, entry)
-        self._fh_ino[fd] = node.ino
+        self._track(fd, node.ino)
         self._files.add(fd)
         return fd, node, attr
 
@@ -594,21 +594,27 @@ class WritableUnionFS(UnionFS):
             self._relocate(node)
             fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
         self._files.add(fd)
-        self._fh_ino[fd] = ino
+        self._track(fd, ino)
         return fd
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(fh, data, offset)
 
+    def _track(self, fh: int, ino: int) -> None:
+        self._fh_ino[fh] = ino
+        self._handles.setdefault(ino, set()).add(fh)
+
     def release(self, fh: int) -> None:
-        self._fh_ino.pop(fh, None)
+        ino = self._fh_ino.pop(fh, None)
+        if ino is not None:
+            handles = self._handles[ino]
+            handles.discard(fh)
+            if not handles:
+                del self._handles[ino]
         super().release(fh)
 
     def _fd_of(self, ino: int) -> int | None:
-        for fh, i in self._fh_ino.items():
-            if i == ino:
-                return fh
-        return None
+        return next(iter(self._handles.get(ino, ())), None)
 
     def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
