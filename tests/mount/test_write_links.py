@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 
 from tests.support.layergen import kernel_mount, kernel_umount
 from tests.support.layergen import Stack as LayerStack
@@ -228,6 +229,8 @@ def _owner_lower(low: Path) -> None:
     os.chown(low / "pub/own", 1000, 1000)
     put(low / "pub/theirs", "uid 1234's, in a shared dir\n", 0o644)
     os.chown(low / "pub/theirs", 1234, 1234)
+    put(low / "pub/locked", "uid 1000's, mode 000\n", 0o000)
+    os.chown(low / "pub/locked", 1000, 1000)
     for name, mode, gid in (("suid", 0o4755, 1000), ("sgid-other-group", 0o2775, 1234)):
         put(low / "pub" / name, "#!/bin/sh\n")
         os.chown(low / "pub" / name, 1000, gid)
@@ -269,6 +272,10 @@ out["errors"] = {
     "rmdir own new dir": err(os.rmdir, m + "/pub/d"),
     "chown own file to own group": err(os.chown, m + "/mine", -1, 1000),
     "chown own file to another group": err(os.chown, m + "/mine", -1, 1234),
+    "setxattr own mode-000 file": err(os.setxattr, m + "/pub/locked", "user.x", b"1"),
+    "read own mode-000 file": err(open, m + "/pub/locked"),
+    "chmod own mode-000 file": err(os.chmod, m + "/pub/locked", 0o400),
+    "read it now": err(open, m + "/pub/locked"),
     "write own set-user-ID file": err(openw, m + "/pub/suid"),
     "write own set-group-ID file of another group": err(openw, m + "/pub/sgid-other-group"),
 }
@@ -277,7 +284,7 @@ for p in ("pub/suid", "pub/sgid-other-group"):  # a write by the owner drops set
         f.write("echo\n")
 out["stat"] = {}
 for p in ("pub/f", "pub/l", "pub/p", "sg/f", "sg/d", "sg/d/g", "sg/d/e", "mine", "sg/existing", "pub/own2",
-          "pub/suid", "pub/sgid-other-group"):
+          "pub/suid", "pub/sgid-other-group", "pub/locked"):
     st = os.lstat(m + "/" + p)
     out["stat"][p] = [st.st_uid, st.st_gid, oct(st.st_mode)]
 """
@@ -474,3 +481,61 @@ def test_unlinked_open_files_leave_nothing_after_close_or_crash(tmp_path: Path, 
         put(mnt / "copied", "again")  # the next round unlinks lower-backed names again
         put(mnt / "plain", "again")
     d.stop()
+
+
+def _held_after_replace(m: Path) -> Obs:
+    """Hold files by O_PATH descriptors (nothing open in the filesystem), replace or unlink them, create more.
+
+    Why: the kernel keeps the inode of a held file; the filesystem must not
+    hand its number (the FUSE node id) to another file while that is so, or
+    the kernel declares the held inode stale and every use of it fails
+    with EIO.  On the upper's filesystem the number of a deleted file is
+    free again at once, so new files soon get it.
+    """
+    put(m / "a", "old\n")
+    put(m / "u", "unlinked\n")
+    held = {name: os.open(m / name, os.O_PATH) for name in ("a", "u")}
+    try:
+        before = {name: os.fstat(fd).st_ino for name, fd in held.items()}
+        put(m / "b", "replacement\n")
+        os.rename(m / "b", m / "a")
+        os.unlink(m / "u")
+        for k in range(50):
+            put(m / f"c{k}", "new\n")
+        inos = {os.lstat(m / f"c{k}").st_ino for k in range(50)} | {os.lstat(m / "a").st_ino}
+        obs: Obs = {}
+        for name, fd in held.items():
+            try:
+                st = os.fstat(fd)
+                obs[f"held {name}"] = (st.st_ino == before[name], st.st_nlink, st.st_size)
+            except OSError as exc:
+                obs[f"held {name}"] = errname(exc.errno or 0)
+            obs[f"number of {name} reused"] = before[name] in inos
+        return obs
+    finally:
+        for fd in held.values():
+            os.close(fd)
+
+
+@pytest.mark.xfail(
+    reason="known bug (issue 3 note): the FUSE node id is the upper st_ino, which ext4 reuses while the "
+    "kernel still holds the removed file, so the held inode turns stale (EIO)",
+    strict=True,
+)
+def test_replaced_file_held_by_the_kernel_keeps_its_identity(tmp_path: Path, mount: Mount) -> None:
+    """A file replaced or unlinked while still held stays valid (st_nlink 0) and its number is not reused."""
+    results = {}
+    for side in ("kernel", "pyunionfs"):
+        low, up = tmp_path / side / "low", tmp_path / side / "up"
+        low.mkdir(parents=True)
+        up.mkdir()
+        if side == "kernel":
+            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
+                results[side] = _held_after_replace(m)
+        else:
+            d = mount([low], up)
+            results[side] = _held_after_replace(d.mnt)
+            d.stop()
+    assert results["kernel"] == {"held a": (True, 0, 4), "number of a reused": False,
+                                 "held u": (True, 0, 9), "number of u reused": False}
+    assert results["pyunionfs"] == results["kernel"]

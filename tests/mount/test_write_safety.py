@@ -969,9 +969,14 @@ def _replace_storm(m: Path, n: int) -> tuple[int, list[str]]:
     return reads, problems
 
 
+@pytest.mark.xfail(
+    reason="known bug (issue 3 note): inode-number reuse can make a reader racing renames see EIO; "
+    "fails only when ext4 reuses the number, so not strict",
+    strict=False,
+)
 def test_rename_over_a_file_is_atomic(tmp_path: Path, mount: Mount) -> None:
     """Replacing a name by rename never lets a reader see it missing or half-written; old names leave whiteouts."""
-    n = 60
+    n = 300
     outcome = {}
     for side in ("kernel", "pyunionfs"):
         low, up = tmp_path / side / "low", tmp_path / side / "up"
@@ -1001,22 +1006,34 @@ def test_rename_over_a_file_is_atomic(tmp_path: Path, mount: Mount) -> None:
         f"\nkernel    {outcome['kernel']}\npyunionfs {outcome['pyunionfs']}")
 
 
-def test_workdir_on_another_filesystem_is_refused(tmp_path: Path) -> None:
-    """-o workdir must be on the upper's filesystem (a rename from it is how copy-up is atomic)."""
+@pytest.mark.parametrize("where", ["other-filesystem", "inside-upper", "inside-lower", "mountpoint"])
+def test_bad_workdir_is_refused(tmp_path: Path, where: str) -> None:
+    """-o workdir must be on the upper's filesystem (copy-up renames from it) and outside layers and mountpoint.
+
+    The kernel refuses the first two the same way; pyunionfs's README also
+    refuses a workdir inside a lower or at the mountpoint.
+    """
     low, up, mnt, other = (tmp_path / n for n in ("low", "up", "mnt", "other"))
     for p in (low, up, mnt, other):
         p.mkdir()
     put(low / "f", "f")
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    work = {"other-filesystem": other / "w", "inside-upper": up / "w", "inside-lower": low / "w",
+            "mountpoint": mnt}[where]
+    if where == "other-filesystem":
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
     try:
-        (other / "w").mkdir()
+        work.mkdir(exist_ok=True)
+        if where in ("other-filesystem", "inside-upper"):  # (the kernel takes the other two; the README does not)
+            with pytest.raises(RuntimeError), kernel_overlay([low], up, work, tmp_path / "kmnt"):
+                pass
         res = subprocess.run([sys.executable, "-m", "pyunionfs", "mount", str(low), str(up), str(mnt),
-                              "-o", f"workdir={other / 'w'}"], capture_output=True, text=True, timeout=30)
+                              "-o", f"workdir={work}"], capture_output=True, text=True, timeout=30)
         mounted = is_mounted(mnt)
         if mounted:
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
             force_unmount(mnt)
     finally:
-        subprocess.run(["umount", "-l", str(other)], capture_output=True, timeout=30)
-    assert res.returncode in (1, 2) and not mounted, f"mounted with a workdir on tmpfs: {res.returncode} {res.stderr}"
+        if where == "other-filesystem":
+            subprocess.run(["umount", "-l", str(other)], capture_output=True, timeout=30)
+    assert res.returncode in (1, 2) and not mounted, f"mounted with workdir {where}: {res.returncode} {res.stderr}"
     assert res.stderr.startswith("pyunionfs: ") and res.stderr.count("\n") == 1, res.stderr

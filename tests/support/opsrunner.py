@@ -76,6 +76,8 @@ _NOW_MARGIN_NS = 5 * 10**9
 _READ_LIMIT = 4 << 20
 _REPO = Path(__file__).resolve().parents[2]
 
+# Same table as tests/support/treesnap.py: repeated on purpose, the executor
+# imports nothing but the standard library (see the module docstring).
 _KINDS = {
     stat.S_IFREG: "reg",
     stat.S_IFDIR: "dir",
@@ -381,27 +383,33 @@ def op_chown(s: _State, path: bytes, uid: int, gid: int, follow: bool) -> tuple[
     return s.norm(os.stat(p, follow_symlinks=follow)), _ino_kept(before, p)
 
 
-def op_utimens(s: _State, path: bytes, atime: tuple[Any, ...], mtime: tuple[Any, ...], follow: bool) -> tuple[Any, ...]:
+def op_utimens(
+    s: _State, path: bytes, atime: tuple[Any, ...], mtime: tuple[Any, ...], follow: bool, via_os_utime: bool
+) -> tuple[Any, ...]:
     """utimensat(2) with each time ``("set", sec, nsec)``, ``("omit",)`` or ``("now",)``.
 
-    Why ctypes: os.utime cannot express UTIME_OMIT.  The result reports, per
-    time, the exact value for "set", ``kept``/``changed`` for "omit", and
-    ``now`` (or the surprising value) for "now", so the outcome is comparable
-    between mounts although "now" differs.
+    Why ctypes: os.utime cannot express UTIME_OMIT (it is used, if asked,
+    when both times are explicit).  The result reports, per time, the exact
+    value for "set", ``kept``/``changed`` for "omit", and ``now`` (or the
+    surprising value) for "now", so the outcome is comparable between mounts
+    although "now" differs.
     """
     p = _p(path)
     before = _lstat_or_none(p)
     st0 = _try(lambda: os.stat(p, follow_symlinks=follow))
-    times = (_Timespec * 2)()
-    for i, spec in enumerate((atime, mtime)):
-        if spec[0] == "set":
-            times[i].tv_sec, times[i].tv_nsec = spec[1], spec[2]
-        else:
-            times[i].tv_sec, times[i].tv_nsec = 0, UTIME_OMIT if spec[0] == "omit" else UTIME_NOW
-    rc = s.libc.utimensat(AT_FDCWD, p, times, 0 if follow else AT_SYMLINK_NOFOLLOW)
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    if via_os_utime and atime[0] == mtime[0] == "set":
+        ns = (atime[1] * 10**9 + atime[2], mtime[1] * 10**9 + mtime[2])
+        os.utime(p, ns=ns, follow_symlinks=follow)
+    else:
+        times = (_Timespec * 2)()
+        for i, spec in enumerate((atime, mtime)):
+            if spec[0] == "set":
+                times[i].tv_sec, times[i].tv_nsec = spec[1], spec[2]
+            else:
+                times[i].tv_sec, times[i].tv_nsec = 0, UTIME_OMIT if spec[0] == "omit" else UTIME_NOW
+        if s.libc.utimensat(AT_FDCWD, p, times, 0 if follow else AT_SYMLINK_NOFOLLOW) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
     st1 = os.stat(p, follow_symlinks=follow)
 
     def judge(spec: tuple[Any, ...], old: int | None, new: int) -> object:
