@@ -16,6 +16,7 @@ kernel's lookups and forgets a node when the kernel does.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ class Node:
     aliases: set[bytes] | None = None
     #: No name left (unlinked or replaced while the kernel still holds it).
     gone: bool = False
+    #: An O_PATH fd on the object of a gone node, held until the kernel
+    #: forgets it: the kernel's overlayfs keeps its real inode referenced the
+    #: same way, so the upper's filesystem cannot hand this inode number to a
+    #: new file while the kernel still has the old one (same node id, another
+    #: object: EIO or worse), and fstat of an unlinked file still answers.
+    pin: int | None = None
 
     def names(self) -> list[bytes]:
         return [self.path, *(self.aliases or ())]
@@ -164,3 +171,13 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[ino]
+            if node.pin is not None:
+                os.close(node.pin)
+                node.pin = None
+
+    def close(self) -> None:
+        """Release the pins of every node (at unmount)."""
+        for node in self.nodes.values():
+            if node.pin is not None:
+                os.close(node.pin)
+                node.pin = None

@@ -79,6 +79,7 @@ class UnionFS:
             os.close(fd)
         self._files.clear()
         self._dirs.clear()
+        self.inodes.close()
         self.stack.close()
 
     # -- names -------------------------------------------------------------

@@ -313,7 +313,10 @@ class WritableUnionFS(UnionFS):
             os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
             if not stat.S_ISLNK(mode):
                 os.chmod(target, stat.S_IMODE(mode), dir_fd=dfd)
-            if over and stat.S_ISDIR(mode):
+            if stat.S_ISDIR(mode) and (over or parent.entry.merged):
+                # Over a whiteout it must be opaque.  In a merged parent the
+                # kernel (index=on, whose hard-link rules we follow) marks it
+                # too, so that a lower dir added offline stays hidden.
                 self.markers.set_opaque(proc_path(dfd, target))
             if over:
                 up.install(target, parent.path, name, stat.S_ISDIR(mode))
@@ -450,6 +453,9 @@ class WritableUnionFS(UnionFS):
             # overlayfs does with index=on.
             entry = await self._copied(entry, path)
         parent.entry = self._upper_dir(parent.path)
+        last = _last_name(entry)
+        if last:
+            self._last_goes(ino, entry.layers[0], path)
         if entry.layers[0] != 0:
             up.whiteout(parent.path, name)
         elif self._lower_positive(parent.entry, parent.path, name):
@@ -464,7 +470,21 @@ class WritableUnionFS(UnionFS):
             os.unlink(name, dir_fd=up.dirfd(parent.path))
         if is_dir:
             up.moved(path, path)
-        self.inodes.unlinked(ino, path, last=is_dir or entry.st.st_nlink <= 1)
+        self.inodes.unlinked(ino, path, last=last)
+
+    def _last_goes(self, ino: int, layer: int, path: bytes) -> None:
+        """Before the last name of *path* goes: hold its object for the node
+        the kernel still has (see :attr:`.inodes.Node.pin`), and drop what is
+        known about it by upper inode number."""
+        if layer == 0:
+            # Its number may be reused once it is freed: forget what it copied.
+            st = self.stack.stat_self(0, path)
+            self.resolver.origins.pop((st.st_dev, st.st_ino), None)
+        node = self.inodes.get(ino)
+        if node is None or node.pin is not None:
+            return
+        parent, name = split(path)
+        node.pin = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.stack.dirfd(layer, parent))
 
     # -- rename -----------------------------------------------------------------
 
@@ -501,20 +521,25 @@ class WritableUnionFS(UnionFS):
                 raise fs_error(errno.ENOTDIR, new_name)
             if not src.is_dir and dst.is_dir:
                 raise fs_error(errno.EISDIR, new_name)
-            if dst.is_dir and self.resolver.listing(dst, dst_path):
-                raise fs_error(errno.ENOTEMPTY, new_name)
         # Without redirect records, a directory with lower parts cannot move.
+        # (overlayfs checks this before whether the target is empty.)
         if src.is_dir and src.layers != (0,):
             raise fs_error(errno.EXDEV)
         if exchange and dst is not None and dst.is_dir and dst.layers != (0,):
             raise fs_error(errno.EXDEV)
+        if dst is not None and not exchange and dst.is_dir and self.resolver.listing(dst, dst_path):
+            raise fs_error(errno.ENOTEMPTY, new_name)
         await self._settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
         if not src.is_dir:
             src = await self._copied(src, src_path)
-        if exchange and dst is not None and not dst.is_dir:
+        if dst is not None and not dst.is_dir and (exchange or dst.st.st_nlink > 1):
+            # A name of a hard-linked lower file is copied up (linked to the
+            # index) before it is replaced, so its merged link count drops.
             dst = await self._copied(dst, dst_path)
         op.entry = self._upper_dir(op.path)
         np.entry = self._upper_dir(np.path)
+        if dst is not None and not exchange and dst_ino is not None and _last_name(dst):
+            self._last_goes(dst_ino, dst.layers[0], dst_path)
         old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
         try:
             if src.is_dir and np.entry.merged and not up.is_opaque(src_path):
@@ -534,7 +559,7 @@ class WritableUnionFS(UnionFS):
             self.inodes.moved({src_path: dst_path, dst_path: src_path})
         else:
             if dst is not None and dst_ino is not None:
-                self.inodes.unlinked(dst_ino, dst_path, last=dst.is_dir or dst.st.st_nlink <= 1)
+                self.inodes.unlinked(dst_ino, dst_path, last=_last_name(dst))
             self.inodes.moved({src_path: dst_path})
         if src_node is not None and not src_node.gone:
             src_node.parent = np.ino
@@ -614,7 +639,12 @@ class WritableUnionFS(UnionFS):
         super().release(fh)
 
     def _fd_of(self, ino: int) -> int | None:
-        return next(iter(self._handles.get(ino, ())), None)
+        """An fd on *ino*'s object: an open handle, else the pin of a gone node."""
+        fd = next(iter(self._handles.get(ino, ())), None)
+        if fd is None:
+            node = self.inodes.get(ino)
+            fd = node.pin if node is not None else None
+        return fd
 
     def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
@@ -653,8 +683,10 @@ class WritableUnionFS(UnionFS):
         fd = fh if fh is not None and fh in self._fh_ino else (self._fd_of(ino) if node.gone else None)
         path, follow = (proc_path(fd), True) if fd is not None else self._upper_path(node)
         if change.size is not None:
-            if fd is not None:
+            if fd is not None and fd in self._fh_ino:
                 os.ftruncate(fd, change.size)
+            elif fd is not None:
+                os.truncate(path, change.size)  # a pin (O_PATH) names the file only
             else:
                 tfd = self.stack.open_file(0, node.path, os.O_WRONLY)
                 try:
@@ -707,6 +739,12 @@ class WritableUnionFS(UnionFS):
         # A directory without an upper part has nothing to sync.
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.upper.fsync_dir(d.path)
+
+
+def _last_name(entry: Entry) -> bool:
+    """Whether removing a name of *entry* leaves the object without a name
+    in the merged view (merged link count, for indexed hard links)."""
+    return entry.is_dir or (entry.nlink or entry.st.st_nlink) <= 1
 
 
 def _remap(path: bytes, a: bytes, b: bytes, exchange: bool) -> bytes:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.support.layergen import kernel_mount, kernel_umount
 from tests.support.layergen import Stack as LayerStack
@@ -517,11 +516,6 @@ def _held_after_replace(m: Path) -> Obs:
             os.close(fd)
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 3 note): the FUSE node id is the upper st_ino, which ext4 reuses while the "
-    "kernel still holds the removed file, so the held inode turns stale (EIO)",
-    strict=True,
-)
 def test_replaced_file_held_by_the_kernel_keeps_its_identity(tmp_path: Path, mount: Mount) -> None:
     """A file replaced or unlinked while still held stays valid (st_nlink 0) and its number is not reused."""
     results = {}

@@ -969,11 +969,6 @@ def _replace_storm(m: Path, n: int) -> tuple[int, list[str]]:
     return reads, problems
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 3 note): inode-number reuse can make a reader racing renames see EIO; "
-    "fails only when ext4 reuses the number, so not strict",
-    strict=False,
-)
 def test_rename_over_a_file_is_atomic(tmp_path: Path, mount: Mount) -> None:
     """Replacing a name by rename never lets a reader see it missing or half-written; old names leave whiteouts."""
     n = 300

@@ -326,7 +326,9 @@ def test_mkdir_over_whiteout_is_opaque(env):
 
 
 @pytest.mark.parametrize("parent", ["", "merged", "loweronly", "upperonly"])
-def test_mkdir_elsewhere_not_opaque(env, parent):
+def test_mkdir_opaque_only_in_merged_parent(env, parent):
+    """Not over a whiteout, a new dir is opaque when its parent has lower
+    parts, as the kernel marks it with index=on (checked on 6.x)."""
     mkfile(env.l1 / "merged/x")
     mkdir(env.u / "merged")
     mkfile(env.l2 / "loweronly/y")
@@ -338,20 +340,21 @@ def test_mkdir_elsewhere_not_opaque(env, parent):
     st = os.lstat(p)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
     assert (st.st_uid, st.st_gid) == (ALICE.uid, ALICE.gid)
-    assert xattr(p, OPAQUE) is None
+    assert xattr(p, OPAQUE) == (None if parent == "upperonly" else b"y")
     assert attr.ino == node.ino == st.st_ino
     assert listdir(fs, os.path.join(parent, "new")) == []
 
 
-def test_mkdir_over_lower_whiteout_not_opaque(env):
-    """A whiteout in a lower layer (not the upper): nothing to replace, so a
-    plain new dir; what the whiteout hid stays hidden below it."""
+def test_mkdir_over_lower_whiteout(env):
+    """A whiteout in a lower layer (not the upper): nothing to replace, and
+    what the whiteout hid stays hidden below the new dir (opaque anyway, as
+    its parent is merged once copied up)."""
     mkwhiteout(env.l1 / "d/x")
     mkfile(env.l2 / "d/x/old", b"o")
     fs = env.mount()
     assert listdir(fs, "d") == []
     fs.mkdir(ino_of(fs, "d"), b"x", 0o755, ALICE)
-    assert xattr(env.u / "d/x", OPAQUE) is None
+    assert xattr(env.u / "d/x", OPAQUE) == b"y"
     assert listdir(fs, "d/x") == []
 
 
@@ -814,9 +817,9 @@ async def test_remove(removable, name, is_dir, leaves_whiteout):
     assert fs.inodes[ino].gone
     assert env.leftovers() == []
     # The name can be used again at once; a directory made there is opaque
-    # exactly when it replaces a whiteout.
+    # (over a whiteout it must be; in the merged root the kernel marks it too).
     fs.mkdir(ROOT_INO, name.encode(), 0o755, ALICE)
-    assert (xattr(p, OPAQUE) == b"y") == leaves_whiteout
+    assert xattr(p, OPAQUE) == b"y"
 
 
 async def test_remove_errors(removable):
@@ -1374,7 +1377,27 @@ async def test_open_unlinked_file_still_works(env, where):
     attr = await fs.setattr(ino, SetAttr(size=5), fh)
     assert attr.size == 5 and attr.nlink == 0
     fs.release(fh)
-    assert await err(lambda: fs.getattr(ino)) == errno.ENOENT
+    # The kernel still holds the node: it keeps answering (from the pin),
+    # and the number is not handed to a new file meanwhile.
+    assert fs.getattr(ino).nlink == 0
+    _, node, _ = await fs.create(ROOT_INO, b"n", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
+    assert node.ino != ino
+    fs.forget(ino, fs.inodes[ino].lookups)
+    assert await err(lambda: fs.getattr(ino)) == errno.ESTALE
+
+
+async def test_removed_copy_leaves_no_origin_behind(env):
+    """The origin learnt for an upper copy is keyed by its inode number, which
+    the upper's filesystem hands out again once the copy is gone: a new file
+    with that number must not take the old file's identity."""
+    mkfile(env.l1 / "f", b"lower")
+    fs = env.mount()
+    ino = ino_of(fs, "f")
+    await fs.setattr(ino, SetAttr(mode=0o600), None)
+    st = os.lstat(env.u / "f")
+    assert fs.resolver.origins.get((st.st_dev, st.st_ino)) is not None
+    await fs.unlink(ROOT_INO, b"f")
+    assert (st.st_dev, st.st_ino) not in fs.resolver.origins
 
 
 @pytest.mark.parametrize("how", ["open-write", "setattr", "setxattr"])
