@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
+#: Seconds the kernel may cache names and attributes (``-o timeout=``).
+DEFAULT_TIMEOUT = 86400.0
+
 #: Options the core understands, with a one-line meaning for ``--help``.
 KNOWN_OPTIONS: dict[str, str] = {
     "ro": "read-only mount: every write fails with EROFS (implied when UPPER is empty)",
     "rw": "read-write mount (default when there is an upper)",
     "userxattr": "use only user.overlay.* xattrs for markers, as overlayfs -o userxattr",
     "workdir=DIR": "work directory for atomic copy-up (default: a hidden dir beside UPPER)",
-    "timeout=SECONDS": "how long the kernel may cache names and attributes (default 1)",
+    "timeout=SECONDS": f"how long the kernel may cache names and attributes (default {DEFAULT_TIMEOUT:g})",
     "allow_other": "let other users use the mount (default when run as root)",
     "default_permissions": "the kernel checks permissions (always on)",
     "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
@@ -75,7 +78,9 @@ class MountConfig:
     readonly: bool = False
     userxattr: bool = False
     oci_whiteouts: bool = True
-    timeout: float = 1.0
+    #: Long, as lowers do not change under a mount and every change to the
+    #: upper comes through us (the kernel updates its caches for those).
+    timeout: float = DEFAULT_TIMEOUT
     allow_other: bool = False
     foreground: bool = False
     debug: bool = False
@@ -192,7 +197,7 @@ def build_config(
         workdir = _absolute(opts["workdir"], "workdir") if opts.get("workdir") else default_workdir(upper_path)
         _check_workdir(workdir, upper_path, lower_paths, mnt)
     try:
-        timeout = float(opts.get("timeout", "1"))
+        timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
     except ValueError:
         raise UsageError(f"timeout must be a number of seconds, not {opts['timeout']!r}") from None
     if not math.isfinite(timeout) or timeout < 0:

@@ -10,8 +10,8 @@ layers in which the parent directory exists:
   layer where it is opaque, or a layer where the name is a non-directory or a
   whiteout (those end the merge without being shown).
 
-Nothing here caches: callers (the inode table, later the caches) decide what
-to keep.
+Answers are kept in a :class:`~.cache.ResolutionCache` until the write path
+reports a change; the rules themselves live in :meth:`Resolver._resolve`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import origin
+from .cache import ResolutionCache
 from .layers import LayerStack
 from .paths import check_name, join
 from .whiteout import OCI_OPAQUE, Markers
@@ -71,6 +72,7 @@ class Resolver:
         #: Called for a lower file with several links: the writable side
         #: answers with the entry of its indexed upper copy, if there is one.
         self.index_hook: Callable[[int, bytes, bytes, os.stat_result], Entry | None] | None = None
+        self.cache = ResolutionCache()
 
     def root(self) -> Entry:
         """The root merges every layer: overlayfs ignores opacity at the root."""
@@ -80,10 +82,32 @@ class Resolver:
         return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh)
 
     def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
-        """Resolve *name* in the merged directory *parent*; None if it is not there."""
+        """Resolve *name* in the merged directory *parent*; None if it is not there.
+
+        A cached answer is checked with one lstat of the object it names,
+        which also gives fresh attributes.
+        """
         check_name(name)
         if self.markers.is_oci_marker(name):
             return None
+        known, cached = self.cache.lookup(parent.ident, name)
+        if known:
+            if cached is None:
+                return None
+            layer = cached.layers[0]
+            st = self.stack.lstat(layer, parent_rel, name)
+            if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode):
+                nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
+                    self.stack.layers[layer].writable and st.st_nlink > 1) else None
+                return Entry(cached.layers, st, cached.ident, cached.xwh, nlink)
+        entry = self._resolve(parent, parent_rel, name)
+        if entry is None or entry.is_dir or entry.layers[0] == 0 or entry.st.st_nlink < 2 or self.index_hook is None:
+            # (A lower hard link may get an index copy through another name
+            # at any time: it is resolved afresh each time.)
+            self.cache.store(parent.ident, name, entry)
+        return entry
+
+    def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         stack = self.stack
         rel = join(parent_rel, name)
         dirs: list[int] = []
@@ -136,6 +160,9 @@ class Resolver:
         Candidates still go through :meth:`child`: a name here may be whited
         out.  Marker files are never candidates.
         """
+        cached = self.cache.names(d.ident)
+        if cached is not None:
+            return cached
         seen: set[bytes] = set()
         out: list[bytes] = []
         for layer in d.layers:
@@ -143,6 +170,7 @@ class Resolver:
                 if n not in seen and not self.markers.is_oci_marker(n):
                     seen.add(n)
                     out.append(n)
+        self.cache.store_names(d.ident, out)
         return out
 
     def listing(self, d: Entry, rel: bytes) -> list[tuple[bytes, Entry]]:

@@ -82,6 +82,11 @@ class UnionFS:
         self.inodes.close()
         self.stack.close()
 
+    def drop_caches(self) -> None:
+        """Forget what was learnt about the layers (for when a lower changed
+        under the mount, which overlayfs does not allow either)."""
+        self.resolver.cache.clear()
+
     # -- names -------------------------------------------------------------
 
     def node(self, ino: int) -> Node:

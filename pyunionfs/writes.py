@@ -166,6 +166,7 @@ class WritableUnionFS(UnionFS):
                     up.set_impure(at)
                 up.restore_times(at, times)
                 child = Entry((0, *child.layers), st, child.ident, child.xwh)
+                self.resolver.cache.changed(entry.ident, name)
                 self._update(join(at, name), child)
             entry, at = child, join(at, name)
         return entry
@@ -223,6 +224,7 @@ class WritableUnionFS(UnionFS):
                 for fd in fds:
                     os.close(fd)
             parent_rel, name = split(node.path)  # a rename may have moved it meanwhile
+            self.resolver.cache.changed(self._upper_dir(parent_rel).ident, name)
             if key is not None:
                 up.index_keys.add(key)
                 entry = self._link_up(key, parent_rel, name, node.entry.ident)
@@ -328,6 +330,7 @@ class WritableUnionFS(UnionFS):
         st = up.lstat(parent.path, name)
         assert st is not None
         entry = Entry((0,), st, (st.st_dev, st.st_ino))
+        self.resolver.cache.changed(parent.entry.ident, name)
         if stat.S_ISDIR(mode):
             entry = self.resolver.child(parent.entry, parent.path, name) or entry
         return entry, result
@@ -416,6 +419,7 @@ class WritableUnionFS(UnionFS):
                 up.install(tmp, parent.path, new_name, False)
         finally:
             os.close(src_dir)
+        self.resolver.cache.changed(parent.entry.ident, new_name)
         path = join(parent.path, new_name)
         if node.aliases is None:
             node.aliases = set()
@@ -468,7 +472,9 @@ class WritableUnionFS(UnionFS):
             os.rmdir(name, dir_fd=up.dirfd(parent.path))
         else:
             os.unlink(name, dir_fd=up.dirfd(parent.path))
+        self.resolver.cache.changed(parent.entry.ident, name)
         if is_dir:
+            self.resolver.cache.dropped(entry.ident)
             up.moved(path, path)
         self.inodes.unlinked(ino, path, last=last)
 
@@ -554,6 +560,10 @@ class WritableUnionFS(UnionFS):
         finally:
             os.close(old_dir)
             os.close(new_dir)
+        self.resolver.cache.changed(op.entry.ident, old_name)
+        self.resolver.cache.changed(np.entry.ident, new_name)
+        if dst is not None and dst.is_dir and not exchange:
+            self.resolver.cache.dropped(dst.ident)
         up.moved(src_path, dst_path)
         if exchange:
             self.inodes.moved({src_path: dst_path, dst_path: src_path})

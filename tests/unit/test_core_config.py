@@ -89,7 +89,7 @@ def test_build_basic(dirs):
     assert cfg.mountpoint == os.fsencode(f"{dirs}/mnt")
     assert cfg.readonly is False
     assert cfg.layers == (cfg.upper, *cfg.lowers)
-    assert cfg.timeout == 1.0
+    assert cfg.timeout == 86400.0
     assert cfg.oci_whiteouts is True
     assert cfg.userxattr is False
     assert cfg.workdir == os.fsencode(f"{dirs}/.u.pyunionfs-work")  # beside the upper

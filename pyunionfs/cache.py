@@ -1,0 +1,119 @@
+"""What the resolver learnt about merged directories, kept until we change them.
+
+Resolving a name costs a syscall per layer, plus xattr reads for directories
+(opaque markers) and copied-up files (origin records); listing a merged
+directory lists every layer.  Lowers never change under a mount (overlayfs's
+rule, and ours), and the upper changes only through this daemon, so those
+answers stay true until one of our own writes changes them: the write path
+tells the cache exactly which names it touched (:meth:`ResolutionCache.changed`)
+and which directories it removed (:meth:`ResolutionCache.dropped`).
+
+Facts are filed under the directory's identity (its ``Entry.ident``), not its
+path: a renamed directory keeps everything learnt about its contents, and no
+change ever has to walk a subtree.  Only *where* a name resolves is kept (its
+layers, identity, markers), never its attributes: a hit still costs one
+``lstat`` of the object, so sizes and times are always fresh.
+
+Memory is bounded: past :data:`MAX_ENTRIES` names, the least recently used
+directories are forgotten whole.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .resolve import Entry
+
+#: Cached names (positive and negative, plus listed names) across all
+#: directories.  About 430 bytes each (a listed name and its entry, measured
+#: by tests/unit/test_core_cache.py), so about 45 MiB at most.
+MAX_ENTRIES = 100_000
+
+Ident = tuple[int, int]
+
+
+@dataclass(slots=True)
+class _Dir:
+    #: Candidate names of the merged directory (see ``Resolver.names``).
+    names: list[bytes] | None = None
+    #: name -> where it resolves (None: not there).
+    children: dict[bytes, Entry | None] = field(default_factory=dict)
+
+
+class ResolutionCache:
+    """Per merged directory: its candidate names and where its names resolve."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self._dirs: OrderedDict[Ident, _Dir] = OrderedDict()
+        self._size = 0
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        """Number of cached names (each listing counts as its length)."""
+        return self._size
+
+    def _dir(self, ident: Ident) -> _Dir:
+        d = self._dirs.get(ident)
+        if d is None:
+            d = self._dirs[ident] = _Dir()
+        else:
+            self._dirs.move_to_end(ident)
+        return d
+
+    def lookup(self, parent: Ident, name: bytes) -> tuple[bool, Entry | None]:
+        """(known, entry): *known* False means "resolve it yourself"."""
+        d = self._dirs.get(parent)
+        if d is None or name not in d.children:
+            self.misses += 1
+            return False, None
+        self.hits += 1
+        return True, d.children[name]
+
+    def store(self, parent: Ident, name: bytes, entry: Entry | None) -> None:
+        children = self._dir(parent).children
+        if name not in children:
+            self._size += 1
+        children[name] = entry
+        self._trim()
+
+    def names(self, ident: Ident) -> list[bytes] | None:
+        d = self._dirs.get(ident)
+        return d.names if d is not None else None
+
+    def store_names(self, ident: Ident, names: list[bytes]) -> None:
+        d = self._dir(ident)
+        self._size += len(names) - len(d.names or ())
+        d.names = names
+        self._trim()
+
+    def changed(self, parent: Ident, name: bytes) -> None:
+        """We created, removed, replaced or copied up *name* in directory *parent*."""
+        d = self._dirs.get(parent)
+        if d is None:
+            return
+        if d.names is not None:
+            self._size -= len(d.names)
+            d.names = None
+        if name in d.children:
+            del d.children[name]
+            self._size -= 1
+
+    def dropped(self, ident: Ident) -> None:
+        """Directory *ident* is gone: its identity may name another one later."""
+        d = self._dirs.pop(ident, None)
+        if d is not None:
+            self._size -= len(d.children) + len(d.names or ())
+
+    def clear(self) -> None:
+        self._dirs.clear()
+        self._size = 0
+
+    def _trim(self) -> None:
+        while self._size > self.max_entries and len(self._dirs) > 1:
+            _, d = self._dirs.popitem(last=False)
+            self._size -= len(d.children) + len(d.names or ())
