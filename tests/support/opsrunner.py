@@ -427,6 +427,17 @@ def op_utimens(
 def op_setxattr(s: _State, path: bytes, name: str, value: bytes, flags: int, follow: bool) -> bool | None:
     p = _p(path)
     before = _lstat_or_none(p)
+    if flags:
+        # As pyfuse3 does before calling a filesystem's setxattr (the kernel's
+        # overlayfs would copy up first): see the differential test's notes.
+        try:
+            os.getxattr(p, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or flags == os.XATTR_REPLACE:
+                raise
+        else:
+            if flags == os.XATTR_CREATE:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
     os.setxattr(p, name, value, flags, follow_symlinks=follow)
     return _ino_kept(before, p)
 
