@@ -48,6 +48,11 @@ class Node:
     #: new file while the kernel still has the old one (same node id, another
     #: object: EIO or worse), and fstat of an unlinked file still answers.
     pin: int | None = None
+    #: Its xattr names as last listed, to answer "no such xattr" without a
+    #: syscall (the kernel asks for ``security.capability`` before every
+    #: write, ``ls -l`` for ACLs and labels).  None: not known.  Only our own
+    #: setxattr adds a name, and it resets this.
+    xattrs: frozenset[bytes] | None = None
 
     def names(self) -> list[bytes]:
         return [self.path, *(self.aliases or ())]
@@ -113,7 +118,7 @@ class InodeTable:
             node.entry = entry
             if ino != ROOT_INO:
                 if node.gone:
-                    node.gone, node.aliases = False, None
+                    node.gone, node.aliases, node.xattrs = False, None, None
                 elif node.path != path and not entry.is_dir:
                     if node.aliases is None:
                         node.aliases = set()

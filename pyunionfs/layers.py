@@ -195,13 +195,16 @@ class LayerStack:
         parent, _, name = rel.rpartition(b"/")
         return proc_path(self.fds.get(layer, parent), name), False
 
-    def listxattr(self, layer: int, rel: bytes) -> list[bytes]:
-        """Stored xattr names of entry *rel* (the entry itself, never a link target)."""
+    def listxattr(self, layer: int, rel: bytes, strict: bool = False) -> list[bytes]:
+        """Stored xattr names of entry *rel* (the entry itself, never a link target).
+
+        Where xattrs are not supported the list is empty, unless *strict*.
+        """
         try:
             path, follow = self.entry_path(layer, rel)
             names = os.listxattr(path, follow_symlinks=follow)
         except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            if exc.errno in (errno.ENOTSUP, errno.EPERM) and not strict:
                 return []
             raise
         return [os.fsencode(n) for n in names]

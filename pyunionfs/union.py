@@ -251,12 +251,22 @@ class UnionFS:
     # -- xattrs and the rest ---------------------------------------------------
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """Always listed afresh (a write or chown may drop ``security.capability``)."""
         node = self.node(ino)
         names = self.stack.listxattr(node.entry.layers[0], node.path)
         return [v for v in map(self.markers.visible_xattr, names) if v is not None]
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         node = self.node(ino)
+        if node.xattrs is None:
+            try:
+                names = self.stack.listxattr(node.entry.layers[0], node.path, strict=True)
+            except OSError:
+                pass  # not known; the getxattr below reports what is wrong
+            else:
+                node.xattrs = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None)
+        if node.xattrs is not None and name not in node.xattrs:
+            raise fs_error(errno.ENODATA, name)
         return self.stack.getxattr(node.entry.layers[0], node.path, self.markers.stored_xattr(name))
 
     def access(self, ino: int, mode: int) -> None:

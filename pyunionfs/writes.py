@@ -235,7 +235,7 @@ class WritableUnionFS(UnionFS):
             if record:
                 up.set_impure(parent_rel)
             up.restore_times(parent_rel, times)
-            node.entry = entry
+            node.entry, node.xattrs = entry, None
             self._repoint(node)
         finally:
             del self._busy[node.ino]
@@ -723,6 +723,7 @@ class WritableUnionFS(UnionFS):
         self._up()
         await self._copy_up(node)
         path, follow = self._upper_path(node)
+        node.xattrs = None
         os.setxattr(path, self.markers.stored_xattr(name), value, follow_symlinks=follow)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -733,6 +734,7 @@ class WritableUnionFS(UnionFS):
             self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
         await self._copy_up(node)
         path, follow = self._upper_path(node)
+        node.xattrs = None
         os.removexattr(path, stored, follow_symlinks=follow)
 
     def _upper_path(self, node: Node) -> tuple[bytes, bool]:

@@ -155,3 +155,18 @@ def test_every_way_of_unmounting_exits_zero(layers, how) -> None:
         }[how]
         assert d.stop(how=cmd) == 0
     assert not is_mounted(mnt)
+
+
+def test_mount_raises_readahead(layers) -> None:
+    """Cold sequential reads want a larger readahead than FUSE's 128 KiB default."""
+    require_fuse()
+    from pyunionfs.mount import READ_AHEAD_KB, find_mount
+
+    lower1, lower2, upper, mnt = layers
+    res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt))
+    assert res.returncode == 0, res.stderr
+    found = find_mount(os.fsencode(str(mnt)))
+    assert found is not None
+    knob = Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb")
+    wait_until(lambda: knob.read_text().strip() == str(READ_AHEAD_KB), 10, "readahead to be raised")
+    assert run("umount", str(mnt)).returncode == 0

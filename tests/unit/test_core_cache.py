@@ -7,6 +7,7 @@ through the mount, hits cost no resolution, and memory per entry is small.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tracemalloc
@@ -117,3 +118,23 @@ def test_bytes_per_cached_entry(env, capsys):  # noqa: F811
         print(f"\nresolution cache: {per_entry:.0f} bytes per cached name ({len(fs.resolver.cache)} names)")
     assert len(fs.resolver.cache) >= n
     assert per_entry < 600
+
+
+async def test_missing_xattrs_answered_from_memory_until_set(env):  # noqa: F811
+    mkfile(env.l1 / "f", b"lower")
+    os.setxattr(env.l1 / "f", b"user.a", b"1")
+    fs = env.mount()
+    ino = ino_of(fs, "f")
+    assert fs.getxattr(ino, b"user.a") == b"1"
+    assert fs.inodes[ino].xattrs == {b"user.a"}
+    with pytest.raises(OSError) as info:
+        fs.getxattr(ino, b"security.capability")
+    assert info.value.errno == errno.ENODATA
+    await fs.setxattr(ino, b"user.b", b"2")  # copies up, and the name now exists
+    assert fs.getxattr(ino, b"user.b") == b"2"
+    assert sorted(fs.listxattr(ino)) == [b"user.a", b"user.b"]
+    await fs.removexattr(ino, b"user.a")
+    with pytest.raises(OSError) as info:
+        fs.getxattr(ino, b"user.a")
+    assert info.value.errno == errno.ENODATA
+    assert os.getxattr(env.u / "f", b"user.b") == b"2"
