@@ -25,9 +25,13 @@ from .whiteout import Markers
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attr:
-    """What stat(2) shows for one object through the mount."""
+    """What stat(2) shows for one object through the mount.
+
+    Not frozen: one is built per entry of every listing, and a frozen
+    dataclass's ``__init__`` costs five times as much.
+    """
 
     ino: int
     mode: int
