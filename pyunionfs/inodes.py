@@ -168,6 +168,18 @@ class InodeTable:
             if node.aliases:
                 node.aliases = {remap(a) for a in node.aliases}
 
+    def renamed(self, ino: int, old: bytes, new: bytes) -> None:
+        """Name *old* of non-directory *ino* is now *new* (what :meth:`moved`
+        does, without scanning every node: no other path can change)."""
+        node = self.nodes.get(ino)
+        if node is None or node.gone:
+            return
+        if node.path == old:
+            node.path = new
+        elif node.aliases and old in node.aliases:
+            node.aliases.discard(old)
+            node.aliases.add(new)
+
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped *count* references; drop the node at zero."""
         node = self.nodes.get(ino)

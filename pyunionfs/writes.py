@@ -564,18 +564,24 @@ class WritableUnionFS(UnionFS):
         self.resolver.cache.changed(np.entry.ident, new_name)
         if dst is not None and dst.is_dir and not exchange:
             self.resolver.cache.dropped(dst.ident)
-        up.moved(src_path, dst_path)
-        if exchange:
-            self.inodes.moved({src_path: dst_path, dst_path: src_path})
-        else:
-            if dst is not None and dst_ino is not None:
-                self.inodes.unlinked(dst_ino, dst_path, last=_last_name(dst))
-            self.inodes.moved({src_path: dst_path})
-        if src_node is not None and not src_node.gone:
-            src_node.parent = np.ino
-        if src.is_dir or (exchange and dst is not None and dst.is_dir):
+        if dst is not None and dst_ino is not None and not exchange:
+            self.inodes.unlinked(dst_ino, dst_path, last=_last_name(dst))
+        if src.is_dir or (dst is not None and dst.is_dir):
+            # Paths below a directory change too: every path-keyed record is
+            # rewritten (rare: only upper-only directories move).
+            up.moved(src_path, dst_path)
+            self.inodes.moved({src_path: dst_path, dst_path: src_path} if exchange else {src_path: dst_path})
             for d in self._dirs.values():
                 d.path = _remap(d.path, src_path, dst_path, exchange)
+        else:
+            # Files: just the names of the one or two objects involved.
+            src_ino = self._ino(src, src_path)
+            if src_ino != dst_ino:  # (exchanging two names of one file changes nothing)
+                self.inodes.renamed(src_ino, src_path, dst_path)
+                if exchange and dst_ino is not None:
+                    self.inodes.renamed(dst_ino, dst_path, src_path)
+        if src_node is not None and not src_node.gone:
+            src_node.parent = np.ino
 
     async def _copied(self, entry: Entry, path: bytes) -> Entry:
         """*entry* at *path*, copied up if it is not yet (non-directories)."""
