@@ -103,11 +103,14 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.ENOENT)
         return node
 
-    async def _settle(self, *inos: int) -> None:
-        """Wait until no copy-up of *inos* is in flight."""
+    async def _settle(self, *inos: int) -> bool:
+        """Wait until no copy-up of *inos* is in flight; whether it waited."""
+        waited = False
         for ino in inos:
             while (ev := self._busy.get(ino)) is not None:
+                waited = True
                 await ev.wait()
+        return waited
 
     def _ino(self, entry: Entry, path: bytes) -> int:
         return self.inodes.number(entry.ident, path)
@@ -140,6 +143,13 @@ class WritableUnionFS(UnionFS):
         return False
 
     # -- copy-up --------------------------------------------------------------
+
+    def _parent_up(self, parent: Node) -> Entry:
+        """The entry of directory node *parent*, copied up first if needed
+        (without a walk from the root when it has its upper copy already)."""
+        if parent.entry.layers[0] == 0:
+            return parent.entry
+        return self._upper_dir(parent.path)
 
     def _upper_dir(self, rel: bytes) -> Entry:
         """The merged entry of directory *rel*, copied up (with its parents) first."""
@@ -301,7 +311,7 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.EPERM, name)  # it would read back as a marker
         if self.resolver.child(parent.entry, parent.path, name) is not None:
             raise fs_error(errno.EEXIST, name)
-        parent.entry = self._upper_dir(parent.path)
+        parent.entry = self._parent_up(parent)
         pst = self.stack.stat_self(0, parent.path)
         gid = caller.gid
         if pst.st_mode & stat.S_ISGID:
@@ -333,6 +343,8 @@ class WritableUnionFS(UnionFS):
         self.resolver.cache.changed(parent.entry.ident, name)
         if stat.S_ISDIR(mode):
             entry = self.resolver.child(parent.entry, parent.path, name) or entry
+        else:
+            self.resolver.cache.store(parent.entry.ident, name, entry)  # what a lookup would find
         return entry, result
 
     def _new_node(self, parent: Node, name: bytes, entry: Entry) -> tuple[Node, Attr]:
@@ -407,7 +419,7 @@ class WritableUnionFS(UnionFS):
         if self.resolver.child(parent.entry, parent.path, new_name) is not None:
             raise fs_error(errno.EEXIST, new_name)
         await self._copy_up(node)
-        parent.entry = self._upper_dir(parent.path)
+        parent.entry = self._parent_up(parent)
         src_parent, src_name = split(node.path)
         src_dir = self.stack.fds.dup(0, src_parent)
         try:
@@ -443,10 +455,10 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.ENOENT, name)
         path = join(parent.path, name)
         ino = self._ino(entry, path)
-        await self._settle(ino)
-        entry = self.resolver.child(parent.entry, parent.path, name)
-        if entry is None:
-            raise fs_error(errno.ENOENT, name)
+        if await self._settle(ino):
+            entry = self.resolver.child(parent.entry, parent.path, name)
+            if entry is None:
+                raise fs_error(errno.ENOENT, name)
         if entry.is_dir != is_dir:
             raise fs_error(errno.ENOTDIR if is_dir else errno.EISDIR, name)
         if is_dir and self.resolver.listing(entry, path):
@@ -456,7 +468,7 @@ class WritableUnionFS(UnionFS):
             # first, so the merged link count has a record to drop, as
             # overlayfs does with index=on.
             entry = await self._copied(entry, path)
-        parent.entry = self._upper_dir(parent.path)
+        parent.entry = self._parent_up(parent)
         last = _last_name(entry)
         if last:
             self._last_goes(ino, entry.layers[0], path)
