@@ -10,9 +10,10 @@ and which directories it removed (:meth:`ResolutionCache.dropped`).
 
 Facts are filed under the directory's identity (its ``Entry.ident``), not its
 path: a renamed directory keeps everything learnt about its contents, and no
-change ever has to walk a subtree.  Only *where* a name resolves is kept (its
-layers, identity, markers), never its attributes: a hit still costs one
-``lstat`` of the object, so sizes and times are always fresh.
+change ever has to walk a subtree.  For an upper object, only *where* a name
+resolves counts (its layers, identity, markers): a hit still costs one
+``lstat`` of it, so sizes and times are always fresh.  A lower object's
+attributes cannot change under the mount, so its hit costs no syscall.
 
 Memory is bounded: past :data:`MAX_ENTRIES` names, the least recently used
 directories are forgotten whole.

@@ -84,8 +84,9 @@ class Resolver:
     def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         """Resolve *name* in the merged directory *parent*; None if it is not there.
 
-        A cached answer is checked with one lstat of the object it names,
-        which also gives fresh attributes.
+        A cached answer for an upper object is checked with one lstat of it,
+        which also gives fresh attributes; one for a lower object is used
+        as it is (lowers do not change under a mount).
         """
         check_name(name)
         if self.markers.is_oci_marker(name):
@@ -95,6 +96,8 @@ class Resolver:
             if cached is None:
                 return None
             layer = cached.layers[0]
+            if not self.stack.layers[layer].writable:
+                return cached  # a lower object: its attributes cannot change under the mount
             st = self.stack.lstat(layer, parent_rel, name)
             if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode):
                 nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
