@@ -59,7 +59,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.lookup(parent_inode, name)
+        try:
+            _, attr = self.fs.lookup(parent_inode, name)
+        except FileNotFoundError:
+            # A negative entry the kernel may keep: a name appears only
+            # through a request on that very name (lowers do not change),
+            # which replaces it.  Saves the misses of imports and PATH walks.
+            e = EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = self.timeout
+            return e
         return self._entry(attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
