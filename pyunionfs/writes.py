@@ -471,7 +471,7 @@ class WritableUnionFS(UnionFS):
         parent.entry = self._parent_up(parent)
         last = _last_name(entry)
         if last:
-            self._last_goes(ino, entry.layers[0], path)
+            self._last_goes(ino, entry, path)
         if entry.layers[0] != 0:
             up.whiteout(parent.path, name)
         elif self._lower_positive(parent.entry, parent.path, name):
@@ -490,14 +490,14 @@ class WritableUnionFS(UnionFS):
             up.moved(path, path)
         self.inodes.unlinked(ino, path, last=last)
 
-    def _last_goes(self, ino: int, layer: int, path: bytes) -> None:
-        """Before the last name of *path* goes: hold its object for the node
-        the kernel still has (see :attr:`.inodes.Node.pin`), and drop what is
-        known about it by upper inode number."""
+    def _last_goes(self, ino: int, entry: Entry, path: bytes) -> None:
+        """Before the last name of *entry* (at *path*) goes: hold its object
+        for the node the kernel still has (see :attr:`.inodes.Node.pin`), and
+        drop what is known about it by upper inode number."""
+        layer = entry.layers[0]
         if layer == 0:
             # Its number may be reused once it is freed: forget what it copied.
-            st = self.stack.stat_self(0, path)
-            self.resolver.origins.pop((st.st_dev, st.st_ino), None)
+            self.resolver.origins.pop((entry.st.st_dev, entry.st.st_ino), None)
         node = self.inodes.get(ino)
         if node is None or node.pin is not None:
             return
@@ -557,7 +557,7 @@ class WritableUnionFS(UnionFS):
         op.entry = self._upper_dir(op.path)
         np.entry = self._upper_dir(np.path)
         if dst is not None and not exchange and dst_ino is not None and _last_name(dst):
-            self._last_goes(dst_ino, dst.layers[0], dst_path)
+            self._last_goes(dst_ino, dst, dst_path)
         old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
         try:
             if src.is_dir and np.entry.merged and not up.is_opaque(src_path):
