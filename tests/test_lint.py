@@ -22,10 +22,10 @@ def _tool(name: str) -> list[str]:
 
 
 def test_ruff() -> None:
-    res = subprocess.run(_tool("ruff") + ["check", "pyunionfs", "tests"], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(_tool("ruff") + ["check", "pyunionfs", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_mypy() -> None:
-    res = subprocess.run(_tool("mypy") + ["pyunionfs"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_tool("mypy") + ["pyunionfs", "bench"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
