@@ -22,7 +22,8 @@ def _tool(name: str) -> list[str]:
 
 
 def test_ruff() -> None:
-    res = subprocess.run(_tool("ruff") + ["check", "pyunionfs", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    cmd = _tool("ruff") + ["check", "pyunionfs", "tests", "bench"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
