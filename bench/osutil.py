@@ -1,8 +1,7 @@
 """Small OS helpers shared by the bench modules: mount table, caches, processes.
 
-Kept free of any pyunionfs import on purpose: the bench measures the daemon as a black box
-(it is started as a separate program), so a half-edited pyunionfs package cannot break the
-harness itself.
+The bench measures the daemon as a black box (it is started as a separate program); the only
+thing it borrows from the package is the mountinfo unescaping, which both need alike.
 """
 
 from __future__ import annotations
@@ -14,23 +13,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pyunionfs.mount import unescape_mountinfo
+
 
 class BenchError(RuntimeError):
     """A failure the runner reports in the results (one workload on one system) and moves past."""
-
-
-def unescape_mountinfo(field: bytes) -> bytes:
-    """Undo the octal escapes (space, tab, newline, backslash) of /proc mount tables."""
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
 
 
 def mount_fstype(path: Path) -> str | None:
