@@ -111,8 +111,10 @@ def nlink_record(merged_nlink: int, upper_nlink: int) -> bytes:
     return b"U%+d" % (merged_nlink - upper_nlink)
 
 
-def parse_nlink(value: bytes, upper_nlink: int, lower_nlink: int) -> int | None:
-    """Merged link count from an ``overlay.nlink`` value; None if malformed."""
+def parse_nlink(value: bytes, upper_nlink: int, lower_nlink: int, unlinked: bool = False) -> int | None:
+    """Merged link count from an ``overlay.nlink`` value; None if malformed
+    or not positive, unless *unlinked* (an object whose last merged name is
+    gone, still linked in the index: 0 is then the answer)."""
     if len(value) < 3 or value[:1] not in (b"U", b"L") or value[1:2] not in (b"+", b"-"):
         return None
     try:
@@ -120,5 +122,7 @@ def parse_nlink(value: bytes, upper_nlink: int, lower_nlink: int) -> int | None:
     except ValueError:
         return None
     n = (upper_nlink if value[:1] == b"U" else lower_nlink) + diff
+    if unlinked:
+        return max(n, 0)
     return n if n > 0 else None
 

@@ -68,7 +68,7 @@ class Resolver:
         #: lower original, learnt at copy-up or from an origin record.
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
         self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
-        self._nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
+        self.nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
         #: Called for a lower file with several links: the writable side
         #: answers with the entry of its indexed upper copy, if there is one.
         self.index_hook: Callable[[int, bytes, bytes, os.stat_result], Entry | None] | None = None
@@ -191,7 +191,7 @@ class Resolver:
         still only in lower layers, less the index's own link)."""
         if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
             return None
-        for xname in self._nlink_names:
+        for xname in self.nlink_names:
             try:
                 value = self.stack.getxattr(layer, rel, xname)
             except OSError as exc:

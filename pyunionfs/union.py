@@ -145,7 +145,7 @@ class UnionFS:
             mode=st.st_mode,
             # Counting subdirectories of every merged layer is not worth it;
             # 1 is what overlayfs reports and what find(1) understands.
-            nlink=1 if entry.merged else (entry.nlink or st.st_nlink),
+            nlink=1 if entry.merged else (st.st_nlink if entry.nlink is None else entry.nlink),
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,

@@ -681,13 +681,28 @@ class WritableUnionFS(UnionFS):
             if fd is None:
                 raise fs_error(errno.ENOENT)
             st = os.fstat(fd)
-            node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh)
+            node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh, self._unlinked_nlink(fd, st))
             return self.attr_of(ino, node.entry)
         try:
             return super().getattr(ino)
         except FileNotFoundError:
             self._relocate(node)
             return super().getattr(ino)
+
+    def _unlinked_nlink(self, fd: int, st: os.stat_result) -> int | None:
+        """The merged link count of an object with no merged name left: an
+        indexed hard link keeps its index name, and its ``overlay.nlink``
+        record says how many merged names it has (0 now), as the kernel's
+        in-memory count does."""
+        if st.st_nlink == 0 or stat.S_ISDIR(st.st_mode):
+            return None
+        for name in self.resolver.nlink_names:
+            try:
+                value = os.getxattr(proc_path(fd), name)
+            except OSError:
+                continue
+            return origin.parse_nlink(value, st.st_nlink, st.st_nlink, unlinked=True)
+        return None
 
     def _relocate(self, node: Node) -> None:
         """Re-resolve a hard-linked file whose current name is not where its
@@ -774,7 +789,7 @@ class WritableUnionFS(UnionFS):
 def _last_name(entry: Entry) -> bool:
     """Whether removing a name of *entry* leaves the object without a name
     in the merged view (merged link count, for indexed hard links)."""
-    return entry.is_dir or (entry.nlink or entry.st.st_nlink) <= 1
+    return entry.is_dir or (entry.st.st_nlink if entry.nlink is None else entry.nlink) <= 1
 
 
 def _remap(path: bytes, a: bytes, b: bytes, exchange: bool) -> bytes:

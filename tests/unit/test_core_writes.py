@@ -1386,6 +1386,23 @@ async def test_open_unlinked_file_still_works(env, where):
     assert await err(lambda: fs.getattr(ino)) == errno.ESTALE
 
 
+async def test_open_hard_link_counts_down_to_zero(env):
+    """An open, copied-up lower hard link keeps its index name when its merged
+    names go; fstat counts only the merged names, down to 0 (as the kernel)."""
+    mkfile(env.l1 / "f", b"lower")
+    os.link(env.l1 / "f", env.l1 / "g")
+    fs = env.mount()
+    ino = ino_of(fs, "f")
+    fh = await fs.open_file(ino, os.O_RDWR)
+    assert fs.getattr(ino).nlink == 2
+    await fs.unlink(ROOT_INO, b"f")
+    assert fs.getattr(ino).nlink == 1
+    await fs.unlink(ROOT_INO, b"g")
+    assert fs.getattr(ino).nlink == 0
+    assert fs.write(fh, 0, b"still") == 5
+    fs.release(fh)
+
+
 async def test_removed_copy_leaves_no_origin_behind(env):
     """The origin learnt for an upper copy is keyed by its inode number, which
     the upper's filesystem hands out again once the copy is gone: a new file
