@@ -545,7 +545,10 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.EXDEV)
         if exchange and dst is not None and dst.is_dir and dst.layers != (0,):
             raise fs_error(errno.EXDEV)
-        if dst is not None and not exchange and dst.is_dir and self.resolver.listing(dst, dst_path):
+        # (An upper-only target's emptiness is left to rename(2) itself, after
+        # the source got its opaque marker: the kernel's order.)
+        merged_target = dst is not None and not exchange and dst.is_dir and dst.layers != (0,)
+        if merged_target and dst is not None and self.resolver.listing(dst, dst_path):
             raise fs_error(errno.ENOTEMPTY, new_name)
         await self._settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
         if not src.is_dir:
@@ -612,8 +615,8 @@ class WritableUnionFS(UnionFS):
         """A replacing rename, leaving a whiteout at the old name when a lower
         layer still has it (overlayfs's RENAME_WHITEOUT / exchange dance)."""
         hidden = dst is None and up.lstat(np.path, new_name) is not None  # an upper whiteout
-        if dst is not None and dst.is_dir and dst.layers[0] == 0:
-            up.clear_dir(join(np.path, new_name))
+        if dst is not None and dst.is_dir and dst.layers[0] == 0 and dst.layers != (0,):
+            up.clear_dir(join(np.path, new_name))  # merged, and found empty: whiteouts only
         if self._lower_positive(op.entry, op.path, old_name):
             if hidden:
                 renameat2(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE)

@@ -1087,6 +1087,21 @@ async def test_rename_kind_mismatch(env):
     assert sorted(os.listdir(env.u)) == ["d", "f", "full"]
 
 
+async def test_rename_over_full_upper_dir_in_merged_parent(env):
+    """The kernel's order: a directory moving in a merged parent is marked
+    opaque first, and an upper-only target's emptiness is rename(2)'s to
+    check, so the failed rename leaves the marker (checked on 6.18)."""
+    mkfile(env.l1 / "m/x")
+    mkdir(env.u / "m/src")
+    mkfile(env.u / "m/full/y")
+    fs = env.mount()
+    m = ino_of(fs, "m")
+    assert await err(lambda: fs.rename(m, b"src", m, b"full", 0)) == errno.ENOTEMPTY
+    assert xattr(env.u / "m/src", OPAQUE) == b"y"
+    assert sorted(os.listdir(env.u / "m/full")) == ["y"]
+    assert sorted(listdir(fs, "m")) == [b"full", b"src", b"x"]
+
+
 async def test_rename_hard_links_of_one_file_noop(env):
     mkfile(env.u / "a", b"x")
     os.link(env.u / "a", env.u / "b")
