@@ -472,6 +472,24 @@ def _renamed_or_done(proc: subprocess.Popen, progress: Path, goal: int) -> bool:
     return proc.poll() is not None or int(progress.read_bytes()) >= goal
 
 
+def _kill_midway(d: Daemon, proc: subprocess.Popen, progress: Path, goal: int, pause: float, what: str) -> str:
+    """Let *proc* count *goal* steps in *progress*, kill the daemon *pause*
+    seconds later (a random point inside the next step), and return what
+    *proc* printed once it saw the mount die."""
+    try:
+        wait_for(functools.partial(_renamed_or_done, proc, progress, goal), 30, what)
+        assert proc.poll() is None, f"{what}: the worker stopped early: {proc.communicate()[0]}"
+        time.sleep(pause)
+        kill_daemon(d)
+    finally:
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    return out
+
+
 def test_renames_keep_every_file_exactly_once_on_the_kernel(tmp_path: Path) -> None:
     """Proves the rename storm and the 'exactly once' check on the kernel's overlayfs (no kill possible)."""
     low, up = tmp_path / "low", tmp_path / "up"
@@ -503,19 +521,8 @@ def test_sigkill_during_renames_keeps_every_file_exactly_once(tmp_path: Path, mo
     for r in range(_ROUNDS):
         round_pairs = [p for p in pairs if p[0].startswith(f"a{r}_")] + upper_pairs
         proc = _run_renamer(mnt, tmp_path / "progress", 0, round_pairs)
-        try:
-            goal = rng.randint(len(round_pairs), 4 * len(round_pairs))
-            wait_for(functools.partial(_renamed_or_done, proc, tmp_path / "progress", goal),
-                     30, f"{goal} renames in round {r}")
-            assert proc.poll() is None, f"the renamer stopped early: {proc.communicate()[0]}"
-            time.sleep(rng.uniform(0, 0.02))  # a random point inside the next rename
-            kill_daemon(d)
-        finally:
-            try:
-                out, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
+        goal = rng.randint(len(round_pairs), 4 * len(round_pairs))
+        out = _kill_midway(d, proc, tmp_path / "progress", goal, rng.uniform(0, 0.02), f"{goal} renames in round {r}")
         assert out.startswith("error"), f"round {r}: the renamer did not see the daemon die: {out!r}"
         d = mount([low], up, mnt=mnt)
         _check_each_file_once(mnt, pairs, f"after kill {r}")
@@ -593,18 +600,8 @@ def test_sigkill_while_recreating_over_whiteouts_never_resurrects_lower_entries(
         progress.write_bytes(b"%12d" % 0)
         proc = subprocess.Popen([sys.executable, "-c", RECREATOR, str(mnt), str(progress), "0"],
                                 stdout=subprocess.PIPE, text=True)
-        try:
-            goal = rng.randint(5, 60)
-            wait_for(functools.partial(_renamed_or_done, proc, progress, goal), 30, f"{goal} loops in round {r}")
-            assert proc.poll() is None, f"the loop stopped early: {proc.communicate()[0]}"
-            time.sleep(rng.uniform(0, 0.01))
-            kill_daemon(d)
-        finally:
-            try:
-                out, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
+        goal = rng.randint(5, 60)
+        out = _kill_midway(d, proc, progress, goal, rng.uniform(0, 0.01), f"{goal} loops in round {r}")
         assert out.startswith("error"), f"round {r}: the loop did not see the daemon die: {out!r}"
         d = mount([low], up, mnt=mnt)
         _check_never_resurrected(mnt, up, f"after kill {r}")
