@@ -68,7 +68,7 @@ class Resolver:
         #: lower original, learnt at copy-up or from an origin record.
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
         self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
-        self.nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
+        self._nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
         #: Called for a lower file with several links: the writable side
         #: answers with the entry of its indexed upper copy, if there is one.
         self.index_hook: Callable[[int, bytes, bytes, os.stat_result], Entry | None] | None = None
@@ -191,14 +191,20 @@ class Resolver:
         still only in lower layers, less the index's own link)."""
         if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
             return None
-        for xname in self.nlink_names:
+        path, follow = self.stack.entry_path(layer, rel)
+        return self.nlink_of(path, follow, st)
+
+    def nlink_of(self, path: bytes, follow: bool, st: os.stat_result, unlinked: bool = False) -> int | None:
+        """The merged link count that the ``overlay.nlink`` record of the
+        object at *path* gives (see :func:`.origin.parse_nlink`); None without one."""
+        for xname in self._nlink_names:
             try:
-                value = self.stack.getxattr(layer, rel, xname)
+                value = os.getxattr(path, xname, follow_symlinks=follow)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise
                 continue
-            return origin.parse_nlink(value, st.st_nlink, st.st_nlink)
+            return origin.parse_nlink(value, st.st_nlink, st.st_nlink, unlinked)
         return None
 
     def _origin(

@@ -699,13 +699,7 @@ class WritableUnionFS(UnionFS):
         in-memory count does."""
         if st.st_nlink == 0 or stat.S_ISDIR(st.st_mode):
             return None
-        for name in self.resolver.nlink_names:
-            try:
-                value = os.getxattr(proc_path(fd), name)
-            except OSError:
-                continue
-            return origin.parse_nlink(value, st.st_nlink, st.st_nlink, unlinked=True)
-        return None
+        return self.resolver.nlink_of(proc_path(fd), True, st, unlinked=True)
 
     def _relocate(self, node: Node) -> None:
         """Re-resolve a hard-linked file whose current name is not where its
