@@ -46,7 +46,60 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build two small lowers and an upper, mount them, show the merged tree")
     d.add_argument("--keep", action="store_true", help="leave the demo's folder in place")
+    _layer_parsers(sub)
     return p
+
+
+def _layer_parsers(sub: argparse._SubParsersAction) -> None:
+    """``diff``, ``commit``, ``apply``: image layers in and out, no FUSE involved."""
+    df = sub.add_parser("diff", help="list what an upper changed (A added, C changed, D deleted), like docker diff")
+    df.add_argument("upper", metavar="UPPER")
+    df.add_argument("--lowers", metavar="L1:L2:...", help="decide A/C/D by the merged lowers (topmost first)")
+    df.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
+
+    c = sub.add_parser("commit", help="write an upper as an OCI image layer tar; print its DiffID")
+    c.add_argument("upper", metavar="UPPER")
+    c.add_argument("-o", "--output", required=True, metavar="LAYER.tar")
+    c.add_argument("--gzip", action="store_true", help="also write LAYER.tar.gz and print its digest")
+    c.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
+
+    a = sub.add_parser("apply", help="unpack an OCI image layer (tar or tar.gz) into DIR")
+    a.add_argument("layer", metavar="LAYER")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("--whiteouts", choices=("device", "oci"), default="device",
+                   help="write deletions as 0/0 devices and overlay.opaque (default) or keep .wh. files")
+    a.add_argument("--flatten", action="store_true", help="apply onto the layers below: delete, write no markers")
+    a.add_argument("--userxattr", action="store_true", help="write user.overlay.opaque (implied when not root)")
+
+
+def _layer_command(args: argparse.Namespace) -> int:
+    if args.command == "diff":
+        from .changes import changes
+        from .config import split_layers
+        from .whiteout import Markers
+
+        lowers = [os.fsencode(os.path.abspath(p)) for p in split_layers(args.lowers)] if args.lowers else None
+        out = sys.stdout.buffer
+        for kind, path in changes(os.fsencode(args.upper), Markers(userxattr=args.userxattr), lowers):
+            out.write(kind.encode() + b" /" + path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
+        out.flush()
+        return 0
+    if args.command == "commit":
+        from .layertar import commit
+
+        res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr)
+        for path in res.skipped:
+            print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
+        print(f"{res.diff_id}  {res.tar_path}")
+        if res.gzip_path is not None:
+            print(f"{res.gzip_digest}  {res.gzip_path}")
+        return 0
+    from .layerapply import apply_layer
+
+    if args.flatten and args.whiteouts == "oci":
+        raise UsageError("--flatten deletes what a whiteout names; it cannot keep .wh. files (--whiteouts=oci)")
+    apply_layer(args.layer, args.dir, mode="flatten" if args.flatten else args.whiteouts, userxattr=args.userxattr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(keep=args.keep)
+        if args.command in ("diff", "commit", "apply"):
+            return _layer_command(args)
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2

@@ -33,10 +33,33 @@ from collections.abc import Callable
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
+#: Names under this prefix are reserved by the OCI layer format (``.wh..wh..opq`` is the only one in use).
+OCI_RESERVED = b".wh..wh."
 
 _TRUSTED = b"trusted.overlay."
 _USER = b"user.overlay."
 _ESCAPE = b"overlay."
+
+
+def classify_oci_name(name: bytes) -> tuple[str, bytes]:
+    """What the file name *name* means in an OCI image layer.
+
+    ``("entry", name)`` for an ordinary name, ``("opaque", b"")`` for
+    ``.wh..wh..opq``, ``("whiteout", NAME)`` for ``.wh.NAME``, and
+    ``("invalid", name)`` for marker-shaped names that hide nothing a layer
+    may name: ``.wh.``, ``.wh..`` and ``.wh...`` would hide the directory
+    holding them or its parent, and other ``.wh..wh.`` names are reserved.
+    Why here: layer tools (``apply``, ``commit``) must agree with the
+    union's reading of OCI markers, so the rule lives with the other formats.
+    """
+    if not name.startswith(OCI_PREFIX):
+        return "entry", name
+    if name == OCI_OPAQUE:
+        return "opaque", b""
+    target = name[len(OCI_PREFIX) :]
+    if target in (b"", b".", b"..") or name.startswith(OCI_RESERVED):
+        return "invalid", name
+    return "whiteout", target
 
 
 class Markers:
@@ -95,6 +118,18 @@ class Markers:
             if n in names:
                 return bytes(getxattr(n))
         return None
+
+    # -- the overlay's own records -------------------------------------
+
+    #: Records that leave an upper entry's data (``metacopy``) or its
+    #: directory contents (``redirect``) at another place in a lower layer:
+    #: such an upper cannot be read on its own, e.g. into an image layer.
+    LOWER_DEPENDENT = (b"redirect", b"metacopy")
+
+    def has_record(self, names: list[bytes], record: bytes) -> bool:
+        """Whether *names* (an entry's stored xattr names) hold the overlay's
+        ``overlay.<record>`` xattr (``origin``, ``redirect``...) in a namespace we read."""
+        return any(p + record in names for p in self.prefixes)
 
     # -- xattr names seen through the mount -----------------------------
 
