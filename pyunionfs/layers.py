@@ -157,8 +157,20 @@ class LayerStack:
         return os.stat(name, dir_fd=self.fds.get(layer, parent), follow_symlinks=False)
 
     def listdir(self, layer: int, rel: bytes) -> list[bytes]:
-        """Names in directory *rel* of *layer*, in on-disk order."""
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fds.get(layer, rel))
+        """Names in directory *rel* of *layer*, in on-disk order.
+
+        Read with O_NOATIME where allowed: the daemon lists directories for
+        its own needs (lookups, emptiness checks) at moments the kernel's
+        overlayfs would not read them, and the kernel keeps a merged
+        directory's attributes cached, so an atime bumped by us would show up
+        late, at some unrelated request.  Deliberate difference: listing a
+        directory through the mount leaves its atime alone.
+        """
+        dfd = self.fds.get(layer, rel)
+        try:
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dfd)
+        except PermissionError:
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
         try:
             return [os.fsencode(n) for n in os.listdir(fd)]
         finally:
