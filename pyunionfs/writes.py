@@ -247,6 +247,14 @@ class WritableUnionFS(UnionFS):
             up.restore_times(parent_rel, times)
             node.entry, node.xattrs = entry, None
             self._repoint(node)
+            if key is not None:
+                # FUSE names the file being changed by inode only, so the name
+                # the caller used may be any of the names we handed out for it:
+                # link the copy under each (the kernel links just the one used
+                # and serves the others from the index, as our lookups would).
+                for alias in sorted(node.aliases or ()):
+                    with contextlib.suppress(OSError):
+                        self._resolve_path(alias)
         finally:
             del self._busy[node.ino]
             done.set()
