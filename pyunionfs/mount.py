@@ -22,8 +22,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import pyfuse3
 import trio
+
+from . import fuseshim  # before pyfuse3: it must bind to the shim's fuse_session_new
+import pyfuse3  # noqa: E402
 
 from .config import MountConfig
 from .errors import MountError
@@ -42,6 +44,8 @@ def mount_options(cfg: MountConfig) -> set[str]:
         opts.add("allow_other")
     if cfg.readonly:
         opts.add("ro")
+    if cfg.debug:
+        opts.add("debug")  # libfuse prints every request and reply to stderr
     return opts
 
 
@@ -152,12 +156,16 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         _raise_fd_limit()
         fs = WritableUnionFS(cfg)
         ops = Operations(fs)
+        # timeout=0 asks for no kernel caching: listings too.
+        fuseshim.set_cache_dirs(cfg.timeout > 0)
         with _captured_stderr() as said:
             try:
                 pyfuse3.init(ops, os.fsdecode(cfg.mountpoint), mount_options(cfg))
             except RuntimeError:
                 detail = said[-1] if said else "fuse_session_mount failed"
                 raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}") from None
+        if not fuseshim.active():
+            log.warning("pyfuse3 was loaded before the FUSE shim: no cached listings, no fallocate")
     except MountError as exc:
         if fs is not None:
             fs.close()

@@ -15,7 +15,8 @@ import logging
 import os
 from collections.abc import Sequence
 
-import pyfuse3
+from . import fuseshim  # noqa: F401  (before pyfuse3: see fuseshim.py)
+import pyfuse3  # noqa: E402
 from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
 from .errors import fuse_errors

@@ -1,0 +1,151 @@
+"""What pyunionfs/_fuseshim.c adds under pyfuse3: fallocate(2), and listings the kernel caches.
+
+fallocate is checked against the kernel's overlayfs doing the same calls on the same layers;
+listing caching is checked by what it makes visible: a change made behind the mount's back
+stays unseen while the kernel holds a listing (and is seen at once with ``timeout=0``), while
+every change made through the mount shows in the next listing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounting import Daemon
+from tests.support.writecheck import kernel_overlay, put
+
+Mount = Callable[..., Daemon]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+MiB = 1 << 20
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """The raw syscall (posix_fallocate would fall back to writing): 0 or the errno."""
+    return 0 if _libc.fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()
+
+
+def _fallocate_story(mnt: Path) -> list[tuple]:
+    """The same calls on a lower file and a new one; what each returned and left behind."""
+    seen: list[tuple] = []
+    for name in ("lowerfile", "newfile"):
+        path = mnt / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for mode, off, length in [
+                (0, 0, 3 * MiB),  # grow, allocated
+                (KEEP_SIZE, 3 * MiB, MiB),  # allocate past EOF, size unchanged
+                (PUNCH_HOLE | KEEP_SIZE, 4096, 8192),  # punch: zeroes, blocks freed
+                (ZERO_RANGE, MiB, 4096),
+                (PUNCH_HOLE, 0, 4096),  # punch without KEEP_SIZE is invalid
+            ]:
+                rc = fallocate(fd, mode, off, length)
+                st = os.fstat(fd)
+                seen.append((name, mode, rc, st.st_size, st.st_blocks))
+            os.lseek(fd, 0, os.SEEK_SET)
+            seen.append((name, "data", os.read(fd, 4 * 4096)))
+        finally:
+            os.close(fd)
+        ro = os.open(path, os.O_RDONLY)
+        try:
+            seen.append((name, "read-only fd", fallocate(ro, 0, 0, 4096)))
+        finally:
+            os.close(ro)
+    return seen
+
+
+def test_fallocate_works_like_the_kernel_overlay_and_copies_up(tmp_path: Path, mount: Mount) -> None:
+    results = {}
+    for who in ("kernel", "pyunionfs"):
+        lower, upper = tmp_path / who / "lower", tmp_path / who / "upper"
+        put(lower / "lowerfile", b"x" * 20000)
+        upper.mkdir()
+        mnt = tmp_path / who / "mnt"
+        mnt.mkdir()
+        if who == "kernel":
+            with kernel_overlay([lower], upper, tmp_path / who / "work", mnt):
+                results[who] = _fallocate_story(mnt)
+        else:
+            d = mount([lower], upper, mnt=mnt)
+            results[who] = _fallocate_story(mnt)
+            d.stop()
+        assert (lower / "lowerfile").read_bytes() == b"x" * 20000, "a lower file was written"
+        assert (upper / "lowerfile").stat().st_size == 3 * MiB
+    assert results["pyunionfs"] == results["kernel"]
+    # the calls did something: the story must not be all errors
+    assert ("lowerfile", 0, 0, 3 * MiB) == results["pyunionfs"][0][:4]
+    assert ("newfile", "read-only fd", errno.EBADF) in results["pyunionfs"]
+
+
+def listings(d: Daemon) -> int:
+    """How many READDIRPLUS requests the daemon has had (libfuse's --debug trace)."""
+    return d.log_text().count("opcode: READDIRPLUS")
+
+
+def test_listings_stay_cached_until_changed_through_the_mount(tmp_path: Path, mount: Mount) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "d/a", "a")
+    put(lower / "d/b", "b")
+    upper.mkdir()
+    d = mount([lower], upper, extra_args=["--debug"])
+    m = d.mnt
+    assert sorted(os.listdir(m / "d")) == ["a", "b"]
+    asked = listings(d)
+    assert asked > 0
+    assert sorted(os.listdir(m / "d")) == ["a", "b"]
+    assert sorted(os.listdir(m / "d")) == ["a", "b"]
+    assert listings(d) == asked, "the kernel asked again for a listing it could keep"
+    # Every change through the mount shows in the next listing.
+    (m / "d/c").write_text("c")
+    assert sorted(os.listdir(m / "d")) == ["a", "b", "c"]
+    assert listings(d) > asked
+    os.unlink(m / "d/a")
+    assert sorted(os.listdir(m / "d")) == ["b", "c"]
+    os.mkdir(m / "e")
+    assert os.listdir(m / "e") == []
+    os.rename(m / "d/b", m / "e/b")
+    assert os.listdir(m / "d") == ["c"]
+    assert os.listdir(m / "e") == ["b"]
+    os.link(m / "e/b", m / "d/b2")
+    os.symlink("x", m / "d/s")
+    os.mkfifo(m / "d/f")
+    assert sorted(os.listdir(m / "d")) == ["b2", "c", "f", "s"]
+    os.rename(m / "d/c", m / "d/c2")
+    assert sorted(os.listdir(m / "d")) == ["b2", "c2", "f", "s"]
+    for n in ("b2", "c2", "f", "s"):
+        os.unlink(m / "d" / n)
+    assert os.listdir(m / "d") == []
+    os.rmdir(m / "d")
+    assert sorted(os.listdir(m)) == ["e"]
+    os.mkdir(m / "d")
+    assert os.listdir(m / "d") == []  # opaque now: the lower's a and b stay hidden
+    assert os.getxattr(upper / "d", "trusted.overlay.opaque") == b"y"
+
+
+def test_timeout_zero_lists_afresh_every_time(tmp_path: Path, mount: Mount) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "d/a", "a")
+    upper.mkdir()
+    d = mount([lower], upper, "timeout=0", extra_args=["--debug"])
+    assert os.listdir(d.mnt / "d") == ["a"]
+    asked = listings(d)
+    assert os.listdir(d.mnt / "d") == ["a"]
+    assert listings(d) > asked
+
+
+def test_fallocate_on_a_read_only_mount_is_refused(tmp_path: Path, mount: Mount) -> None:
+    lower = tmp_path / "lower"
+    put(lower / "f", "data")
+    m = mount([lower], None).mnt
+    with pytest.raises(OSError) as info:
+        os.open(m / "f", os.O_RDWR)
+    assert info.value.errno == errno.EROFS
+    assert (lower / "f").read_text() == "data"
