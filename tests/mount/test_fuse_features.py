@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mounting import Daemon
-from tests.support.writecheck import kernel_overlay, put
+from tests.support.writecheck import on_kernel_and_ours, put
 
 Mount = Callable[..., Daemon]
 
@@ -63,22 +63,10 @@ def _fallocate_story(mnt: Path) -> list[tuple]:
 
 
 def test_fallocate_works_like_the_kernel_overlay_and_copies_up(tmp_path: Path, mount: Mount) -> None:
-    results = {}
-    for who in ("kernel", "pyunionfs"):
-        lower, upper = tmp_path / who / "lower", tmp_path / who / "upper"
-        put(lower / "lowerfile", b"x" * 20000)
-        upper.mkdir()
-        mnt = tmp_path / who / "mnt"
-        mnt.mkdir()
-        if who == "kernel":
-            with kernel_overlay([lower], upper, tmp_path / who / "work", mnt):
-                results[who] = _fallocate_story(mnt)
-        else:
-            d = mount([lower], upper, mnt=mnt)
-            results[who] = _fallocate_story(mnt)
-            d.stop()
-        assert (lower / "lowerfile").read_bytes() == b"x" * 20000, "a lower file was written"
-        assert (upper / "lowerfile").stat().st_size == 3 * MiB
+    results = on_kernel_and_ours(tmp_path, mount, lambda low: put(low / "lowerfile", b"x" * 20000), _fallocate_story)
+    for side in results:
+        assert (tmp_path / side / "low/lowerfile").read_bytes() == b"x" * 20000, "a lower file was written"
+        assert (tmp_path / side / "up/lowerfile").stat().st_size == 3 * MiB
     assert results["pyunionfs"] == results["kernel"]
     # the calls did something: the story must not be all errors
     assert ("lowerfile", 0, 0, 3 * MiB) == results["pyunionfs"][0][:4]

@@ -32,6 +32,7 @@ from tests.support.writecheck import (
     errname,
     errno_of,
     kernel_overlay,
+    on_kernel_and_ours,
     kill_daemon,
     public_dir,
     put,
@@ -387,20 +388,9 @@ def _unlinked_scenario(m: Path) -> Obs:
 
 def test_unlinked_open_file_stays_usable(tmp_path: Path, mount: Mount) -> None:
     """Unlinking an open file hides the name at once, keeps the data usable through the fd (st_nlink 0)."""
-    results = {}
-    for side in ("kernel", "pyunionfs"):
-        low, up = tmp_path / side / "low", tmp_path / side / "up"
-        _unlinked_lower(low)
-        up.mkdir()
-        if side == "kernel":
-            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
-                obs = _unlinked_scenario(m)
-        else:
-            d = mount([low], up)
-            obs = _unlinked_scenario(d.mnt)
-            d.stop()
-        results[side] = (obs, upper_layout(up))
-    (k_obs, k_layout), (p_obs, p_layout) = results["kernel"], results["pyunionfs"]
+    results = on_kernel_and_ours(tmp_path, mount, _unlinked_lower, _unlinked_scenario)
+    k_obs, p_obs = results["kernel"], results["pyunionfs"]
+    k_layout, p_layout = (upper_layout(tmp_path / side / "up") for side in ("kernel", "pyunionfs"))
     assert k_obs["fstat copied"][0] == 0 and k_obs["fstat fresh"][0] == 0
     assert k_obs["lstat copied"] == "ENOENT"
     assert k_obs["read back copied"].startswith(b"WRITTEN AFTER UNLINK")
@@ -431,18 +421,7 @@ def _reader_scenario(m: Path) -> Obs:
 
 def test_reader_opened_before_copy_up_sees_later_writes(tmp_path: Path, mount: Mount) -> None:
     """A file stays one file across its copy-up: an earlier read-only descriptor sees the new data."""
-    results = {}
-    for side in ("kernel", "pyunionfs"):
-        low, up = tmp_path / side / "low", tmp_path / side / "up"
-        put(low / "f", "lower data\n")
-        up.mkdir()
-        if side == "kernel":
-            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
-                results[side] = _reader_scenario(m)
-        else:
-            d = mount([low], up)
-            results[side] = _reader_scenario(d.mnt)
-            d.stop()
+    results = on_kernel_and_ours(tmp_path, mount, lambda low: put(low / "f", "lower data\n"), _reader_scenario)
     assert results["kernel"]["after, old reader"] == b"UPPER data\n"
     assert results["pyunionfs"] == results["kernel"]
 

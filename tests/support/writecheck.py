@@ -207,6 +207,30 @@ def kernel_overlay(lowers: Sequence[Path], upper: Path | None, work: Path | None
         kernel_umount(mnt)
 
 
+def on_kernel_and_ours(tmp_path: Path, mount: Callable[..., Daemon], build: Callable[[Path], object],
+                       story: Callable[[Path], Any]) -> dict[str, Any]:
+    """Run *story(mnt)* on the kernel's overlayfs and on pyunionfs over the same one-lower stack.
+
+    *build(lower)* fills the lower (each side gets its own copy, made the same way).  The layers
+    stay at ``tmp_path/SIDE/{low,up}`` for the caller's checks of the upper layout; the returned
+    dict maps "kernel" and "pyunionfs" to what *story* returned.
+    """
+    results: dict[str, Any] = {}
+    for side in ("kernel", "pyunionfs"):
+        low, up = tmp_path / side / "low", tmp_path / side / "up"
+        low.mkdir(parents=True, exist_ok=True)
+        build(low)
+        up.mkdir()
+        if side == "kernel":
+            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
+                results[side] = story(m)
+        else:
+            d = mount([low], up)
+            results[side] = story(d.mnt)
+            d.stop()
+    return results
+
+
 @contextlib.contextmanager
 def public_dir(prefix: str = "pyunionfs-pub-") -> Iterator[Path]:
     """An empty 0755 directory that any user can reach (pytest's tmp_path is 0700).
