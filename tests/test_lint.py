@@ -22,7 +22,7 @@ def _tool(name: str) -> list[str]:
 
 
 def test_ruff() -> None:
-    cmd = _tool("ruff") + ["check", "pyunionfs", "tests", "bench"]
+    cmd = _tool("ruff") + ["check", "pyunionfs", "tests", "bench", "contrib"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
