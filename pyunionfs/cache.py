@@ -110,6 +110,11 @@ class ResolutionCache:
         if d is not None:
             self._size -= len(d.children) + len(d.names or ())
 
+    def negatives(self, ident: Ident) -> list[bytes]:
+        """The names known to be missing from directory *ident*."""
+        d = self._dirs.get(ident)
+        return [n for n, e in d.children.items() if e is None] if d is not None else []
+
     def clear(self) -> None:
         self._dirs.clear()
         self._size = 0

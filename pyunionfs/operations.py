@@ -11,16 +11,19 @@ this kind of machine, sending short syscalls to threads made reads ~3x slower.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
 
 from . import fuseshim  # noqa: F401  (before pyfuse3: see fuseshim.py)
 import pyfuse3  # noqa: E402
+import trio
 from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
-from .errors import fuse_errors
-from .union import Attr
+from . import control
+from .errors import fs_error, fuse_errors
+from .union import Attr, KernelForget
 from .writes import Caller, SetAttr, WritableUnionFS
 
 log = logging.getLogger(__name__)
@@ -226,7 +229,23 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
+            return await self._control(name, ctx)
         return self.fs.getxattr(inode, name)
+
+    async def _control(self, name: bytes, ctx: RequestContext) -> bytes:
+        """A command to the daemon (see :mod:`.control`)."""
+        if ctx.uid not in (0, os.geteuid()):
+            raise fs_error(errno.EPERM)
+        if name != control.DROP_CACHES:
+            raise fs_error(errno.ENODATA)
+        forget = self.fs.drop_caches()
+        # In a thread: an invalidation waits for requests on the same names
+        # to finish, which needs the event loop free to answer them.
+        failed = await trio.to_thread.run_sync(_kernel_forget, forget)
+        log.info("caches dropped: %d inodes, %d names (%d already gone)",
+                 len(forget.inodes), len(forget.entries), failed)
+        return b"dropped the caches of %d inodes and %d names" % (len(forget.inodes), len(forget.entries))
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
@@ -234,8 +253,26 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
+            raise fs_error(errno.EPERM)  # reserved for commands, never stored
         await self.fs.setxattr(inode, name, value)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         await self.fs.removexattr(inode, name)
+
+
+def _kernel_forget(forget: KernelForget) -> int:
+    """Make the kernel drop what *forget* lists; how many it no longer had."""
+    gone = 0
+    for ino in forget.inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError:
+            gone += 1  # forgotten meanwhile
+    for parent, name in forget.entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError:
+            gone += 1
+    return gone

@@ -25,6 +25,16 @@ from .whiteout import Markers
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
+@dataclass(frozen=True, slots=True)
+class KernelForget:
+    """What the kernel should drop after :meth:`UnionFS.drop_caches`."""
+
+    #: Attributes and cached pages (file data, directory listings) of these.
+    inodes: list[int]
+    #: (parent inode, name) of names to drop, present or known missing.
+    entries: list[tuple[int, bytes]]
+
+
 @dataclass(slots=True)
 class Attr:
     """What stat(2) shows for one object through the mount.
@@ -86,10 +96,26 @@ class UnionFS:
         self.inodes.close()
         self.stack.close()
 
-    def drop_caches(self) -> None:
-        """Forget what was learnt about the layers (for when a lower changed
-        under the mount, which overlayfs does not allow either)."""
+    def drop_caches(self) -> KernelForget:
+        """Forget what was learnt about the layers, for when a lower changed
+        under the mount anyway (overlayfs calls that undefined too).
+
+        Returns what the kernel must forget as well, since it caches names,
+        attributes, data and listings for as long as we let it: every inode it
+        holds, and the name it holds each by.  A name the kernel knows to be
+        missing is dropped with its directory's name (the kernel prunes what
+        lies below an invalidated name), except in the root, whose own missing
+        names are listed from our cache.
+        """
+        root = self.inodes[ROOT_INO]
+        entries = [(ROOT_INO, name) for name in self.resolver.cache.negatives(root.entry.ident)]
+        for node in self.inodes.nodes.values():
+            node.xattrs = None
+            if node.ino != ROOT_INO and not node.gone and node.path:
+                entries.append((node.parent, node.path.rpartition(b"/")[2]))
         self.resolver.cache.clear()
+        self.stack.fds.clear()
+        return KernelForget(inodes=sorted(self.inodes.nodes), entries=entries)
 
     # -- names -------------------------------------------------------------
 

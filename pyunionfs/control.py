@@ -1,0 +1,39 @@
+"""Commands to a live mount, sent through an xattr of its root (as s3ql does).
+
+Why an xattr: it reaches the daemon of exactly that mount through the kernel,
+needs no socket or pid file, and carries the caller's credentials.  Why a
+*get*: getxattr works on read-only mounts too (setxattr gets EROFS before it
+reaches us), and the kernel takes no lock on the root for it, so the daemon
+may make the kernel forget names in the root while answering.
+
+The names live under ``user.pyunionfs.`` on the mount's root only; they are
+never stored, listed or copied up.  Only root and the user running the daemon
+may send them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .errors import MountError
+
+PREFIX = b"user.pyunionfs."
+#: Drop the daemon's caches and make the kernel forget what it cached of the
+#: mount; the answer says how much was dropped.
+DROP_CACHES = PREFIX + b"drop_caches"
+
+
+def drop_caches(mountpoint: bytes) -> str:
+    """Ask the daemon behind *mountpoint* to drop every cache; its one-line answer."""
+    from .mount import find_mount
+
+    found = find_mount(mountpoint)
+    if found is None or found[0] != "fuse.pyunionfs":
+        raise MountError(f"{os.fsdecode(mountpoint)} is not a pyunionfs mount")
+    try:
+        return os.getxattr(mountpoint, DROP_CACHES).decode()
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise MountError(f"{os.fsdecode(mountpoint)}: only root or the mount's owner may drop its caches") from None
+        raise MountError(f"{os.fsdecode(mountpoint)}: {exc.strerror}") from None
