@@ -7,19 +7,24 @@ import logging
 import os
 import sys
 
-from .config import KNOWN_OPTIONS, build_config
+from .config import KNOWN_OPTIONS, MountConfig, build_config
+from .dropin import HELPER_DIR, is_overlay_form
 from .errors import MountError, UsageError
 
 _OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyunionfs", description="A union filesystem in userspace, on disk compatible with overlayfs."
-    )
     from . import __version__
+    from .dropin import help_text
 
-    p.add_argument("--version", action="version", version=f"pyunionfs {__version__}")
+    p = argparse.ArgumentParser(
+        prog="pyunionfs",
+        description="A union filesystem in userspace, on disk compatible with overlayfs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=help_text(),
+    )
+    p.add_argument("-V", "--version", action="version", version=f"pyunionfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(
@@ -43,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount a pyunionfs mount and wait for its daemon")
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now, finish when no longer busy")
+
+    h = sub.add_parser("install-helper", help="link this pyunionfs into DIR, where mount -t fuse.pyunionfs finds it")
+    h.add_argument("--dir", default=HELPER_DIR, help=f"where to put the link (default {HELPER_DIR})")
+    h.add_argument("--remove", action="store_true", help="remove the link instead")
 
     d = sub.add_parser("demo", help="build two small lowers and an upper, mount them, show the merged tree")
     d.add_argument("--keep", action="store_true", help="leave the demo's folder in place")
@@ -102,37 +111,56 @@ def _layer_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_mount(cfg: MountConfig, log_file: str | None) -> int:
+    """Mount *cfg* (in the background unless cfg.foreground); the exit status."""
+    from .mount import mount
+
+    if cfg.foreground:
+        logging.basicConfig(
+            level=logging.DEBUG if cfg.debug else logging.INFO,
+            format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
+        )
+    return mount(cfg, log_file)
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "mount":
+        cfg = build_config(args.lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
+        return run_mount(cfg, args.log)
+    if args.command == "umount":
+        from .mount import unmount
+
+        unmount(os.fsencode(os.path.abspath(args.mountpoint)), lazy=args.lazy)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(keep=args.keep)
+    if args.command == "install-helper":
+        from .dropin import install_helper
+
+        print(f"pyunionfs: {install_helper(args.dir, remove=args.remove)}")
+        return 0
+    if args.command in ("diff", "commit", "apply"):
+        return _layer_command(args)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command == "mount":
-            from .mount import mount
+        if is_overlay_form(argv):
+            # pyunionfs -o lowerdir=...,upperdir=...,workdir=... [SOURCE] MNT (fuse-overlayfs, mount.fuse3)
+            from .dropin import run
 
-            cfg = build_config(args.lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
-            if cfg.foreground:
-                logging.basicConfig(
-                    level=logging.DEBUG if cfg.debug else logging.INFO,
-                    format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
-                )
-            return mount(cfg, args.log)
-        if args.command == "umount":
-            from .mount import unmount
-
-            unmount(os.fsencode(os.path.abspath(args.mountpoint)), lazy=args.lazy)
-            return 0
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(keep=args.keep)
-        if args.command in ("diff", "commit", "apply"):
-            return _layer_command(args)
+            return run(argv)
+        return _command(_parser().parse_args(argv))
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2
     except MountError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 1
-    return 2
 
 
 if __name__ == "__main__":

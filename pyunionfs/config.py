@@ -7,6 +7,7 @@ nowhere.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -28,7 +29,26 @@ KNOWN_OPTIONS: dict[str, str] = {
     "default_permissions": "the kernel checks permissions (always on)",
     "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
     "debug": "log every request (same as --debug)",
+    "dev": "honour device files in the mount (FUSE's default is nodev; root only)",
+    "nodev": "do not honour device files (the default)",
+    "suid": "honour set-user-ID and set-group-ID bits (FUSE's default is nosuid; root only)",
+    "nosuid": "ignore set-user-ID and set-group-ID bits (the default)",
+    "exec": "allow running programs from the mount (the default)",
+    "noexec": "do not allow running programs from the mount",
+    "sync": "synchronous writes: each write also fsyncs the upper file",
+    "async": "asynchronous writes (the default)",
+    "noatime": "the kernel does not update access times",
+    "atime": "the kernel updates access times (the default)",
 }
+
+#: Mount flags passed on to the kernel, in pairs; of each pair the last one given wins.
+MOUNT_FLAG_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dev", "nodev"),
+    ("suid", "nosuid"),
+    ("exec", "noexec"),
+    ("async", "sync"),
+    ("atime", "noatime"),
+)
 
 
 def split_layers(spec: str) -> list[str]:
@@ -84,6 +104,9 @@ class MountConfig:
     allow_other: bool = False
     foreground: bool = False
     debug: bool = False
+    #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
+    #: (nodev, nosuid, exec) apply to the ones not given.
+    mount_flags: tuple[str, ...] = ()
     extra: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -162,6 +185,56 @@ def _check_workdir(workdir: bytes, upper: bytes, lowers: list[bytes], mountpoint
         )
 
 
+def mount_flags(items: list[str]) -> tuple[str, ...]:
+    """The kernel mount flags of ``-o`` *items* (possibly repeated, comma
+    separated): of ``dev``/``nodev`` and the other pairs, the last one given."""
+    last: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            for pair in MOUNT_FLAG_PAIRS:
+                if part in pair:
+                    last[pair[0]] = part
+    return tuple(last[pair[0]] for pair in MOUNT_FLAG_PAIRS if pair[0] in last)
+
+
+def trusted_xattrs_usable(path: bytes) -> bool:
+    """Whether this process may write ``trusted.*`` xattrs on *path*.
+
+    That takes CAP_SYS_ADMIN in the initial user namespace: root inside a user
+    namespace (``unshare -Ur``, rootless containers) has uid 0 and every
+    capability of its own namespace but still gets EPERM, so uid and
+    capability sets cannot tell.  The probe asks the kernel directly and
+    writes nothing: replacing a trusted xattr that does not exist fails with
+    ENODATA when allowed, with EPERM when not (the permission check comes
+    first), and with EOPNOTSUPP where the filesystem has no trusted xattrs.
+    """
+    name = b"trusted.pyunionfs.probe"
+    try:
+        os.getxattr(path, name)
+        return True  # it exists, and we could read it: only a privileged process can
+    except OSError:
+        pass
+    try:
+        os.setxattr(path, name, b"", os.XATTR_REPLACE)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EPERM, errno.EOPNOTSUPP):
+            return exc.errno == errno.ENODATA
+        # EROFS and the like come before the permission check: guess from the
+        # ids, root of the initial user namespace being privileged.
+        return os.geteuid() == 0 and _initial_user_namespace()
+    os.removexattr(path, name)  # appeared meanwhile; we replaced it: take it away again
+    return True
+
+
+def _initial_user_namespace() -> bool:
+    """Whether this process's user namespace maps every id to itself, as only the initial one does."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
 def build_config(
     lowers: str,
     upper: str,
@@ -169,13 +242,23 @@ def build_config(
     options: list[str],
     foreground: bool = False,
     debug: bool = False,
+    *,
+    workdir: str | None = None,
 ) -> MountConfig:
     """Validate the ``mount`` arguments; raise UsageError naming the problem.
 
     Relative paths are made absolute here, before the daemon detaches and
-    changes its directory to ``/``.
+    changes its directory to ``/``.  *workdir*, when given, stands for
+    ``-o workdir=`` (for a path that holds a comma).
+
+    ``userxattr`` is turned on when the process cannot write ``trusted.*``
+    xattrs on the upper (see :func:`trusted_xattrs_usable`), as the kernel's
+    overlayfs needs ``-o userxattr`` in a user namespace: markers are then
+    written, and read, as ``user.overlay.*``.
     """
     opts = parse_options(options)
+    if workdir is not None:
+        opts["workdir"] = workdir
     lower_paths = [_absolute(p, "lower layer") for p in split_layers(lowers)]
     if not lower_paths:
         raise UsageError("at least one lower layer is needed")
@@ -192,10 +275,10 @@ def build_config(
     mnt = _absolute(mountpoint, "mountpoint")
     _require_dir(mnt, "mountpoint")
     _check_overlaps(lower_paths + ([upper_path] if upper_path else []), mnt)
-    workdir = None
+    work: bytes | None = None
     if upper_path is not None and not readonly:
-        workdir = _absolute(opts["workdir"], "workdir") if opts.get("workdir") else default_workdir(upper_path)
-        _check_workdir(workdir, upper_path, lower_paths, mnt)
+        work = _absolute(opts["workdir"], "workdir") if opts.get("workdir") else default_workdir(upper_path)
+        _check_workdir(work, upper_path, lower_paths, mnt)
     try:
         timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
     except ValueError:
@@ -209,16 +292,20 @@ def build_config(
     unknown = sorted(k for k in opts if k not in known)
     if unknown:
         raise UsageError(f"unknown option {unknown[0]!r} (see pyunionfs mount --help)")
+    userxattr = "userxattr" in opts
+    if upper_path is not None and not readonly and not userxattr:
+        userxattr = not trusted_xattrs_usable(upper_path)
     return MountConfig(
         lowers=tuple(lower_paths),
         upper=upper_path,
         mountpoint=mnt,
-        workdir=workdir,
+        workdir=work,
         readonly=readonly,
-        userxattr="userxattr" in opts,
+        userxattr=userxattr,
         oci_whiteouts=oci == "on",
         timeout=timeout,
         allow_other="allow_other" in opts or os.geteuid() == 0,
         foreground=foreground,
         debug=debug or "debug" in opts,
+        mount_flags=mount_flags(options),
     )

@@ -38,12 +38,18 @@ FSNAME = "pyunionfs"
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
-    """FUSE mount options for *cfg*."""
+    """FUSE mount options for *cfg*.
+
+    libfuse mounts with nodev,nosuid unless told otherwise (even as root), so
+    ``dev`` and ``suid`` are passed when asked for: mount.fuse3 asks for both
+    unless the fstab line says nodev/nosuid, as mount(8) does for any filesystem.
+    """
     opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.readonly:
         opts.add("ro")
+    opts.update(cfg.mount_flags)
     if cfg.debug:
         opts.add("debug")  # libfuse prints every request and reply to stderr
     return opts
