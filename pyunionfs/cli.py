@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now, finish when no longer busy")
 
+    c = sub.add_parser("drop-caches", help="make a live mount forget what it cached (after a lower changed under it)")
+    c.add_argument("mountpoint", metavar="MNT")
+
     h = sub.add_parser("install-helper", help="link this pyunionfs into DIR, where mount -t fuse.pyunionfs finds it")
     h.add_argument("--dir", default=HELPER_DIR, help=f"where to put the link (default {HELPER_DIR})")
     h.add_argument("--remove", action="store_true", help="remove the link instead")
@@ -131,6 +134,11 @@ def _command(args: argparse.Namespace) -> int:
         from .mount import unmount
 
         unmount(os.fsencode(os.path.abspath(args.mountpoint)), lazy=args.lazy)
+        return 0
+    if args.command == "drop-caches":
+        from .control import drop_caches
+
+        print(f"pyunionfs: {drop_caches(os.fsencode(os.path.abspath(args.mountpoint)))}")
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -50,6 +50,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .config import trusted_xattrs_usable
 from .changes import LayerError, display, path_key
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_mtime_ns, member_xattrs, open_layer_stream
 from .paths import DirFds, join, proc_path, split
@@ -470,7 +471,12 @@ def apply_layer(layer: str, target: str, *, mode: str = "device", userxattr: boo
     """
     if mode not in MODES:
         raise ValueError(mode)
-    markers = Markers(userxattr=userxattr, trusted_ok=os.geteuid() == 0)
+    probe = os.path.abspath(target)
+    while not os.path.isdir(probe) and probe != "/":
+        probe = os.path.dirname(probe)
+    # trusted.* needs privilege in the initial user namespace, which uid 0 in
+    # a user namespace lacks: ask the kernel, as the mount does.
+    markers = Markers(userxattr=userxattr, trusted_ok=trusted_xattrs_usable(os.fsencode(probe)))
     try:
         root_fd: int | None = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -84,3 +84,24 @@ def test_drop_caches_refuses_what_is_not_a_pyunionfs_mount(tmp_path: Path) -> No
 
     with pytest.raises(MountError, match="is not a pyunionfs mount"):
         control.drop_caches(os.fsencode(tmp_path))
+
+
+def test_the_drop_caches_command(tmp_path: Path, mount: Mount) -> None:
+    import subprocess
+    import sys
+
+    lower = tmp_path / "lower"
+    put(lower / "f", "old")
+    m = mount([lower], None).mnt
+    assert os.listdir(m) == ["f"]
+    put(lower / "g", "new")
+    assert os.listdir(m) == ["f"]
+    res = subprocess.run([sys.executable, "-m", "pyunionfs", "drop-caches", str(m)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("pyunionfs: dropped the caches of ")
+    assert sorted(os.listdir(m)) == ["f", "g"]
+    res = subprocess.run([sys.executable, "-m", "pyunionfs", "drop-caches", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr == f"pyunionfs: {tmp_path} is not a pyunionfs mount\n"
