@@ -1,4 +1,4 @@
-"""Image layers through the kernel's overlayfs: apply, mount, change, commit, apply again.
+"""Image layers through a mount: apply, mount, change, commit, apply again.
 
 Why: ``commit`` and ``apply`` promise that an upper written by the kernel
 becomes an OCI layer that means exactly what the mount showed.  The oracle is
@@ -14,6 +14,9 @@ with the command line and
   hard-link groups, and mtimes to the second;
 * the committed layer applied as one more lower (kernel markers) and mounted
   read-only by the kernel under the same lowers must show that view again.
+
+The same story runs with pyunionfs as the container's mount (and pyunionfs
+mounting the stacked layers): its upper must commit to the same tree.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,6 +37,7 @@ import pytest
 from pyunionfs.layerapply import apply_layer
 from pyunionfs.layertar import commit
 from tests.support.layergen import is_mounted
+from tests.support.mounting import Daemon
 from tests.support.treesnap import Entry, Snapshot, diff, snapshot
 from tests.support.writecheck import kernel_overlay
 
@@ -141,7 +147,22 @@ def _cli(*args: str) -> str:
     return r.stdout
 
 
-def test_kernel_upper_committed_and_applied_again(tmp_path: Path) -> None:
+@contextmanager
+def mounted(who: str, mount: Callable[..., Daemon], lowers: list[Path], upper: Path | None, work: Path | None,
+            mnt: Path) -> Iterator[Path]:
+    """The kernel's overlayfs or pyunionfs over these layers at *mnt*, unmounted on the way out."""
+    if who == "kernel":
+        with kernel_overlay(lowers, upper, work, mnt):
+            yield mnt
+        return
+    mnt.mkdir(exist_ok=True)
+    d = mount(lowers, upper, *([f"workdir={work}"] if work is not None else []), mnt=mnt)
+    yield mnt
+    d.stop()
+
+
+@pytest.mark.parametrize("who", ["kernel", "pyunionfs"])
+def test_upper_committed_and_applied_again(tmp_path: Path, who: str, mount: Callable[..., Daemon]) -> None:
     src0, src1 = tmp_path / "src0", tmp_path / "src1"
     build_base(src0)
     build_middle(src1)
@@ -154,7 +175,7 @@ def test_kernel_upper_committed_and_applied_again(tmp_path: Path) -> None:
     upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
     upper.mkdir()
 
-    with kernel_overlay(lowers, upper, work, mnt):
+    with mounted(who, mount, lowers, upper, work, mnt):
         assert not (mnt / "usr/share/doc/pkg").exists() and (mnt / "home/user/profile").exists()
         assert not (mnt / "home/user/notes").exists(), "the applied opaque marker hides the base's file"
         change_through_the_mount(mnt)
@@ -180,7 +201,7 @@ def test_kernel_upper_committed_and_applied_again(tmp_path: Path) -> None:
     lower2 = tmp_path / "lower2"
     _cli("apply", str(tmp_path / "up.tar"), str(lower2))
     mnt2 = tmp_path / "mnt2"
-    with kernel_overlay([lower2, *lowers], None, None, mnt2):
+    with mounted(who, mount, [lower2, *lowers], None, None, mnt2):
         stacked = _tree(mnt2)
     assert not is_mounted(mnt2)
     assert diff(merged, stacked, limit=None) == []
