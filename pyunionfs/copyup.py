@@ -91,6 +91,7 @@ def copy_up(
     fsync: bool = True,
     extra_xattrs: dict[bytes, bytes] | None = None,
     dst_name: bytes | None = None,
+    data: bool = True,
 ) -> os.stat_result:
     """Copy entry *name* of directory fd *src_dir* to *dst_name* (default: the
     same name) in *dst_dir*.
@@ -98,7 +99,8 @@ def copy_up(
     Directories are created empty (their contents stay below, merged).  The
     target name must not exist in *dst_dir* except as a whiteout, which the
     rename replaces.  *extra_xattrs* (the overlay records, e.g. origin) are
-    set on the copy before it appears.  Returns the lstat of the new object.
+    set on the copy before it appears.  ``data=False`` copies a regular file
+    empty (for an open with O_TRUNC).  Returns the lstat of the new object.
     """
     target = name if dst_name is None else dst_name
     st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
@@ -106,7 +108,7 @@ def copy_up(
     mode = st.st_mode
     try:
         if stat.S_ISREG(mode):
-            _build_file(src_dir, name, work, tmp, st, fsync)
+            _build_file(src_dir, name, work, tmp, st.st_size if data else 0, fsync)
         elif stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700, dir_fd=work)
         elif stat.S_ISLNK(mode):
@@ -156,7 +158,7 @@ def fsync_dir(dir_fd: int) -> None:
         os.close(fd)
 
 
-def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_result, fsync: bool) -> None:
+def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, fsync: bool) -> None:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:  # reading a lower file never changes it, not even its atime
         src = os.open(name, flags | os.O_NOATIME, dir_fd=src_dir)
@@ -165,7 +167,7 @@ def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, st: os.stat_re
     try:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
-            copy_data(src, dst, st.st_size)
+            copy_data(src, dst, size)
             if fsync:
                 os.fsync(dst)
         finally:

@@ -181,11 +181,12 @@ class WritableUnionFS(UnionFS):
             entry, at = child, join(at, name)
         return entry
 
-    async def _copy_up(self, node: Node, path: bytes | None = None) -> None:
+    async def _copy_up(self, node: Node, path: bytes | None = None, data: bool = True) -> None:
         """Make sure *node* has its own upper copy; directories copy up empty.
 
         *path* picks which name of a hard-linked file gets the upper copy
-        (default: the node's current name).
+        (default: the node's current name).  ``data=False`` copies a file
+        empty, for an open that truncates it anyway.
         """
         up = self._up()
         await self._settle(node.ino)
@@ -220,13 +221,15 @@ class WritableUnionFS(UnionFS):
                     extra[self.markers.nlink_xattr] = origin.nlink_record(src_st.st_nlink, 1)
                     fds.append(os.dup(up.index))
                     job = functools.partial(
-                        copyup.copy_up, fds[0], name, fds[1], fds[3], up.keep_xattr, True, extra, key
+                        copyup.copy_up, fds[0], name, fds[1], fds[3], up.keep_xattr, True, extra, key, data=data
                     )
                 else:
-                    job = functools.partial(copyup.copy_up, fds[0], name, fds[1], fds[2], up.keep_xattr, True, extra)
+                    job = functools.partial(
+                        copyup.copy_up, fds[0], name, fds[1], fds[2], up.keep_xattr, True, extra, data=data
+                    )
                 if key is not None and key in up.index_keys:
                     pass  # copied before, under another name: only a link is needed
-                elif src_st.st_size >= _THREAD_MIN:
+                elif data and src_st.st_size >= _THREAD_MIN:
                     await trio.to_thread.run_sync(job)
                 else:
                     job()
@@ -651,7 +654,11 @@ class WritableUnionFS(UnionFS):
         if node.entry.is_dir:
             raise fs_error(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            await self._copy_up(node)
+            # O_TRUNC: copy no data, as overlayfs does (copy_up.c, "maybe
+            # truncate regular file"): the open empties the file anyway, and
+            # copying it first needs room for data about to be thrown away
+            # (ENOSPC for `> file` of a large lower file on a nearly full upper).
+            await self._copy_up(node, data=not flags & os.O_TRUNC)
         try:
             fd = self.stack.open_file(node.entry.layers[0], node.path, flags & _ACCESS_FLAGS)
         except FileNotFoundError:
