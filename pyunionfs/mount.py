@@ -16,6 +16,7 @@ import faulthandler
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -103,10 +104,26 @@ def _captured_stderr() -> Iterator[list[str]]:
             lines.extend(ln.strip() for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
 
 
+def _remove_empty_workdir(workdir: bytes) -> None:
+    """A failed mount leaves nothing behind: take away the work directory it
+    made (only ever empty directories; anything else stays)."""
+    for sub in (b"work", b"index", b""):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(workdir, sub) if sub else workdir)
+
+
 def _preflight(cfg: MountConfig) -> None:
     """Catch the common failures before libfuse does, with a better message."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # libfuse opens it before it would fall back to fusermount3.
+        raise MountError(
+            "/dev/fuse is not readable and writable for this user: mount as root, or let users mount "
+            "(chmod 0666 /dev/fuse, as Debian's default is)"
+        )
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is missing; a mount by a user other than root needs it: apt-get install fuse3")
     if find_mount(cfg.mountpoint) is not None:
         raise MountError(f"{os.fsdecode(cfg.mountpoint)} is already a mount point")
 
@@ -157,6 +174,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     as the mount is live, then close it.
     """
     fs: WritableUnionFS | None = None
+    fresh_workdir = cfg.workdir is not None and not os.path.lexists(cfg.workdir)
     try:
         _preflight(cfg)
         _raise_fd_limit()
@@ -164,17 +182,22 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         ops = Operations(fs)
         # timeout=0 asks for no kernel caching: listings too.
         fuseshim.set_cache_dirs(cfg.timeout > 0)
+        failed = False
         with _captured_stderr() as said:
             try:
                 pyfuse3.init(ops, os.fsdecode(cfg.mountpoint), mount_options(cfg))
             except RuntimeError:
-                detail = said[-1] if said else "fuse_session_mount failed"
-                raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}") from None
+                failed = True
+        if failed:  # what libfuse said is collected once its stderr is given back
+            detail = said[-1].removeprefix("fuse: ") if said else "fuse_session_mount failed"
+            raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}")
         if not fuseshim.active():
             log.warning("pyfuse3 was loaded before the FUSE shim: no cached listings, no fallocate")
     except MountError as exc:
         if fs is not None:
             fs.close()
+        if fresh_workdir and cfg.workdir is not None:
+            _remove_empty_workdir(cfg.workdir)
         _report(ready_fd, str(exc))
         return 1
     _report(ready_fd, None)
@@ -257,7 +280,7 @@ def _setup_daemon_logging(cfg: MountConfig) -> None:
 
 
 def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
-    """Unmount a pyunionfs mount and wait until its daemon has let go.
+    """Unmount a pyunionfs mount and wait until its daemon has let go (not when *lazy*).
 
     Waiting matters: only when the daemon is gone is everything it wrote to
     the upper closed.  The daemon's connection directory under
@@ -280,6 +303,8 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
         raise MountError(f"cannot unmount {os.fsdecode(mountpoint)}: {msg}")
+    if lazy:
+        return  # detached: the daemon lets go when the last user closes, which may be never
     conn = f"/sys/fs/fuse/connections/{devno.split(':')[1]}"
     deadline = time.monotonic() + wait
     while os.path.exists(conn) and time.monotonic() < deadline:

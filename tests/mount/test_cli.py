@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mounting import Daemon, force_unmount, is_mounted, require_fuse, wait_until
+from tests.support.writecheck import public_dir
 
 PYUNIONFS = [sys.executable, "-m", "pyunionfs"]
 
@@ -99,6 +100,15 @@ def test_relative_paths_and_escaped_colons(tmp_path) -> None:
         ("same-layer-twice", "given twice"),
         ("unknown-option", "unknown option"),
         ("already-mounted", "already a mount point"),
+        ("upper-in-lower", "must not nest"),
+        ("mountpoint-in-lower", "must not nest"),
+        ("workdir-in-lower", "must be outside the layers"),
+        ("workdir-in-mountpoint", "must be outside the layers"),
+        ("workdir-on-other-fs", "is not on the upper's filesystem"),
+        ("upper-is-file", "is not a directory"),
+        ("missing-upper", "does not exist"),
+        ("mountpoint-is-file", "is not a directory"),
+        ("bad-timeout", "timeout must be a number of seconds"),
     ],
 )
 def test_failed_mount_says_one_line_and_leaves_nothing(layers, case, expect) -> None:
@@ -115,6 +125,26 @@ def test_failed_mount_says_one_line_and_leaves_nothing(layers, case, expect) -> 
         args[1] = f"{lower1}:{lower1}"
     elif case == "unknown-option":
         args += ["-o", "frobnicate"]
+    elif case == "upper-in-lower":
+        (lower1 / "sub").mkdir()
+        args[2] = str(lower1 / "sub")
+    elif case == "mountpoint-in-lower":
+        (lower1 / "sub").mkdir()
+        args[3] = str(lower1 / "sub")
+    elif case == "workdir-in-lower":
+        args += ["-o", f"workdir={lower1}/work"]
+    elif case == "workdir-in-mountpoint":
+        args += ["-o", f"workdir={mnt}/work"]
+    elif case == "workdir-on-other-fs":
+        args += ["-o", "workdir=/dev/shm/pyunionfs-test-work"]
+    elif case == "upper-is-file":
+        args[2] = str(lower2 / "f")
+    elif case == "missing-upper":
+        args[2] = str(upper / "nope")
+    elif case == "mountpoint-is-file":
+        args[3] = str(lower2 / "g")
+    elif case == "bad-timeout":
+        args += ["-o", "timeout=soon"]
     daemon = None
     if case == "already-mounted":
         daemon = Daemon([lower1], None, mnt)
@@ -125,6 +155,8 @@ def test_failed_mount_says_one_line_and_leaves_nothing(layers, case, expect) -> 
         assert len(lines) == 1 and lines[0].startswith("pyunionfs: ") and expect in lines[0], res.stderr
         if daemon is None:
             assert not is_mounted(mnt)
+        work = upper.parent / f".{upper.name}.pyunionfs-work"
+        assert not work.exists() and not Path("/dev/shm/pyunionfs-test-work").exists(), "a failed mount left a work dir"
     finally:
         if daemon is not None:
             daemon.stop()
@@ -170,3 +202,20 @@ def test_mount_raises_readahead(layers) -> None:
     knob = Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb")
     wait_until(lambda: knob.read_text().strip() == str(READ_AHEAD_KB), 10, "readahead to be raised")
     assert run("umount", str(mnt)).returncode == 0
+
+
+def test_a_user_who_cannot_mount_is_told_what_to_do() -> None:
+    """/dev/fuse closed to users (as on this kind of machine): the one line names the fix."""
+    if os.stat("/dev/fuse").st_mode & 0o006 == 0o006:
+        pytest.skip("/dev/fuse is open to every user here: users may mount")
+    with public_dir() as pub:
+        lower, mnt = pub / "lower", pub / "mnt"
+        for d in (lower, mnt):
+            d.mkdir()
+            os.chown(d, 1000, 1000)
+        res = subprocess.run(["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", *PYUNIONFS,
+                              "mount", str(lower), "", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith("pyunionfs: /dev/fuse is not readable and writable for this user: mount as root")
+        assert len(res.stderr.splitlines()) == 1
+        assert not is_mounted(mnt)
