@@ -219,3 +219,16 @@ def test_a_user_who_cannot_mount_is_told_what_to_do() -> None:
         assert res.stderr.startswith("pyunionfs: /dev/fuse is not readable and writable for this user: mount as root")
         assert len(res.stderr.splitlines()) == 1
         assert not is_mounted(mnt)
+
+
+def test_a_machine_without_dev_fuse_is_told_what_to_do(layers) -> None:
+    """In a mount namespace whose /dev lacks fuse: one line saying how to get it, nothing mounted."""
+    lower1, _, upper, mnt = layers
+    script = f"mount -t tmpfs tmpfs /dev && exec {' '.join(PYUNIONFS)} mount {lower1} {upper} {mnt}"
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == ("pyunionfs: /dev/fuse is missing: load the fuse module (modprobe fuse) "
+                          "or run with --device /dev/fuse\n")
+    assert not is_mounted(mnt)
+    assert not (upper.parent / f".{upper.name}.pyunionfs-work").exists()
