@@ -335,7 +335,7 @@ class WritableUnionFS(UnionFS):
         try:
             os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
             if not stat.S_ISLNK(mode):
-                os.chmod(target, stat.S_IMODE(mode), dir_fd=dfd)
+                _chmod(proc_path(dfd, target), False, stat.S_IMODE(mode))
             if stat.S_ISDIR(mode) and (over or parent.entry.merged):
                 # Over a whiteout it must be opaque.  In a merged parent the
                 # kernel (index=on, whose hard-link rules we follow) marks it
@@ -753,7 +753,7 @@ class WritableUnionFS(UnionFS):
             gid = -1 if change.gid is None else change.gid
             os.chown(path, uid, gid, follow_symlinks=follow)
         if change.mode is not None and not stat.S_ISLNK(node.entry.st.st_mode):
-            os.chmod(path, stat.S_IMODE(change.mode), follow_symlinks=True)
+            _chmod(path, follow, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
             cur = os.stat(path, follow_symlinks=follow)
             times = (
@@ -814,3 +814,20 @@ def _remap(path: bytes, a: bytes, b: bytes, exchange: bool) -> bytes:
 
 
 __all__ = ["Caller", "SetAttr", "WritableUnionFS"]
+
+
+def _chmod(path: bytes, follow: bool, mode: int) -> None:
+    """chmod without following a final symlink: Linux has no lchmod, so the
+    object is opened O_PATH|O_NOFOLLOW and changed through its fd's magic
+    link.  Should the name turn out to be a symlink (swapped in behind the
+    mount's back), nothing is changed: following it could reach any file."""
+    if follow:  # a magic link naming the object itself (an fd we hold)
+        os.chmod(path, mode)
+        return
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise fs_error(errno.ESTALE, path)
+        os.chmod(proc_path(fd), mode)
+    finally:
+        os.close(fd)
