@@ -29,12 +29,14 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "mount",
-        help="mount LOWER1:LOWER2:... over UPPER at MNT",
+        help="mount LOWER1:LOWER2:... (or image:NAME[:TAG]) over UPPER at MNT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Mount the union of LOWER1:LOWER2:... (leftmost topmost; escape ':' and '\\' "
             "with a backslash) under the writable UPPER at MNT.  An empty UPPER (\"\") "
-            "or -o ro makes a read-only mount.\n\noptions for -o:\n" + _OPTIONS_HELP
+            "or -o ro makes a read-only mount.  LOWERS may instead be image:NAME[:TAG], an image "
+            "of the layer store (see pull, commit --tag): its layers, topmost first."
+            "\n\noptions for -o:\n" + _OPTIONS_HELP
         ),
     )
     m.add_argument("lowers", metavar="LOWERS")
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--debug", action="store_true", help="log every request (implies -f logging to stderr)")
     m.add_argument("--log", metavar="FILE", help="where a background daemon writes its log")
+    _store_option(m)
 
     u = sub.add_parser("umount", help="unmount a pyunionfs mount and wait for its daemon")
     u.add_argument("mountpoint", metavar="MNT")
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build two small lowers and an upper, mount them, show the merged tree")
     d.add_argument("--keep", action="store_true", help="leave the demo's folder in place")
     _layer_parsers(sub)
+    _image_parsers(sub)
     return p
 
 
@@ -69,11 +73,17 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
     df.add_argument("--lowers", metavar="L1:L2:...", help="decide A/C/D by the merged lowers (topmost first)")
     df.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
 
-    c = sub.add_parser("commit", help="write an upper as an OCI image layer tar; print its DiffID")
+    c = sub.add_parser("commit", help="write an upper as an OCI layer tar (-o), or as a new image in the store (--tag)")
     c.add_argument("upper", metavar="UPPER")
-    c.add_argument("-o", "--output", required=True, metavar="LAYER.tar")
-    c.add_argument("--gzip", action="store_true", help="also write LAYER.tar.gz and print its digest")
+    out = c.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", metavar="LAYER.tar", help="write the layer tar here; print its DiffID")
+    out.add_argument("--tag", metavar="NAME[:TAG]", help="store the upper as a new image NAME[:TAG]")
+    c.add_argument("--gzip", action="store_true", help="with -o: also write LAYER.tar.gz and print its digest")
+    c.add_argument("--from", dest="base", metavar="IMAGE", help="with --tag: the image the upper was mounted on")
+    c.add_argument("-m", "--message", metavar="TEXT", 
+                   help="with --tag: the history's CREATED BY (default: pyunionfs commit)")
     c.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
+    _store_option(c)
 
     a = sub.add_parser("apply", help="unpack an OCI image layer (tar or tar.gz) into DIR")
     a.add_argument("layer", metavar="LAYER")
@@ -82,6 +92,70 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
                    help="write deletions as 0/0 devices and overlay.opaque (default) or keep .wh. files")
     a.add_argument("--flatten", action="store_true", help="apply onto the layers below: delete, write no markers")
     a.add_argument("--userxattr", action="store_true", help="write user.overlay.opaque (implied when not root)")
+
+
+def _store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="DIR",
+                   help="the layer store (default: $PYUNIONFS_STORE, /var/lib/pyunionfs as root, else "
+                        "$XDG_DATA_HOME/pyunionfs)")
+
+
+def _image_parsers(sub: argparse._SubParsersAction) -> None:
+    """``pull``, ``push``, ``images``, ``history``, ``rmi``: whole images and the layer store."""
+    p = sub.add_parser("pull", help="import an image from an OCI layout directory into the store")
+    p.add_argument("layout", metavar="LAYOUT[:TAG]")
+    p.add_argument("--tag", metavar="NAME[:TAG]", help="store it under this name (default: the layout's name for it)")
+    _store_option(p)
+    q = sub.add_parser("push", help="export an image of the store as an OCI layout directory")
+    q.add_argument("image", metavar="IMAGE")
+    q.add_argument("layout", metavar="LAYOUT[:TAG]")
+    _store_option(q)
+    i = sub.add_parser("images", help="list the images of the store")
+    _store_option(i)
+    h = sub.add_parser("history", help="show an image's layers, newest first, like docker history")
+    h.add_argument("image", metavar="IMAGE")
+    _store_option(h)
+    r = sub.add_parser("rmi", help="remove an image, and the layers no other image uses")
+    r.add_argument("images", metavar="IMAGE", nargs="+")
+    _store_option(r)
+
+
+def _image_command(args: argparse.Namespace) -> int:
+    """Store commands; an I/O error (full disk, permissions) is one line too, not a traceback."""
+    try:
+        return _store_command(args)
+    except OSError as exc:
+        raise MountError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
+
+
+def _store_command(args: argparse.Namespace) -> int:
+    from .store import Store, format_history, format_images
+
+    store = Store(args.store)
+    if args.command == "pull":
+        img = store.pull(args.layout, args.tag)
+        print(f"{img.name}  {img.id}  {img.manifest_digest}")
+    elif args.command == "push":
+        img, tag, desc = store.push(args.image, args.layout)
+        print(f"{img.name}  {desc.digest}  {args.layout.removesuffix(':' + tag)}:{tag}")
+    elif args.command == "images":
+        print(format_images(store))
+    elif args.command == "history":
+        print(format_history(store, args.image))
+    elif args.command == "rmi":
+        for ref in args.images:
+            img, removed = store.remove(ref)
+            print(f"Untagged: {img.name}")
+            for diff_id in removed:
+                print(f"Deleted: {diff_id}")
+    elif args.command == "commit":
+        if args.gzip:
+            raise UsageError("--gzip goes with -o; an image's layers are always stored gzipped")
+        img, diff_id, skipped = store.commit(args.upper, args.tag, args.base, args.message, args.userxattr)
+        for path in skipped:
+            print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
+        print(f"{img.name}  {img.id}  {diff_id}")
+    return 0
 
 
 def _layer_command(args: argparse.Namespace) -> int:
@@ -98,6 +172,11 @@ def _layer_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "commit":
         from .layertar import commit
+
+        if args.tag is not None:
+            return _image_command(args)
+        if args.base is not None or args.message is not None or args.store is not None:
+            raise UsageError("--from, --message and --store go with --tag, not -o")
 
         res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr)
         for path in res.skipped:
@@ -128,7 +207,15 @@ def run_mount(cfg: MountConfig, log_file: str | None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "mount":
-        cfg = build_config(args.lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
+        lowers = args.lowers
+        if lowers.startswith("image:"):
+            from .store import IMAGE_PREFIX, Store
+
+            dirs = Store(args.store).lowers(lowers[len(IMAGE_PREFIX):])
+            lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
+        elif args.store is not None:
+            raise UsageError("--store goes with an image (image:NAME[:TAG]), not a list of directories")
+        cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
         return run_mount(cfg, args.log)
     if args.command == "umount":
         from .mount import unmount
@@ -151,6 +238,8 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("diff", "commit", "apply"):
         return _layer_command(args)
+    if args.command in ("pull", "push", "images", "history", "rmi"):
+        return _image_command(args)
     return 2
 
 
