@@ -8,16 +8,24 @@ a layer), so nothing outside the layer roots can be reached.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
 
 from .errors import MountError
 from .paths import DirFds, proc_path
-from .syscalls import OPEN_TREE_CLONE, open_tree
+from .syscalls import (
+    MOUNT_ATTR__ATIME,
+    MOUNT_ATTR_NOATIME,
+    MOUNT_ATTR_RDONLY,
+    OPEN_TREE_CLONE,
+    mount_setattr,
+    open_tree,
+)
 
 
-def open_layer_root(path: bytes) -> int:
+def open_layer_root(path: bytes, lower: bool = False) -> int:
     """An fd of the layer directory *path* that does not see mounts inside it.
 
     overlayfs works on the layer's own filesystem and never crosses a mount
@@ -26,6 +34,12 @@ def open_layer_root(path: bytes) -> int:
     root only) gives us the same view, and also keeps the daemon from ever
     walking into a mount stacked inside a layer, its own included.  Without the
     privilege, a plain directory fd is the fallback.
+
+    A *lower*'s clone is made read-only and ``noatime`` (it is our private
+    mount: the layer's own mount is untouched), so the kernel itself keeps
+    the daemon from writing a lower, and reads leave no trace in it: not even
+    the atime that readlink(2) and directory reads would set, which O_NOATIME
+    cannot prevent (overlayfs reads its layers without touching atimes).
     """
     fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -33,6 +47,9 @@ def open_layer_root(path: bytes) -> int:
     except OSError:
         return fd
     os.close(fd)
+    if lower:  # Linux < 5.12 has no mount_setattr: O_NOATIME opens still spare file atimes
+        with contextlib.suppress(OSError):
+            mount_setattr(clone, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME)
     return clone
 
 
@@ -102,7 +119,7 @@ class LayerStack:
                     if i == 0 and writable_top and workdir is not None:
                         fd, self.workdir_fd = open_upper_and_work(p, workdir)
                     else:
-                        fd = open_layer_root(p)
+                        fd = open_layer_root(p, lower=True)
                 except OSError as exc:
                     raise MountError(f"cannot open layer {os.fsdecode(p)}: {exc.strerror}") from None
                 layers.append(Layer(i, p, fd, os.fstat(fd).st_dev, writable_top and i == 0))

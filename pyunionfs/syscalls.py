@@ -21,12 +21,16 @@ _NUMBERS: dict[str, dict[str, int]] = {
     "riscv64": {"renameat2": 276, "name_to_handle_at": 264, "open_by_handle_at": 265},
 }
 _SYS_OPEN_TREE = 428  # the same everywhere: the unified table
+_SYS_MOUNT_SETATTR = 442
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 
 OPEN_TREE_CLONE = 1
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR__ATIME = 0x70  # the atime mode bits, cleared to set one
 AT_EMPTY_PATH = 0x1000
 MAX_HANDLE_SZ = 128
 
@@ -53,6 +57,21 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0
 def open_tree(fd: int, flags: int) -> int:
     """open_tree(fd, "", flags | AT_EMPTY_PATH); raises OSError (EPERM unprivileged)."""
     return _check(_libc.syscall(_SYS_OPEN_TREE, fd, b"", flags | AT_EMPTY_PATH))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0) -> None:
+    """mount_setattr(fd, "", AT_EMPTY_PATH) on the mount *fd* is (Linux 5.12+)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)))
 
 
 class _FileHandle(ctypes.Structure):
