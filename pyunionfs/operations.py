@@ -11,6 +11,7 @@ this kind of machine, sending short syscalls to threads made reads ~3x slower.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -39,6 +40,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.timeout = fs.cfg.timeout
+        fs.attrs_changed = _forget_attrs
 
     def _entry(self, attr: Attr) -> EntryAttributes:
         e = EntryAttributes()
@@ -260,6 +262,13 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         await self.fs.removexattr(inode, name)
+
+
+def _forget_attrs(ino: int) -> None:
+    """Drop the kernel's cached attributes of *ino*: takes no lock in the
+    kernel, so it is safe in the middle of a request."""
+    with contextlib.suppress(OSError):  # ENOENT: the kernel no longer has it
+        pyfuse3.invalidate_inode(ino, attr_only=True)
 
 
 def _kernel_forget(forget: KernelForget) -> int:

@@ -82,6 +82,11 @@ class WritableUnionFS(UnionFS):
         self._handles: dict[int, set[int]] = {}  # ino -> its open file handles
         if self.upper is not None and not self.readonly:
             self.resolver.index_hook = self._indexed
+        #: Called with the inode number of an object whose attributes changed
+        #: other than by the request at hand (a directory copied up as a
+        #: parent becomes merged: its link count drops to 1), so the FUSE
+        #: adapter can make the kernel forget what it cached.
+        self.attrs_changed: Callable[[int], None] = lambda ino: None
 
     def close(self) -> None:
         if not self._closed and self.upper is not None:
@@ -120,6 +125,7 @@ class WritableUnionFS(UnionFS):
         node = self.inodes.get(self._ino(entry, path))
         if node is not None and not node.gone:
             node.entry = entry
+            self.attrs_changed(node.ino)
 
     def _lower_positive(self, parent: Entry, parent_rel: bytes, name: bytes) -> bool:
         """Whether a layer below the upper still shows *name* in *parent*
