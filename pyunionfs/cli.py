@@ -115,6 +115,10 @@ def _image_parsers(sub: argparse._SubParsersAction) -> None:
     h = sub.add_parser("history", help="show an image's layers, newest first, like docker history")
     h.add_argument("image", metavar="IMAGE")
     _store_option(h)
+    t = sub.add_parser("tag", help="give an image of the store another NAME[:TAG], like docker tag")
+    t.add_argument("image", metavar="IMAGE")
+    t.add_argument("name", metavar="NAME[:TAG]")
+    _store_option(t)
     r = sub.add_parser("rmi", help="remove an image, and the layers no other image uses")
     r.add_argument("images", metavar="IMAGE", nargs="+")
     _store_option(r)
@@ -142,6 +146,9 @@ def _store_command(args: argparse.Namespace) -> int:
         print(format_images(store))
     elif args.command == "history":
         print(format_history(store, args.image))
+    elif args.command == "tag":
+        img = store.tag(args.image, args.name)
+        print(f"{img.name}  {img.id}")
     elif args.command == "rmi":
         for ref in args.images:
             img, removed = store.remove(ref)
@@ -238,7 +245,7 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("diff", "commit", "apply"):
         return _layer_command(args)
-    if args.command in ("pull", "push", "images", "history", "rmi"):
+    if args.command in ("pull", "push", "images", "history", "tag", "rmi"):
         return _image_command(args)
     return 2
 

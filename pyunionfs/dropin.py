@@ -29,7 +29,7 @@ from .errors import UsageError
 
 #: The first words that name a subcommand rather than a mount.fuse3 SOURCE.
 SUBCOMMANDS = frozenset({"mount", "umount", "drop-caches", "demo", "diff", "commit", "apply", "install-helper",
-                         "pull", "push", "images", "history", "rmi"})
+                         "pull", "push", "images", "history", "tag", "rmi"})
 
 #: Where ``install-helper`` links the command by default: the first directory
 #: of the search path mount.fuse3's /bin/sh falls back to (mount(8) runs its

@@ -635,6 +635,18 @@ class Store:
             progress.close()
         return self._load(name, mdesc.digest), res.diff_id, res.skipped
 
+    # -- tag -------------------------------------------------------------------
+
+    def tag(self, ref: str, name: str) -> Image:
+        """Record image *ref* (NAME[:TAG] or an IMAGE ID prefix) under *name* too, as
+        ``docker tag`` does: a second record of the same manifest, nothing copied."""
+        target = parse_ref(name)
+        with self.locked():
+            img = self.image(ref)
+            with atomic_file(self._record_path(target)) as f:
+                f.write(dump_json({"name": target, "manifest": img.manifest_digest}) + b"\n")
+        return self._load(target, img.manifest_digest)
+
     # -- rmi -------------------------------------------------------------------
 
     def remove(self, ref: str) -> tuple[Image, list[str]]:

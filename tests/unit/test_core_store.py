@@ -469,3 +469,22 @@ def test_image_commands_are_subcommands_not_mount_sources(command: str) -> None:
     from pyunionfs.dropin import is_overlay_form
 
     assert not is_overlay_form([command, "x", "y"])
+
+
+def test_tag_records_the_same_image_under_another_name(tmp_path: Path) -> None:
+    """``tag`` is a second record of one manifest: same IMAGE ID, nothing copied, rmi of one keeps the other."""
+    store = Store(str(tmp_path / "store"))
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc/hello").write_text("hi\n")
+    img, _, _ = store.commit(str(upper), "one:1")
+    layers_before = sorted(os.listdir(tmp_path / "store/layers"))
+    other = store.tag("one:1", "two")
+    assert other.name == "two:latest" and other.id == img.id
+    assert sorted(store.records()) == ["one:1", "two:latest"]
+    assert sorted(os.listdir(tmp_path / "store/layers")) == layers_before
+    _, removed = store.remove("one:1")
+    assert removed == []  # still used by two:latest
+    assert store.lowers("two") == store.lowers(img.id[:12]) and os.path.isdir(store.lowers("two")[0])
+    with pytest.raises(ImageError):
+        store.tag("nope", "three")
