@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""Build an image from a Dockerfile-like build file with pyunionfs (an example).
+"""Build an image from a Dockerfile-like build file into the pyunionfs image store (an example).
 
-    sudo python3 contrib/build.py contrib/Buildfile.example [--store DIR] [--no-cache]
+    sudo python3 contrib/build.py contrib/Buildfile.example [--tag NAME[:TAG]] [--store DIR] [--no-cache]
 
 The build file knows three instructions (and `# comments`, and `\\` to continue a line):
 
-    FROM <directory>      the base tree: the bottom layer, only ever read
-    RUN <shell command>   run with /bin/sh -c in a chroot of the image so far
-    COPY <src> <dst>      copy a file or a directory's contents from the build folder
+    FROM <directory>        the base tree, committed to the store as the image's first layer
+    FROM image:NAME[:TAG]   or an image the store already has (`pyunionfs pull`, another build)
+    RUN <shell command>     run with /bin/sh -c in a chroot of the image so far
+    COPY <src> <dst>        copy a file or a directory's contents from the build folder
 
 FROM and COPY sources are relative to the build file's folder. Each step is built the way
-`docker build` does it: mount the layers so far under a fresh empty upper, make the change
-through the mount, unmount, `pyunionfs commit` the upper to a layer tar and `pyunionfs apply`
-it to a directory that is the next step's top lower layer. A step's cache key is the sha256 of
-its parent's key, the instruction and, for COPY, the copied files: an unchanged step reuses
-the stored layer without mounting anything. The FROM key is the base's path, not its
-contents: after changing the base, build with --no-cache.
+`docker build` does it, with pyunionfs commands only: `pyunionfs mount image:PREVIOUS` under a
+fresh empty upper, make the change through the mount, unmount, then `pyunionfs commit UPPER
+--from PREVIOUS --tag STEP -m INSTRUCTION` (`pyunionfs history` shows the instruction).
 
-Store layout: STORE/layers/<key>/{layer.tar, diff/, meta.json}. A layer is built in STORE/tmp/
-and renamed into place when complete, so a killed build never leaves a half layer behind.
-Needs root (chroot, whiteout devices). RUN gets no /proc, /dev or network: a tiny example.
+Build cache: a step's key is the sha256 of its parent's key, the instruction and, for COPY, the
+copied files; the step's image is tagged pyunionfs-build-cache:<key[:16]>, and a tag the store
+already has is used as it is, without mounting anything (`pyunionfs images` lists the cache,
+`pyunionfs rmi` removes it). The key of `FROM <directory>` is its path, not its contents: after
+changing the base, build with --no-cache. The base is committed as an upper would be, so a 0/0
+device or a `.wh.` name in it counts as a whiteout.
+
+The store's writes are atomic, and a step's upper lives in the store's tmp/, where a later
+`pyunionfs commit` or `pull` removes what a killed build left: never a half image. Needs root (chroot,
+whiteout devices). RUN gets no /proc, /dev or network: a tiny example.
 """
 
 from __future__ import annotations
@@ -28,14 +33,12 @@ import argparse
 import fcntl
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # the package next to this interpreter, else the command on the PATH
@@ -107,11 +110,6 @@ def pyunionfs(*args: str) -> str:
     return res.stdout
 
 
-def escape(path: Path) -> str:
-    """A path as one entry of a `pyunionfs mount` lower list."""
-    return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-
 def mounted_below(path: Path) -> bool:
     """Is anything mounted at or below *path*? (mountinfo writes a space as \\040)"""
     prefix = str(path.resolve())
@@ -146,17 +144,29 @@ def copy_into(mnt: Path, src: Path, dst: str) -> None:
         shutil.copy2(src, target, follow_symlinks=False)
 
 
-def build_layer(store: Path, key: str, parent: str, lowers: list[Path], op: str, arg: str,
-                context: Path) -> None:
-    """Make STORE/layers/KEY: mount, change, unmount, commit, apply, rename into place."""
-    tmp = Path(tempfile.mkdtemp(prefix="step-", dir=store / "tmp"))
-    upper, mnt, layer = tmp / "upper", tmp / "mnt", tmp / "layer"
-    for d in (upper, mnt, layer):
-        d.mkdir()
+def images() -> dict[str, str]:
+    """NAME:TAG -> IMAGE ID of every image in the store, as `pyunionfs images` lists them."""
+    rows = pyunionfs("images").splitlines()[1:-1]  # a header above, a summary line below
+    return {name: image_id for name, image_id, *_ in (row.split() for row in rows)}
+
+
+def build_step(store: Path, parent: str, tag: str, op: str, arg: str, context: Path) -> str:
+    """Mount image PARENT under a fresh upper, make the change, unmount, commit the upper as TAG.
+
+    Returns the new image's ID.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=store / "tmp"))
+    # pyunionfs removes a tmp/ folder a minute old unless its .lock is flock()ed: ours is, until
+    # this step is done (so the next command removes what a killed build leaves, not a live step)
+    lock = os.open(tmp / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    upper, mnt = tmp / "upper", tmp / "mnt"
+    upper.mkdir()
+    mnt.mkdir()
     busy = False
     try:
-        pyunionfs("mount", ":".join(escape(p) for p in lowers), str(upper), str(mnt))
         try:
+            pyunionfs("mount", f"image:{parent}", str(upper), str(mnt))
             if op == "RUN":
                 print(f" ---> Running in {mnt}", flush=True)
                 rc = subprocess.run(["chroot", str(mnt), "/bin/sh", "-c", arg], env=RUN_ENV,
@@ -168,95 +178,89 @@ def build_layer(store: Path, key: str, parent: str, lowers: list[Path], op: str,
                 copy_into(mnt, (context / src).resolve(), dst)
         finally:
             try:
-                pyunionfs("umount", str(mnt))
+                if mounted_below(mnt):
+                    pyunionfs("umount", str(mnt))
             except BuildError as exc:  # a process the command left running keeps the mount busy
                 busy = True
                 subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # detach it at least
-                raise BuildError(f"{exc} (left {tmp} for a later build to remove)") from exc
-        out = pyunionfs("commit", str(upper), "-o", str(layer / "layer.tar"))
-        pyunionfs("apply", str(layer / "layer.tar"), str(layer / "diff"))
-        meta = {"key": key, "parent": parent, "diff_id": out.split()[0], "created_by": f"{op} {arg}",
-                "size": (layer / "layer.tar").stat().st_size,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (layer / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if (store / "layers" / key).exists():  # rebuilt with --no-cache: the old one goes
-            os.rename(store / "layers" / key, tmp / "old")
-        os.rename(layer, store / "layers" / key)
+                raise BuildError(f"{exc} (left {tmp}: a later pyunionfs commit or pull removes it)") from exc
+        out = pyunionfs("commit", str(upper), "--from", parent, "--tag", tag, "-m", f"{op} {arg}")
+        return out.split()[1]  # NAME:TAG  IMAGE-ID  DIFFID
     finally:
         if not busy:
             remove_tmp(tmp)
+        os.close(lock)
 
 
-def human(size: float) -> str:
-    """Decimal units, as docker prints sizes: 10.24kB."""
-    units = ["B", "kB", "MB", "GB", "TB"]
-    while size >= 1000 and len(units) > 1:
-        size, units = size / 1000, units[1:]
-    return f"{size:.4g}{units[0]}"
+def retag(image: str, name: str) -> None:
+    """Record IMAGE under a second NAME as well (no layer is copied)."""
+    pyunionfs("tag", image, name)
 
 
-def build(buildfile: Path, store: Path, no_cache: bool) -> None:
+def build(buildfile: Path, store: Path, tag: str | None, no_cache: bool) -> None:
     steps = parse(buildfile)
     context = buildfile.resolve().parent
-    base = (context / steps[0][1]).resolve()
-    if not base.is_dir():
-        raise BuildError(f"FROM {steps[0][1]}: {base} is not a directory")
-    (store / "layers").mkdir(parents=True, exist_ok=True)
-    (store / "tmp").mkdir(exist_ok=True)
-    lock = os.open(store / "lock", os.O_CREAT | os.O_WRONLY, 0o644)  # held until we exit
+    store.mkdir(parents=True, exist_ok=True)
+    os.environ["PYUNIONFS_STORE"] = str(store)  # the store of every pyunionfs command below
+    lock = os.open(store / "build.lock", os.O_CREAT | os.O_WRONLY, 0o644)  # held until we exit
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise BuildError(f"another build is using {store}") from None
-    for stale in (store / "tmp").iterdir():  # left by a killed build: never reused
-        remove_tmp(stale)
-    key, lowers = cache_key("", f"FROM {base}"), [base]
-    history: list[tuple[dict, bool]] = []  # (meta.json, from the cache), newest first
-    print(f"Step 1/{len(steps)} : FROM {base}")
-    for n, (op, arg) in enumerate(steps[1:], 2):
+    known = images()  # NAME:TAG -> IMAGE ID
+    key = name = ""  # the cache key and the image of the steps so far
+    for n, (op, arg) in enumerate(steps, 1):
         print(f"Step {n}/{len(steps)} : {op} {arg}", flush=True)
         content = ""
-        if op == "COPY":
+        if op == "FROM" and arg.startswith("image:"):  # an image of the store: its ID is the key
+            name = arg.removeprefix("image:")
+            name += "" if ":" in name.rpartition("/")[2] else ":latest"
+            if name not in known:
+                raise BuildError(f"FROM {arg}: no image {name} in {store}")
+            key = cache_key("", f"FROM {known[name]}")
+            print(f" ---> {known[name]}")
+            continue
+        if op == "FROM":
+            arg = str((context / arg).resolve())
+            if not Path(arg).is_dir():
+                raise BuildError(f"FROM {steps[0][1]}: {arg} is not a directory")
+        elif op == "COPY":
             src = (context / arg.split()[0]).resolve()
             if not src.is_relative_to(context) or not src.exists():
                 raise BuildError(f"COPY {arg}: {src} is not a file or directory in {context}")
             content = hash_tree(src)
-        parent, key = key, cache_key(key, f"{op} {arg}", content)
-        cached = (store / "layers" / key / "meta.json").exists() and not no_cache
-        if cached:
+        key = cache_key(key, f"{op} {arg}", content)
+        parent, name = name, f"pyunionfs-build-cache:{key[:16]}"
+        if name in known and not no_cache:
             print(" ---> Using cache")
+        elif op == "FROM":  # the base directory becomes the image's first layer
+            known[name] = pyunionfs("commit", arg, "--tag", name, "-m", f"FROM {arg}").split()[1]
         else:
-            build_layer(store, key, parent, lowers, op, arg, context)
-        meta = json.loads((store / "layers" / key / "meta.json").read_text())
-        print(f" ---> {meta['diff_id'].split(':')[1][:12]}")
-        lowers.insert(0, store / "layers" / key / "diff")
-        history.insert(0, (meta, cached))
-    print(f"Successfully built {key[:12]}\n")
-    rows = [("DIFF ID", "CREATED", "CREATED BY", "SIZE", "CACHED")]
-    for meta, cached in history:
-        rows.append((meta["diff_id"].split(":")[1][:12], meta["created"], meta["created_by"],
-                     human(meta["size"]), "yes" if cached else "no"))
-    rows.append(("<base>", "", f"FROM {base}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    print("\nLayers (topmost first):")
-    for p in lowers:
-        print(f"  {p}")
-    print(f"\nTo look inside:\n  pyunionfs mount {':'.join(escape(p) for p in lowers)} \"\" MNT")
+            known[name] = build_step(store, parent, name, op, arg, context)
+        print(f" ---> {known[name]}")
+    print(f"Successfully built {known[name]}")
+    if tag:
+        retag(name, tag)
+        name = tag
+        print(f"Successfully tagged {tag}")
+    print(f"\n{pyunionfs('history', name)}")
+    print(f"To look inside:\n  pyunionfs mount image:{name} UPPER MNT --store {store}")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="Build image layers from a Dockerfile-like file with pyunionfs.")
+    ap = argparse.ArgumentParser(description="Build an image from a Dockerfile-like file into the pyunionfs store.")
     ap.add_argument("buildfile", type=Path)
-    ap.add_argument("--store", type=Path, default=Path(".pyunionfs-build"), help="layers and cache (%(default)s)")
+    ap.add_argument("--tag", metavar="NAME[:TAG]", help="name the image built (as well as its cache tag)")
+    ap.add_argument("--store", type=Path, metavar="DIR",
+                    default=Path(os.environ.get("PYUNIONFS_STORE") or "/var/lib/pyunionfs"),
+                    help="the pyunionfs image store (%(default)s)")
     ap.add_argument("--no-cache", action="store_true", help="rebuild every step")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("build.py: must run as root (RUN uses chroot, and layers hold whiteout devices)", file=sys.stderr)
         return 1
     try:
-        build(args.buildfile, args.store.resolve(), args.no_cache)
+        build(args.buildfile, args.store.resolve(), args.tag, args.no_cache)
     except (BuildError, OSError) as exc:
         print(f"build.py: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""contrib/build.py, the image-build example: layers, whiteouts, the build cache, failures.
+"""contrib/build.py, the image-build example: images in the store, whiteouts, the build cache, failures.
 
 The base tree is made here without network: busybox if installed, else dash and
 mkdir/rm/cat with the libraries ldd lists. Builds run the script as a subprocess
@@ -8,7 +8,6 @@ and anything found is lazily unmounted before tmp_path can be removed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.mount import unescape_mountinfo
+from pyunionfs.store import Store
 from tests.support.mounting import require_fuse
 
 pytestmark = [
@@ -100,49 +100,57 @@ def work(tmp_path: Path) -> Iterator[Path]:
     assert not left, f"build.py left mounts behind: {left}"
 
 
-def build(work: Path, buildfile: str = "Buildfile") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(BUILD), buildfile, "--store", "store"], cwd=work,
+def build(work: Path, buildfile: str = "Buildfile", *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BUILD), buildfile, "--store", "store", *args], cwd=work,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-def layers(out: str) -> list[Path]:
-    """The layer directories printed at the end, topmost first."""
-    block = out.split("Layers (topmost first):\n", 1)[1].split("\n\n", 1)[0]
-    return [Path(line.strip()) for line in block.splitlines()]
+def step_ids(out: str) -> list[str]:
+    """The IMAGE ID printed after each step, FROM first."""
+    return re.findall(r"^ ---> ([0-9a-f]{12})$", out, re.MULTILINE)
 
 
 def history(out: str) -> list[list[str]]:
-    """The history table's rows (DIFF ID, CREATED, CREATED BY, SIZE, CACHED), newest first."""
-    block = out.split("\nDIFF ID", 1)[1].split("\n\n", 1)[0]
+    """`pyunionfs history` as printed at the end: rows of LAYER, CREATED, CREATED BY, SIZE, newest first."""
+    block = out.split("\nLAYER ", 1)[1].split("\n\n", 1)[0]
     return [re.split(r"\s{3,}", line) for line in block.splitlines()[1:]]
 
 
-def test_build_layers_then_cache_then_rebuild_the_changed_step(work: Path, mount) -> None:
+def images(work: Path) -> dict[str, str]:
+    """NAME:TAG -> IMAGE ID of the build's store."""
+    return {img.name: img.id for img in Store(str(work / "store")).images()}
+
+
+def test_build_into_the_store_then_cache_then_rebuild_the_changed_step(work: Path, mount) -> None:
     base_before = snapshot(work / "base")
-    first = build(work)
+    first = build(work, "Buildfile", "--tag", "test/app:1")
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count(" ---> Running in ") == 3 and "Using cache" not in first.stdout
     assert "hi there" in first.stdout  # the RUN's own output is shown
-    stack = layers(first.stdout)
-    assert len(stack) == 5 and stack[-1] == work / "base"
-    rows = history(first.stdout)
-    assert [r[2] for r in rows[:-1]] == [*reversed(STEPS)]
-    assert rows[-1] == ["<base>", f"FROM {work / 'base'}"]
-    assert all(re.fullmatch(r"[0-9a-f]{12}", r[0]) and r[3].endswith("B") and r[4] == "no" for r in rows[:-1])
+    ids = step_ids(first.stdout)
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert f"Successfully built {ids[-1]}\nSuccessfully tagged test/app:1\n" in first.stdout
+    assert f"pyunionfs mount image:test/app:1 UPPER MNT --store {work / 'store'}" in first.stdout
 
-    # one JSON record per layer; the layer's tar and applied dir beside it
-    for layer, row in zip(stack[:-1], rows, strict=False):
-        meta = json.loads((layer.parent / "meta.json").read_text())
-        assert meta["key"] == layer.parent.name and meta["created_by"] == row[2]
-        assert meta["diff_id"].startswith("sha256:" + row[0]) and meta["created"]
-        assert meta["size"] == (layer.parent / "layer.tar").stat().st_size
-    # the rm step left a kernel whiteout; the base was only read
-    whiteout = (stack[2] / "etc" / "gone.txt").lstat()
+    # every step is an image of the store, tagged by its cache key; the final one has --tag too
+    tagged = images(work)
+    assert tagged.pop("test/app:1") == ids[-1]
+    assert all(re.fullmatch(r"pyunionfs-build-cache:[0-9a-f]{16}", name) for name in tagged)
+    assert sorted(tagged.values()) == sorted(ids)
+    # the store's own history: one layer per step, the instruction as CREATED BY
+    rows = history(first.stdout)
+    assert [r[2] for r in rows] == [*reversed(STEPS), f"FROM {work / 'base'}"]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", r[0]) and r[3].endswith("B") for r in rows)
+
+    # the rm step left a kernel whiteout; the base was only read; no work folder left
+    lowers = Store(str(work / "store")).lowers("test/app:1")
+    assert len(lowers) == 5
+    whiteout = (Path(lowers[2]) / "etc" / "gone.txt").lstat()
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
     assert snapshot(work / "base") == base_before
     assert list((work / "store" / "tmp").iterdir()) == []
 
-    with mount(stack, None) as d:  # read-only: no upper
+    with mount(lowers, None) as d:  # what `pyunionfs mount image:test/app:1 "" MNT` mounts
         assert (d.mnt / "hello.txt").read_text() == "hello\n"
         assert not os.path.lexists(d.mnt / "etc" / "gone.txt")
         assert (d.mnt / "etc" / "keep.txt").read_text() == "kept\n"
@@ -150,32 +158,57 @@ def test_build_layers_then_cache_then_rebuild_the_changed_step(work: Path, mount
         assert (d.mnt / "var" / "data").is_dir()
         assert sorted(os.listdir(d.mnt)) == sorted([*os.listdir(work / "base"), "hello.txt", "srv", "var"])
 
-    # unchanged build file: every step from the cache, nothing run, the same layers
-    second = build(work)
+    # unchanged build file: every step from the cache, nothing run, the same images
+    second = build(work, "Buildfile", "--tag", "test/app:1")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert second.stdout.count(" ---> Using cache") == 4 and "Running in" not in second.stdout
-    assert layers(second.stdout) == stack
-    assert [r[:4] for r in history(second.stdout)] == [r[:4] for r in rows]
-    assert all(r[4] == "yes" for r in history(second.stdout)[:-1])
+    assert second.stdout.count(" ---> Using cache") == 5 and "Running in" not in second.stdout
+    assert step_ids(second.stdout) == ids
+    assert history(second.stdout) == rows
+    assert images(work)["test/app:1"] == ids[-1]
 
     # the last RUN changed: only that step is built again
     (work / "Buildfile").write_text(BUILDFILE.replace("/var/data", "/var/other"))
-    third = build(work)
+    third = build(work, "Buildfile", "--tag", "test/app:1")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert third.stdout.count(" ---> Using cache") == 3 and third.stdout.count(" ---> Running in ") == 1
-    rebuilt = layers(third.stdout)
-    assert rebuilt[1:] == stack[1:] and rebuilt[0] != stack[0]
-    assert (rebuilt[0] / "var" / "other").is_dir() and not (rebuilt[0] / "var" / "data").exists()
-    assert [r[4] for r in history(third.stdout)[:-1]] == ["no", "yes", "yes", "yes"]
+    assert third.stdout.count(" ---> Using cache") == 4 and third.stdout.count(" ---> Running in ") == 1
+    new_ids = step_ids(third.stdout)
+    assert new_ids[:4] == ids[:4] and new_ids[4] not in ids
+    assert images(work)["test/app:1"] == new_ids[4]
+    assert history(third.stdout)[1:] == rows[1:]
+    assert history(third.stdout)[0][2] == STEPS[-1].replace("/var/data", "/var/other")
+    rebuilt = Store(str(work / "store")).lowers("test/app:1")
+    assert rebuilt[1:] == lowers[1:] and rebuilt[0] != lowers[0]
+    assert (Path(rebuilt[0]) / "var" / "other").is_dir() and not (Path(rebuilt[0]) / "var" / "data").exists()
 
 
-def test_failing_run_stops_the_build_and_stores_nothing_for_it(work: Path) -> None:
+def test_from_an_image_of_the_store(work: Path) -> None:
+    (work / "One").write_text("FROM base\nRUN echo one > /one\n")
+    (work / "Two").write_text("FROM image:one\nRUN cat /one > /two\n")
+    assert build(work, "One", "--tag", "one").returncode == 0
+    res = build(work, "Two", "--tag", "two:1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert step_ids(res.stdout)[0] == images(work)["one:latest"]
+    assert [r[2] for r in history(res.stdout)] == ["RUN cat /one > /two", "RUN echo one > /one",
+                                                 f"FROM {work / 'base'}"]
+    store = Store(str(work / "store"))
+    assert store.lowers("two:1")[1:] == store.lowers("one")  # the same layer directories
+    assert (Path(store.lowers("two:1")[0]) / "two").read_text() == "one\n"
+    (work / "Three").write_text("FROM image:nope\n")
+    missing = build(work, "Three")
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [f"build.py: FROM image:nope: no image nope:latest in {work / 'store'}"]
+
+
+def test_failing_run_stops_the_build_and_tags_nothing_for_it(work: Path) -> None:
     (work / "Bad").write_text("FROM base\nRUN echo ok > /ok\nRUN echo partial > /p; exit 3\nRUN echo never\n")
-    res = build(work, "Bad")
+    res = build(work, "Bad", "--tag", "bad:1")
     assert res.returncode == 1
     assert res.stderr.splitlines() == ["build.py: 'RUN echo partial > /p; exit 3' returned a non-zero code: 3"]
     assert "Step 4/4" not in res.stdout
-    assert len(list((work / "store" / "layers").iterdir())) == 1  # the step that worked
+    ids = step_ids(res.stdout)
+    assert len(ids) == 2  # FROM and the step that worked
+    tagged = images(work)
+    assert sorted(tagged.values()) == sorted(ids) and all(n.startswith("pyunionfs-build-cache:") for n in tagged)
     assert list((work / "store" / "tmp").iterdir()) == []
 
 
