@@ -136,8 +136,8 @@ def _stop_allowing_errors(d: Daemon) -> tuple[int, str]:
     Tracebacks are allowed: the layers were changed behind the daemon's
     back, and an unexpected error becomes EIO plus a logged traceback.
     """
-    text = d.log_text()
-    return d.stop(check=False), text
+    rc = d.stop(check=False)
+    return rc, d.final_log
 
 
 # --------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class Daemon:
                  options: list[str] = (), deadline: float = 100.0, extra_args: list[str] = ()) -> None:
         require_fuse()
         self.mnt = mnt
+        self.final_log = ""
         layer_arg = lowers if isinstance(lowers, str) else ":".join(str(p) for p in lowers)
         self.log = Path(tempfile.mkstemp(prefix="pyunionfs-daemon-", suffix=".log")[1])
         upper_arg = "" if upper is None else str(upper)
@@ -110,6 +111,7 @@ class Daemon:
             self._watchdog.cancel()
             force_unmount(self.mnt)
         text = self.log_text()
+        self.final_log = text  # for callers that judge the log themselves (check=False)
         self.log.unlink(missing_ok=True)
         if check:
             assert rc == 0, f"daemon exited with {rc}:\n{text}"
