@@ -53,6 +53,7 @@ from tests.support.writecheck import (
     default_workdir,
     errname,
     kernel_overlay,
+    on_kernel_and_ours,
     layer_state,
     public_dir,
     put,
@@ -809,25 +810,14 @@ def test_second_uid_is_refused_after_copy_ups_and_nothing_is_stored_wider_than_a
     asked minus the umask; whiteouts and the work directory are closed to
     others.  The kernel's overlayfs over the same layers is the reference.
     """
-    results = {}
+    def story(mnt: Path) -> Any:
+        _as_root(mnt)
+        return run_as(1000, 1000, mnt, _PERM_AS_USER)["refused"]
+
     with public_dir() as pub:
-        for side in ("kernel", "pyunionfs"):
-            low, up = tmp_path / side / "low", tmp_path / side / "up"
-            _perm_lower(low)
-            up.mkdir()
-            mnt = pub / side
-            mnt.mkdir()
-            if side == "kernel":
-                with kernel_overlay([low], up, tmp_path / side / "work", mnt):
-                    _as_root(mnt)
-                    out = run_as(1000, 1000, mnt, _PERM_AS_USER)
-            else:
-                d = mount([low], up, mnt=mnt)
-                _as_root(mnt)
-                out = run_as(1000, 1000, mnt, _PERM_AS_USER)
-                d.stop()
-            results[side] = (out["refused"], _upper_owners(up))
-    (k_refused, k_upper), (p_refused, p_upper) = results["kernel"], results["pyunionfs"]
+        results = on_kernel_and_ours(tmp_path, mount, _perm_lower, story, pub)
+    k_refused, p_refused = results["kernel"], results["pyunionfs"]
+    k_upper, p_upper = (_upper_owners(tmp_path / side / "up") for side in ("kernel", "pyunionfs"))
     # the spec, as the kernel shows it
     assert all(v in ("EACCES", "EPERM") for k, v in k_refused.items() if not k.startswith("read own")), k_refused
     assert k_refused["read own 0600 file copied up by root"] == "ok"

@@ -151,9 +151,10 @@ def _read(path: bytes, **kw: Any) -> Any:
         os.close(fd)
 
 
-def _append(path: bytes, data: bytes, **kw: Any) -> str:
+def _write(path: bytes, data: bytes, flags: int, mode: int = 0o644, **kw: Any) -> str:
+    """Open with *flags* and write *data*: "ok", or the open's errno name."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, **kw)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, mode, **kw)
     except OSError as exc:
         return errname(exc.errno or 0)
     try:
@@ -161,18 +162,14 @@ def _append(path: bytes, data: bytes, **kw: Any) -> str:
     finally:
         os.close(fd)
     return "ok"
+
+
+def _append(path: bytes, data: bytes, **kw: Any) -> str:
+    return _write(path, data, os.O_APPEND, **kw)
 
 
 def _create(path: bytes, data: bytes, mode: int = 0o644, **kw: Any) -> str:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, **kw)
-    except OSError as exc:
-        return errname(exc.errno or 0)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    return "ok"
+    return _write(path, data, os.O_CREAT | os.O_EXCL, mode, **kw)
 
 
 def _readlink(path: bytes) -> Any:

@@ -31,7 +31,6 @@ from tests.support.writecheck import (
     default_workdir,
     errname,
     errno_of,
-    kernel_overlay,
     on_kernel_and_ours,
     kill_daemon,
     public_dir,
@@ -303,23 +302,10 @@ def _on_disk(up: Path) -> dict[str, list[Any]]:
 
 def test_new_entries_belong_to_the_caller_and_permissions_are_checked(tmp_path: Path, mount: Mount) -> None:
     """As uid 1000: new entries are 1000's (gid of a set-group-ID parent), and refusals match the kernel's."""
-    results = {}
     with public_dir() as pub:
-        for side in ("kernel", "pyunionfs"):
-            low, up = tmp_path / side / "low", tmp_path / side / "up"
-            _owner_lower(low)
-            up.mkdir()
-            mnt = pub / side
-            mnt.mkdir()
-            if side == "kernel":
-                with kernel_overlay([low], up, tmp_path / side / "work", mnt):
-                    out = run_as(1000, 1000, mnt, _AS_USER)
-            else:
-                d = mount([low], up, mnt=mnt)
-                out = run_as(1000, 1000, mnt, _AS_USER)
-                d.stop()
-            results[side] = (out, _on_disk(up))
-    (k_out, k_disk), (p_out, p_disk) = results["kernel"], results["pyunionfs"]
+        results = on_kernel_and_ours(tmp_path, mount, _owner_lower, lambda m: run_as(1000, 1000, m, _AS_USER), pub)
+    k_out, p_out = results["kernel"], results["pyunionfs"]
+    k_disk, p_disk = (_on_disk(tmp_path / side / "up") for side in ("kernel", "pyunionfs"))
     # the spec, as the kernel shows it
     assert k_out["stat"]["pub/f"][:2] == [1000, 1000] and k_out["stat"]["sg/f"][:2] == [1000, 1234]
     assert k_out["stat"]["sg/d"] == [1000, 1234, oct(stat.S_IFDIR | 0o2755)]
@@ -497,18 +483,7 @@ def _held_after_replace(m: Path) -> Obs:
 
 def test_replaced_file_held_by_the_kernel_keeps_its_identity(tmp_path: Path, mount: Mount) -> None:
     """A file replaced or unlinked while still held stays valid (st_nlink 0) and its number is not reused."""
-    results = {}
-    for side in ("kernel", "pyunionfs"):
-        low, up = tmp_path / side / "low", tmp_path / side / "up"
-        low.mkdir(parents=True)
-        up.mkdir()
-        if side == "kernel":
-            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
-                results[side] = _held_after_replace(m)
-        else:
-            d = mount([low], up)
-            results[side] = _held_after_replace(d.mnt)
-            d.stop()
+    results = on_kernel_and_ours(tmp_path, mount, lambda low: None, _held_after_replace)
     assert results["kernel"] == {"held a": (True, 0, 4), "number of a reused": False,
                                  "held u": (True, 0, 9), "number of u reused": False}
     assert results["pyunionfs"] == results["kernel"]

@@ -208,24 +208,27 @@ def kernel_overlay(lowers: Sequence[Path], upper: Path | None, work: Path | None
 
 
 def on_kernel_and_ours(tmp_path: Path, mount: Callable[..., Daemon], build: Callable[[Path], object],
-                       story: Callable[[Path], Any]) -> dict[str, Any]:
+                       story: Callable[[Path], Any], mnt_parent: Path | None = None) -> dict[str, Any]:
     """Run *story(mnt)* on the kernel's overlayfs and on pyunionfs over the same one-lower stack.
 
     *build(lower)* fills the lower (each side gets its own copy, made the same way).  The layers
     stay at ``tmp_path/SIDE/{low,up}`` for the caller's checks of the upper layout; the returned
-    dict maps "kernel" and "pyunionfs" to what *story* returned.
+    dict maps "kernel" and "pyunionfs" to what *story* returned.  The mountpoints are
+    ``MNT_PARENT/SIDE`` when given (e.g. a :func:`public_dir`, for steps run as another user).
     """
     results: dict[str, Any] = {}
     for side in ("kernel", "pyunionfs"):
         low, up = tmp_path / side / "low", tmp_path / side / "up"
+        mnt = (mnt_parent or tmp_path / side) / (side if mnt_parent else "mnt")
         low.mkdir(parents=True, exist_ok=True)
         build(low)
         up.mkdir()
+        mnt.mkdir(exist_ok=True)
         if side == "kernel":
-            with kernel_overlay([low], up, tmp_path / side / "work", tmp_path / side / "mnt") as m:
+            with kernel_overlay([low], up, tmp_path / side / "work", mnt) as m:
                 results[side] = story(m)
         else:
-            d = mount([low], up)
+            d = mount([low], up, mnt=mnt)
             results[side] = story(d.mnt)
             d.stop()
     return results
