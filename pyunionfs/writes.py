@@ -339,9 +339,13 @@ class WritableUnionFS(UnionFS):
         dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
         result = make(dfd, target, mode)
         try:
-            os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISLNK(mode):
-                _chmod(proc_path(dfd, target), False, stat.S_IMODE(mode))
+            if result is not None:  # a file we hold open: no name to resolve again
+                os.fchown(result, caller.uid, gid)
+                os.fchmod(result, stat.S_IMODE(mode))
+            else:
+                os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISLNK(mode):
+                    _chmod(proc_path(dfd, target), False, stat.S_IMODE(mode))
             if stat.S_ISDIR(mode) and (over or parent.entry.merged):
                 # Over a whiteout it must be opaque.  In a merged parent the
                 # kernel (index=on, whose hard-link rules we follow) marks it
