@@ -163,7 +163,14 @@ async def _serve(stop: list[bool], mountpoint: bytes) -> None:
 
         nursery.start_soon(watch_signals)
         nursery.start_soon(_tune_readahead, mountpoint)
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # The kernel ended the connection as aborted rather than unmounted
+            # (an abort through fusectl; seen too when an unmount races with
+            # the releases of files closed just before).  The mount is gone
+            # either way: end as after an unmount, saying so.
+            log.warning("the kernel aborted the FUSE connection: the mount is gone")
         nursery.cancel_scope.cancel()
 
 
