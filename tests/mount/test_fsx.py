@@ -135,11 +135,7 @@ def test_fsx_notices_a_byte_changed_behind_its_back(tmp_path: Path) -> None:
             for f in fsx.files:
                 if f.model:
                     at = len(f.model) // 2
-                    fd = os.open(f.path, os.O_RDWR)
-                    try:
-                        os.pwrite(fd, bytes([f.model[at] ^ 0x5A]), at)
-                    finally:
-                        os.close(fd)
+                    _flip(f.path, at, f.model[at] ^ 0x5A)
                     flipped.add((f.name, at))
 
     with pytest.raises(FsxFailure) as info:
@@ -209,11 +205,7 @@ def test_fsx_notices_data_changed_in_the_upper_during_the_run(tmp_path: Path, mo
             for f in fsx.files:
                 if f.model and (upper / f.name).exists():
                     at = len(f.model) // 3
-                    fd = os.open(upper / f.name, os.O_RDWR)
-                    try:
-                        os.pwrite(fd, bytes([f.model[at] ^ 0xFF]), at)
-                    finally:
-                        os.close(fd)
+                    _flip(upper / f.name, at, f.model[at] ^ 0xFF)
                     flipped.add((f.name, at))
 
     with pytest.raises(FsxFailure) as info:
@@ -242,3 +234,12 @@ def test_the_final_upper_check_notices_a_changed_byte(tmp_path: Path, mount: Mou
     path.write_bytes(data)
     with pytest.raises(FsxFailure, match=re.escape(name) + f": size .*first differing offset {len(data) - 1:#x}"):
         check_layer(upper, model)
+
+
+def _flip(path: object, at: int, value: int) -> None:
+    """Write one byte behind the exerciser's back (so a test can check it is caught)."""
+    fd = os.open(path, os.O_RDWR)  # type: ignore[arg-type]
+    try:
+        os.pwrite(fd, bytes([value]), at)
+    finally:
+        os.close(fd)

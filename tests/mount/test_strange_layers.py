@@ -943,6 +943,15 @@ def _digest(names: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def _timed_listing(path: bytes, tm: dict[str, float], what: str, prefix: str) -> Obs:
+    """List *path* once, timing it as *what*: how many names, how many distinct, their digest."""
+    t = time.monotonic()
+    names = os.listdir(path)
+    tm[what] = time.monotonic() - t
+    return {f"{prefix}count": len(names), f"{prefix}distinct": len(set(names)),
+            f"{prefix}sha256 of the sorted names": _digest(names)}
+
+
 @pytest.mark.timeout(120 + BIG // 4000)
 def test_huge_directory(scratch: Path, tmp_path: Path, mount: Mount) -> None:
     """A lower directory with BIG entries (200,000 by default, PYUNIONFS_BIG_DIR=1000000 for the million): the
@@ -975,13 +984,7 @@ def test_huge_directory(scratch: Path, tmp_path: Path, mount: Mount) -> None:
         tm = timings[side]
         big = os.fsencode(m / "big")
         obs: Obs = {}
-        t = time.monotonic()
-        names = os.listdir(big)
-        tm["list"] = time.monotonic() - t
-        obs["count"] = len(names)
-        obs["distinct"] = len(set(names))
-        obs["sha256 of the sorted names"] = _digest(names)
-        del names
+        obs.update(_timed_listing(big, tm, "list", ""))
         if side == "pyunionfs":
             memory.update(_vm(daemons[-1].proc.pid))
         for i in picks:
@@ -996,19 +999,14 @@ def test_huge_directory(scratch: Path, tmp_path: Path, mount: Mount) -> None:
         obs["unlink lower e5"] = errname(errno_of(os.unlink, big + b"/e5"))
         obs["create e_new"] = _create(big + b"/e_new", b"")
         tm["create + unlink"] = time.monotonic() - t
-        t = time.monotonic()
-        names = os.listdir(big)
-        tm["list again"] = time.monotonic() - t
-        obs["again: count"] = len(names)
-        obs["again: distinct"] = len(set(names))
-        obs["again: sha256"] = _digest(names)
+        obs.update(_timed_listing(big, tm, "list again", "again: "))
         return obs
 
     res = _on_both(scratch, tracking_mount, story, lower=low, deadline=100 + BIG // 5000)
     (k_obs, k_up), (p_obs, p_up) = res["kernel"], res["pyunionfs"]
     assert (k_obs["count"], k_obs["distinct"], k_obs["sha256 of the sorted names"]) == (BIG, BIG, expected)
     changed = [n for n in _big_names(BIG) if n != b"e5"] + [b"e_new"]
-    assert (k_obs["again: count"], k_obs["again: sha256"]) == (BIG, _digest(changed))
+    assert (k_obs["again: count"], k_obs["again: sha256 of the sorted names"]) == (BIG, _digest(changed))
     _same(k_obs, p_obs, f"a directory of {BIG} entries through the mount")
     k_layout, p_layout = _layout(k_up), _layout(p_up)
     assert k_layout[b"big/e5"] == ("whiteout",)
