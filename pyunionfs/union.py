@@ -74,7 +74,8 @@ class UnionFS:
         writable = cfg.upper is not None and not cfg.readonly
         workdir = cfg.workdir or (default_workdir(cfg.upper) if cfg.upper is not None and writable else None)
         self.stack = LayerStack(cfg.layers, writable_top=writable, workdir=workdir)
-        self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts, trusted_ok=os.geteuid() == 0)
+        # Whether trusted.* can be written was decided once, by asking the kernel (config.build_config).
+        self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
         self.resolver = Resolver(self.stack, self.markers)
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]
