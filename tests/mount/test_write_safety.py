@@ -310,11 +310,7 @@ def _kill_during_copy_up(d: Daemon, path: Path, work: Path) -> None:
         wait_for(filling, 30, f"a copy-up temporary of >= 16 MiB in {work}")
         kill_daemon(d)
     finally:
-        try:
-            out, _ = writer.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            writer.kill()
-            out, _ = writer.communicate()
+        out = _output_of(writer)
     result = json.loads(out)
     if result["errno"] == 0:
         pytest.skip("the copy-up completed before the daemon was killed: the disk is too fast to test this")
@@ -323,6 +319,16 @@ def _kill_during_copy_up(d: Daemon, path: Path, work: Path) -> None:
 
 _BIG = "deep/er/big"
 _BIG_PARENTS = ("deep", "deep/er")
+
+
+def _output_of(proc: subprocess.Popen) -> str:
+    """The worker's stdout once it has ended; killed if it does not end within 30 s."""
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
 
 
 @pytest.mark.timeout(180)
@@ -482,11 +488,7 @@ def _kill_midway(d: Daemon, proc: subprocess.Popen, progress: Path, goal: int, p
         time.sleep(pause)
         kill_daemon(d)
     finally:
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = _output_of(proc)
     return out
 
 
