@@ -250,6 +250,12 @@ def _command(args: argparse.Namespace) -> int:
     return 2
 
 
+def subcommands() -> frozenset[str]:
+    """The first words that name a subcommand (rather than a mount.fuse3 SOURCE), from the parser."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return frozenset(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -27,10 +27,6 @@ from typing import NamedTuple
 
 from .errors import UsageError
 
-#: The first words that name a subcommand rather than a mount.fuse3 SOURCE.
-SUBCOMMANDS = frozenset({"mount", "umount", "drop-caches", "demo", "diff", "commit", "apply", "install-helper",
-                         "pull", "push", "images", "history", "tag", "rmi"})
-
 #: Where ``install-helper`` links the command by default: the first directory
 #: of the search path mount.fuse3's /bin/sh falls back to (mount(8) runs its
 #: helpers without PATH) and of systemd's PATH for fstab mounts.
@@ -235,7 +231,9 @@ def is_overlay_form(argv: list[str]) -> bool:
     """
     if not argv or argv[0] in ("-h", "--help", "--version"):
         return False
-    if argv[0] not in SUBCOMMANDS:
+    from .cli import subcommands  # the parser's own list: a new subcommand is known here at once
+
+    if argv[0] not in subcommands():
         return True
     if argv[0] == "commit":  # its -o names the output file
         return False
