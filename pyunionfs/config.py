@@ -75,15 +75,52 @@ def split_layers(spec: str) -> list[str]:
     return out
 
 
+def split_items(group: str) -> list[str]:
+    r"""Split one ``-o`` argument at its commas, keeping empty items out.
+
+    As the kernel's overlayfs: a backslash escapes the next character (so
+    ``\,`` is a comma inside a value; the escapes are kept for the value's own
+    reader), and, as SELinux's ``context="a,b"``, commas inside double quotes
+    do not split.
+    """
+    items: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(group):
+        ch = group[i]
+        if ch == "\\" and i + 1 < len(group):
+            cur.append(group[i : i + 2])
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    return [it for it in items if it]
+
+
+def unescape(value: str) -> str:
+    r"""Drop the backslash of every ``\X`` (the kernel's rule for upperdir= and workdir=)."""
+    out: list[str] = []
+    it = iter(value)
+    for ch in it:
+        out.append(next(it, "\\") if ch == "\\" else ch)
+    return "".join(out)
+
+
 def parse_options(items: list[str]) -> dict[str, str]:
     """Turn ``-o a,b=c`` (possibly repeated) into a dict; empty items are skipped."""
     opts: dict[str, str] = {}
     for item in items:
-        for part in item.split(","):
-            if not part:
-                continue
+        for part in split_items(item):
             key, eq, value = part.partition("=")
-            opts[key] = value if eq else ""
+            opts[key] = unescape(value) if eq else ""
     return opts
 
 
@@ -190,7 +227,7 @@ def mount_flags(items: list[str]) -> tuple[str, ...]:
     separated): of ``dev``/``nodev`` and the other pairs, the last one given."""
     last: dict[str, str] = {}
     for item in items:
-        for part in item.split(","):
+        for part in split_items(item):
             for pair in MOUNT_FLAG_PAIRS:
                 if part in pair:
                     last[pair[0]] = part

@@ -25,6 +25,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .config import split_items, unescape
 from .errors import UsageError
 
 #: Where ``install-helper`` links the command by default: the first directory
@@ -163,45 +164,6 @@ def lookup(key: str) -> Option | None:
 
 
 # -- reading the command line ---------------------------------------------------
-
-
-def split_items(group: str) -> list[str]:
-    r"""Split one ``-o`` argument at its commas, keeping empty items out.
-
-    As the kernel's overlayfs: a backslash escapes the next character (so
-    ``\,`` is a comma inside a value; the escapes are kept for the value's own
-    reader), and, as SELinux's ``context="a,b"``, commas inside double quotes
-    do not split.
-    """
-    items: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(group):
-        ch = group[i]
-        if ch == "\\" and i + 1 < len(group):
-            cur.append(group[i : i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    return [it for it in items if it]
-
-
-def unescape(value: str) -> str:
-    r"""Drop the backslash of every ``\X`` (the kernel's rule for upperdir= and workdir=)."""
-    out: list[str] = []
-    it = iter(value)
-    for ch in it:
-        out.append(next(it, "\\") if ch == "\\" else ch)
-    return "".join(out)
 
 
 @dataclass

@@ -253,3 +253,9 @@ def test_workdir_on_another_filesystem_is_refused(dirs):
         pytest.skip("/dev/shm is on the same filesystem as the test dirs")
     with pytest.raises(UsageError, match="not on the upper's filesystem"):
         build_config(f"{dirs}/l1", f"{dirs}/u", f"{dirs}/mnt", ["workdir=/dev/shm/pyunionfs-w"])
+
+
+def test_options_split_as_overlayfs_does_in_both_command_forms() -> None:
+    """``-o`` of ``pyunionfs mount`` reads escapes and quotes as the overlay form does: one splitter."""
+    assert parse_options([r"workdir=/w\,x,,timeout=5", 'context="a,b"']) == {
+        "workdir": "/w,x", "timeout": "5", "context": '"a,b"'}
