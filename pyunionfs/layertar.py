@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import os
 import stat
 import tarfile
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from .changes import LayerError, UpperEntry, UpperWalk, display
+from .digest import Hasher, HashWriter
 from .paths import join
 from .whiteout import OCI_OPAQUE, Markers
 
@@ -170,32 +170,11 @@ class CommitResult:
     skipped: tuple[bytes, ...] = ()
 
 
-class _HashingFile:
-    """A write-only file object that hashes what goes through it and counts it."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.out.write(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
 class _Tee:
     """The tar's file object: every byte goes to the hashed tar file and,
     optionally, to a gzip stream (one pass over the upper for both)."""
 
-    def __init__(self, tar: _HashingFile, gz: gzip.GzipFile | None) -> None:
+    def __init__(self, tar: HashWriter, gz: gzip.GzipFile | None) -> None:
         self.tar = tar
         self.gz = gz
 
@@ -331,14 +310,14 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
             tar_file = stack.enter_context(open(tmp_tar, "wb"))
             made.append(tmp_tar)
             files.append(tar_file)
-            hashed = _HashingFile(tar_file)
-            gz_hashed: _HashingFile | None = None
+            hashed = HashWriter(tar_file, Hasher())
+            gz_hashed: HashWriter | None = None
             gz: gzip.GzipFile | None = None
             if tmp_gz is not None:
                 gz_file = stack.enter_context(open(tmp_gz, "wb"))
                 made.append(tmp_gz)
                 files.append(gz_file)
-                gz_hashed = _HashingFile(gz_file)
+                gz_hashed = HashWriter(gz_file, Hasher())
                 gz = gzip.GzipFile(filename="", mode="wb", fileobj=gz_hashed, mtime=0)
             walk = stack.enter_context(UpperWalk(os.fsencode(upper), markers))
             tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below, before gzip
@@ -364,12 +343,12 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
                 os.fsync(f.fileno())
         os.rename(tmp_tar, out)
         made.remove(tmp_tar)
-        diff_id = "sha256:" + hashed.sha.hexdigest()
+        diff_id = hashed.hasher.digest
         if tmp_gz is None or gz_hashed is None:
             return CommitResult(out, diff_id, skipped=tuple(writer.skipped))
         os.rename(tmp_gz, out + ".gz")
         made.remove(tmp_gz)
-        return CommitResult(out, diff_id, out + ".gz", "sha256:" + gz_hashed.sha.hexdigest(), tuple(writer.skipped))
+        return CommitResult(out, diff_id, out + ".gz", gz_hashed.hasher.digest, tuple(writer.skipped))
     except OSError as exc:
         where = exc.filename if exc.filename is not None else upper
         raise LayerError(f"{os.fsdecode(where)}: {exc.strerror or exc}") from None

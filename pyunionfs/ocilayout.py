@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from .digest import Hasher
 from .errors import MountError, UsageError
 
 __all__ = [
@@ -158,22 +159,6 @@ def split_layout_arg(arg: str, *, must_exist: bool) -> tuple[str, str | None]:
     if not tag:
         raise UsageError(f"{arg}: empty tag after ':'")
     return path, tag
-
-
-class Hasher:
-    """Counts and hashes bytes on their way somewhere else (digest and size in one pass)."""
-
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def update(self, data: bytes) -> None:
-        self.sha.update(data)
-        self.size += len(data)
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:

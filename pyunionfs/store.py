@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .changes import LayerError
+from .digest import Hasher, HashWriter
 from .errors import UsageError
 from .ocilayout import (
     CONTAINERD_NAME,
@@ -57,7 +58,6 @@ from .ocilayout import (
     MT_MANIFEST,
     REF_NAME,
     Descriptor,
-    Hasher,
     ImageError,
     Layout,
     LayoutWriter,
@@ -571,7 +571,7 @@ class Store:
         tmp = out.temp()
         with open(self.blob_path(desc.digest), "rb") as src, open(tmp, "wb") as dst:
             h = Hasher()
-            tee = _HashWriter(dst, h)
+            tee = HashWriter(dst, h)
             with gzip.GzipFile(filename="", mode="wb", fileobj=tee, mtime=0) as gz:
                 if comp == "zstd":
                     _zstd_decompress(src, gz, desc.digest)
@@ -708,21 +708,6 @@ def _copy(src: IO[bytes], dst: IO[bytes], progress: Callable[[int], None] | None
             progress(len(chunk))
 
 
-class _HashWriter:
-    """A file object that hashes what it writes (gzip's output, for the blob's digest)."""
-
-    def __init__(self, out: IO[bytes], h: Hasher) -> None:
-        self.out, self.h = out, h
-
-    def write(self, data: bytes) -> int:
-        self.h.update(data)
-        self.out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
 def _hash_stream(stream: IO[bytes], digest: str) -> tuple[str, int]:
     """(sha256, size) of a (decompressed) layer stream; a broken stream names the blob."""
     h = Hasher()
@@ -746,7 +731,7 @@ def _unzstd(raw: IO[bytes], dest: str, digest: str) -> tuple[str, int]:
     """Decompress a zstd layer to *dest* (apply reads plain tars), hashing it on the way."""
     h = Hasher()
     with open(dest, "wb") as out:
-        _zstd_decompress(raw, _HashWriter(out, h), digest)
+        _zstd_decompress(raw, HashWriter(out, h), digest)
     return h.digest, h.size
 
 
