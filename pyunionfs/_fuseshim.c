@@ -1,8 +1,9 @@
 /*
- * Two FUSE features that pyfuse3 3.5 does not expose, added under it.
+ * Three FUSE features that pyfuse3 3.5 does not expose, added under it.
  *
  * Why this exists: pyfuse3 builds its own table of libfuse handlers and hands
- * it to fuse_session_new().  It gives no way to answer OPENDIR with
+ * it to fuse_session_new().  It gives no way to ask for FUSE_CAP_DONT_MASK
+ * (see init_dont_mask), no way to answer OPENDIR with
  * FOPEN_CACHE_DIR (so the kernel re-asks for every listing: the main cost of
  * a warm `git status` or `find`), and it has no FALLOCATE handler (so
  * fallocate(2) on the mount fails with EOPNOTSUPP).
@@ -39,6 +40,7 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
 					       void *);
 
 static struct fuse_lowlevel_ops wrapped_ops;
+static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 static void (*pyfuse3_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static int cache_dirs = 1;
 static int active;
@@ -51,6 +53,22 @@ static void opendir_cached(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info
 		fi->keep_cache = 1;
 	}
 	pyfuse3_opendir(req, ino, fi);
+}
+
+/*
+ * init: ask for FUSE_CAP_DONT_MASK.  Without it the kernel applies the
+ * caller's umask to the mode of every new file before we see it, also in a
+ * directory with a default ACL, where the kernel's overlayfs (like any local
+ * filesystem) ignores the umask and lets the ACL shape the mode.  With it the
+ * mode arrives whole and the umask beside it (pyfuse3's ctx.umask): the union
+ * applies one or the other, as posix_acl_create() does.
+ */
+static void init_dont_mask(void *userdata, struct fuse_conn_info *conn)
+{
+	if (pyfuse3_init != NULL)
+		pyfuse3_init(userdata, conn);
+	if (conn->capable & FUSE_CAP_DONT_MASK)
+		conn->want |= FUSE_CAP_DONT_MASK;
 }
 
 static void fallocate_fh(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -82,6 +100,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
 	}
 	if (wrapped_ops.fallocate == NULL)
 		wrapped_ops.fallocate = fallocate_fh;
+	pyfuse3_init = wrapped_ops.init;
+	wrapped_ops.init = init_dont_mask;
 	active = 1;
 	return real(args, &wrapped_ops, sizeof(wrapped_ops), userdata);
 }

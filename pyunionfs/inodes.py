@@ -42,11 +42,14 @@ class Node:
     aliases: set[bytes] | None = None
     #: No name left (unlinked or replaced while the kernel still holds it).
     gone: bool = False
-    #: An O_PATH fd on the object of a gone node, held until the kernel
-    #: forgets it: the kernel's overlayfs keeps its real inode referenced the
-    #: same way, so the upper's filesystem cannot hand this inode number to a
-    #: new file while the kernel still has the old one (same node id, another
-    #: object: EIO or worse), and fstat of an unlinked file still answers.
+    #: An O_PATH fd on the object, taken just before the name it was known
+    #: by went away (unlinked, or replaced by a rename), and held until the
+    #: kernel forgets the node.  From then on every request for the node
+    #: reaches the object through it: the name may hold another object now,
+    #: and the object may have names we never learnt (hard links) or none.
+    #: The kernel's overlayfs keeps its real inode referenced the same way,
+    #: so the upper's filesystem cannot hand this inode number to a new file
+    #: while the kernel still has the old one (same node id, another object).
     pin: int | None = None
     #: Its xattr names as last listed, to answer "no such xattr" without a
     #: syscall (the kernel asks for ``security.capability`` before every
@@ -115,6 +118,9 @@ class InodeTable:
         if node is None:
             node = self.nodes[ino] = Node(ino, path, entry, parent=parent)
         else:
+            if node.pin is not None and entry.real != _ident(os.fstat(node.pin)):
+                os.close(node.pin)  # the number names another object now
+                node.pin = None
             node.entry = entry
             if ino != ROOT_INO:
                 if node.gone:
@@ -192,9 +198,23 @@ class InodeTable:
                 os.close(node.pin)
                 node.pin = None
 
+    def pin(self, ino: int, fd: int) -> bool:
+        """Hold *fd* (an O_PATH fd on node *ino*'s object) as its pin; False
+        (and *fd* closed) if the kernel holds no such node or it has one."""
+        node = self.nodes.get(ino)
+        if node is None or node.pin is not None or ino == ROOT_INO:
+            os.close(fd)
+            return False
+        node.pin = fd
+        return True
+
     def close(self) -> None:
         """Release the pins of every node (at unmount)."""
         for node in self.nodes.values():
             if node.pin is not None:
                 os.close(node.pin)
                 node.pin = None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

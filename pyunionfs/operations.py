@@ -146,7 +146,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
-        fh, _, attr = await self.fs.create(parent_inode, name, mode, flags, Caller(ctx.uid, ctx.gid))
+        fh, _, attr = await self.fs.create(parent_inode, name, mode, flags, Caller(ctx.uid, ctx.gid, ctx.umask))
         return FileInfo(fh=fh, keep_cache=True), self._entry(attr)
 
     @fuse_errors
@@ -180,17 +180,17 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid))
+        _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid))
+        _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid))
+        _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors

@@ -19,13 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import origin
 from .cache import ResolutionCache
 from .layers import LayerStack
-from .paths import check_name, join
+from .paths import check_name, join, proc_path
 from .whiteout import OCI_OPAQUE, Markers
 
 
@@ -47,6 +47,23 @@ class Entry:
     #: The merged link count of an indexed hard-linked file (its
     #: ``overlay.nlink`` record); None means st_nlink.
     nlink: int | None = None
+    #: The name in the work dir's ``index/`` of the object this entry shows,
+    #: when the merged name itself is still only in a lower layer: a lower
+    #: hard link whose copy-up was made through another of its names.  The
+    #: object is that index copy (``layers == (0,)``, ``st`` is its lstat),
+    #: but this name has no upper link yet.  None: the object is at the name.
+    index: bytes | None = None
+
+    @property
+    def real(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the object in ``layers[0]``: what a path
+        found for this entry must lead to (``ident`` may be an origin's)."""
+        return self.st.st_dev, self.st.st_ino
+
+    @property
+    def linked_up(self) -> bool:
+        """Whether the upper holds this object under this very name."""
+        return self.layers[0] == 0 and self.index is None
 
     @property
     def is_dir(self) -> bool:
@@ -56,6 +73,13 @@ class Entry:
     def merged(self) -> bool:
         """A directory that unions more than one layer (overlayfs reports nlink 1)."""
         return len(self.layers) > 1
+
+
+class IndexView(Protocol):
+    """The work dir's ``index/`` as the resolver reads it (see :class:`.upper.Upper`)."""
+
+    index: int
+    index_keys: set[bytes]
 
 
 class Resolver:
@@ -69,9 +93,9 @@ class Resolver:
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
         self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
         self._nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
-        #: Called for a lower file with several links: the writable side
-        #: answers with the entry of its indexed upper copy, if there is one.
-        self.index_hook: Callable[[int, bytes, bytes, os.stat_result], Entry | None] | None = None
+        #: The upper's hard-link index, when the mount writes one: a lower
+        #: file with several links resolves to its index copy if it has one.
+        self.index: IndexView | None = None
         self.cache = ResolutionCache()
 
     def root(self) -> Entry:
@@ -104,9 +128,12 @@ class Resolver:
                     self.stack.layers[layer].writable and st.st_nlink > 1) else None
                 return Entry(cached.layers, st, cached.ident, cached.xwh, nlink)
         entry = self._resolve(parent, parent_rel, name)
-        if entry is None or entry.is_dir or entry.layers[0] == 0 or entry.st.st_nlink < 2 or self.index_hook is None:
+        if entry is None or entry.is_dir or entry.linked_up or (entry.st.st_nlink < 2 and entry.index is None) or (
+            self.index is None
+        ):
             # (A lower hard link may get an index copy through another name
-            # at any time: it is resolved afresh each time.)
+            # at any time, and an index copy has no name here to lstat: both
+            # are resolved afresh each time.)
             self.cache.store(parent.ident, name, entry)
         return entry
 
@@ -138,8 +165,8 @@ class Resolver:
                     if layer + 1 < len(stack.layers):
                         ident = self._origin(parent, parent_rel, name, layer, ident)
                     return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st))
-                if st.st_nlink > 1 and self.index_hook is not None:
-                    indexed = self.index_hook(layer, parent_rel, name, st)
+                if st.st_nlink > 1 and self.index is not None and self.index.index_keys:
+                    indexed = self._indexed(layer, parent_rel, name, ident)
                     if indexed is not None:
                         return indexed
                 return Entry((layer,), st, ident)
@@ -156,6 +183,25 @@ class Resolver:
         if top is None or low is None:
             return None
         return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+
+    def _indexed(self, layer: int, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry | None:
+        """The index copy of lower hard link *name*, if one of its names was
+        copied up (overlayfs's index=on): every name shows that one object.
+        Nothing is written: the name is linked into the upper only when it
+        is itself copied up (overlayfs's ``ovl_link_up``)."""
+        assert self.index is not None
+        record = origin.of(self.stack.dirfd(layer, parent_rel), name)
+        if record is None:
+            return None
+        key = origin.index_name(record)
+        if key not in self.index.index_keys:
+            return None
+        try:
+            st = os.stat(key, dir_fd=self.index.index, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        nlink = self.nlink_of(proc_path(self.index.index, key), False, st) if st.st_nlink > 1 else None
+        return Entry((0,), st, ident, nlink=nlink, index=key)
 
     def names(self, d: Entry, rel: bytes) -> list[bytes]:
         """Candidate names of merged directory *d*, each once, top layer's order first.

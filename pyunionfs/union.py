@@ -3,10 +3,27 @@
 :class:`UnionFS` is what the FUSE adapter calls and what unit tests drive
 directly.  It raises :class:`OSError` with the errno the caller must see; it
 knows nothing of pyfuse3.
+
+One rule holds for every request that names an inode (open, getattr,
+readlink, the xattr calls, setattr, link's source, opendir): it is answered
+for *that* object, never for whatever holds its last known name now.  The
+kernel names objects by node id; we find them by path only because layers
+are directories.  So the node's object is reached in one of three ways, all
+in :meth:`UnionFS.stat_object` / :meth:`UnionFS.open_object` /
+:meth:`UnionFS.object_path`:
+
+* its pin, an O_PATH fd taken just before one of its names went away (see
+  :attr:`.inodes.Node.pin`): exact by construction;
+* its name in a lower layer: lowers never change under a mount, so the name
+  still holds the object;
+* its name in the upper (or its ``index/`` entry), checked against the
+  object's own (st_dev, st_ino) after the lookup: a name that now holds
+  another object answers ENOENT, as a name that holds nothing does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -16,9 +33,10 @@ from dataclasses import dataclass
 
 from .config import MountConfig, default_workdir
 from .errors import fs_error
+from .handles import BACKING_FLAGS, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
-from .paths import split
+from .paths import proc_path, split
 from .resolve import Entry, Resolver
 from .whiteout import Markers
 
@@ -82,7 +100,7 @@ class UnionFS:
         self.inodes = InodeTable(self.resolver.root(), devices)
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
-        self._files: set[int] = set()
+        self.handles = HandleTable()
         self._closed = False
 
     def close(self) -> None:
@@ -90,9 +108,7 @@ class UnionFS:
         if self._closed:
             return
         self._closed = True
-        for fd in self._files:
-            os.close(fd)
-        self._files.clear()
+        self.handles.close()
         self._dirs.clear()
         self.inodes.close()
         self.stack.close()
@@ -185,19 +201,103 @@ class UnionFS:
         )
 
     def getattr(self, ino: int) -> Attr:
-        """Fresh attributes, read from the layer that provides the object."""
+        """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
         node = self.node(ino)
-        st = self.stack.stat_self(node.entry.layers[0], node.path)
-        layer = node.entry.layers[0]
-        nlink = self.resolver.merged_nlink(layer, node.path, st) if self.stack.layers[layer].writable else None
-        node.entry = Entry(node.entry.layers, st, node.entry.ident, node.entry.xwh, nlink)
+        st = self.stat_object(node)
+        nlink = None
+        # An indexed copy of a lower hard link counts the names still only
+        # below ("overlay.nlink"); with no merged name left it shows 0, as
+        # the kernel's in-memory count does.
+        if (
+            self.stack.layers[node.entry.layers[0]].writable
+            and not stat.S_ISDIR(st.st_mode)
+            and (st.st_nlink > 1 or (node.gone and st.st_nlink > 0))
+        ):
+            path, follow = self._path(node)
+            nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
+        e = node.entry
+        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index)
         return self.attr_of(ino, node.entry)
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         if not stat.S_ISLNK(node.entry.st.st_mode):
             raise fs_error(errno.EINVAL)
-        return self.stack.readlink(node.entry.layers[0], node.path)
+        if node.pin is not None:
+            return os.readlink(b"", dir_fd=node.pin)  # readlinkat(2) on the O_PATH fd of the link
+        self.stat_object(node)
+        dfd, name = self._place(node)
+        return os.readlink(name, dir_fd=dfd)
+
+    # -- the node's own object ---------------------------------------------------
+
+    def _place(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd, name) where *node*'s object should be: its index
+        copy, or its name in its layer (b"" for the layer root itself).
+        Unchecked: callers use :meth:`stat_object` or :meth:`open_object`."""
+        entry = node.entry
+        if entry.index is not None:
+            assert self.resolver.index is not None
+            return self.resolver.index.index, entry.index
+        if not node.path:
+            return self.stack.layers[entry.layers[0]].fd, b""
+        parent, _, name = node.path.rpartition(b"/")
+        return self.stack.dirfd(entry.layers[0], parent), name
+
+    def _path(self, node: Node) -> tuple[bytes, bool]:
+        """A path to *node*'s object for calls without an ``*at`` form, and
+        whether to follow its last step (only a magic link of an fd we hold)."""
+        if node.pin is not None:
+            return proc_path(node.pin), True
+        dfd, name = self._place(node)
+        return (proc_path(dfd, name), False) if name else (proc_path(dfd), True)
+
+    def _check(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """*st*, if it is of *node*'s object; ENOENT if its name now holds
+        another one (a lower name cannot: lowers do not change)."""
+        if self.stack.layers[node.entry.layers[0]].writable and (st.st_dev, st.st_ino) != node.entry.real:
+            raise fs_error(errno.ENOENT, node.path)
+        return st
+
+    def stat_object(self, node: Node) -> os.stat_result:
+        """lstat of *node*'s own object, or ENOENT: never of another object."""
+        if node.pin is not None:
+            return os.fstat(node.pin)
+        dfd, name = self._place(node)
+        if not name:
+            return os.fstat(dfd)
+        return self._check(node, os.stat(name, dir_fd=dfd, follow_symlinks=False))
+
+    def object_path(self, node: Node) -> tuple[bytes, bool]:
+        """:meth:`_path` of *node*'s object, checked to be that object now
+        (nothing runs between the check and the caller's use of the path)."""
+        self.stat_object(node)
+        return self._path(node)
+
+    def open_object(self, node: Node, flags: int) -> int:
+        """An fd on *node*'s own object opened with *flags* (a final symlink
+        is never followed), or ENOENT.  Lower files are opened O_NOATIME."""
+        flags |= os.O_CLOEXEC
+        if node.pin is not None:
+            # Reopening the pin's magic link opens the pinned object itself.
+            return os.dup(node.pin) if flags & os.O_PATH else os.open(proc_path(node.pin), flags)
+        dfd, name = self._place(node)
+        if not name:
+            return os.open(proc_path(dfd), flags)
+        layer = node.entry.layers[0]
+        flags |= os.O_NOFOLLOW
+        fd = -1
+        if not self.stack.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):
+            with contextlib.suppress(PermissionError):  # not the owner: O_NOATIME is refused
+                fd = os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
+        if fd < 0:
+            fd = os.open(name, flags, dir_fd=dfd)
+        try:
+            self._check(node, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- directories ---------------------------------------------------------
 
@@ -205,6 +305,9 @@ class UnionFS:
         node = self.node(ino)
         if not node.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
+        if node.gone:
+            raise fs_error(errno.ENOENT)
+        self.stat_object(node)
         handle = next(self._dir_ids)
         self._dirs[handle] = _OpenDir(ino, node.path, node.entry, self.resolver.names(node.entry, node.path))
         return handle
@@ -267,38 +370,46 @@ class UnionFS:
             raise fs_error(errno.EROFS)
         if node.entry.is_dir:
             raise fs_error(errno.EISDIR)
-        fd = self.stack.open_file(node.entry.layers[0], node.path, flags & (os.O_DIRECT | os.O_NONBLOCK))
-        self._files.add(fd)
+        fd = self.open_object(node, flags & BACKING_FLAGS)
+        self.handles.add(fd, ino)
         return fd
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(fh, size, offset)
 
     def release(self, fh: int) -> None:
-        if fh in self._files:
-            self._files.discard(fh)
-            os.close(fh)
+        self.handles.release(fh)
 
     # -- xattrs and the rest ---------------------------------------------------
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Always listed afresh (a write or chown may drop ``security.capability``)."""
-        node = self.node(ino)
-        names = self.stack.listxattr(node.entry.layers[0], node.path)
-        return [v for v in map(self.markers.visible_xattr, names) if v is not None]
+        return [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+
+    def _stored_xattrs(self, node: Node, strict: bool = False) -> list[bytes]:
+        """The stored xattr names of *node*'s object; where xattrs are not
+        supported, none (unless *strict*)."""
+        path, follow = self.object_path(node)
+        try:
+            return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)]
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM) and not strict:
+                return []
+            raise
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         node = self.node(ino)
         if node.xattrs is None:
             try:
-                names = self.stack.listxattr(node.entry.layers[0], node.path, strict=True)
+                names = self._stored_xattrs(node, strict=True)
             except OSError:
                 pass  # not known; the getxattr below reports what is wrong
             else:
                 node.xattrs = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None)
         if node.xattrs is not None and name not in node.xattrs:
             raise fs_error(errno.ENODATA, name)
-        return self.stack.getxattr(node.entry.layers[0], node.path, self.markers.stored_xattr(name))
+        path, follow = self.object_path(node)
+        return os.getxattr(path, self.markers.stored_xattr(name), follow_symlinks=follow)
 
     def access(self, ino: int, mode: int) -> None:
         """Only what the kernel cannot know: writes to a read-only mount."""

@@ -1,0 +1,233 @@
+"""Copy-up through the mount: which object gets an upper copy, when, and under which name.
+
+:mod:`.copyup` knows how to build one copy atomically; this module decides
+what to copy and keeps the mount's records right around it (overlayfs's
+``copy_up.c``):
+
+* parents first: a name is copied up into a directory that has its own
+  upper copy (:meth:`CopyUps.upper_dir`);
+* one copy at a time per object: while an object is being copied up (the
+  data copy of a large file runs in a worker thread), requests that would
+  change it or its name wait for it (:meth:`CopyUps.settle`, the per-inode
+  lock); requests on other objects go on;
+* a lower file with several links is copied once, to the work dir's
+  ``index/`` (index=on), and each name that is itself copied up afterwards
+  is linked to that copy (:meth:`CopyUps.link_up`, overlayfs's
+  ``ovl_link_up``).  A name nobody copied up stays lower-only and resolves
+  to the index copy (:attr:`.resolve.Entry.index`): lookups never write.
+
+Copy-up is invisible in the merged view: parent times are put back, and
+read-only handles of the old lower file move onto the copy in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import copyup, origin
+from .errors import fs_error
+from .inodes import Node
+from .paths import join, proc_path, split
+from .resolve import Entry
+from .upper import Upper
+
+if TYPE_CHECKING:
+    from .union import UnionFS
+
+_THREAD_MIN = 1 << 16  # smaller copy-ups are cheaper inline than in a thread
+
+
+class CopyUps:
+    """Copy-ups of one writable mount, and the per-object lock around them."""
+
+    def __init__(self, fs: UnionFS, up: Upper) -> None:
+        self.fs = fs
+        self.up = up
+        self._busy: dict[int, trio.Event] = {}
+        #: Called with the inode number of an object whose attributes changed
+        #: other than by the request at hand (a directory copied up as a
+        #: parent becomes merged: its link count drops to 1), so the FUSE
+        #: adapter can make the kernel forget what it cached.
+        self.attrs_changed: Callable[[int], None] = lambda ino: None
+
+    async def settle(self, *inos: int) -> bool:
+        """Wait until no copy-up of *inos* is in flight; whether it waited."""
+        waited = False
+        for ino in inos:
+            while (ev := self._busy.get(ino)) is not None:
+                waited = True
+                await ev.wait()
+        return waited
+
+    # -- directories ----------------------------------------------------------
+
+    def parent_up(self, parent: Node) -> Entry:
+        """The entry of directory node *parent*, copied up first if needed
+        (without a walk from the root when it has its upper copy already)."""
+        if parent.entry.layers[0] == 0:
+            return parent.entry
+        return self.upper_dir(parent.path)
+
+    def upper_dir(self, rel: bytes) -> Entry:
+        """The merged entry of directory *rel*, copied up (with its parents) first."""
+        fs, up = self.fs, self.up
+        entry = fs.inodes[1].entry
+        at = b""
+        for name in rel.split(b"/") if rel else []:
+            child = fs.resolver.child(entry, at, name)
+            if child is None or not child.is_dir:
+                raise fs_error(errno.ENOENT, rel)
+            if child.layers[0] != 0:
+                src_dir = fs.stack.fds.dup(child.layers[0], at)
+                times = up.dir_times(at)
+                try:
+                    record = origin.of(src_dir, name)
+                    st = copyup.copy_up(
+                        src_dir, name, up.work, up.dirfd(at), up.keep_xattr, fsync=False,
+                        extra_xattrs={fs.markers.origin_xattr: record} if record else None,
+                    )
+                finally:
+                    os.close(src_dir)
+                if record:
+                    up.set_impure(at)
+                up.restore_times(at, times)
+                child = Entry((0, *child.layers), st, child.ident, child.xwh)
+                fs.resolver.cache.changed(entry.ident, name)
+                self._update(join(at, name), child)
+            entry, at = child, join(at, name)
+        return entry
+
+    def _update(self, path: bytes, entry: Entry) -> None:
+        """Give the node the kernel holds for directory *entry* the new entry."""
+        node = self.fs.inodes.get(self.fs.inodes.number(entry.ident, path))
+        if node is not None and not node.gone:
+            node.entry = entry
+            self.attrs_changed(node.ino)
+
+    # -- non-directories --------------------------------------------------------
+
+    async def node(self, node: Node, data: bool = True) -> None:
+        """Make sure *node*'s object has an upper copy; directories copy up empty.
+
+        ``data=False`` copies a file empty, for an open that truncates it anyway.
+        """
+        await self.settle(node.ino)
+        if node.entry.linked_up:
+            return
+        if node.gone:
+            raise fs_error(errno.EEXIST)  # its name is whited out: do not bring it back (overlayfs: EEXIST)
+        if node.entry.is_dir:
+            node.entry = self.upper_dir(node.path)
+            return
+        await self.entry(node.entry, node.path, data)
+
+    async def entry(self, entry: Entry, path: bytes, data: bool = True) -> Entry:
+        """Non-directory *entry*, found at merged *path*, with an upper link at
+        *path*: copied up, or linked to its index copy.  The node the kernel
+        holds for it (if any) is now known by *path*, with the new entry."""
+        ino = self.fs.inodes.number(entry.ident, path)
+        await self.settle(ino)
+        if entry.linked_up:
+            return entry
+        done = self._busy[ino] = trio.Event()
+        try:
+            parent_rel, name = split(path)
+            self.upper_dir(parent_rel)
+            times = self.up.dir_times(parent_rel)
+            if entry.index is not None:
+                new = self.link_up(entry.index, parent_rel, name, entry.ident)
+                record = True
+            else:
+                new, record = await self._copy(entry, parent_rel, name, data)
+            if record:
+                self.up.set_impure(parent_rel)
+            self.up.restore_times(parent_rel, times)
+            self.fs.resolver.cache.changed(self.upper_dir(parent_rel).ident, name)
+            node = self.fs.inodes.get(ino)
+            if node is not None:
+                if node.path != path:  # the name this copy-up gave the object is the one to use
+                    node.aliases = (node.aliases or set()) | {node.path}
+                    node.aliases.discard(path)
+                    node.path = path
+                node.entry, node.xattrs = new, None
+                self._repoint(node)
+            return new
+        finally:
+            del self._busy[ino]
+            done.set()
+
+    async def _copy(self, entry: Entry, parent_rel: bytes, name: bytes, data: bool) -> tuple[Entry, bool]:
+        """Copy lower *entry* up to *name*; the new entry, and whether it has
+        an origin record."""
+        fs, up = self.fs, self.up
+        src, src_st = entry.layers[0], entry.st
+        fds = [fs.stack.fds.dup(src, parent_rel), os.dup(up.work), fs.stack.fds.dup(0, parent_rel)]
+        try:
+            record = origin.of(fds[0], name)
+            extra = {fs.markers.origin_xattr: record} if record else None
+            key = origin.index_name(record) if record and src_st.st_nlink > 1 else None
+            dst, dst_name = fds[2], None
+            if key is not None:
+                # A hard-linked lower file is copied once, to the index, and
+                # the name linked there (overlayfs's index=on).
+                assert extra is not None
+                extra[fs.markers.nlink_xattr] = origin.nlink_record(src_st.st_nlink, 1)
+                fds.append(os.dup(up.index))
+                dst, dst_name = fds[3], key
+            if key is None or key not in up.index_keys:
+                job = functools.partial(
+                    copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, True, extra, dst_name, data=data
+                )
+                if data and src_st.st_size >= _THREAD_MIN:
+                    await trio.to_thread.run_sync(job)
+                else:
+                    job()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if key is not None:
+            up.index_keys.add(key)
+            return self.link_up(key, parent_rel, name, entry.ident), True
+        st = fs.stack.stat_self(0, join(parent_rel, name))
+        fs.resolver.origins[(st.st_dev, st.st_ino)] = entry.ident
+        return Entry((0,), st, entry.ident), record is not None
+
+    def link_up(self, key: bytes, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry:
+        """Link index entry *key* to *name*: one more upper link, the same
+        merged count, so the ``overlay.nlink`` record drops by one."""
+        fs, up = self.fs, self.up
+        before = os.stat(key, dir_fd=up.index, follow_symlinks=False)
+        path = proc_path(up.index, key)
+        try:
+            merged = origin.parse_nlink(
+                os.getxattr(path, fs.markers.nlink_xattr, follow_symlinks=False), before.st_nlink, before.st_nlink
+            )
+        except OSError:
+            merged = None
+        merged = merged or before.st_nlink
+        os.link(key, name, src_dir_fd=up.index, dst_dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
+        st = os.stat(name, dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
+        os.setxattr(path, fs.markers.nlink_xattr, origin.nlink_record(merged, st.st_nlink), follow_symlinks=False)
+        fs.resolver.origins[(st.st_dev, st.st_ino)] = ident
+        return Entry((0,), st, ident, nlink=merged)
+
+    def _repoint(self, node: Node) -> None:
+        """Re-open read-only handles of a just copied-up file on the copy, in
+        place (dup2 keeps the handle number), so they see later writes."""
+        fhs = self.fs.handles.of(node.ino)
+        if not fhs:
+            return
+        fd = self.fs.open_object(node, os.O_RDONLY)
+        try:
+            for fh in fhs:
+                st = os.fstat(fh)
+                if (st.st_dev, st.st_ino) != node.entry.real:
+                    os.dup2(fd, fh, inheritable=False)
+        finally:
+            os.close(fd)
