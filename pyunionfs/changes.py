@@ -25,6 +25,31 @@ An upper that uses ``overlay.redirect`` (renamed directories, kernel
 ``redirect_dir=on``) or ``overlay.metacopy`` (metadata-only copy-up) keeps
 part of its meaning in a lower layer; it is refused with :class:`LayerError`
 rather than read wrongly.
+
+Hard links of a lower file live partly outside the upper.  With
+``index=on`` (the kernel's option, pyunionfs's only way) the first copy-up
+of a lower file with several names goes to the work directory's
+``index/<hex of its origin record>``, and only the names that were written,
+linked or renamed are hard links of that copy in the upper; the other names
+stay lower-only, yet the mount shows the copy under them too.  A layer must
+hold what the container saw, so with the lowers known the walk adds those
+names itself (:func:`index_names`): for each live index entry, every name of
+its lower object (same st_dev/st_ino, matched to the origin record by file
+handle) that the merged view of upper over lowers still shows from a lower
+layer (not whited out, not replaced, not below an opaque directory) becomes
+an entry with the index copy's metadata and content, in the same hard-link
+group as the copy's upper names; a lower directory leading to such a name
+that the upper lacks is added with the lower's metadata, as the kernel
+would copy it up.  An index entry whose ``overlay.nlink`` record says every
+merged name is gone adds nothing.  The work directory is the one given, or
+else pyunionfs's default beside the upper (:func:`.config.default_workdir`);
+the kernel's is wherever ``workdir=`` said.
+
+Without the lowers (or without the index) those names cannot be found.  The
+walk then counts, per copied-up hard link, the merged link count its
+``overlay.nlink`` record gives against the names it produced, and warns
+once (to stderr by default) when some are missing, saying what to pass;
+nothing is guessed.
 """
 
 from __future__ import annotations
@@ -32,19 +57,25 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from . import origin
+from .config import default_workdir
 from .errors import MountError
 from .layers import LayerStack
-from .paths import join
+from .paths import join, proc_path
 from .resolve import Entry, Resolver
+from .syscalls import name_to_handle_at
+from .upper import INDEX
 from .whiteout import OCI_OPAQUE, Markers, classify_oci_name
 
 __all__ = [
-    "ADDED", "CHANGED", "DELETED", "LayerError", "LowerView", "UpperEntry", "UpperWalk",
-    "changes", "display", "path_key",
+    "ADDED", "CHANGED", "DELETED", "IndexCopy", "IndexDir", "LayerError", "LowerView", "UpperEntry",
+    "UpperWalk", "Warn", "changes", "display", "graft_entries", "index_names", "path_key", "visible_xattrs",
+    "warn_stderr",
 ]
 
 ADDED = "A"
@@ -71,6 +102,35 @@ def display(path: bytes) -> str:
     return os.fsdecode(path) or "."
 
 
+#: Where a walk's warnings go: called with one line, without a prefix.
+Warn = Callable[[str], None]
+
+
+def warn_stderr(message: str) -> None:
+    """The default :data:`Warn`: one line on stderr, as the command line prints warnings."""
+    print(f"pyunionfs: warning: {message}", file=sys.stderr)
+
+
+XattrList = tuple[tuple[bytes, bytes], ...]
+
+
+def visible_xattrs(markers: Markers, names: Sequence[bytes], get: Callable[[bytes], bytes]) -> XattrList:
+    """The user-visible xattrs among the stored *names* (values read with
+    *get*), as the mount shows them, sorted; one removed since it was listed
+    is skipped rather than failing the whole walk."""
+    out = []
+    for name in names:
+        visible = markers.visible_xattr(name)
+        if visible is None:
+            continue
+        try:
+            out.append((visible, get(name)))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True, slots=True)
 class UpperEntry:
     """One name of an upper, as an image layer sees it.
@@ -86,28 +146,187 @@ class UpperEntry:
     whiteout: bool = False
     opaque: bool = False
     copied_up: bool = False
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    xattrs: XattrList = ()
     #: This directory holds xattr whiteouts (``overlay.opaque=x``).
     xwhiteouts: bool = False
+    #: Not in the upper, but shown through it (see the module doc on hard
+    #: links): a lower-only name of a copied-up hard link, or a lower
+    #: directory on the way to one, with the metadata the mount shows.
+    grafted: bool = False
+    #: The work dir's ``index/`` entry whose content this grafted name shows.
+    index: bytes | None = None
 
     @property
     def is_dir(self) -> bool:
         return not self.whiteout and stat.S_ISDIR(self.st.st_mode)
 
 
+@dataclass(frozen=True, slots=True)
+class IndexCopy:
+    """One entry of a work dir's ``index/``: the upper copy of a hard-linked lower object."""
+
+    key: bytes
+    #: (handle type, handle bytes) of the lower object, from the origin record.
+    handle: tuple[int, bytes]
+    st: os.stat_result
+    #: The ``overlay.nlink`` record; None if the entry has none.
+    nlink: bytes | None
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return self.st.st_dev, self.st.st_ino
+
+    def merged_nlink(self, lower_nlink: int | None = None) -> int | None:
+        """The merged link count the record gives (0: every merged name is
+        gone); None without a readable record, or for an ``L`` (relative to
+        the lower) record while *lower_nlink* is unknown."""
+        if self.nlink is None or (self.nlink[:1] == b"L" and lower_nlink is None):
+            return None
+        return origin.parse_nlink(self.nlink, self.st.st_nlink, lower_nlink or 0, unlinked=True)
+
+
+class IndexDir:
+    """The ``index/`` of a work directory, only read (never cleaned: that is
+    the next mount's business, and the mount may still be live)."""
+
+    def __init__(self, fd: int, markers: Markers) -> None:
+        self.fd = fd
+        self.markers = markers
+
+    @classmethod
+    def open(cls, workdir: bytes, markers: Markers, given: bool) -> IndexDir | None:
+        """The index of *workdir*; None if it has none (an ``index=off``
+        mount, or a default work dir that was never made).  A work directory
+        the user named (*given*) must exist: a typo must not pass silently."""
+        try:
+            wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            if not given and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise LayerError(f"work directory {os.fsdecode(workdir)}: {exc.strerror}") from None
+        try:
+            fd = os.open(INDEX, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(wfd)
+        return cls(fd, markers)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def copies(self) -> list[IndexCopy]:
+        """The entries that stand for a lower object, sorted by name.
+
+        Directories and whiteouts are left out (the kernel whites out an
+        index entry, with ``nfs_export``, only to refuse old file handles);
+        so is an entry whose origin record, or else its hex name, is not one
+        :func:`.origin.decode` understands.
+        """
+        out = []
+        for key in sorted(os.fsencode(n) for n in os.listdir(self.fd)):
+            try:
+                st = os.stat(key, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed by a live mount since the listing
+            if stat.S_ISDIR(st.st_mode) or self.markers.is_device_whiteout(st):
+                continue
+            handle = origin.decode(self._record(key, b"origin") or _unhex(key))
+            if handle is not None:
+                out.append(IndexCopy(key, handle, st, self._record(key, b"nlink")))
+        return out
+
+    def _record(self, key: bytes, what: bytes) -> bytes | None:
+        path = proc_path(self.fd, key)
+        for prefix in self.markers.prefixes:
+            try:
+                return os.getxattr(path, prefix + what, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+        return None
+
+    def xattrs(self, key: bytes) -> XattrList:
+        path = proc_path(self.fd, key)
+        try:
+            names = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            return ()
+        return visible_xattrs(self.markers, names, lambda n: os.getxattr(path, n, follow_symlinks=False))
+
+    def open_copy(self, key: bytes) -> int:
+        """A read-only fd of the copy (O_NOATIME where allowed, as for upper files)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(key, flags | os.O_NOATIME, dir_fd=self.fd)
+        except PermissionError:
+            return os.open(key, flags, dir_fd=self.fd)
+
+    def readlink(self, key: bytes) -> bytes:
+        return os.readlink(key, dir_fd=self.fd)
+
+
+def _unhex(key: bytes) -> bytes:
+    """The record an index name spells (the kernel names entries by the hex of it)."""
+    try:
+        return bytes.fromhex(key.decode("ascii"))
+    except ValueError:
+        return b""
+
+
 class UpperWalk:
     """Reads one upper directory (read-only: nothing in it is changed).
 
     The upper is opened as a one-layer :class:`LayerStack`, so every access
-    goes through the same no-follow directory fds as the mount's.
+    goes through the same no-follow directory fds as the mount's.  With
+    *lowers* (topmost first) the names that copied-up hard links have only
+    in the lowers are added, read from the index of *workdir* (default: the
+    one pyunionfs makes beside the upper); see the module doc.  *warn* gets
+    the one warning a walk may give: names it knows are missing.
     """
 
-    def __init__(self, upper: bytes, markers: Markers) -> None:
+    def __init__(self, upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = None,
+                 workdir: bytes | None = None, warn: Warn = warn_stderr) -> None:
         self.markers = markers
+        self.lowers = tuple(lowers or ())
+        self.workdir = workdir if workdir is not None else default_workdir(os.path.abspath(upper))
+        self.warn = warn
+        #: Entries to add below each upper directory path (see :func:`graft_entries`).
+        self.grafts: dict[bytes, list[UpperEntry]] = {}
+        #: Merged link counts of copied-up hard links (index and nlink records), by (st_dev, st_ino).
+        self.merged: dict[tuple[int, int], int] = {}
+        self.index: IndexDir | None = None
         self.stack = LayerStack((upper,), writable_top=False)
+        try:
+            self.index = IndexDir.open(self.workdir, markers, given=workdir is not None)
+            if self.index is not None:
+                self._read_index(upper, self.index)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_index(self, upper: bytes, index: IndexDir) -> None:
+        copies = index.copies()
+        for c in copies:
+            n = c.merged_nlink()
+            if n is not None:
+                self.merged[c.ident] = n
+        live = [c for c in copies if c.merged_nlink() != 0]
+        if not live or not self.lowers:
+            return
+        view = LowerView((upper, *self.lowers), self.markers)
+        try:
+            self.grafts = graft_entries(view, index_names(view, live), index)
+        finally:
+            view.close()
 
     def close(self) -> None:
         self.stack.close()
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
     def __enter__(self) -> UpperWalk:
         return self
@@ -121,8 +340,10 @@ class UpperWalk:
         """The upper's root, then every entry below it, depth-first (see the module doc).
 
         Iterative, with one listing per directory held at a time: an upper
-        may be thousands of directories deep.
+        may be thousands of directories deep.  Once every entry was given,
+        the names of copied-up hard links are counted (:meth:`_check_links`).
         """
+        seen: dict[tuple[int, int], int] = {}
         root = self._describe(b"", self.stack.stat_self(0, b""), False)
         yield root
         todo: list[Iterator[UpperEntry]] = [self._children(root)]
@@ -134,9 +355,35 @@ class UpperWalk:
             yield entry
             if entry.is_dir:
                 todo.append(self._children(entry))
+            elif not entry.whiteout:
+                key = (entry.st.st_dev, entry.st.st_ino)
+                seen[key] = seen.get(key, 0) + 1
+        self._check_links(seen)
+
+    def _check_links(self, seen: Mapping[tuple[int, int], int]) -> None:
+        """Warn once if a copied-up hard link has fewer names in the walk
+        than its merged link count: the rest are lower-only names this walk
+        could not find (no lowers, no index), and the output lacks them."""
+        missing = sum(max(0, n - seen.get(k, 0)) for k, n in self.merged.items())
+        if not missing:
+            return
+        what = f"{missing} name(s) of hard-linked lower files copied up (index=on) "
+        needs = []
+        if self.index is None:
+            needs.append(f"the work directory the upper was mounted with (--workdir; none at {display(self.workdir)})")
+        if not self.lowers:
+            needs.append("its lower layers (--lowers)")
+        if needs:
+            self.warn(what + "are only in the lower layers and are left out: finding them needs " + " and ".join(needs))
+        else:
+            self.warn(what + "were not found in the lower layers given: are they, and the work directory, "
+                      "the ones the upper was mounted with?")
 
     def _children(self, d: UpperEntry) -> Iterator[UpperEntry]:
         rel = d.path
+        grafted = self.grafts.get(rel, [])
+        if d.grafted:
+            return iter(sorted(grafted, key=lambda e: e.path))
         names = sorted(self.stack.listdir(0, rel))
         present = set(names)
         whiteouts: dict[bytes, os.stat_result] = {}
@@ -170,6 +417,8 @@ class UpperWalk:
                 whiteouts[n] = st
                 continue
             entries.append(self._describe(child, st, n in beside_dir))
+        entries.extend(grafted)  # names the upper does not have: never a clash
+        entries.sort(key=lambda e: e.path)
         out = [UpperEntry(join(rel, n), whiteouts[n], whiteout=True) for n in sorted(whiteouts)]
         out.extend(entries)
         return iter(out)
@@ -189,24 +438,31 @@ class UpperWalk:
             opaque = value == b"y" or oci_opaque
             if not opaque and self.markers.oci:
                 opaque = self.stack.lstat(0, rel, OCI_OPAQUE) is not None
-        xattrs = []
-        for name in names:
-            visible = self.markers.visible_xattr(name)
-            if visible is None:
-                continue
-            try:
-                xattrs.append((visible, self.stack.getxattr(0, rel, name)))
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:  # removed since it was listed
-                    raise
+        elif self.markers.has_record(names, b"nlink"):
+            self._note_nlink(rel, st, names)
         return UpperEntry(
             rel,
             st,
             opaque=opaque,
             copied_up=self.markers.has_record(names, b"origin"),
-            xattrs=tuple(sorted(xattrs)),
+            xattrs=visible_xattrs(self.markers, names, lambda n: self.stack.getxattr(0, rel, n)),
             xwhiteouts=xwh,
         )
+
+    def _note_nlink(self, rel: bytes, st: os.stat_result, names: list[bytes]) -> None:
+        """Learn a copied-up hard link's merged link count from its upper
+        name (so a missing index is noticed too); ``U`` records only, the
+        others need the lower object."""
+        key = (st.st_dev, st.st_ino)
+        if key in self.merged:
+            return
+        for prefix in self.markers.prefixes:
+            if prefix + b"nlink" in names:
+                value = self.stack.getxattr(0, rel, prefix + b"nlink")
+                n = origin.parse_nlink(value, st.st_nlink, 0, unlinked=True) if value[:1] == b"U" else None
+                if n is not None:
+                    self.merged[key] = n
+                return
 
     def _opaque_value(self, rel: bytes, names: list[bytes]) -> bytes | None:
         try:
@@ -218,29 +474,43 @@ class UpperWalk:
 
     # -- contents ---------------------------------------------------------
 
-    def open(self, rel: bytes) -> int:
-        """A read-only fd of regular file *rel* (never through a symlink;
-        O_NOATIME where allowed, so committing changes no atime)."""
-        return self.stack.open_file(0, rel, os.O_RDONLY)
+    def open(self, e: UpperEntry) -> int:
+        """A read-only fd of regular file *e* (never through a symlink;
+        O_NOATIME where allowed, so committing changes no atime): its index
+        copy for a grafted name, else the upper's file."""
+        if e.index is not None:
+            assert self.index is not None, "grafted names come from the index"
+            return self.index.open_copy(e.index)
+        return self.stack.open_file(0, e.path, os.O_RDONLY)
 
-    def readlink(self, rel: bytes) -> bytes:
-        return self.stack.readlink(0, rel)
+    def readlink(self, e: UpperEntry) -> bytes:
+        if e.index is not None:
+            assert self.index is not None, "grafted names come from the index"
+            return self.index.readlink(e.index)
+        return self.stack.readlink(0, e.path)
 
 
 class LowerView:
-    """The merged view of a list of lower layers, through the union's own
-    rules (:class:`.resolve.Resolver`): what existed before the upper's changes."""
+    """The merged view of a list of layers, through the union's own rules
+    (:class:`.resolve.Resolver`): of the lowers, what existed before the
+    upper's changes; of the upper over them, what the mount showed (the
+    upper read as a plain layer: no origin or index lookups)."""
 
     def __init__(self, lowers: Sequence[bytes], markers: Markers) -> None:
+        self.markers = markers
         self.stack = LayerStack(tuple(lowers), writable_top=False)
-        self.resolver = Resolver(self.stack, markers)
-        self._root = self.resolver.root()
+        try:
+            self.resolver = Resolver(self.stack, markers)
+            self._root = self.resolver.root()
+        except BaseException:
+            self.stack.close()
+            raise
 
     def close(self) -> None:
         self.stack.close()
 
     def lookup(self, rel: bytes) -> Entry | None:
-        """The merged entry at *rel*; None if the lowers do not show it."""
+        """The merged entry at *rel*; None if the layers do not show it."""
         entry: Entry | None = self._root
         parent = b""
         for name in rel.split(b"/") if rel else []:
@@ -251,14 +521,125 @@ class LowerView:
         return entry
 
     def names(self, rel: bytes) -> list[bytes]:
-        """Names the lowers show in directory *rel* (none if it is not a directory there)."""
+        """Names the layers show in directory *rel* (none if it is not a directory there)."""
         entry = self.lookup(rel)
         if entry is None or not entry.is_dir:
             return []
         return [n for n, _ in self.resolver.listing(entry, rel)]
 
+    def xattrs(self, layer: int, rel: bytes) -> XattrList:
+        """The user-visible xattrs of entry *rel* of *layer*."""
+        names = self.stack.listxattr(layer, rel)
+        return visible_xattrs(self.markers, names, lambda n: self.stack.getxattr(layer, rel, n))
 
-def changes(upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = None) -> list[tuple[str, bytes]]:
+
+# -- lower-only names of copied-up hard links ----------------------------------
+
+
+def index_names(view: LowerView, copies: Sequence[IndexCopy]) -> dict[bytes, IndexCopy]:
+    """Every name that *view* (the upper over the lowers) shows from a lower
+    layer while its object has a copy in the index: the names a copied-up
+    lower hard link has only in the lowers, each with its copy.
+
+    Every lower layer is walked whole, since a lower object's names may be
+    anywhere in it; only non-directories with several links are candidates,
+    matched to the index by file handle once per object (name_to_handle_at
+    needs no privilege, unlike opening the origin's handle).  A name counts
+    only if the merged view resolves it to that very lower object: not
+    whited out, not replaced by the upper or a higher lower, not below an
+    opaque directory.  A copy whose nlink record says every merged name is
+    gone has none.
+    """
+    by_handle = {c.handle: c for c in copies}
+    objects: dict[tuple[int, int], IndexCopy | None] = {}
+    found: dict[bytes, IndexCopy] = {}
+    for layer in range(1, len(view.stack.layers)):
+        for rel, st in _linked_files(view.stack, layer):
+            ident = (st.st_dev, st.st_ino)
+            if ident not in objects:
+                handle = _handle(view.stack, layer, rel)
+                objects[ident] = by_handle.get(handle) if handle is not None else None
+            copy = objects[ident]
+            if copy is None or rel in found or copy.merged_nlink(st.st_nlink) == 0:
+                continue
+            if _shows_lower(view, rel, ident):
+                found[rel] = copy
+    return found
+
+
+def _linked_files(stack: LayerStack, layer: int) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of every non-directory of *layer* with more than one
+    link, through the stack's no-follow directory fds."""
+    todo = [b""]
+    while todo:
+        rel = todo.pop()
+        for name in stack.listdir(layer, rel):
+            st = stack.lstat(layer, rel, name)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                todo.append(join(rel, name))
+            elif st.st_nlink > 1:
+                yield join(rel, name), st
+
+
+def _handle(stack: LayerStack, layer: int, rel: bytes) -> tuple[int, bytes] | None:
+    parent, _, name = rel.rpartition(b"/")
+    try:
+        return name_to_handle_at(stack.dirfd(layer, parent), name)
+    except OSError:
+        return None  # no handles on that filesystem: the kernel's index cannot name it either
+
+
+def _shows_lower(view: LowerView, rel: bytes, ident: tuple[int, int]) -> bool:
+    """Whether the merged view shows lower object *ident* at *rel* (layer 0 is the upper)."""
+    entry = view.lookup(rel)
+    if entry is None or entry.is_dir or entry.layers[0] == 0:
+        return False
+    return (entry.st.st_dev, entry.st.st_ino) == ident
+
+
+def graft_entries(view: LowerView, names: Mapping[bytes, IndexCopy], index: IndexDir) -> dict[bytes, list[UpperEntry]]:
+    """What the walk adds, by parent path: each of *names* with its copy's
+    metadata (same st_dev/st_ino as the copy's upper names, so one hard-link
+    group), and each directory on the way to one that the upper lacks, with
+    the metadata the merged lowers give it (what a copy-up would keep)."""
+    children: dict[bytes, list[UpperEntry]] = {}
+    dirs: set[bytes] = set()
+    xattrs: dict[bytes, XattrList] = {}
+    for rel in sorted(names, key=path_key):
+        parent = rel.rpartition(b"/")[0]
+        _graft_dirs(view, parent, children, dirs)
+        copy = names[rel]
+        if copy.key not in xattrs:
+            xattrs[copy.key] = index.xattrs(copy.key)
+        children.setdefault(parent, []).append(
+            UpperEntry(rel, copy.st, copied_up=True, xattrs=xattrs[copy.key], grafted=True, index=copy.key)
+        )
+    return children
+
+
+def _graft_dirs(view: LowerView, rel: bytes, children: dict[bytes, list[UpperEntry]], done: set[bytes]) -> None:
+    """Graft directory *rel* and those above it that only lower layers hold
+    (the parents of an upper directory are all in the upper, so these are
+    always the tail of the path)."""
+    path = b""
+    for part in rel.split(b"/") if rel else []:
+        path = join(path, part)
+        if path in done:
+            continue
+        done.add(path)
+        entry = view.lookup(path)
+        assert entry is not None and entry.is_dir, "a name below it resolved"
+        if 0 in entry.layers:
+            continue
+        children.setdefault(path.rpartition(b"/")[0], []).append(
+            UpperEntry(path, entry.st, copied_up=True, xattrs=view.xattrs(entry.layers[0], path), grafted=True)
+        )
+
+
+def changes(upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = None, workdir: bytes | None = None,
+            warn: Warn = warn_stderr) -> list[tuple[str, bytes]]:
     """``(kind, path)`` for everything the upper changed, sorted by :func:`path_key`.
 
     With *lowers* (topmost first) the decision is by existence in their merged
@@ -274,6 +655,12 @@ def changes(upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = Non
     lower layer (``overlay.origin``) or a non-opaque directory (overlayfs
     only creates those to merge with a lower one) is ``C``, anything else
     ``A``.  Names hidden by an opaque directory are then unknown and not listed.
+
+    The names a copied-up lower hard link has only in the lowers show the
+    copy, so they changed too: with *lowers* they are found through the
+    index of *workdir* (see :class:`UpperWalk`) and listed ``C``, with the
+    lower directories leading to them; without, they cannot be found and
+    *warn* is told how many are missing.
     """
     view = LowerView(lowers, markers) if lowers else None
     out: list[tuple[str, bytes]] = []
@@ -281,7 +668,7 @@ def changes(upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = Non
     # Directories whose lower contents the upper replaced (opaque, or below one).
     replaced: set[bytes] = set()
     try:
-        with UpperWalk(upper, markers) as walk:
+        with UpperWalk(upper, markers, lowers, workdir, warn) as walk:
             entries = walk.entries()
             next(entries)  # the upper itself: never listed, and overlayfs ignores opacity at the root
             upper_names: dict[bytes, set[bytes]] = {}

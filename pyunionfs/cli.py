@@ -71,6 +71,7 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
     df = sub.add_parser("diff", help="list what an upper changed (A added, C changed, D deleted), like docker diff")
     df.add_argument("upper", metavar="UPPER")
     df.add_argument("--lowers", metavar="L1:L2:...", help="decide A/C/D by the merged lowers (topmost first)")
+    _workdir_option(df)
     df.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
 
     c = sub.add_parser("commit", help="write an upper as an OCI layer tar (-o), or as a new image in the store (--tag)")
@@ -82,6 +83,10 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--from", dest="base", metavar="IMAGE", help="with --tag: the image the upper was mounted on")
     c.add_argument("-m", "--message", metavar="TEXT", 
                    help="with --tag: the history's CREATED BY (default: pyunionfs commit)")
+    c.add_argument("--lowers", metavar="L1:L2:...",
+                   help="the layers UPPER was mounted on, topmost first (default with --from: that image's); "
+                        "needed for the names copied-up hard links have only in the lowers")
+    _workdir_option(c)
     c.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
     _store_option(c)
 
@@ -92,6 +97,19 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
                    help="write deletions as 0/0 devices and overlay.opaque (default) or keep .wh. files")
     a.add_argument("--flatten", action="store_true", help="apply onto the layers below: delete, write no markers")
     a.add_argument("--userxattr", action="store_true", help="write user.overlay.opaque (implied when not root)")
+
+
+def _workdir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", metavar="DIR",
+                   help="the work directory UPPER was mounted with (default: pyunionfs's, beside UPPER); with "
+                        "the lowers, its index/ gives the names copied-up hard links have only in the lowers")
+
+
+def _lower_paths(spec: str | None) -> list[str] | None:
+    """--lowers as absolute paths, topmost first (escaped as for mount)."""
+    from .config import split_layers
+
+    return [os.path.abspath(p) for p in split_layers(spec)] if spec else None
 
 
 def _store_option(p: argparse.ArgumentParser) -> None:
@@ -158,7 +176,8 @@ def _store_command(args: argparse.Namespace) -> int:
     elif args.command == "commit":
         if args.gzip:
             raise UsageError("--gzip goes with -o; an image's layers are always stored gzipped")
-        img, diff_id, skipped = store.commit(args.upper, args.tag, args.base, args.message, args.userxattr)
+        img, diff_id, skipped = store.commit(args.upper, args.tag, args.base, args.message, args.userxattr,
+                                             lowers=_lower_paths(args.lowers), workdir=args.workdir)
         for path in skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
         print(f"{img.name}  {img.id}  {diff_id}")
@@ -168,12 +187,12 @@ def _store_command(args: argparse.Namespace) -> int:
 def _layer_command(args: argparse.Namespace) -> int:
     if args.command == "diff":
         from .changes import changes
-        from .config import split_layers
         from .whiteout import Markers
 
-        lowers = [os.fsencode(os.path.abspath(p)) for p in split_layers(args.lowers)] if args.lowers else None
+        lowers = [os.fsencode(p) for p in _lower_paths(args.lowers) or ()]
+        workdir = None if args.workdir is None else os.fsencode(os.path.abspath(args.workdir))
         out = sys.stdout.buffer
-        for kind, path in changes(os.fsencode(args.upper), Markers(userxattr=args.userxattr), lowers):
+        for kind, path in changes(os.fsencode(args.upper), Markers(userxattr=args.userxattr), lowers, workdir):
             out.write(kind.encode() + b" /" + path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") + b"\n")
         out.flush()
         return 0
@@ -185,7 +204,8 @@ def _layer_command(args: argparse.Namespace) -> int:
         if args.base is not None or args.message is not None or args.store is not None:
             raise UsageError("--from, --message and --store go with --tag, not -o")
 
-        res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr)
+        res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
+                     lowers=_lower_paths(args.lowers), workdir=args.workdir)
         for path in res.skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
         print(f"{res.diff_id}  {res.tar_path}")

@@ -24,6 +24,13 @@ What a committed layer holds, and why:
   ``trusted.overlay.X``, the name the mount shows;
 * hard links as tar hard-link members pointing at the group's first path in
   member order (a tar reader needs the target earlier in the archive);
+* with the lowers given, the names a copied-up lower hard link has only in
+  the lowers (found through the work dir's ``index/``, see :mod:`.changes`):
+  members of the same hard-link group as the copy's upper names, with the
+  copy's metadata and content (the first member of the group, whichever
+  it is, carries the data), and the lower directories leading to them
+  with the lowers' metadata.  Without the lowers they cannot be found; a
+  warning says how many names the layer lacks;
 * sockets are skipped (tar cannot hold them; docker skips them too).
 
 The archive is written once, through a tee that hashes it (the DiffID is
@@ -40,11 +47,11 @@ import gzip
 import os
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
-from .changes import LayerError, UpperEntry, UpperWalk, display
+from .changes import LayerError, UpperEntry, UpperWalk, Warn, display, warn_stderr
 from .digest import Hasher, HashWriter
 from .paths import join
 from .whiteout import OCI_OPAQUE, Markers
@@ -253,7 +260,9 @@ class _LayerWriter:
             self.skipped.append(e.path)  # a socket
             return
         info = _base_info(e.path, e.st, kind)
-        if kind != tarfile.DIRTYPE and e.st.st_nlink > 1:
+        # A grafted name is a link of its index copy even when the copy's
+        # only other link is the index itself (every upper name removed).
+        if kind != tarfile.DIRTYPE and (e.st.st_nlink > 1 or e.index is not None):
             key = (e.st.st_dev, e.st.st_ino)
             first = self.links.get(key)
             if first is not None:
@@ -264,7 +273,7 @@ class _LayerWriter:
             self.links[key] = e.path
         info.pax_headers = _xattr_records(e.path, e.xattrs)
         if kind == tarfile.SYMTYPE:
-            info.linkname = to_tar_text(self.walk.readlink(e.path))
+            info.linkname = to_tar_text(self.walk.readlink(e))
         elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
             info.devmajor = os.major(e.st.st_rdev)
             info.devminor = os.minor(e.st.st_rdev)
@@ -274,7 +283,7 @@ class _LayerWriter:
                 self.tf.addfile(_marker_info(join(e.path, OCI_OPAQUE), e.st, stat.S_IMODE(e.st.st_mode) & 0o777))
             return
         info.size = e.st.st_size
-        fd = self.walk.open(e.path)
+        fd = self.walk.open(e)
         with os.fdopen(fd, "rb") as f:
             try:
                 self.tf.addfile(info, f)
@@ -294,9 +303,17 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = False) -> CommitResult:
+def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = False,
+           lowers: Sequence[str | bytes] | None = None, workdir: str | bytes | None = None,
+           warn: Warn = warn_stderr) -> CommitResult:
     """Write the upper directory *upper* as an OCI layer tar at *out*
-    (and ``out + ".gz"`` with *gzip_too*); see the module docstring."""
+    (and ``out + ".gz"`` with *gzip_too*); see the module docstring.
+
+    *lowers* (topmost first) and *workdir* (default: pyunionfs's, beside
+    the upper) are the layers and work directory the upper was mounted
+    with: they give the lower-only names of copied-up hard links.  *warn*
+    is told when names are known to be missing.
+    """
     for target in (out, out + ".gz") if gzip_too else (out,):
         if _inside(os.path.dirname(os.path.abspath(target)) or ".", upper):
             raise LayerError(f"{target}: the layer cannot be written inside the upper it is made from")
@@ -319,7 +336,13 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
                 files.append(gz_file)
                 gz_hashed = HashWriter(gz_file, Hasher())
                 gz = gzip.GzipFile(filename="", mode="wb", fileobj=gz_hashed, mtime=0)
-            walk = stack.enter_context(UpperWalk(os.fsencode(upper), markers))
+            walk = stack.enter_context(UpperWalk(
+                os.fsencode(upper),
+                markers,
+                [os.fsencode(os.path.abspath(p)) for p in lowers or ()],
+                None if workdir is None else os.fsencode(os.path.abspath(workdir)),
+                warn,
+            ))
             tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below, before gzip
                 fileobj=_Tee(hashed, gz),
                 mode="w",

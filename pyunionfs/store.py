@@ -584,23 +584,30 @@ class Store:
     # -- commit --------------------------------------------------------------
 
     def commit(self, upper: str, tag: str, base: str | None = None, message: str | None = None,
-               userxattr: bool = False) -> tuple[Image, str, tuple[bytes, ...]]:
+               userxattr: bool = False, lowers: list[str] | None = None,
+               workdir: str | None = None) -> tuple[Image, str, tuple[bytes, ...]]:
         """Store *upper* as a new layer on top of image *base* (or on nothing) and tag the result.
 
         Returns (new image, the layer's DiffID, paths left out of the layer).
         The new layer's history entry says *message* (``pyunionfs commit``
         by default) as its ``created_by``, as ``docker history`` shows it.
+        *lowers* (default: *base*'s layers) and *workdir* are what the upper
+        was mounted with (see :func:`.layertar.commit`).
         """
         from .layertar import commit as commit_tar
 
         name = parse_ref(tag)
         parent = self.image(base) if base is not None else None
+        if lowers is None and base is not None and parent is not None and parent.diff_ids:
+            # A base whose layers are gone still commits; names only they hold are then missed (and warned of).
+            with contextlib.suppress(ImageError):
+                lowers = self.lowers(base)
         progress = Progress(f"commit {name}", 1)
         try:
             with self.workspace() as ws:
                 staged = _Staged()
                 tar = os.path.join(ws, "layer.tar")
-                res = commit_tar(upper, tar, gzip_too=True, userxattr=userxattr)
+                res = commit_tar(upper, tar, gzip_too=True, userxattr=userxattr, lowers=lowers, workdir=workdir)
                 assert res.gzip_path is not None and res.gzip_digest is not None
                 size = os.stat(tar).st_size
                 gz_size = os.stat(res.gzip_path).st_size
