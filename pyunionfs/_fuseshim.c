@@ -1,9 +1,9 @@
 /*
- * Three FUSE features that pyfuse3 3.5 does not expose, added under it.
+ * FUSE features that pyfuse3 3.5 does not expose, added under it.
  *
  * Why this exists: pyfuse3 builds its own table of libfuse handlers and hands
- * it to fuse_session_new().  It gives no way to ask for FUSE_CAP_DONT_MASK
- * (see init_dont_mask), no way to answer OPENDIR with
+ * it to fuse_session_new().  It gives no way to ask for FUSE_CAP_POSIX_ACL
+ * or FUSE_CAP_DONT_MASK (see init_wants), no way to answer OPENDIR with
  * FOPEN_CACHE_DIR (so the kernel re-asks for every listing: the main cost of
  * a warm `git status` or `find`), and it has no FALLOCATE handler (so
  * fallocate(2) on the mount fails with EOPNOTSUPP).
@@ -43,6 +43,7 @@ static struct fuse_lowlevel_ops wrapped_ops;
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 static void (*pyfuse3_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static int cache_dirs = 1;
+static int posix_acl = 1;
 static int active;
 
 static void opendir_cached(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -56,19 +57,27 @@ static void opendir_cached(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info
 }
 
 /*
- * init: ask for FUSE_CAP_DONT_MASK.  Without it the kernel applies the
+ * init: ask for FUSE_CAP_POSIX_ACL, unless the mount says noacl.  Then the
+ * kernel enforces ACLs as it does on the kernel's overlayfs (fetching each
+ * inode's ACL once with getxattr and caching it; the daemon keeps the mode in
+ * step, which the upper's filesystem does for it, and makes new entries
+ * inherit default ACLs); without it, it checks the mode bits only.
+ *
+ * And ask for FUSE_CAP_DONT_MASK.  Without it the kernel applies the
  * caller's umask to the mode of every new file before we see it, also in a
  * directory with a default ACL, where the kernel's overlayfs (like any local
  * filesystem) ignores the umask and lets the ACL shape the mode.  With it the
  * mode arrives whole and the umask beside it (pyfuse3's ctx.umask): the union
  * applies one or the other, as posix_acl_create() does.
  */
-static void init_dont_mask(void *userdata, struct fuse_conn_info *conn)
+static void init_wants(void *userdata, struct fuse_conn_info *conn)
 {
 	if (pyfuse3_init != NULL)
 		pyfuse3_init(userdata, conn);
 	if (conn->capable & FUSE_CAP_DONT_MASK)
 		conn->want |= FUSE_CAP_DONT_MASK;
+	if (posix_acl && (conn->capable & FUSE_CAP_POSIX_ACL))
+		conn->want |= FUSE_CAP_POSIX_ACL;
 }
 
 static void fallocate_fh(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -101,7 +110,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
 	if (wrapped_ops.fallocate == NULL)
 		wrapped_ops.fallocate = fallocate_fh;
 	pyfuse3_init = wrapped_ops.init;
-	wrapped_ops.init = init_dont_mask;
+	wrapped_ops.init = init_wants;
 	active = 1;
 	return real(args, &wrapped_ops, sizeof(wrapped_ops), userdata);
 }
@@ -124,9 +133,21 @@ static PyObject *shim_set_cache_dirs(PyObject *self, PyObject *arg)
 	Py_RETURN_NONE;
 }
 
+static PyObject *shim_set_posix_acl(PyObject *self, PyObject *arg)
+{
+	(void)self;
+	int on = PyObject_IsTrue(arg);
+
+	if (on < 0)
+		return NULL;
+	posix_acl = on;
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef shim_methods[] = {
 	{"active", shim_active, METH_NOARGS, "Whether the last FUSE session was made through this shim."},
 	{"set_cache_dirs", shim_set_cache_dirs, METH_O, "Whether opendir answers ask the kernel to cache listings."},
+	{"set_posix_acl", shim_set_posix_acl, METH_O, "Whether INIT asks the kernel to enforce POSIX ACLs."},
 	{NULL, NULL, 0, NULL},
 };
 

@@ -28,6 +28,7 @@ KNOWN_OPTIONS: dict[str, str] = {
     "allow_other": "let other users use the mount (default when run as root)",
     "default_permissions": "the kernel checks permissions (always on)",
     "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
+    "noacl": "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)",
     "debug": "log every request (same as --debug)",
     "dev": "honour device files in the mount (FUSE's default is nodev; root only)",
     "nodev": "do not honour device files (the default)",
@@ -135,6 +136,9 @@ class MountConfig:
     readonly: bool = False
     userxattr: bool = False
     oci_whiteouts: bool = True
+    #: Whether the kernel enforces POSIX ACLs (FUSE_POSIX_ACL), as it does on
+    #: its own overlayfs; ``noacl`` leaves it to the mode bits.
+    acl: bool = True
     #: Long, as lowers do not change under a mount and every change to the
     #: upper comes through us (the kernel updates its caches for those).
     timeout: float = DEFAULT_TIMEOUT
@@ -340,6 +344,7 @@ def build_config(
         readonly=readonly,
         userxattr=userxattr,
         oci_whiteouts=oci == "on",
+        acl="noacl" not in opts,
         timeout=timeout,
         allow_other="allow_other" in opts or os.geteuid() == 0,
         foreground=foreground,

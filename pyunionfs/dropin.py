@@ -95,7 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("squash_to_gid=GID", _FOVL, _W, "groups are shown as stored"),
     Option("static_nlink", _FOVL, _I,
            "merged directories always report st_nlink 1, the others their real count"),
-    Option("noacl", _FOVL, _I, "the mount never enforces POSIX ACLs (mode bits only); ACL xattrs are kept"),
+    Option("noacl", _FOVL, _H, "the kernel checks mode bits only, not POSIX ACLs; ACL xattrs are kept"),
     Option("fast_ino=0|1", _FOVL, _I, "inode numbers are always overlayfs's xino scheme"),
     Option("writeback=0|1", _FOVL, _I, "the kernel's page cache is used as pyunionfs always does"),
     Option("noxattrs=0|1", _FOVL, _I, "xattrs always work"),

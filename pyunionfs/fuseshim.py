@@ -28,3 +28,8 @@ def active() -> bool:
 def set_cache_dirs(on: bool) -> None:
     """Whether directory opens ask the kernel to cache listings (on by default)."""
     _fuseshim.set_cache_dirs(on)
+
+
+def set_posix_acl(on: bool) -> None:
+    """Whether the kernel is asked to enforce POSIX ACLs (on unless ``noacl``)."""
+    _fuseshim.set_posix_acl(on)

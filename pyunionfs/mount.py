@@ -189,6 +189,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         ops = Operations(fs)
         # timeout=0 asks for no kernel caching: listings too.
         fuseshim.set_cache_dirs(cfg.timeout > 0)
+        fuseshim.set_posix_acl(cfg.acl)
         failed = False
         with _captured_stderr() as said:
             try:

@@ -208,8 +208,12 @@ def kernel_overlay(lowers: Sequence[Path], upper: Path | None, work: Path | None
 
 
 def on_kernel_and_ours(tmp_path: Path, mount: Callable[..., Daemon], build: Callable[[Path], object],
-                       story: Callable[[Path], Any], mnt_parent: Path | None = None) -> dict[str, Any]:
+                       story: Callable[[Path], Any], mnt_parent: Path | None = None,
+                       kernel_options: Sequence[str] = ()) -> dict[str, Any]:
     """Run *story(mnt)* on the kernel's overlayfs and on pyunionfs over the same one-lower stack.
+
+    *kernel_options* go to the kernel's mount (``index=on`` where lower hard links must stay one
+    file across copy-up, as pyunionfs always keeps them).
 
     *build(lower)* fills the lower (each side gets its own copy, made the same way).  The layers
     stay at ``tmp_path/SIDE/{low,up}`` for the caller's checks of the upper layout; the returned
@@ -225,7 +229,7 @@ def on_kernel_and_ours(tmp_path: Path, mount: Callable[..., Daemon], build: Call
         up.mkdir()
         mnt.mkdir(exist_ok=True)
         if side == "kernel":
-            with kernel_overlay([low], up, tmp_path / side / "work", mnt) as m:
+            with kernel_overlay([low], up, tmp_path / side / "work", mnt, kernel_options) as m:
                 results[side] = story(m)
         else:
             d = mount([low], up, mnt=mnt)
