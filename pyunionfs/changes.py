@@ -26,24 +26,19 @@ An upper that uses ``overlay.redirect`` (renamed directories, kernel
 part of its meaning in a lower layer; it is refused with :class:`LayerError`
 rather than read wrongly.
 
-Hard links of a lower file live partly outside the upper.  With
-``index=on`` (the kernel's option, pyunionfs's only way) the first copy-up
-of a lower file with several names goes to the work directory's
-``index/<hex of its origin record>``, and only the names that were written,
-linked or renamed are hard links of that copy in the upper; the other names
-stay lower-only, yet the mount shows the copy under them too.  A layer must
-hold what the container saw, so with the lowers known the walk adds those
-names itself (:func:`index_names`): for each live index entry, every name of
-its lower object (same st_dev/st_ino, matched to the origin record by file
-handle) that the merged view of upper over lowers still shows from a lower
-layer (not whited out, not replaced, not below an opaque directory) becomes
-an entry with the index copy's metadata and content, in the same hard-link
-group as the copy's upper names; a lower directory leading to such a name
-that the upper lacks is added with the lower's metadata, as the kernel
-would copy it up.  An index entry whose ``overlay.nlink`` record says every
-merged name is gone adds nothing.  The work directory is the one given, or
-else pyunionfs's default beside the upper (:func:`.config.default_workdir`);
-the kernel's is wherever ``workdir=`` said.
+Hard links of a lower file live partly outside the upper: with ``index=on``
+(the kernel's option, pyunionfs's only way) a copied-up lower file with
+several names has a copy in the work directory's ``index/``, and the names
+never written, linked or renamed stay lower-only while the mount shows the
+copy under them.  A layer must hold what the container saw, so with the
+lowers known the walk adds those names itself, as :mod:`.indexnames` finds
+them: each becomes an entry with the index copy's metadata and content, in
+the same hard-link group as the copy's upper names; a lower directory
+leading to such a name that the upper lacks is added with the lower's
+metadata, as the kernel would copy it up.  The work directory is the one
+given, or else pyunionfs's default beside the upper
+(:func:`.config.default_workdir`); the kernel's is wherever ``workdir=``
+said.
 
 Without the lowers (or without the index) those names cannot be found.  The
 walk then counts, per copied-up hard link, the merged link count its
@@ -65,17 +60,14 @@ from types import TracebackType
 from . import origin
 from .config import default_workdir
 from .errors import MountError
+from .indexnames import IndexCopy, IndexDir, LowerView, index_names
 from .layers import LayerStack
-from .paths import join, proc_path
-from .resolve import Entry, Resolver
-from .syscalls import name_to_handle_at
-from .upper import INDEX
+from .paths import join
 from .whiteout import OCI_OPAQUE, Markers, classify_oci_name
 
 __all__ = [
-    "ADDED", "CHANGED", "DELETED", "IndexCopy", "IndexDir", "LayerError", "LowerView", "UpperEntry",
-    "UpperWalk", "Warn", "changes", "display", "graft_entries", "index_names", "path_key", "visible_xattrs",
-    "warn_stderr",
+    "ADDED", "CHANGED", "DELETED", "LayerError", "UpperEntry", "UpperWalk", "Warn", "changes", "display",
+    "graft_entries", "path_key", "visible_xattrs", "warn_stderr",
 ]
 
 ADDED = "A"
@@ -161,121 +153,6 @@ class UpperEntry:
         return not self.whiteout and stat.S_ISDIR(self.st.st_mode)
 
 
-@dataclass(frozen=True, slots=True)
-class IndexCopy:
-    """One entry of a work dir's ``index/``: the upper copy of a hard-linked lower object."""
-
-    key: bytes
-    #: (handle type, handle bytes) of the lower object, from the origin record.
-    handle: tuple[int, bytes]
-    st: os.stat_result
-    #: The ``overlay.nlink`` record; None if the entry has none.
-    nlink: bytes | None
-
-    @property
-    def ident(self) -> tuple[int, int]:
-        return self.st.st_dev, self.st.st_ino
-
-    def merged_nlink(self, lower_nlink: int | None = None) -> int | None:
-        """The merged link count the record gives (0: every merged name is
-        gone); None without a readable record, or for an ``L`` (relative to
-        the lower) record while *lower_nlink* is unknown."""
-        if self.nlink is None or (self.nlink[:1] == b"L" and lower_nlink is None):
-            return None
-        return origin.parse_nlink(self.nlink, self.st.st_nlink, lower_nlink or 0, unlinked=True)
-
-
-class IndexDir:
-    """The ``index/`` of a work directory, only read (never cleaned: that is
-    the next mount's business, and the mount may still be live)."""
-
-    def __init__(self, fd: int, markers: Markers) -> None:
-        self.fd = fd
-        self.markers = markers
-
-    @classmethod
-    def open(cls, workdir: bytes, markers: Markers, given: bool) -> IndexDir | None:
-        """The index of *workdir*; None if it has none (an ``index=off``
-        mount, or a default work dir that was never made).  A work directory
-        the user named (*given*) must exist: a typo must not pass silently."""
-        try:
-            wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            if not given and exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None
-            raise LayerError(f"work directory {os.fsdecode(workdir)}: {exc.strerror}") from None
-        try:
-            fd = os.open(INDEX, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
-        except FileNotFoundError:
-            return None
-        finally:
-            os.close(wfd)
-        return cls(fd, markers)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def copies(self) -> list[IndexCopy]:
-        """The entries that stand for a lower object, sorted by name.
-
-        Directories and whiteouts are left out (the kernel whites out an
-        index entry, with ``nfs_export``, only to refuse old file handles);
-        so is an entry whose origin record, or else its hex name, is not one
-        :func:`.origin.decode` understands.
-        """
-        out = []
-        for key in sorted(os.fsencode(n) for n in os.listdir(self.fd)):
-            try:
-                st = os.stat(key, dir_fd=self.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed by a live mount since the listing
-            if stat.S_ISDIR(st.st_mode) or self.markers.is_device_whiteout(st):
-                continue
-            handle = origin.decode(self._record(key, b"origin") or _unhex(key))
-            if handle is not None:
-                out.append(IndexCopy(key, handle, st, self._record(key, b"nlink")))
-        return out
-
-    def _record(self, key: bytes, what: bytes) -> bytes | None:
-        path = proc_path(self.fd, key)
-        for prefix in self.markers.prefixes:
-            try:
-                return os.getxattr(path, prefix + what, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                    raise
-        return None
-
-    def xattrs(self, key: bytes) -> XattrList:
-        path = proc_path(self.fd, key)
-        try:
-            names = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                raise
-            return ()
-        return visible_xattrs(self.markers, names, lambda n: os.getxattr(path, n, follow_symlinks=False))
-
-    def open_copy(self, key: bytes) -> int:
-        """A read-only fd of the copy (O_NOATIME where allowed, as for upper files)."""
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            return os.open(key, flags | os.O_NOATIME, dir_fd=self.fd)
-        except PermissionError:
-            return os.open(key, flags, dir_fd=self.fd)
-
-    def readlink(self, key: bytes) -> bytes:
-        return os.readlink(key, dir_fd=self.fd)
-
-
-def _unhex(key: bytes) -> bytes:
-    """The record an index name spells (the kernel names entries by the hex of it)."""
-    try:
-        return bytes.fromhex(key.decode("ascii"))
-    except ValueError:
-        return b""
-
-
 class UpperWalk:
     """Reads one upper directory (read-only: nothing in it is changed).
 
@@ -300,12 +177,28 @@ class UpperWalk:
         self.index: IndexDir | None = None
         self.stack = LayerStack((upper,), writable_top=False)
         try:
-            self.index = IndexDir.open(self.workdir, markers, given=workdir is not None)
+            self.index = self._open_index(given=workdir is not None)
             if self.index is not None:
                 self._read_index(upper, self.index)
         except BaseException:
             self.close()
             raise
+
+    def _open_index(self, given: bool) -> IndexDir | None:
+        """The index of the work directory; None if it has none (an
+        ``index=off`` mount, or a default work dir that was never made).  A
+        work directory the user named (*given*) must exist: a typo must not
+        pass silently."""
+        try:
+            wfd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            if not given and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise LayerError(f"work directory {os.fsdecode(self.workdir)}: {exc.strerror}") from None
+        try:
+            return IndexDir.open(wfd, self.markers)
+        finally:
+            os.close(wfd)
 
     def _read_index(self, upper: bytes, index: IndexDir) -> None:
         copies = index.copies()
@@ -490,113 +383,7 @@ class UpperWalk:
         return self.stack.readlink(0, e.path)
 
 
-class LowerView:
-    """The merged view of a list of layers, through the union's own rules
-    (:class:`.resolve.Resolver`): of the lowers, what existed before the
-    upper's changes; of the upper over them, what the mount showed (the
-    upper read as a plain layer: no origin or index lookups)."""
-
-    def __init__(self, lowers: Sequence[bytes], markers: Markers) -> None:
-        self.markers = markers
-        self.stack = LayerStack(tuple(lowers), writable_top=False)
-        try:
-            self.resolver = Resolver(self.stack, markers)
-            self._root = self.resolver.root()
-        except BaseException:
-            self.stack.close()
-            raise
-
-    def close(self) -> None:
-        self.stack.close()
-
-    def lookup(self, rel: bytes) -> Entry | None:
-        """The merged entry at *rel*; None if the layers do not show it."""
-        entry: Entry | None = self._root
-        parent = b""
-        for name in rel.split(b"/") if rel else []:
-            if entry is None or not entry.is_dir:
-                return None
-            entry = self.resolver.child(entry, parent, name)
-            parent = join(parent, name)
-        return entry
-
-    def names(self, rel: bytes) -> list[bytes]:
-        """Names the layers show in directory *rel* (none if it is not a directory there)."""
-        entry = self.lookup(rel)
-        if entry is None or not entry.is_dir:
-            return []
-        return [n for n, _ in self.resolver.listing(entry, rel)]
-
-    def xattrs(self, layer: int, rel: bytes) -> XattrList:
-        """The user-visible xattrs of entry *rel* of *layer*."""
-        names = self.stack.listxattr(layer, rel)
-        return visible_xattrs(self.markers, names, lambda n: self.stack.getxattr(layer, rel, n))
-
-
-# -- lower-only names of copied-up hard links ----------------------------------
-
-
-def index_names(view: LowerView, copies: Sequence[IndexCopy]) -> dict[bytes, IndexCopy]:
-    """Every name that *view* (the upper over the lowers) shows from a lower
-    layer while its object has a copy in the index: the names a copied-up
-    lower hard link has only in the lowers, each with its copy.
-
-    Every lower layer is walked whole, since a lower object's names may be
-    anywhere in it; only non-directories with several links are candidates,
-    matched to the index by file handle once per object (name_to_handle_at
-    needs no privilege, unlike opening the origin's handle).  A name counts
-    only if the merged view resolves it to that very lower object: not
-    whited out, not replaced by the upper or a higher lower, not below an
-    opaque directory.  A copy whose nlink record says every merged name is
-    gone has none.
-    """
-    by_handle = {c.handle: c for c in copies}
-    objects: dict[tuple[int, int], IndexCopy | None] = {}
-    found: dict[bytes, IndexCopy] = {}
-    for layer in range(1, len(view.stack.layers)):
-        for rel, st in _linked_files(view.stack, layer):
-            ident = (st.st_dev, st.st_ino)
-            if ident not in objects:
-                handle = _handle(view.stack, layer, rel)
-                objects[ident] = by_handle.get(handle) if handle is not None else None
-            copy = objects[ident]
-            if copy is None or rel in found or copy.merged_nlink(st.st_nlink) == 0:
-                continue
-            if _shows_lower(view, rel, ident):
-                found[rel] = copy
-    return found
-
-
-def _linked_files(stack: LayerStack, layer: int) -> Iterator[tuple[bytes, os.stat_result]]:
-    """(path, lstat) of every non-directory of *layer* with more than one
-    link, through the stack's no-follow directory fds."""
-    todo = [b""]
-    while todo:
-        rel = todo.pop()
-        for name in stack.listdir(layer, rel):
-            st = stack.lstat(layer, rel, name)
-            if st is None:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                todo.append(join(rel, name))
-            elif st.st_nlink > 1:
-                yield join(rel, name), st
-
-
-def _handle(stack: LayerStack, layer: int, rel: bytes) -> tuple[int, bytes] | None:
-    parent, _, name = rel.rpartition(b"/")
-    try:
-        return name_to_handle_at(stack.dirfd(layer, parent), name)
-    except OSError:
-        return None  # no handles on that filesystem: the kernel's index cannot name it either
-
-
-def _shows_lower(view: LowerView, rel: bytes, ident: tuple[int, int]) -> bool:
-    """Whether the merged view shows lower object *ident* at *rel* (layer 0 is the upper)."""
-    entry = view.lookup(rel)
-    if entry is None or entry.is_dir or entry.layers[0] == 0:
-        return False
-    return (entry.st.st_dev, entry.st.st_ino) == ident
+# -- lower-only names of copied-up hard links, added to the walk ---------------
 
 
 def graft_entries(view: LowerView, names: Mapping[bytes, IndexCopy], index: IndexDir) -> dict[bytes, list[UpperEntry]]:
@@ -612,7 +399,7 @@ def graft_entries(view: LowerView, names: Mapping[bytes, IndexCopy], index: Inde
         _graft_dirs(view, parent, children, dirs)
         copy = names[rel]
         if copy.key not in xattrs:
-            xattrs[copy.key] = index.xattrs(copy.key)
+            xattrs[copy.key] = _copy_xattrs(index, copy.key)
         children.setdefault(parent, []).append(
             UpperEntry(rel, copy.st, copied_up=True, xattrs=xattrs[copy.key], grafted=True, index=copy.key)
         )
@@ -634,8 +421,19 @@ def _graft_dirs(view: LowerView, rel: bytes, children: dict[bytes, list[UpperEnt
         if 0 in entry.layers:
             continue
         children.setdefault(path.rpartition(b"/")[0], []).append(
-            UpperEntry(path, entry.st, copied_up=True, xattrs=view.xattrs(entry.layers[0], path), grafted=True)
+            UpperEntry(path, entry.st, copied_up=True, xattrs=_layer_xattrs(view, entry.layers[0], path), grafted=True)
         )
+
+
+def _copy_xattrs(index: IndexDir, key: bytes) -> XattrList:
+    """The user-visible xattrs of index copy *key*."""
+    return visible_xattrs(index.markers, index.xattr_names(key), lambda n: index.getxattr(key, n))
+
+
+def _layer_xattrs(view: LowerView, layer: int, rel: bytes) -> XattrList:
+    """The user-visible xattrs of entry *rel* of *layer* of *view*."""
+    names = view.stack.listxattr(layer, rel)
+    return visible_xattrs(view.markers, names, lambda n: view.stack.getxattr(layer, rel, n))
 
 
 def changes(upper: bytes, markers: Markers, lowers: Sequence[bytes] | None = None, workdir: bytes | None = None,
