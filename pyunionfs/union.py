@@ -77,8 +77,10 @@ class Attr:
 
 @dataclass(slots=True)
 class _OpenDir:
+    """An open directory: its node (which the kernel holds while it is open,
+    so the node's path follows renames) and the names listed at opendir."""
+
     ino: int
-    path: bytes
     entry: Entry
     names: list[bytes]
 
@@ -148,6 +150,8 @@ class UnionFS:
         parent = self.node(parent_ino)
         if not parent.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
+        if parent.gone:
+            raise fs_error(errno.ENOENT, name)  # a removed directory holds nothing (its path may hold another)
         grandparent = ROOT_INO
         if name == b".":
             path, entry, grandparent = parent.path, parent.entry, parent.parent
@@ -309,7 +313,7 @@ class UnionFS:
             raise fs_error(errno.ENOENT)
         self.stat_object(node)
         handle = next(self._dir_ids)
-        self._dirs[handle] = _OpenDir(ino, node.path, node.entry, self.resolver.names(node.entry, node.path))
+        self._dirs[handle] = _OpenDir(ino, node.entry, self.resolver.names(node.entry, node.path))
         return handle
 
     def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
@@ -323,34 +327,35 @@ class UnionFS:
         d = self._dirs.get(handle)
         if d is None:
             raise fs_error(errno.EBADF)
-        node = self.inodes.get(d.ino)
-        if node is not None and not node.gone:
+        node = self.inodes[d.ino]
+        if node.gone:
+            d.names = []  # removed while open: nothing is left in it
+        else:
             d.entry = node.entry  # it may have been copied up since opendir
-        if start == 0:
-            d.names = self.resolver.names(d.entry, d.path)
+        if start == 0 and not node.gone:
+            d.names = self.resolver.names(d.entry, node.path)
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry)
         if start < 2:
-            yield 2, b"..", None, self._dotdot_attr(d)
+            yield 2, b"..", None, self._dotdot_attr(node)
         for i in range(max(start, 2) - 2, len(d.names)):
             name = d.names[i]
-            entry = self.resolver.child(d.entry, d.path, name)
+            entry = self.resolver.child(d.entry, node.path, name)
             if entry is None:
                 continue
-            path = d.path + b"/" + name if d.path else name
+            path = node.path + b"/" + name if node.path else name
             ino = self.inodes.number(entry.ident, path)
             yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry)
 
-    def _dotdot_attr(self, d: _OpenDir) -> Attr:
+    def _dotdot_attr(self, node: Node) -> Attr:
         """Attributes of an open directory's parent: the node the kernel holds
         (it keeps a cached child's parent), else a walk from the root."""
-        if d.ino == ROOT_INO:
-            return self.attr_of(d.ino, d.entry)
-        node = self.inodes.get(d.ino)
-        above = self.inodes.get(node.parent) if node is not None else None
+        if node.ino == ROOT_INO:
+            return self.attr_of(node.ino, node.entry)
+        above = self.inodes.get(node.parent)
         if above is not None:
             return self.attr_of(above.ino, above.entry)
-        parent_path = split(d.path)[0]
+        parent_path = split(node.path)[0]
         parent_entry = self._resolve_path(parent_path)
         return self.attr_of(self.inodes.number(parent_entry.ident, parent_path), parent_entry)
 

@@ -46,7 +46,6 @@ class Upper:
         self.work = _open_subdir(base, WORK)
         self.index = _open_subdir(base, INDEX)
         copyup.clean_workdir(proc_path(self.work))
-        self._impure: set[bytes] = set()
         #: Names in ``index/``: lower hard-linked files that have an upper copy.
         self.index_keys: set[bytes] = {os.fsencode(n) for n in os.listdir(proc_path(self.index))}
 
@@ -112,9 +111,11 @@ class Upper:
 
     def set_impure(self, rel: bytes) -> None:
         """Mark directory *rel* as holding copied-up entries, as the kernel
-        does, so its readdir knows to report their origin inode numbers."""
-        if rel in self._impure:
-            return
+        does, so its readdir knows to report their origin inode numbers.
+
+        Written at every copy-up into it (one syscall beside a copy-up's
+        dozens), so no record of marked directories has to follow renames
+        and removals."""
         parent, _, name = rel.rpartition(b"/")
         path = proc_path(self.dirfd(parent), name) if rel else proc_path(self.stack.layers[0].fd)
         try:
@@ -122,7 +123,6 @@ class Upper:
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
-        self._impure.add(rel)
 
     def dir_times(self, rel: bytes) -> tuple[int, int]:
         st = self.stack.stat_self(0, rel)
@@ -135,11 +135,9 @@ class Upper:
         os.utime(path, ns=times, follow_symlinks=follow)
 
     def moved(self, old: bytes, new: bytes) -> None:
-        """Forget what was known about directory paths that a rename changed."""
+        """Forget the directory fds cached under paths that a rename changed."""
         for rel in (old, new):
             self.stack.fds.forget_tree(0, rel)
-            prefix = rel + b"/"
-            self._impure = {p for p in self._impure if p != rel and not p.startswith(prefix)}
 
     # -- removing ---------------------------------------------------------
 

@@ -459,8 +459,6 @@ class WritableUnionFS(UnionFS):
             # rewritten (rare: only upper-only directories move).
             up.moved(src_path, dst_path)
             self.inodes.moved({src_path: dst_path, dst_path: src_path} if exchange else {src_path: dst_path})
-            for d in self._dirs.values():
-                d.path = _remap(d.path, src_path, dst_path, exchange)
         else:
             # Files: just the names of the one or two objects involved.
             src_ino = self._ino(src, src_path)
@@ -581,26 +579,18 @@ class WritableUnionFS(UnionFS):
 
     def fsyncdir(self, handle: int) -> None:
         d = self._dirs.get(handle)
-        if d is None or self.upper is None:
+        node = self.inodes.get(d.ino) if d is not None else None
+        if node is None or node.gone or self.upper is None:
             return
         # A directory without an upper part has nothing to sync.
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self.upper.fsync_dir(d.path)
+            self.upper.fsync_dir(node.path)
 
 
 def _last_name(entry: Entry) -> bool:
     """Whether removing a name of *entry* leaves the object without a name
     in the merged view (merged link count, for indexed hard links)."""
     return entry.is_dir or (entry.st.st_nlink if entry.nlink is None else entry.nlink) <= 1
-
-
-def _remap(path: bytes, a: bytes, b: bytes, exchange: bool) -> bytes:
-    for old, new in ((a, b), (b, a)) if exchange else ((a, b),):
-        if path == old:
-            return new
-        if path.startswith(old + b"/"):
-            return new + path[len(old) :]
-    return path
 
 
 __all__ = ["Caller", "SetAttr", "WritableUnionFS"]

@@ -153,3 +153,21 @@ async def test_create_applies_umask_or_the_default_acl(env: Env) -> None:  # noq
     assert stat.S_IMODE(os.lstat(env.u / "d/f").st_mode) == 0o666
     assert stat.S_IMODE(os.lstat(env.u / "d/sub").st_mode) == 0o777
     assert os.getxattr(env.u / "d/sub", acl.DEFAULT) == os.getxattr(env.u / "d", acl.DEFAULT)
+
+
+async def test_a_removed_directory_holds_nothing_though_its_path_does(env: Env) -> None:  # noqa: F811
+    """An open directory removed and made anew at the same path: the old node
+    lists nothing and finds nothing; the new one is a different directory."""
+    mkfile(env.u / "d/old", b"x")
+    fs = env.mount()
+    d = ino_of(fs, "d")
+    handle = fs.opendir(d)
+    await fs.unlink(d, b"old")
+    await fs.rmdir(ROOT_INO, b"d")
+    new, _ = fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)
+    await touch(fs, "d/fresh")
+    assert new.ino != d
+    assert [n for _, n, _, _ in fs.readdir(handle, 0)] == [b".", b".."]
+    assert await err(lambda: fs.lookup(d, b"fresh")) == errno.ENOENT
+    assert await err(lambda: fs.opendir(d)) == errno.ENOENT
+    fs.releasedir(handle)
