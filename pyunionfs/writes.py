@@ -529,9 +529,9 @@ class WritableUnionFS(UnionFS):
             try:
                 os.ftruncate(fd, change.size) if fd is not None else os.truncate(path, change.size)
             except OSError as exc:
-                if exc.errno != errno.EBADF or fd is None:
+                if exc.errno not in (errno.EBADF, errno.EINVAL) or fd is None:
                     raise
-                os.truncate(path, change.size)  # a handle open read-only: truncate(2) checks the caller's rights
+                os.truncate(path, change.size)  # a handle open read-only: truncate the object it names
         if change.uid is not None or change.gid is not None:
             uid = -1 if change.uid is None else change.uid
             gid = -1 if change.gid is None else change.gid
