@@ -6,10 +6,11 @@ what to copy and keeps the mount's records right around it (overlayfs's
 
 * parents first: a name is copied up into a directory that has its own
   upper copy (:meth:`CopyUps.upper_dir`);
-* one copy at a time per object: while an object is being copied up (the
-  data copy of a large file runs in a worker thread), requests that would
-  change it or its name wait for it (:meth:`CopyUps.settle`, the per-inode
-  lock); requests on other objects go on;
+* one copy at a time per object: while an object is being copied up,
+  requests that would change it or its name wait for it
+  (:meth:`CopyUps.settle`, the per-inode lock).  The data copy of a large
+  file runs without the core's lock (:mod:`.locking`), so requests on other
+  objects go on meanwhile;
 * a lower file with several links is copied once, to the work dir's
   ``index/`` (index=on), and each name that is itself copied up afterwards
   is linked to that copy (:meth:`CopyUps.link_up`, overlayfs's
@@ -25,13 +26,13 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import trio
-
 from . import copyup, origin
 from .errors import fs_error
+from .locking import WouldBlock, may_block
 from .inodes import Node
 from .paths import join, proc_path, split
 from .resolve import Entry
@@ -40,7 +41,10 @@ from .upper import Upper
 if TYPE_CHECKING:
     from .union import UnionFS
 
-_THREAD_MIN = 1 << 16  # smaller copy-ups are cheaper inline than in a thread
+#: Data copies from this size on run without the core's lock (and raise
+#: WouldBlock where the thread may not block); smaller ones are cheaper done
+#: at once than handed to a worker thread.
+LONG_COPY = 1 << 16
 
 
 class CopyUps:
@@ -49,20 +53,25 @@ class CopyUps:
     def __init__(self, fs: UnionFS, up: Upper) -> None:
         self.fs = fs
         self.up = up
-        self._busy: dict[int, trio.Event] = {}
+        self._busy: dict[int, threading.Event] = {}
         #: Called with the inode number of an object whose attributes changed
         #: other than by the request at hand (a directory copied up as a
         #: parent becomes merged: its link count drops to 1), so the FUSE
         #: adapter can make the kernel forget what it cached.
         self.attrs_changed: Callable[[int], None] = lambda ino: None
 
-    async def settle(self, *inos: int) -> bool:
-        """Wait until no copy-up of *inos* is in flight; whether it waited."""
+    def settle(self, *inos: int) -> bool:
+        """Wait until no copy-up of *inos* is in flight; whether it waited.
+        The core's lock is let go meanwhile (WouldBlock where waiting is not
+        allowed: nothing was changed yet)."""
         waited = False
         for ino in inos:
             while (ev := self._busy.get(ino)) is not None:
+                if not may_block():
+                    raise WouldBlock
                 waited = True
-                await ev.wait()
+                with self.fs.lock.released():
+                    ev.wait()
         return waited
 
     # -- directories ----------------------------------------------------------
@@ -112,12 +121,12 @@ class CopyUps:
 
     # -- non-directories --------------------------------------------------------
 
-    async def node(self, node: Node, data: bool = True) -> None:
+    def node(self, node: Node, data: bool = True) -> None:
         """Make sure *node*'s object has an upper copy; directories copy up empty.
 
         ``data=False`` copies a file empty, for an open that truncates it anyway.
         """
-        await self.settle(node.ino)
+        self.settle(node.ino)
         if node.entry.linked_up:
             return
         if node.gone:
@@ -125,17 +134,19 @@ class CopyUps:
         if node.entry.is_dir:
             node.entry = self.upper_dir(node.path)
             return
-        await self.entry(node.entry, node.path, data)
+        self.entry(node.entry, node.path, data)
 
-    async def entry(self, entry: Entry, path: bytes, data: bool = True) -> Entry:
+    def entry(self, entry: Entry, path: bytes, data: bool = True) -> Entry:
         """Non-directory *entry*, found at merged *path*, with an upper link at
         *path*: copied up, or linked to its index copy.  The node the kernel
         holds for it (if any) is now known by *path*, with the new entry."""
         ino = self.fs.inodes.number(entry.ident, path)
-        await self.settle(ino)
+        self.settle(ino)
         if entry.linked_up:
             return entry
-        done = self._busy[ino] = trio.Event()
+        if data and entry.index is None and entry.st.st_size >= LONG_COPY and not may_block():
+            raise WouldBlock  # (before anything changed)
+        done = self._busy[ino] = threading.Event()
         try:
             parent_rel, name = split(path)
             self.upper_dir(parent_rel)
@@ -144,7 +155,7 @@ class CopyUps:
                 new = self.link_up(entry.index, parent_rel, name, entry.ident)
                 record = True
             else:
-                new, record = await self._copy(entry, parent_rel, name, data)
+                new, record = self._copy(entry, parent_rel, name, data)
             if record:
                 self.up.set_impure(parent_rel)
             self.up.restore_times(parent_rel, times)
@@ -162,7 +173,7 @@ class CopyUps:
             del self._busy[ino]
             done.set()
 
-    async def _copy(self, entry: Entry, parent_rel: bytes, name: bytes, data: bool) -> tuple[Entry, bool]:
+    def _copy(self, entry: Entry, parent_rel: bytes, name: bytes, data: bool) -> tuple[Entry, bool]:
         """Copy lower *entry* up to *name*; the new entry, and whether it has
         an origin record."""
         fs, up = self.fs, self.up
@@ -184,8 +195,10 @@ class CopyUps:
                 job = functools.partial(
                     copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, True, extra, dst_name, data=data
                 )
-                if data and src_st.st_size >= _THREAD_MIN:
-                    await trio.to_thread.run_sync(job)
+                if data and src_st.st_size >= LONG_COPY:
+                    # Owned fds and no shared state: other requests may run.
+                    with fs.lock.released():
+                        job()
                 else:
                     job()
         finally:

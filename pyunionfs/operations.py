@@ -5,17 +5,22 @@ and its answer back to pyfuse3's types.  Union logic lives in the core; errno
 mapping lives in :func:`~.errors.fuse_errors`, applied to every handler here.
 Handlers document only where they deviate from pyfuse3's contract.
 
-Handlers are synchronous inside (no ``await`` on the fast paths): measured on
-this kind of machine, sending short syscalls to threads made reads ~3x slower.
+Handlers call the core on the event loop, holding the core's lock
+(:mod:`.locking`): measured on this kind of machine, sending short syscalls to
+threads made reads ~3x slower.  The requests that may copy a large file up
+go through :meth:`Operations._call`, which runs them again in a worker thread
+when the core says it would have to wait (:class:`~.locking.WouldBlock`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from . import fuseshim  # noqa: F401  (before pyfuse3: see fuseshim.py)
 import pyfuse3  # noqa: E402
@@ -24,10 +29,12 @@ from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
 from . import control
 from .errors import fs_error, fuse_errors
+from .locking import WouldBlock, no_blocking
 from .union import Attr, KernelForget
 from .writes import Caller, SetAttr, WritableUnionFS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Operations(pyfuse3.Operations):
@@ -61,12 +68,29 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = attr.ctime_ns
         return e
 
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the core: at once on the event loop, or, when it
+        would wait for a long copy-up (:class:`~.locking.WouldBlock`, raised
+        before anything changed), again in a worker thread, so that other
+        requests go on meanwhile.  Always under the core's lock."""
+        try:
+            with self.fs.lock, no_blocking():
+                return fn(*args)
+        except WouldBlock:
+            pass
+        return await trio.to_thread.run_sync(self._locked, functools.partial(fn, *args))
+
+    def _locked(self, call: Callable[[], T]) -> T:
+        with self.fs.lock:
+            return call()
+
     # -- names and attributes ---------------------------------------------
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         try:
-            _, attr = self.fs.lookup(parent_inode, name)
+            with self.fs.lock:
+                _, attr = self.fs.lookup(parent_inode, name)
         except FileNotFoundError:
             # A negative entry the kernel may keep: a name appears only
             # through a request on that very name (lowers do not change),
@@ -81,21 +105,25 @@ class Operations(pyfuse3.Operations):
         # Must not raise: it answers no request.
         try:
             for ino, count in inode_list:
-                self.fs.forget(ino, count)
+                with self.fs.lock:
+                    self.fs.forget(ino, count)
         except Exception:
             log.exception("forget failed")
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
-        return self._entry(self.fs.getattr(inode))
+        with self.fs.lock:
+            return self._entry(self.fs.getattr(inode))
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
-        return self.fs.readlink(inode)
+        with self.fs.lock:
+            return self.fs.readlink(inode)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
-        self.fs.access(inode, mode)
+        with self.fs.lock:
+            self.fs.access(inode, mode)
         return True
 
     @fuse_errors
@@ -117,21 +145,24 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
-        return self.fs.opendir(inode)
+        with self.fs.lock:
+            return self.fs.opendir(inode)
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # pyfuse3 always answers READDIRPLUS: names and full attributes in one
         # pass.  The kernel holds a reference on each entry it accepts.
-        for next_id, name, node, attr in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
-                return
-            if node is not None:
-                self.fs.remember(node)
+        with self.fs.lock:
+            for next_id, name, node, attr in self.fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
+                    return
+                if node is not None:
+                    self.fs.remember(node)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self.fs.releasedir(fh)
+        with self.fs.lock:
+            self.fs.releasedir(fh)
 
     # -- files -------------------------------------------------------------
 
@@ -140,13 +171,14 @@ class Operations(pyfuse3.Operations):
         # Lowers do not change under a mount (overlayfs's rule too), and the
         # upper changes only through us, so the kernel may keep cached pages
         # across opens.
-        return FileInfo(fh=await self.fs.open_file(inode, flags), keep_cache=True)
+        return FileInfo(fh=await self._call(self.fs.open_file, inode, flags), keep_cache=True)
 
     @fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
-        fh, _, attr = await self.fs.create(parent_inode, name, mode, flags, Caller(ctx.uid, ctx.gid, ctx.umask))
+        caller = Caller(ctx.uid, ctx.gid, ctx.umask)
+        fh, _, attr = await self._call(self.fs.create, parent_inode, name, mode, flags, caller)
         return FileInfo(fh=fh, keep_cache=True), self._entry(attr)
 
     @fuse_errors
@@ -159,7 +191,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        self.fs.release(fh)
+        with self.fs.lock:
+            self.fs.release(fh)
 
     # No flush handler: data reaches the upper at each write, so close has
     # nothing to do; pyfuse3's default answers ENOSYS, after which the kernel
@@ -174,44 +207,48 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.fs.fsyncdir(fh)
+        with self.fs.lock:
+            self.fs.fsyncdir(fh)
 
     # -- names ---------------------------------------------------------------
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid, ctx.umask))
+        with self.fs.lock:
+            _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid, ctx.umask))
+        with self.fs.lock:
+            _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
-        _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid, ctx.umask))
+        with self.fs.lock:
+            _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid, ctx.umask))
         return self._entry(attr)
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
-        _, attr = await self.fs.link(inode, new_parent_inode, new_name)
+        _, attr = await self._call(self.fs.link, inode, new_parent_inode, new_name)
         return self._entry(attr)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        await self.fs.unlink(parent_inode, name)
+        await self._call(self.fs.unlink, parent_inode, name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        await self.fs.rmdir(parent_inode, name)
+        await self._call(self.fs.rmdir, parent_inode, name)
 
     @fuse_errors
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: RequestContext,
     ) -> None:
-        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self._call(self.fs.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- attributes and extended attributes ------------------------------------
 
@@ -227,13 +264,14 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return self._entry(await self.fs.setattr(inode, change, fh))
+        return self._entry(await self._call(self.fs.setattr, inode, change, fh))
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
             return await self._control(name, ctx)
-        return self.fs.getxattr(inode, name)
+        with self.fs.lock:
+            return self.fs.getxattr(inode, name)
 
     async def _control(self, name: bytes, ctx: RequestContext) -> bytes:
         """A command to the daemon (see :mod:`.control`)."""
@@ -241,7 +279,8 @@ class Operations(pyfuse3.Operations):
             raise fs_error(errno.EPERM)
         if name != control.DROP_CACHES:
             raise fs_error(errno.ENODATA)
-        forget = self.fs.drop_caches()
+        with self.fs.lock:
+            forget = self.fs.drop_caches()
         # In a thread: an invalidation waits for requests on the same names
         # to finish, which needs the event loop free to answer them.
         failed = await trio.to_thread.run_sync(_kernel_forget, forget)
@@ -251,17 +290,18 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
-        return self.fs.listxattr(inode)
+        with self.fs.lock:
+            return self.fs.listxattr(inode)
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
         if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
             raise fs_error(errno.EPERM)  # reserved for commands, never stored
-        await self.fs.setxattr(inode, name, value)
+        await self._call(self.fs.setxattr, inode, name, value)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        await self.fs.removexattr(inode, name)
+        await self._call(self.fs.removexattr, inode, name)
 
 
 def _forget_attrs(ino: int) -> None:

@@ -36,6 +36,7 @@ from .errors import fs_error
 from .handles import BACKING_FLAGS, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
+from .locking import BigLock
 from .paths import proc_path, split
 from .resolve import Entry, Resolver
 from .whiteout import Markers
@@ -103,6 +104,8 @@ class UnionFS:
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
         self.handles = HandleTable()
+        #: Held by the engine around every call into the core (see :mod:`.locking`).
+        self.lock = BigLock()
         self._closed = False
 
     def close(self) -> None:

@@ -219,7 +219,7 @@ class WritableUnionFS(UnionFS):
         node = self.inodes.remember(join(parent.path, name), entry, parent.ino)
         return node, self.attr_of(node.ino, entry)
 
-    async def create(
+    def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Node, Attr]:
         """open(O_CREAT): make the file, or open it if it exists and O_EXCL is not set."""
@@ -230,7 +230,7 @@ class WritableUnionFS(UnionFS):
             if flags & os.O_EXCL:
                 raise fs_error(errno.EEXIST, name)
             node, _ = self._new_node(parent, name, found)
-            fh = await self.open_file(node.ino, flags & ~os.O_CREAT)
+            fh = self.open_file(node.ino, flags & ~os.O_CREAT)
             return fh, node, self.getattr(node.ino)
         open_flags = (flags & BACKING_FLAGS & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -272,7 +272,7 @@ class WritableUnionFS(UnionFS):
         entry, _ = self._create(parent, name, stat.S_IFLNK | 0o777, caller, make)
         return self._new_node(parent, name, entry)
 
-    async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> tuple[Node, Attr]:
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> tuple[Node, Attr]:
         node = self.node(ino)
         if node.entry.is_dir:
             raise fs_error(errno.EPERM)
@@ -285,7 +285,7 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.EPERM, new_name)
         if self.resolver.child(parent.entry, parent.path, new_name) is not None:
             raise fs_error(errno.EEXIST, new_name)
-        await self.copyups.node(node)
+        self.copyups.node(node)
         parent.entry = self.copyups.parent_up(parent)
         # The source is the node's own object (its pin's magic link, followed,
         # links that very inode; a checked name otherwise).
@@ -306,13 +306,13 @@ class WritableUnionFS(UnionFS):
 
     # -- removing -------------------------------------------------------------
 
-    async def unlink(self, parent_ino: int, name: bytes) -> None:
-        await self._remove(parent_ino, name, is_dir=False)
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        self._remove(parent_ino, name, is_dir=False)
 
-    async def rmdir(self, parent_ino: int, name: bytes) -> None:
-        await self._remove(parent_ino, name, is_dir=True)
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        self._remove(parent_ino, name, is_dir=True)
 
-    async def _remove(self, parent_ino: int, name: bytes, is_dir: bool) -> None:
+    def _remove(self, parent_ino: int, name: bytes, is_dir: bool) -> None:
         parent = self._dir_node(parent_ino)
         up = self._up()
         entry = self.resolver.child(parent.entry, parent.path, name)
@@ -320,7 +320,7 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.ENOENT, name)
         path = join(parent.path, name)
         ino = self._ino(entry, path)
-        if await self.copyups.settle(ino):
+        if self.copyups.settle(ino):
             entry = self.resolver.child(parent.entry, parent.path, name)
             if entry is None:
                 raise fs_error(errno.ENOENT, name)
@@ -332,7 +332,7 @@ class WritableUnionFS(UnionFS):
             # A name of a hard-linked lower file: copy it up (to the index)
             # first, so the merged link count has a record to drop, as
             # overlayfs does with index=on.
-            entry = await self.copyups.entry(entry, path)
+            entry = self.copyups.entry(entry, path)
         parent.entry = self.copyups.parent_up(parent)
         last = _last_name(entry)
         self._name_goes(ino, entry, path, last)
@@ -379,7 +379,7 @@ class WritableUnionFS(UnionFS):
 
     # -- rename -----------------------------------------------------------------
 
-    async def rename(self, old_pino: int, old_name: bytes, new_pino: int, new_name: bytes, flags: int) -> None:
+    def rename(self, old_pino: int, old_name: bytes, new_pino: int, new_name: bytes, flags: int) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise fs_error(errno.EINVAL)
         exchange = bool(flags & RENAME_EXCHANGE)
@@ -423,13 +423,13 @@ class WritableUnionFS(UnionFS):
         merged_target = dst is not None and not exchange and dst.is_dir and dst.layers != (0,)
         if merged_target and dst is not None and self.resolver.listing(dst, dst_path):
             raise fs_error(errno.ENOTEMPTY, new_name)
-        await self.copyups.settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
+        self.copyups.settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
         if not src.is_dir:
-            src = await self.copyups.entry(src, src_path)
+            src = self.copyups.entry(src, src_path)
         if dst is not None and not dst.is_dir and (exchange or dst.st.st_nlink > 1 or dst.index is not None):
             # A name of a hard-linked lower file is copied up (linked to the
             # index) before it is replaced, so its merged link count drops.
-            dst = await self.copyups.entry(dst, dst_path)
+            dst = self.copyups.entry(dst, dst_path)
         op.entry = self.copyups.upper_dir(op.path)
         np.entry = self.copyups.upper_dir(np.path)
         if dst is not None and not exchange and dst_ino is not None:
@@ -497,7 +497,7 @@ class WritableUnionFS(UnionFS):
 
     # -- files --------------------------------------------------------------------
 
-    async def open_file(self, ino: int, flags: int) -> int:
+    def open_file(self, ino: int, flags: int) -> int:
         """open(2) of any kind; a write open copies up first.  Returns the fd,
         which is also the FUSE file handle."""
         node = self.node(ino)
@@ -508,7 +508,7 @@ class WritableUnionFS(UnionFS):
             # truncate regular file"): the open empties the file anyway, and
             # copying it first needs room for data about to be thrown away
             # (ENOSPC for `> file` of a large lower file on a nearly full upper).
-            await self.copyups.node(node, data=not flags & os.O_TRUNC)
+            self.copyups.node(node, data=not flags & os.O_TRUNC)
         fd = self.open_object(node, flags & BACKING_FLAGS)
         self.handles.add(fd, ino)
         return fd
@@ -518,10 +518,10 @@ class WritableUnionFS(UnionFS):
 
     # -- attributes ---------------------------------------------------------------
 
-    async def setattr(self, ino: int, change: SetAttr, fh: int | None) -> Attr:
+    def setattr(self, ino: int, change: SetAttr, fh: int | None) -> Attr:
         node = self.node(ino)
         self._up()
-        await self.copyups.node(node)
+        self.copyups.node(node)
         # The kernel's handle, where it sent one, is the object itself.
         fd = fh if fh is not None and fh in self.handles else None
         path, follow = (proc_path(fd), True) if fd is not None else self.object_path(node)
@@ -547,22 +547,22 @@ class WritableUnionFS(UnionFS):
             os.utime(path, ns=times, follow_symlinks=follow)
         return self.getattr(ino)
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         node = self.node(ino)
         self._up()
-        await self.copyups.node(node)
+        self.copyups.node(node)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.setxattr(path, self.markers.stored_xattr(name), value, follow_symlinks=follow)
         self._xattr_changed(node, name)
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes) -> None:
         node = self.node(ino)
         self._up()
         stored = self.markers.stored_xattr(name)
         if not node.entry.linked_up:
             self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
-        await self.copyups.node(node)
+        self.copyups.node(node)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.removexattr(path, stored, follow_symlinks=follow)

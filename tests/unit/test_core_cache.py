@@ -49,7 +49,7 @@ async def test_negative_entry_replaced_by_create(env):  # noqa: F811
     d = ino_of(fs, "d")
     with pytest.raises(FileNotFoundError):
         fs.lookup(d, b"new")
-    fh, _, _ = await fs.create(d, b"new", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
+    fh, _, _ = fs.create(d, b"new", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
     fs.release(fh)
     assert fs.lookup(d, b"new")[1].size == 0
     assert sorted(listdir(fs, "d")) == [b"f", b"new"]
@@ -62,7 +62,7 @@ async def test_hits_see_fresh_attributes_and_copy_up(env):  # noqa: F811
     node, attr = fs.lookup(d, b"f")
     assert attr.size == 5
     hits = fs.resolver.cache.hits
-    fh = await fs.open_file(node.ino, os.O_WRONLY)  # copies up: the cached answer changes layer
+    fh = fs.open_file(node.ino, os.O_WRONLY)  # copies up: the cached answer changes layer
     fs.write(fh, 0, b"upper and longer")
     fs.release(fh)
     assert fs.lookup(d, b"f")[1].size == 16
@@ -75,8 +75,8 @@ async def test_removed_and_remade_directory_starts_empty(env):  # noqa: F811
     mkfile(env.l1 / "d/a")
     fs = env.mount()
     assert listdir(fs, "d") == [b"a"]
-    await fs.unlink(ino_of(fs, "d"), b"a")
-    await fs.rmdir(ROOT_INO, b"d")
+    fs.unlink(ino_of(fs, "d"), b"a")
+    fs.rmdir(ROOT_INO, b"d")
     assert b"d" not in listdir(fs)
     fs.mkdir(ROOT_INO, b"d", 0o755, ALICE)
     assert listdir(fs, "d") == []
@@ -87,10 +87,10 @@ async def test_removed_and_remade_directory_starts_empty(env):  # noqa: F811
 async def test_renamed_directory_keeps_its_contents(env):  # noqa: F811
     fs = env.mount()
     node, _ = fs.mkdir(ROOT_INO, b"up", 0o755, ALICE)
-    fh, _, _ = await fs.create(node.ino, b"x", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
+    fh, _, _ = fs.create(node.ino, b"x", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
     fs.release(fh)
     assert listdir(fs, "up") == [b"x"]
-    await fs.rename(ROOT_INO, b"up", ROOT_INO, b"moved", 0)
+    fs.rename(ROOT_INO, b"up", ROOT_INO, b"moved", 0)
     assert listdir(fs, "moved") == [b"x"]
     assert stat.S_ISREG(lookup_path(fs, "moved/x")[1].mode)
     with pytest.raises(FileNotFoundError):
@@ -130,10 +130,10 @@ async def test_missing_xattrs_answered_from_memory_until_set(env):  # noqa: F811
     with pytest.raises(OSError) as info:
         fs.getxattr(ino, b"security.capability")
     assert info.value.errno == errno.ENODATA
-    await fs.setxattr(ino, b"user.b", b"2")  # copies up, and the name now exists
+    fs.setxattr(ino, b"user.b", b"2")  # copies up, and the name now exists
     assert fs.getxattr(ino, b"user.b") == b"2"
     assert sorted(fs.listxattr(ino)) == [b"user.a", b"user.b"]
-    await fs.removexattr(ino, b"user.a")
+    fs.removexattr(ino, b"user.a")
     with pytest.raises(OSError) as info:
         fs.getxattr(ino, b"user.a")
     assert info.value.errno == errno.ENODATA

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, tr
 ROOT = Caller(0, 0)
 
 
-async def _new_file(fs, name: bytes, data: bytes) -> int:
-    fh, node, _ = await fs.create(ROOT_INO, name, 0o644, os.O_WRONLY, ROOT)
+def _new_file(fs, name: bytes, data: bytes) -> int:
+    fh, node, _ = fs.create(ROOT_INO, name, 0o644, os.O_WRONLY, ROOT)
     fs.write(fh, 0, data)
     fs.release(fh)
     return node.ino
@@ -41,32 +41,32 @@ async def test_xattrs_of_an_old_node_reach_the_old_object(env: Env, where: str, 
     if where == "lower":
         mkfile(env.l1 / "f", b"old")
     fs = env.mount()
-    old = ino_of(fs, "f") if where == "lower" else await _new_file(fs, b"f", b"old")
-    await fs.setxattr(old, b"user.before", b"1")  # (a lower file is copied up here)
+    old = ino_of(fs, "f") if where == "lower" else _new_file(fs, b"f", b"old")
+    fs.setxattr(old, b"user.before", b"1")  # (a lower file is copied up here)
     if how == "unlink":
-        await fs.unlink(ROOT_INO, b"f")
-        new = await _new_file(fs, b"f", b"new")
+        fs.unlink(ROOT_INO, b"f")
+        new = _new_file(fs, b"f", b"new")
     else:
-        new = await _new_file(fs, b"g", b"new")
-        await fs.rename(ROOT_INO, b"g", ROOT_INO, b"f", 0)
+        new = _new_file(fs, b"g", b"new")
+        fs.rename(ROOT_INO, b"g", ROOT_INO, b"f", 0)
     assert new != old
-    await fs.setxattr(old, b"user.x", b"old's")
+    fs.setxattr(old, b"user.x", b"old's")
     assert fs.getxattr(old, b"user.x") == b"old's"
     assert b"user.x" in fs.listxattr(old)
     assert await err(lambda: fs.getxattr(new, b"user.x")) == errno.ENODATA
     assert await err(lambda: fs.getxattr(new, b"user.before")) == errno.ENODATA
     assert os.listxattr(env.u / "f") == []
-    await fs.removexattr(old, b"user.x")
+    fs.removexattr(old, b"user.x")
     assert b"user.x" not in fs.listxattr(old)
 
 
 async def test_open_of_a_replaced_node_opens_the_old_object(env: Env) -> None:  # noqa: F811
     fs = env.mount()
-    old = await _new_file(fs, b"r", b"old data")
-    await _new_file(fs, b"s", b"new data")
-    await fs.rename(ROOT_INO, b"s", ROOT_INO, b"r", 0)
+    old = _new_file(fs, b"r", b"old data")
+    _new_file(fs, b"s", b"new data")
+    fs.rename(ROOT_INO, b"s", ROOT_INO, b"r", 0)
     assert read_file(fs, old) == b"old data"
-    await write_at(fs, old, b"OLD")
+    write_at(fs, old, b"OLD")
     assert read_file(fs, old) == b"OLD data"
     assert (env.u / "r").read_bytes() == b"new data"
     assert fs.getattr(old).nlink == 0
@@ -79,10 +79,10 @@ async def test_setattr_of_a_hard_link_known_by_one_name(env: Env) -> None:  # no
     os.link(h1, env.l1 / "h2")
     fs = env.mount()
     old = ino_of(fs, "h1")
-    await fs.unlink(ROOT_INO, b"h1")
-    fh, node, _ = await fs.create(ROOT_INO, b"h1", 0o600, os.O_WRONLY, ROOT)
+    fs.unlink(ROOT_INO, b"h1")
+    fh, node, _ = fs.create(ROOT_INO, b"h1", 0o600, os.O_WRONLY, ROOT)
     fs.release(fh)
-    attr = await fs.setattr(old, SetAttr(mode=0o666), None)
+    attr = fs.setattr(old, SetAttr(mode=0o666), None)
     assert stat.S_IMODE(attr.mode) == 0o666
     assert stat.S_IMODE(os.lstat(env.u / "h1").st_mode) == 0o600
     _, a2 = lookup_path(fs, "h2")
@@ -95,21 +95,21 @@ async def test_lookups_write_nothing(env: Env) -> None:  # noqa: F811
     h1 = mkfile(env.l1 / "h1", b"shared")
     os.link(h1, env.l1 / "h2")
     fs = env.mount()
-    await write_at(fs, ino_of(fs, "h1"), b"SH")
+    write_at(fs, ino_of(fs, "h1"), b"SH")
     assert sorted(os.listdir(env.u)) == ["h1"]
     ino, attr = lookup_path(fs, "h2")
     assert read_file(fs, ino) == b"SHared"
     assert attr.nlink == 2
     assert sorted(os.listdir(env.u)) == ["h1"]
     # Copying the name up links it (overlayfs's link-up), with the same object.
-    await fs.setxattr(ino, b"user.y", b"1")
+    fs.setxattr(ino, b"user.y", b"1")
     assert os.lstat(env.u / "h1").st_ino == os.lstat(env.u / "h2").st_ino
 
 
 async def test_a_pinned_object_outlives_its_name_for_getattr_and_readlink(env: Env) -> None:  # noqa: F811
     fs = env.mount()
     node, _ = fs.symlink(ROOT_INO, b"l", b"target-one", ROOT)
-    await fs.unlink(ROOT_INO, b"l")
+    fs.unlink(ROOT_INO, b"l")
     fs.symlink(ROOT_INO, b"l", b"target-two", ROOT)
     assert fs.readlink(node.ino) == b"target-one"
 
@@ -117,7 +117,7 @@ async def test_a_pinned_object_outlives_its_name_for_getattr_and_readlink(env: E
 async def test_an_upper_name_holding_another_object_is_refused(env: Env) -> None:  # noqa: F811
     """Behind the daemon's back (undefined, but never the wrong object)."""
     fs = env.mount()
-    old = await _new_file(fs, b"f", b"one")
+    old = _new_file(fs, b"f", b"one")
     (env.u / "g").write_bytes(b"two")
     os.rename(env.u / "g", env.u / "f")
     assert await err(lambda: fs.getattr(old)) == errno.ENOENT
@@ -143,11 +143,11 @@ def test_default_acl_shapes_the_mode() -> None:
 
 async def test_create_applies_umask_or_the_default_acl(env: Env) -> None:  # noqa: F811
     fs = env.mount()
-    node, _ = await touch(fs, "plain", 0o666, Caller(0, 0, 0o022))
+    node, _ = touch(fs, "plain", 0o666, Caller(0, 0, 0o022))
     assert stat.S_IMODE(os.lstat(env.u / "plain").st_mode) == 0o644
     d, _ = fs.mkdir(ROOT_INO, b"d", 0o777, Caller(0, 0, 0o022))
     os.setxattr(env.u / "d", acl.DEFAULT, _acl((acl.USER_OBJ, 7, 0), (acl.GROUP_OBJ, 7, 0), (acl.OTHER, 7, 0)))
-    fh, _, _ = await fs.create(d.ino, b"f", 0o666, os.O_WRONLY, Caller(0, 0, 0o022))
+    fh, _, _ = fs.create(d.ino, b"f", 0o666, os.O_WRONLY, Caller(0, 0, 0o022))
     fs.release(fh)
     sub, _ = fs.mkdir(d.ino, b"sub", 0o777, Caller(0, 0, 0o022))
     assert stat.S_IMODE(os.lstat(env.u / "d/f").st_mode) == 0o666
@@ -162,10 +162,10 @@ async def test_a_removed_directory_holds_nothing_though_its_path_does(env: Env) 
     fs = env.mount()
     d = ino_of(fs, "d")
     handle = fs.opendir(d)
-    await fs.unlink(d, b"old")
-    await fs.rmdir(ROOT_INO, b"d")
+    fs.unlink(d, b"old")
+    fs.rmdir(ROOT_INO, b"d")
     new, _ = fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)
-    await touch(fs, "d/fresh")
+    touch(fs, "d/fresh")
     assert new.ino != d
     assert [n for _, n, _, _ in fs.readdir(handle, 0)] == [b".", b".."]
     assert await err(lambda: fs.lookup(d, b"fresh")) == errno.ENOENT

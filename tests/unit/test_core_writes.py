@@ -16,16 +16,16 @@ import hashlib
 import inspect
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trio
-from trio.testing import wait_all_tasks_blocked
 
-from pyunionfs import origin
+from pyunionfs import copyup, origin
 from pyunionfs.config import MountConfig
 from pyunionfs.inodes import ROOT_INO
+from pyunionfs.locking import WouldBlock, no_blocking
 from pyunionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pyunionfs.writes import Caller, SetAttr, WritableUnionFS
 
@@ -188,18 +188,18 @@ def at(fs: WritableUnionFS, rel: str) -> tuple[int, bytes]:
     return ino_of(fs, parent), os.fsencode(name)
 
 
-async def write_at(fs: WritableUnionFS, ino: int, data: bytes, offset: int = 0) -> None:
-    fh = await fs.open_file(ino, os.O_WRONLY)
+def write_at(fs: WritableUnionFS, ino: int, data: bytes, offset: int = 0) -> None:
+    fh = fs.open_file(ino, os.O_WRONLY)
     try:
         assert fs.write(fh, offset, data) == len(data)
     finally:
         fs.release(fh)
 
 
-async def touch(fs: WritableUnionFS, rel: str, mode: int = 0o644, caller: Caller = ALICE):
+def touch(fs: WritableUnionFS, rel: str, mode: int = 0o644, caller: Caller = ALICE):
     """create(2) of *rel*, handle released; returns (node, attr)."""
     pino, name = at(fs, rel)
-    fh, node, attr = await fs.create(pino, name, mode, os.O_WRONLY | os.O_CREAT | os.O_EXCL, caller)
+    fh, node, attr = fs.create(pino, name, mode, os.O_WRONLY | os.O_CREAT | os.O_EXCL, caller)
     fs.release(fh)
     return node, attr
 
@@ -217,7 +217,7 @@ def exists(fs: WritableUnionFS, rel: str) -> bool:
 
 async def test_create_new_file_owned_by_caller(env):
     fs = env.mount()
-    fh, node, attr = await fs.create(ROOT_INO, b"new", 0o640, os.O_RDWR | os.O_CREAT, ALICE)
+    fh, node, attr = fs.create(ROOT_INO, b"new", 0o640, os.O_RDWR | os.O_CREAT, ALICE)
     assert fs.write(fh, 0, b"hello") == 5
     assert fs.read(fh, 0, 100) == b"hello"
     fs.release(fh)
@@ -236,7 +236,7 @@ async def test_create_new_file_owned_by_caller(env):
 async def test_create_in_lower_only_dir_copies_parent_up(env):
     mkfile(env.l1 / "d/old", b"old")
     fs = env.mount()
-    node, _ = await touch(fs, "d/new")
+    node, _ = touch(fs, "d/new")
     assert sorted(os.listdir(env.u / "d")) == ["new"]
     assert listdir(fs, "d") == [b"new", b"old"]
     assert node.path == b"d/new"
@@ -257,7 +257,7 @@ async def test_create_without_excl_opens_existing_lower_file(env):
     f = mkfile(env.l1 / "f", b"lower data", mode=0o604)
     lower_ino = os.lstat(f).st_ino
     fs = env.mount()
-    fh, node, attr = await fs.create(ROOT_INO, b"f", 0o600, os.O_WRONLY | os.O_CREAT, ALICE)
+    fh, node, attr = fs.create(ROOT_INO, b"f", 0o600, os.O_WRONLY | os.O_CREAT, ALICE)
     assert fs.write(fh, 0, b"LOWER") == 5
     fs.release(fh)
     assert node.ino == attr.ino == lower_ino
@@ -270,7 +270,7 @@ async def test_create_over_upper_whiteout_replaces_it(env):
     mkwhiteout(env.u / "f")
     fs = env.mount()
     assert not exists(fs, "f")
-    node, attr = await touch(fs, "f", 0o600)
+    node, attr = touch(fs, "f", 0o600)
     st = os.lstat(env.u / "f")
     assert stat.S_ISREG(st.st_mode) and st.st_size == 0
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (ALICE.uid, ALICE.gid, 0o600)
@@ -301,7 +301,7 @@ async def test_oci_marker_names_refused_eperm(env, kind):
 
 async def test_oci_marker_names_allowed_when_oci_whiteouts_off(env):
     fs = env.mount(oci_whiteouts=False)
-    await touch(fs, ".wh.f")
+    touch(fs, ".wh.f")
     assert stat.S_ISREG(os.lstat(env.u / ".wh.f").st_mode)
     assert listdir(fs) == [b".wh.f"]
 
@@ -437,9 +437,9 @@ async def test_setgid_parent(env, where):
     os.chmod(sg, 0o2777)
     mkdir(env.l1 / "plain")
     fs = env.mount()
-    _, fattr = await touch(fs, "sg/f", 0o644)
+    _, fattr = touch(fs, "sg/f", 0o644)
     _, dattr = fs.mkdir(ino_of(fs, "sg"), b"d", 0o755, ALICE)
-    _, pattr = await touch(fs, "plain/f", 0o644)
+    _, pattr = touch(fs, "plain/f", 0o644)
     assert (fattr.uid, fattr.gid) == (ALICE.uid, 555)
     assert (dattr.uid, dattr.gid) == (ALICE.uid, 555)
     assert dattr.mode & stat.S_ISGID and stat.S_IMODE(dattr.mode) == 0o2755
@@ -479,20 +479,20 @@ def deep(env):
     return f
 
 
-async def _open_for_write(fs, ino):
-    fs.release(await fs.open_file(ino, os.O_WRONLY))
+def _open_for_write(fs, ino):
+    fs.release(fs.open_file(ino, os.O_WRONLY))
 
 
-async def _setattr_atime(fs, ino):
-    await fs.setattr(ino, SetAttr(atime_ns=5_000_000_000), None)
+def _setattr_atime(fs, ino):
+    fs.setattr(ino, SetAttr(atime_ns=5_000_000_000), None)
 
 
-async def _setxattr(fs, ino):
-    await fs.setxattr(ino, b"user.added", b"1")
+def _setxattr(fs, ino):
+    fs.setxattr(ino, b"user.added", b"1")
 
 
-async def _removexattr(fs, ino):
-    await fs.removexattr(ino, b"trusted.note")
+def _removexattr(fs, ino):
+    fs.removexattr(ino, b"trusted.note")
 
 
 COPY_UP_TRIGGERS = {
@@ -511,7 +511,7 @@ async def test_copy_up_keeps_everything(env, deep, trigger):
     ino, before = lookup_path(fs, "a/b/f")
     assert ino == before.ino == lower.st_ino
     times = {rel: (os.lstat(env.l1 / rel).st_atime_ns, os.lstat(env.l1 / rel).st_mtime_ns) for rel in ("a", "a/b")}
-    await COPY_UP_TRIGGERS[trigger](fs, ino)
+    COPY_UP_TRIGGERS[trigger](fs, ino)
     # Copy-up is invisible: the directories keep their times (checked before
     # anything lists them), the upper root too.
     for rel in ("a", "a/b"):
@@ -565,7 +565,7 @@ async def test_copy_up_keeps_everything(env, deep, trigger):
 async def test_copy_up_then_write_leaves_lower_alone(env, deep):
     fs = env.mount()
     ino = ino_of(fs, "a/b/f")
-    fh = await fs.open_file(ino, os.O_RDWR)
+    fh = fs.open_file(ino, os.O_RDWR)
     assert fs.write(fh, 0, b"PAY") == 3
     assert fs.read(fh, 0, 7) == b"PAYload"
     fs.release(fh)
@@ -576,7 +576,7 @@ async def test_copy_up_then_write_leaves_lower_alone(env, deep):
 async def test_copy_up_open_trunc(env, deep):
     fs = env.mount()
     ino = ino_of(fs, "a/b/f")
-    fs.release(await fs.open_file(ino, os.O_WRONLY | os.O_TRUNC))
+    fs.release(fs.open_file(ino, os.O_WRONLY | os.O_TRUNC))
     assert fs.getattr(ino).size == 0
     assert (env.u / "a/b/f").read_bytes() == b""
 
@@ -584,7 +584,7 @@ async def test_copy_up_open_trunc(env, deep):
 async def test_setattr_changes_after_copy_up(env, deep):
     fs = env.mount()
     ino = ino_of(fs, "a/b/f")
-    attr = await fs.setattr(ino, SetAttr(mode=0o600, uid=1, gid=2, size=3, mtime_ns=9_000_000_000), None)
+    attr = fs.setattr(ino, SetAttr(mode=0o600, uid=1, gid=2, size=3, mtime_ns=9_000_000_000), None)
     assert (stat.S_IMODE(attr.mode), attr.uid, attr.gid, attr.size, attr.mtime_ns) == (0o600, 1, 2, 3, 9_000_000_000)
     assert attr.ino == ino
     st = os.lstat(env.u / "a/b/f")
@@ -596,7 +596,7 @@ async def test_copy_up_does_not_touch_lower_atime(env, deep):
     """The kernel reads the lower file with O_NOATIME for the copy (relatime would bump an atime this old)."""
     fs = env.mount()
     before = snapshot(env.l1, file_atime=True)
-    await _open_for_write(fs, ino_of(fs, "a/b/f"))
+    _open_for_write(fs, ino_of(fs, "a/b/f"))
     assert read_path(fs, "a/b/f") == b"payload" * 1000
     assert snapshot(env.l1, file_atime=True) == before
 
@@ -605,8 +605,8 @@ async def test_read_only_handle_follows_copy_up(env, deep):
     """As the kernel since 4.19: an fd opened before a copy-up sees later writes."""
     fs = env.mount()
     ino = ino_of(fs, "a/b/f")
-    ro = await fs.open_file(ino, os.O_RDONLY)
-    await write_at(fs, ino, b"NEW")
+    ro = fs.open_file(ino, os.O_RDONLY)
+    write_at(fs, ino, b"NEW")
     assert fs.read(ro, 0, 7) == b"NEWload"
     fs.release(ro)
 
@@ -616,7 +616,7 @@ async def test_setattr_on_lower_symlink_changes_the_link_only(env):
     mklink(env.l1 / "ln", "target")
     fs = env.mount()
     ino = ino_of(fs, "ln")
-    attr = await fs.setattr(ino, SetAttr(uid=5, gid=6, mtime_ns=7_000_000_000), None)
+    attr = fs.setattr(ino, SetAttr(uid=5, gid=6, mtime_ns=7_000_000_000), None)
     assert (attr.uid, attr.gid, attr.mtime_ns) == (5, 6, 7_000_000_000) and stat.S_ISLNK(attr.mode)
     st = os.lstat(env.u / "ln")
     assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (5, 6, 7_000_000_000)
@@ -632,7 +632,7 @@ async def test_copy_up_of_symlink_and_fifo(env):
     fs = env.mount()
     for name in ("ln", "fifo"):
         ino = ino_of(fs, name)
-        await fs.setxattr(ino, b"trusted.mine", b"v")
+        fs.setxattr(ino, b"trusted.mine", b"v")
         assert fs.getattr(ino).ino == ino
         assert xattr(env.u / name, b"trusted.mine") == b"v"
     assert os.readlink(env.u / "ln") == "some/target"
@@ -643,13 +643,13 @@ async def test_copy_up_of_symlink_and_fifo(env):
 async def test_change_root(env):
     mkfile(env.l1 / "f", b"f")
     fs = env.mount()
-    await fs.setxattr(ROOT_INO, b"user.root", b"r")
-    attr = await fs.setattr(ROOT_INO, SetAttr(mode=0o711), None)
+    fs.setxattr(ROOT_INO, b"user.root", b"r")
+    attr = fs.setattr(ROOT_INO, SetAttr(mode=0o711), None)
     assert stat.S_IMODE(attr.mode) == 0o711 and attr.ino == ROOT_INO
     assert xattr(env.u, b"user.root") == b"r"
     assert stat.S_IMODE(os.lstat(env.u).st_mode) == 0o711
     assert fs.getxattr(ROOT_INO, b"user.root") == b"r"
-    await fs.removexattr(ROOT_INO, b"user.root")
+    fs.removexattr(ROOT_INO, b"user.root")
     assert xattr(env.u, b"user.root") is None
     assert listdir(fs) == [b"f"]
 
@@ -661,11 +661,11 @@ async def test_change_merged_dir_copies_it_up_empty(env, how):
     fs = env.mount()
     ino = ino_of(fs, "d")
     if how == "setxattr":
-        await fs.setxattr(ino, b"user.k", b"v")
+        fs.setxattr(ino, b"user.k", b"v")
         assert xattr(env.u / "d", b"user.k") == b"v"
         assert fs.getxattr(ino, b"user.k") == b"v"
     else:
-        attr = await fs.setattr(ino, SetAttr(mode=0o700, uid=3), None)
+        attr = fs.setattr(ino, SetAttr(mode=0o700, uid=3), None)
         assert (stat.S_IMODE(attr.mode), attr.uid, attr.nlink) == (0o700, 3, 1)
         st = os.lstat(env.u / "d")
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, 3)
@@ -682,7 +682,7 @@ async def test_removexattr_missing_on_lower_file_enodata_without_copy_up(env):
     ino = ino_of(fs, "d/f")
     assert await err(lambda: fs.removexattr(ino, b"user.missing")) == errno.ENODATA
     assert os.listdir(env.u) == []
-    await fs.removexattr(ino, b"user.present")
+    fs.removexattr(ino, b"user.present")
     assert xattr(env.u / "d/f", b"user.present") is None
     assert fs.listxattr(ino) == []
 
@@ -692,35 +692,55 @@ async def test_escaped_overlay_xattrs_set_and_removed(env):
     os.setxattr(f, b"trusted.overlay.overlay.old", b"o")
     fs = env.mount()
     ino = ino_of(fs, "f")
-    await fs.setxattr(ino, b"trusted.overlay.new", b"n")
+    fs.setxattr(ino, b"trusted.overlay.new", b"n")
     up = env.u / "f"
     assert xattr(up, b"trusted.overlay.overlay.new") == b"n"
     assert xattr(up, b"trusted.overlay.new") is None
     assert fs.getxattr(ino, b"trusted.overlay.new") == b"n"
-    await fs.removexattr(ino, b"trusted.overlay.old")
+    fs.removexattr(ino, b"trusted.overlay.old")
     assert xattr(up, b"trusted.overlay.overlay.old") is None
     assert sorted(fs.listxattr(ino)) == [b"trusted.overlay.new"]
     assert xattr(up, ORIGIN) == origin_of(f)
 
 
-async def test_concurrent_copy_ups_of_one_big_file(env):
-    """Copies of 64 KiB and more run in a thread; requests on the same file
-    wait for it and then share the one copy."""
+def _in_threads(fs: WritableUnionFS, *calls: Callable[[], object]) -> list[object]:
+    """Run each call in its own thread holding the core's lock, as an engine's
+    workers do; their results in order (an exception is re-raised here)."""
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], object]) -> None:
+        try:
+            with fs.lock:
+                results[i] = call()
+        except BaseException as exc:  # noqa: BLE001  (handed to the test's thread)
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+def test_concurrent_copy_ups_of_one_big_file(env):
+    """Copies of 64 KiB and more run without the core's lock; requests on the
+    same file wait for it and then share the one copy."""
     data = bytes(range(256)) * 4096
     mkfile(env.l1 / "d/big", data)
     mkfile(env.l1 / "d/small", b"s")
     fs = env.mount()
     ino, small = ino_of(fs, "d/big"), ino_of(fs, "d/small")
-    fhs: list[int] = []
-
-    async def opener() -> None:
-        fhs.append(await fs.open_file(ino, os.O_RDWR))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(3):
-            nursery.start_soon(opener)
-        nursery.start_soon(fs.setxattr, ino, b"user.k", b"v")
-        nursery.start_soon(fs.setxattr, small, b"user.k", b"v")
+    got = _in_threads(
+        fs,
+        *[lambda: fs.open_file(ino, os.O_RDWR)] * 3,
+        lambda: fs.setxattr(ino, b"user.k", b"v"),
+        lambda: fs.setxattr(small, b"user.k", b"v"),
+    )
+    fhs = [fh for fh in got[:3] if isinstance(fh, int)]
     real = os.lstat(env.u / "d/big")
     assert {os.fstat(fh).st_ino for fh in fhs} == {real.st_ino}
     assert real.st_nlink == 1 and real.st_size == len(data)
@@ -735,19 +755,42 @@ async def test_concurrent_copy_ups_of_one_big_file(env):
     assert env.leftovers() == []
 
 
-async def test_unlink_waits_for_copy_up_in_flight(env):
+def test_unlink_waits_for_copy_up_in_flight(env, monkeypatch):
+    """An unlink of a file being copied up waits for the copy (the core's lock
+    is let go meanwhile, so the unlink can start), then whites it out."""
     mkfile(env.l1 / "big", b"x" * (1 << 20))
     fs = env.mount()
     ino = ino_of(fs, "big")
+    started, gate = threading.Event(), threading.Event()
+    real_copy_up = copyup.copy_up
+
+    def held_copy_up(*args, **kw):
+        started.set()
+        assert gate.wait(30)
+        return real_copy_up(*args, **kw)
+
+    monkeypatch.setattr(copyup, "copy_up", held_copy_up)
     fhs: list[int] = []
 
-    async def opener() -> None:
-        fhs.append(await fs.open_file(ino, os.O_RDWR))
+    def opener() -> None:
+        with fs.lock:
+            fhs.append(fs.open_file(ino, os.O_RDWR))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(opener)
-        await wait_all_tasks_blocked()  # the copy runs in its worker thread now
-        nursery.start_soon(fs.unlink, ROOT_INO, b"big")
+    def unlinker() -> None:
+        with fs.lock:
+            fs.unlink(ROOT_INO, b"big")
+
+    copying = threading.Thread(target=opener)
+    copying.start()
+    assert started.wait(30)
+    unlinking = threading.Thread(target=unlinker)
+    unlinking.start()
+    unlinking.join(0.3)
+    assert unlinking.is_alive(), "unlink did not wait for the copy-up in flight"
+    assert not lexists(env.u / "big")
+    gate.set()
+    copying.join(30)
+    unlinking.join(30)
     assert is_whiteout(env.u / "big")
     assert not exists(fs, "big")
     assert fs.write(fhs[0], 0, b"y") == 1
@@ -756,13 +799,30 @@ async def test_unlink_waits_for_copy_up_in_flight(env):
     assert env.leftovers() == []
 
 
+def test_a_thread_that_may_not_block_is_told_before_anything_changes(env):
+    """The pyfuse3 engine's event loop: a long copy-up raises WouldBlock with
+    nothing done (it is run again in a worker thread); a short one is done."""
+    mkfile(env.l1 / "d/big", b"x" * (1 << 20))
+    mkfile(env.l1 / "d/small", b"s")
+    fs = env.mount()
+    big, small = ino_of(fs, "d/big"), ino_of(fs, "d/small")
+    with fs.lock, no_blocking():
+        with pytest.raises(WouldBlock):
+            fs.open_file(big, os.O_WRONLY)
+        fs.setxattr(small, b"user.k", b"v")
+    assert not lexists(env.u / "d/big")
+    assert xattr(env.u / "d/small", b"user.k") == b"v"
+    fs.release(fs.open_file(big, os.O_WRONLY))
+    assert lexists(env.u / "d/big")
+
+
 async def test_userxattr_mount_writes_user_overlay_records(env):
     mkfile(env.l1 / "d/f", b"x")
     mkfile(env.l1 / "w/x", b"x")
     fs = env.mount(userxattr=True)
-    await fs.setxattr(ino_of(fs, "d/f"), b"user.k", b"1")
-    await fs.unlink(ino_of(fs, "w"), b"x")
-    await fs.rmdir(ROOT_INO, b"w")
+    fs.setxattr(ino_of(fs, "d/f"), b"user.k", b"1")
+    fs.unlink(ino_of(fs, "w"), b"x")
+    fs.rmdir(ROOT_INO, b"w")
     fs.mkdir(ROOT_INO, b"w", 0o755, ALICE)
     assert os.getxattr(env.u / "d/f", b"user.overlay.origin") == origin_of(env.l1 / "d/f")
     assert os.getxattr(env.u / "d", b"user.overlay.origin") == origin_of(env.l1 / "d")
@@ -806,7 +866,7 @@ async def test_remove(removable, name, is_dir, leaves_whiteout):
     env = removable
     fs = env.mount()
     ino = ino_of(fs, name)
-    await (fs.rmdir if is_dir else fs.unlink)(ROOT_INO, name.encode())
+    (fs.rmdir if is_dir else fs.unlink)(ROOT_INO, name.encode())
     p = env.u / name
     if leaves_whiteout:
         assert is_whiteout(p)
@@ -847,7 +907,7 @@ async def test_rmdir_merged_dir_with_empty_view(env, lower):
         mkwhiteout(env.u / "e/stale")
     fs = env.mount()
     assert listdir(fs, "e") == []
-    await fs.rmdir(ROOT_INO, b"e")
+    fs.rmdir(ROOT_INO, b"e")
     if lower == "stale":
         assert not lexists(env.u / "e")
     else:
@@ -876,7 +936,7 @@ async def test_rmdir_upper_dir_over_lower_whiteout_leaves_nothing(env):
     mkwhiteout(env.l1 / "d")
     mkfile(env.l2 / "d/x", b"x")
     fs = env.mount()
-    await fs.rmdir(ROOT_INO, b"d")
+    fs.rmdir(ROOT_INO, b"d")
     assert not lexists(env.u / "d")  # the lower whiteout still hides l2's d
     assert not exists(fs, "d")
 
@@ -886,7 +946,7 @@ async def test_no_new_entries_in_removed_dir(env, where):
     mkdir((env.l1 if where == "lower" else env.u) / "d")
     fs = env.mount()
     d = ino_of(fs, "d")
-    await fs.rmdir(ROOT_INO, b"d")
+    fs.rmdir(ROOT_INO, b"d")
     assert fs.inodes[d].gone
     assert errno_of(lambda: fs.mkdir(d, b"x", 0o755, ALICE)) == errno.ENOENT
     assert await err(lambda: fs.create(d, b"f", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)) == errno.ENOENT
@@ -898,8 +958,8 @@ async def test_no_new_entries_in_removed_dir(env, where):
 
 async def test_link_of_unlinked_file_enoent(env):
     fs = env.mount()
-    fh, node, _ = await fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
-    await fs.unlink(ROOT_INO, b"t")
+    fh, node, _ = fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
+    fs.unlink(ROOT_INO, b"t")
     assert await err(lambda: fs.link(node.ino, ROOT_INO, b"t2")) == errno.ENOENT
     fs.release(fh)
     assert os.listdir(env.u) == []
@@ -911,7 +971,7 @@ async def test_unlink_one_of_two_upper_names(env):
     fs = env.mount()
     ino = ino_of(fs, "a")
     assert ino_of(fs, "b") == ino
-    await fs.unlink(ROOT_INO, b"a")
+    fs.unlink(ROOT_INO, b"a")
     assert not lexists(env.u / "a")
     assert not fs.inodes[ino].gone
     attr = fs.getattr(ino)
@@ -927,7 +987,7 @@ async def test_rename_file_over_file_leaves_whiteout(env):
     mkfile(env.l1 / "b", b"B")
     fs = env.mount()
     a_ino, b_ino = ino_of(fs, "a"), ino_of(fs, "b")
-    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
     assert is_whiteout(env.u / "a")
     assert (env.u / "b").read_bytes() == b"A"
     assert xattr(env.u / "b", ORIGIN) == origin_of(env.l1 / "a")
@@ -951,7 +1011,7 @@ async def test_rename_upper_only_file_leaves_nothing(env, dst):
         mkfile(env.l1 / "dst", b"D")
         mkwhiteout(env.u / "dst")
     fs = env.mount()
-    await fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0)
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0)
     assert sorted(os.listdir(env.u)) == ["dst"]
     assert (env.u / "dst").read_bytes() == b"S"
     assert read_path(fs, "dst") == b"S"
@@ -964,7 +1024,7 @@ async def test_rename_lower_file_over_upper_whiteout(env):
     mkfile(env.l1 / "w", b"W")
     mkwhiteout(env.u / "w")
     fs = env.mount()
-    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"w", 0)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"w", 0)
     assert is_whiteout(env.u / "a")
     assert (env.u / "w").read_bytes() == b"A"
     assert listdir(fs) == [b"w"]
@@ -976,7 +1036,7 @@ async def test_rename_across_lower_dirs(env):
     mkfile(env.l2 / "y/g", b"G")
     fs = env.mount()
     ino = ino_of(fs, "x/f")
-    await fs.rename(ino_of(fs, "x"), b"f", ino_of(fs, "y"), b"f", 0)
+    fs.rename(ino_of(fs, "x"), b"f", ino_of(fs, "y"), b"f", 0)
     assert is_whiteout(env.u / "x/f")
     assert (env.u / "y/f").read_bytes() == b"F"
     assert listdir(fs, "x") == []
@@ -993,7 +1053,7 @@ async def test_rename_noreplace_eexist(env):
     for src, dst in ((b"a", b"b"), (b"c", b"a"), (b"a", b"c")):
         assert await err(lambda s=src, d=dst: fs.rename(ROOT_INO, s, ROOT_INO, d, RENAME_NOREPLACE)) == errno.EEXIST
     assert os.listdir(env.u) == ["c"]
-    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"new", RENAME_NOREPLACE)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"new", RENAME_NOREPLACE)
     assert read_path(fs, "new") == b"A"
 
 
@@ -1005,7 +1065,7 @@ async def test_rename_exchange_files(env, kinds):
     mkdir(env.l2 / "d")  # a merged dir (an upper-only one: see test_copy_keeps_ino_wherever_its_name_goes)
     fs = env.mount()
     a_ino, b_ino = ino_of(fs, "a"), ino_of(fs, "d/b")
-    await fs.rename(ROOT_INO, b"a", ino_of(fs, "d"), b"b", RENAME_EXCHANGE)
+    fs.rename(ROOT_INO, b"a", ino_of(fs, "d"), b"b", RENAME_EXCHANGE)
     assert read_path(fs, "a") == b"B"
     assert read_path(fs, "d/b") == b"A"
     assert ino_of(fs, "a") == b_ino and ino_of(fs, "d/b") == a_ino
@@ -1050,7 +1110,7 @@ async def test_rename_upper_only_dir_opaque_in_merged_parent(env, dst):
     ud = ino_of(fs, "ud")
     inner = ino_of(fs, "ud/inner")
     pino, name = at(fs, dst)
-    await fs.rename(ROOT_INO, b"ud", pino, name, 0)
+    fs.rename(ROOT_INO, b"ud", pino, name, 0)
     p = env.u / dst
     assert (p / "inner").read_bytes() == b"i"
     assert sorted(os.listdir(p)) == ["inner"]
@@ -1083,7 +1143,7 @@ async def test_rename_kind_mismatch(env):
     assert await err(lambda: fs.rename(ROOT_INO, b"f", ROOT_INO, b"d", 0)) == errno.EISDIR
     assert await err(lambda: fs.rename(ROOT_INO, b"d", ROOT_INO, b"f", 0)) == errno.ENOTDIR
     assert await err(lambda: fs.rename(ROOT_INO, b"e", ROOT_INO, b"full", 0)) == errno.ENOTEMPTY
-    await fs.rename(ROOT_INO, b"e", ROOT_INO, b"d", 0)  # over an empty dir
+    fs.rename(ROOT_INO, b"e", ROOT_INO, b"d", 0)  # over an empty dir
     assert sorted(os.listdir(env.u)) == ["d", "f", "full"]
 
 
@@ -1106,9 +1166,9 @@ async def test_rename_hard_links_of_one_file_noop(env):
     mkfile(env.u / "a", b"x")
     os.link(env.u / "a", env.u / "b")
     fs = env.mount()
-    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0)
     assert sorted(os.listdir(env.u)) == ["a", "b"]
-    await fs.rename(ROOT_INO, b"a", ROOT_INO, b"a", 0)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"a", 0)
     assert sorted(os.listdir(env.u)) == ["a", "b"]
 
 
@@ -1118,17 +1178,17 @@ async def test_open_nodes_follow_dir_rename(env):
     fs = env.mount()
     d, sub, f = ino_of(fs, "d"), ino_of(fs, "d/sub"), ino_of(fs, "d/sub/f")
     handle = fs.opendir(sub)
-    await fs.rename(ROOT_INO, b"d", ino_of(fs, "other"), b"e", 0)
+    fs.rename(ROOT_INO, b"d", ino_of(fs, "other"), b"e", 0)
     assert fs.inodes[f].path == b"other/e/sub/f"
     assert fs.lookup(d, b"sub")[0].ino == sub
     assert fs.lookup(sub, b"f")[0].ino == f
     assert fs.getattr(f).ino == f
     assert read_file(fs, f) == b"data"
-    await write_at(fs, f, b"DATA")
+    write_at(fs, f, b"DATA")
     assert (env.u / "other/e/sub/f").read_bytes() == b"DATA"
     assert [n for _, n, _, _ in fs.readdir(handle, 0)] == [b".", b"..", b"f"]
     fs.releasedir(handle)
-    await touch(fs, "other/e/sub/g")  # by path, and by the old nodes:
+    touch(fs, "other/e/sub/g")  # by path, and by the old nodes:
     fs.mkdir(sub, b"h", 0o755, ALICE)
     assert sorted(os.listdir(env.u / "other/e/sub")) == ["f", "g", "h"]
 
@@ -1137,11 +1197,11 @@ async def test_open_node_follows_file_rename(env):
     mkfile(env.l1 / "p/f", b"lower")
     fs = env.mount()
     p, f = ino_of(fs, "p"), ino_of(fs, "p/f")
-    await fs.rename(p, b"f", p, b"g", 0)
+    fs.rename(p, b"f", p, b"g", 0)
     assert fs.getattr(f).ino == f
-    await write_at(fs, f, b"LOWER")
+    write_at(fs, f, b"LOWER")
     assert (env.u / "p/g").read_bytes() == b"LOWER"
-    await fs.setattr(f, SetAttr(mode=0o600), None)
+    fs.setattr(f, SetAttr(mode=0o600), None)
     assert stat.S_IMODE(os.lstat(env.u / "p/g").st_mode) == 0o600
     assert is_whiteout(env.u / "p/f")
     assert fs.lookup(p, b"g")[0].ino == f
@@ -1154,7 +1214,7 @@ async def test_link_to_lower_file(env):
     f = mkfile(env.l1 / "d/f", b"data")
     fs = env.mount()
     ino = ino_of(fs, "d/f")
-    node, attr = await fs.link(ino, ROOT_INO, b"g")
+    node, attr = fs.link(ino, ROOT_INO, b"g")
     assert node.ino == attr.ino == ino == os.lstat(f).st_ino
     assert attr.nlink == 2
     assert samefile(env.u / "d/f", env.u / "g")
@@ -1163,7 +1223,7 @@ async def test_link_to_lower_file(env):
     _, g = lookup_path(fs, "g")
     _, df = lookup_path(fs, "d/f")
     assert g.ino == df.ino == ino and g.nlink == df.nlink == 2
-    await write_at(fs, ino_of(fs, "g"), b"DATA")
+    write_at(fs, ino_of(fs, "g"), b"DATA")
     assert read_path(fs, "d/f") == b"DATA"
     assert f.read_bytes() == b"data"
 
@@ -1185,7 +1245,7 @@ async def test_link_over_whiteout(env):
     mkfile(env.l1 / "w", b"old")
     mkwhiteout(env.u / "w")
     fs = env.mount()
-    await fs.link(ino_of(fs, "f"), ROOT_INO, b"w")
+    fs.link(ino_of(fs, "f"), ROOT_INO, b"w")
     assert samefile(env.u / "f", env.u / "w")
     assert read_path(fs, "w") == b"x"
     assert env.leftovers() == []
@@ -1208,7 +1268,7 @@ async def test_lower_hardlink_copied_up_once_via_index(env, hardlinked, seen_fir
     if seen_first == "both":
         h2, a2 = lookup_path(fs, "sub/h2")
         assert h1 == h2 and a1.nlink == a2.nlink == 2
-    await write_at(fs, h1, b"CHANGED")
+    write_at(fs, h1, b"CHANGED")
     _, a2 = lookup_path(fs, "sub/h2")
     a1 = fs.getattr(h1)
     assert a1.ino == a2.ino == h1 == lower.st_ino
@@ -1227,7 +1287,7 @@ async def test_lower_hardlink_copied_up_once_via_index(env, hardlinked, seen_fir
     assert linked == (["sub/h2"] if seen_first == "both" else ["h1"])
     assert xattr(idx, ORIGIN) == origin_of(hardlinked)
     # Writing through the other name changes the same file.
-    await write_at(fs, ino_of(fs, "sub/h2"), b"AGAIN")
+    write_at(fs, ino_of(fs, "sub/h2"), b"AGAIN")
     assert read_path(fs, "h1") == b"AGAINEDl"
     assert hardlinked.read_bytes() == b"original"
     assert env.leftovers() == []
@@ -1236,7 +1296,7 @@ async def test_lower_hardlink_copied_up_once_via_index(env, hardlinked, seen_fir
 @pytest.mark.parametrize("first", ["h1", "sub/h2"])
 async def test_lower_hardlink_after_remount(env, hardlinked, first):
     fs = env.mount()
-    await write_at(fs, ino_of(fs, "h1"), b"CHANGED")
+    write_at(fs, ino_of(fs, "h1"), b"CHANGED")
     fs.close()
     again = env.mount()
     second = "sub/h2" if first == "h1" else "h1"
@@ -1250,8 +1310,8 @@ async def test_lower_hardlink_after_remount(env, hardlinked, first):
 async def test_unlink_one_name_of_lower_hardlink(env, hardlinked):
     fs = env.mount()
     ino = ino_of(fs, "h1")
-    await write_at(fs, ino, b"CHANGED")
-    await fs.unlink(ROOT_INO, b"h1")
+    write_at(fs, ino, b"CHANGED")
+    fs.unlink(ROOT_INO, b"h1")
     assert is_whiteout(env.u / "h1")
     i2, a2 = lookup_path(fs, "sub/h2")
     assert i2 == ino and a2.nlink == 1
@@ -1264,9 +1324,9 @@ async def test_link_to_lower_hardlink(env, hardlinked, seen_h2):
     h1 = ino_of(fs, "h1")
     if seen_h2:
         ino_of(fs, "sub/h2")
-    node, attr = await fs.link(h1, ROOT_INO, b"h3")
+    node, attr = fs.link(h1, ROOT_INO, b"h3")
     assert node.ino == attr.ino == h1 and attr.nlink == 3
-    await write_at(fs, ino_of(fs, "h3"), b"THREE")
+    write_at(fs, ino_of(fs, "h3"), b"THREE")
     for name in ("h1", "sub/h2", "h3"):
         ino, a = lookup_path(fs, name)
         assert (ino, a.nlink) == (h1, 3), name
@@ -1280,7 +1340,7 @@ async def test_unlink_never_copied_lower_hardlink_drops_nlink(env, hardlinked):
     """As overlayfs with index=on: the name is copied up to the index first, so
     the merged link count can drop."""
     fs = env.mount()
-    await fs.unlink(ROOT_INO, b"h1")
+    fs.unlink(ROOT_INO, b"h1")
     assert is_whiteout(env.u / "h1")
     assert lookup_path(fs, "sub/h2")[1].nlink == 1
 
@@ -1317,11 +1377,11 @@ async def test_copy_keeps_ino_wherever_its_name_goes(env, case, remount):
     }[case]
     pino, name = at(fs, new)
     if case == "link":
-        await fs.link(ino, pino, name)
+        fs.link(ino, pino, name)
     elif case == "copied-in-place":
-        await fs.setxattr(ino, b"user.x", b"1")
+        fs.setxattr(ino, b"user.x", b"1")
     else:
-        await fs.rename(ROOT_INO, b"f", pino, name, RENAME_EXCHANGE if case.startswith("exchange") else 0)
+        fs.rename(ROOT_INO, b"f", pino, name, RENAME_EXCHANGE if case.startswith("exchange") else 0)
     assert xattr(env.u / new, ORIGIN) == origin_of(f)
     view = env.mount() if remount else fs
     assert lookup_path(view, new)[1].ino == ino
@@ -1331,12 +1391,12 @@ async def test_copy_keeps_ino_wherever_its_name_goes(env, case, remount):
 async def test_rename_never_copied_lower_hardlink(env, hardlinked):
     fs = env.mount()
     ino = ino_of(fs, "h1")
-    await fs.rename(ROOT_INO, b"h1", ino_of(fs, "sub"), b"h9", 0)
+    fs.rename(ROOT_INO, b"h1", ino_of(fs, "sub"), b"h9", 0)
     assert is_whiteout(env.u / "h1")
     for name in ("sub/h9", "sub/h2"):
         i, a = lookup_path(fs, name)
         assert (i, a.nlink) == (ino, 2), name
-    await write_at(fs, ino_of(fs, "sub/h9"), b"NINE")
+    write_at(fs, ino_of(fs, "sub/h9"), b"NINE")
     assert read_path(fs, "sub/h2") == b"NINEinal"
 
 
@@ -1361,10 +1421,10 @@ async def test_open_dir_rewind_sees_changes(env, change):
     handle = fs.opendir(d)
     assert [n for _, n, _, _ in fs.readdir(handle, 0)] == [b".", b"..", b"old"]
     if change.startswith("create"):
-        await touch(fs, "d/new")
+        touch(fs, "d/new")
         want = [b".", b"..", b"new", b"old"]
     else:
-        await fs.unlink(d, b"old")
+        fs.unlink(d, b"old")
         want = [b".", b".."]
     assert sorted(n for _, n, _, _ in fs.readdir(handle, 0)) == want
     fs.releasedir(handle)
@@ -1380,12 +1440,12 @@ async def test_open_unlinked_file_still_works(env, where):
         mkfile(env.l1 / "t", b"lower")
         fs = env.mount()
         ino = ino_of(fs, "t")
-        fh = await fs.open_file(ino, os.O_RDWR)
+        fh = fs.open_file(ino, os.O_RDWR)
     else:
         fs = env.mount()
-        fh, node, _ = await fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
+        fh, node, _ = fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
         ino = node.ino
-    await fs.unlink(ROOT_INO, b"t")
+    fs.unlink(ROOT_INO, b"t")
     assert not exists(fs, "t")
     assert lexists(env.u / "t") == (where == "lower")
     attr = fs.getattr(ino)
@@ -1393,13 +1453,13 @@ async def test_open_unlinked_file_still_works(env, where):
     assert fs.write(fh, 0, b"still here") == 10
     assert fs.read(fh, 0, 100) == b"still here"
     assert fs.getattr(ino).size == 10
-    attr = await fs.setattr(ino, SetAttr(size=5), fh)
+    attr = fs.setattr(ino, SetAttr(size=5), fh)
     assert attr.size == 5 and attr.nlink == 0
     fs.release(fh)
     # The kernel still holds the node: it keeps answering (from the pin),
     # and the number is not handed to a new file meanwhile.
     assert fs.getattr(ino).nlink == 0
-    _, node, _ = await fs.create(ROOT_INO, b"n", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
+    _, node, _ = fs.create(ROOT_INO, b"n", 0o644, os.O_RDWR | os.O_CREAT, ALICE)
     assert node.ino != ino
     fs.forget(ino, fs.inodes[ino].lookups)
     assert await err(lambda: fs.getattr(ino)) == errno.ESTALE
@@ -1412,11 +1472,11 @@ async def test_open_hard_link_counts_down_to_zero(env):
     os.link(env.l1 / "f", env.l1 / "g")
     fs = env.mount()
     ino = ino_of(fs, "f")
-    fh = await fs.open_file(ino, os.O_RDWR)
+    fh = fs.open_file(ino, os.O_RDWR)
     assert fs.getattr(ino).nlink == 2
-    await fs.unlink(ROOT_INO, b"f")
+    fs.unlink(ROOT_INO, b"f")
     assert fs.getattr(ino).nlink == 1
-    await fs.unlink(ROOT_INO, b"g")
+    fs.unlink(ROOT_INO, b"g")
     assert fs.getattr(ino).nlink == 0
     assert fs.write(fh, 0, b"still") == 5
     fs.release(fh)
@@ -1429,10 +1489,10 @@ async def test_removed_copy_leaves_no_origin_behind(env):
     mkfile(env.l1 / "f", b"lower")
     fs = env.mount()
     ino = ino_of(fs, "f")
-    await fs.setattr(ino, SetAttr(mode=0o600), None)
+    fs.setattr(ino, SetAttr(mode=0o600), None)
     st = os.lstat(env.u / "f")
     assert fs.resolver.origins.get((st.st_dev, st.st_ino)) is not None
-    await fs.unlink(ROOT_INO, b"f")
+    fs.unlink(ROOT_INO, b"f")
     assert (st.st_dev, st.st_ino) not in fs.resolver.origins
 
 
@@ -1443,8 +1503,8 @@ async def test_unlinked_lower_file_not_resurrected(env, how):
     mkfile(env.l1 / "f", b"lower")
     fs = env.mount()
     ino = ino_of(fs, "f")
-    fh = await fs.open_file(ino, os.O_RDONLY)
-    await fs.unlink(ROOT_INO, b"f")
+    fh = fs.open_file(ino, os.O_RDONLY)
+    fs.unlink(ROOT_INO, b"f")
     calls = {
         "open-write": lambda: fs.open_file(ino, os.O_WRONLY),
         "setattr": lambda: fs.setattr(ino, SetAttr(mode=0o600), fh),
@@ -1465,8 +1525,8 @@ async def test_open_read_only_lower_file_then_unlinked(env):
     mkfile(env.l1 / "t", b"lower")
     fs = env.mount()
     ino = ino_of(fs, "t")
-    fh = await fs.open_file(ino, os.O_RDONLY)
-    await fs.unlink(ROOT_INO, b"t")
+    fh = fs.open_file(ino, os.O_RDONLY)
+    fs.unlink(ROOT_INO, b"t")
     assert is_whiteout(env.u / "t")
     attr = fs.getattr(ino)
     assert attr.ino == ino and attr.nlink == 1 and attr.size == 5
