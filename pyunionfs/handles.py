@@ -16,9 +16,12 @@ overlayfs behaves towards its callers:
   honoured (``pwrite`` at 0 would append).
 * O_DIRECT: the kernel sends direct I/O as plain READ/WRITE requests into the
   daemon's own buffers, which are not aligned, so an O_DIRECT backing fd
-  fails them with EINVAL.  Measured on this machine kind, passing direct I/O
-  through the upper's page cache costs nothing visible next to the request
-  itself, so there is no aligned-buffer path.
+  fails them with EINVAL.  The daemon's reads and writes go through the
+  upper's page cache instead: the caller still gets direct I/O semantics
+  from the kernel's FUSE side (no FUSE page cache for that file).  Aligned
+  buffers for an O_DIRECT backing fd would skip one page-cache copy in the
+  daemon; that is for the engine that owns its buffers (the FUSE-engine
+  issue, where passthrough hands such files to the kernel anyway).
 """
 
 from __future__ import annotations
