@@ -22,7 +22,7 @@ import stat
 from . import copyup
 from .layers import LayerStack
 from .paths import join, proc_path
-from .syscalls import RENAME_EXCHANGE, renameat2
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from .whiteout import Markers
 
 WORK = b"work"
@@ -68,8 +68,18 @@ class Upper:
     # -- creating ---------------------------------------------------------
 
     def whiteout(self, parent: bytes, name: bytes) -> None:
-        """Hide a lower-only *name*: a whiteout where the upper has nothing."""
-        self.markers.make_whiteout(self.dirfd(parent), name)
+        """Hide a lower-only *name*: a whiteout where the upper has nothing.
+
+        Made in the work dir and renamed in, as the kernel does: made in
+        place, a set-group-ID directory would give it its own group.
+        """
+        tmp = copyup.tmp_name()
+        self.markers.make_whiteout(self.work, tmp)
+        try:
+            renameat2(self.work, tmp, self.dirfd(parent), name, RENAME_NOREPLACE)
+        except BaseException:
+            os.unlink(tmp, dir_fd=self.work)
+            raise
 
     def replace_with_whiteout(self, parent: bytes, name: bytes) -> None:
         """Swap the upper non-directory *name* for a whiteout in one step."""

@@ -14,17 +14,33 @@ copy of the upper:
 Then it applies the same operations to both (create/open flags, writes at
 offsets, truncate, mmap, mkdir/rmdir, fifos and device nodes, symlinks,
 hardlinks, renames with RENAME_NOREPLACE/EXCHANGE/WHITEOUT, chmod/chown,
-utimensat with UTIME_OMIT/UTIME_NOW, xattrs, unlinked open files, fsync, and
+utimensat with UTIME_OMIT/UTIME_NOW, xattrs, unlinked open files, fsync,
 descriptors kept open in a second process while the first renames, unlinks
-or copies up the file) and requires the same return value or errno at every
-step.  Paths are drawn from everything any layer or the merged tree contains
-(so rules hit deep paths, lower-only files, lower hardlinks, whited-out and
-opaque-hidden names) plus new names.  Every ``TREE_EVERY`` steps, and at the
+or copies up the file, and descriptors kept across steps, see below) and
+requires the same return value or errno at every step.  Paths are drawn from
+everything any layer or the merged tree contains (so rules hit deep paths,
+lower-only files, lower hardlinks, whited-out and opaque-hidden names) plus
+new names.  Every ``TREE_EVERY`` steps, and at the
 end, the merged trees must be identical (``treesnap``: names, types, modes,
 owners, sizes, contents, symlink targets, xattrs, hardlink grouping, plus
 st_nlink and file mtimes); after unmounting, the two upper directories must
 be identical on disk (whiteouts, opaque markers, origin/nlink xattrs), except
 for :data:`INSTANCE_XATTRS`.
+
+Descriptors kept across steps: a descriptor opened at one step (read-only,
+read-write, O_APPEND or O_PATH) stays open in a numbered slot of its
+executor; later steps change its name (unlink, rename away, rename over,
+re-create, replace by rename, link) and use the descriptor: f*xattr with
+``user.*`` names, fstat (normalized, plus whether the name still reaches the
+same object), fchmod, pwrite at offset 0 after F_SETFL cleared O_APPEND and
+write after F_SETFL set it, reopening ``/proc/self/fd/N`` read-only or
+read-write, chmod of ``/proc/self/fd/N``.  The kernel answers by the
+object the descriptor was opened on, never by what the name holds now.
+Each such use mostly first changes the name, if nothing did since the open
+(see :meth:`WriteDifferential._kept`), and is followed by a look at the
+name (getxattr, read or stat); once a slot is open, a quarter of all path
+draws pick a kept name.  So sequences like ``open f; unlink f; create f;
+fsetxattr(old fd); getxattr(f)`` are common.
 
 Operations run in executor processes chrooted into each mount
 (``tests/support/opsrunner.py``): the layers contain symlinks like
@@ -88,9 +104,9 @@ compared as they are unless said otherwise:
   copy-up (deliberate: pyfuse3 gives no way to do otherwise).  The op
   runner therefore makes the same check first on both sides
   (``op_setxattr``), so that case never reaches the kernel's copy-up;
-* a lower hard link's other names are linked into pyunionfs's upper when
-  looked up after one name was copied up (see
-  :func:`_without_linked_up_aliases`);
+* which name of a copied-up lower hard link is linked to its index copy:
+  the kernel links the name the caller used, pyunionfs the name the inode
+  was last looked up by (see :func:`_without_unshared_aliases`);
 * whiteouts the kernel creates are hardlinks of one shared whiteout inode
   (see :func:`_normalize`);
 * lookups write origins (see :data:`LOOKUP_XATTRS`), and rmdir miscounts
@@ -184,6 +200,24 @@ OPEN_FLAGS = (
     "O_RDONLY|O_DIRECTORY",
 )
 SLOT_FLAGS = ("O_RDONLY", "O_RDWR", "O_WRONLY|O_APPEND", "O_RDWR|O_CREAT", "O_RDWR|O_TRUNC", "O_PATH|O_NOFOLLOW")
+SLOTS = st.sampled_from((0, 1, 2))
+#: How :meth:`WriteDifferential.keep_fd` opens the descriptors that later steps use after their name changed.
+KEPT_FLAGS = ("O_RDONLY", "O_RDWR", "O_RDWR|O_APPEND", "O_WRONLY|O_APPEND")
+KEPT_PATH_FLAGS = ("O_PATH", "O_PATH|O_NOFOLLOW")
+KEPT_XATTR_NAMES = st.sampled_from(("user.test", "user.other", "user.kept"))
+#: Operations that may give a path to another object (or none), and which of their arguments are such paths.
+def _not_o_path(flags: str) -> bool:
+    return "O_PATH" not in flags
+
+
+def _writable(flags: str) -> bool:
+    return "O_RDWR" in flags or "O_WRONLY" in flags
+
+
+_NAME_OPS: dict[str, tuple[int, ...]] = {
+    "unlink": (0,), "open_unlink": (0,), "create": (0,), "rename": (0, 1), "link": (1,), "symlink": (1,),
+    "mkdir": (0,), "mkfifo": (0,), "mknod": (0,),
+}
 RENAME_FLAGS = ("0", "0", "0", "RENAME_NOREPLACE", "RENAME_EXCHANGE", "RENAME_NOREPLACE", "RENAME_EXCHANGE",
                 "RENAME_WHITEOUT")
 
@@ -348,8 +382,10 @@ class Side:
             _kernel_mount(lowers, self.upper, self.work, self.mnt)
             self.kernel_mounted = True
         else:
+            # "dev": the kernel's mount honours device files (a chr 1:3 made by
+            # the mknod rule opens), pyunionfs's default is nodev (EACCES).
             self.daemon = Daemon(
-                list(lowers), self.upper, self.mnt, [f"workdir={self.work}"], deadline=DAEMON_DEADLINE
+                list(lowers), self.upper, self.mnt, [f"workdir={self.work}", "dev"], deadline=DAEMON_DEADLINE
             )
         # Two processes per mount: "several processes" is part of the contract.
         for i in range(2):
@@ -419,22 +455,29 @@ def _lower_hardlinks(lowers: tuple[Path, ...]) -> frozenset[bytes]:
     return frozenset(out)
 
 
-def _without_linked_up_aliases(ours: Snapshot, kernel: Snapshot, lower_hardlinks: frozenset[bytes]) -> Snapshot:
-    """Deliberate difference: a FUSE request names an inode, not a path, so
-    when one name of a lower hard link has been copied up (to the index),
-    pyunionfs links each other name into the upper when it is next looked up
-    (``WritableUnionFS._indexed``); the kernel serves such names from the
-    index without linking them.  The merged views are the same (compared
-    separately); here those extra upper names are dropped, and the
-    ``overlay.nlink`` record of the names kept (merged count minus upper link
-    count, "U%+d") is moved by the links dropped, so it still has to match."""
-    extra = {p for p, e in ours.items() if p not in kernel and p in lower_hardlinks and e.kind == "reg"}
+def _without_unshared_aliases(a: Snapshot, b: Snapshot, lower_hardlinks: frozenset[bytes]) -> tuple[Snapshot, Snapshot]:
+    """Deliberate difference: which names of a copied-up lower hard link are
+    linked to its index copy.  The kernel links the name the caller used;
+    a FUSE request names an inode, not a name, so pyunionfs links the name
+    the inode was last looked up by (which the kernel's dentry cache may not
+    have asked about again).  The other names are served from the index copy
+    on both sides, so the merged views are the same (compared separately).
+    Here the names of lower hard links that only one upper holds are dropped
+    from that side, with the parent directories copied up only to hold them,
+    and the ``overlay.nlink`` record of the names kept (merged count minus
+    upper link count, "U%+d") is moved by the links dropped, so it still has
+    to match."""
+    return _drop_aliases(a, b, lower_hardlinks), _drop_aliases(b, a, lower_hardlinks)
+
+
+def _drop_aliases(ours: Snapshot, other: Snapshot, lower_hardlinks: frozenset[bytes]) -> Snapshot:
+    """*ours* without the lower hard-link names that *other* does not hold (see above)."""
+    extra = {p for p, e in ours.items() if p not in other and p in lower_hardlinks and e.kind == "reg"}
     if not extra:
         return ours
-    # ... and the parent directories copied up only to hold such a link.
     for p, e in sorted(ours.items(), key=lambda pe: -pe[0].count(b"/")):
         children = [q for q, _ in ours.items() if q.startswith(p + b"/") and b"/" not in q[len(p) + 1 :]]
-        if e.kind == "dir" and p not in kernel and children and all(q in extra for q in children):
+        if e.kind == "dir" and p not in other and children and all(q in extra for q in children):
             extra.add(p)
     out = []
     for p, e in ours.subset(lambda p, e: p not in extra).items():
@@ -527,7 +570,11 @@ class WriteDifferential(RuleBasedStateMachine):
         # come from here, so that most operations act on something that exists.
         self.live: list[bytes] = []
         self.live_dirs: list[bytes] = []
-        self.slots: dict[tuple[int, int], bytes] = {}
+        self.live_files: list[bytes] = []  # regular files only
+        # (proc, slot) -> the path it was opened by, and the open flags.
+        self.slots: dict[tuple[int, int], tuple[bytes, str]] = {}
+        # Slots whose path an operation changed since they were opened (see _kept).
+        self.renamed: set[tuple[int, int]] = set()
         self.seed = -1
         self.pristine_dirs: frozenset[bytes] = frozenset()
         self.n_lowers = 0
@@ -625,6 +672,9 @@ class WriteDifferential(RuleBasedStateMachine):
                        f"  B ({self.sides[1].label}): {_fmt(b)}")
         if _ino_kept(op, b) is False:
             self._fail(f"{call}: st_ino of the file changed (copy-up must keep it) on {self.sides[1].label}")
+        if a[0] == "ok" and op in _NAME_OPS:
+            touched = {args[i] for i in _NAME_OPS[op]}
+            self.renamed.update(key for key, (path, _) in self.slots.items() if path in touched)
         return a
 
     def _tree_state(self, side: Side) -> tuple[Snapshot, dict[bytes, int]]:
@@ -650,7 +700,7 @@ class WriteDifferential(RuleBasedStateMachine):
             for s in self.sides
         )
         if self.sides[1].kind == "pyunionfs":
-            sb = _without_linked_up_aliases(sb, sa, self.lower_hardlinks)
+            sa, sb = _without_unshared_aliases(sa, sb, self.lower_hardlinks)
         problems = diff(sa, sb, limit=40)
         if problems:
             self._fail("upper layers differ on disk after unmounting (A: {}, B: {}):\n{}".format(
@@ -670,7 +720,7 @@ class WriteDifferential(RuleBasedStateMachine):
     def _refresh_live(self) -> None:
         """List what side A shows now (lstat only, never following symlinks; a few ms)."""
         root = os.fsencode(self.sides[0].mnt)
-        live, dirs = [], [b"."]
+        live, dirs, files = [], [b"."], []
         for top, dnames, fnames in os.walk(root):
             rel = top[len(root) + 1 :]
             for name in sorted(dnames + fnames):
@@ -678,7 +728,9 @@ class WriteDifferential(RuleBasedStateMachine):
                 live.append(p)
                 if name in dnames and not os.path.islink(top + b"/" + name):
                     dirs.append(p)
-        self.live, self.live_dirs = sorted(live), sorted(dirs)
+                elif name in fnames and stat.S_ISREG(os.lstat(top + b"/" + name).st_mode):
+                    files.append(p)
+        self.live, self.live_dirs, self.live_files = sorted(live), sorted(dirs), sorted(files)
 
     def _pick(self, data: st.DataObject, live: list[bytes], known: dict[bytes, None], label: str) -> bytes:
         # Mostly something that exists now; sometimes any name ever seen in
@@ -688,7 +740,14 @@ class WriteDifferential(RuleBasedStateMachine):
         return data.draw(st.sampled_from(list(known)), label=label)
 
     def _path(self, data: st.DataObject, new: bool = False) -> bytes:
-        """A known path, or (with *new*) sometimes a new name in a known directory."""
+        """A known path, or (with *new*) sometimes a new name in a known directory.
+
+        While descriptors are kept, a quarter of the draws pick the name one
+        was opened by: so creates, renames, unlinks and xattr calls often
+        act on the name of a descriptor that later steps use.
+        """
+        if self.slots and data.draw(st.integers(0, 3), label="kept name") == 0:
+            return data.draw(st.sampled_from(sorted({p for p, _ in self.slots.values()})), label="path")
         if new and data.draw(st.booleans(), label="new name"):
             d = self._pick(data, self.live_dirs, self.dirs, "in dir")
             name = data.draw(st.sampled_from(NEW_NAMES), label="name")
@@ -697,6 +756,12 @@ class WriteDifferential(RuleBasedStateMachine):
 
     def _dir_path(self, data: st.DataObject) -> bytes:
         return self._pick(data, self.live_dirs, self.dirs, "dir")
+
+    def _file_path(self, data: st.DataObject) -> bytes:
+        """Mostly a regular file that exists now, else any :meth:`_path`."""
+        if self.live_files and data.draw(st.integers(0, 3), label="file from") > 0:
+            return data.draw(st.sampled_from(self.live_files), label="file")
+        return self._path(data, new=True)
 
     def _add(self, path: bytes, is_dir: bool = False) -> None:
         self.pool.setdefault(path, None)
@@ -857,12 +922,15 @@ class WriteDifferential(RuleBasedStateMachine):
 
     # -- rules: descriptors kept open, in either process ------------------------------
 
-    @rule(data=st.data(), proc=PROCS, slot=st.sampled_from((0, 1, 2)), flags=st.sampled_from(SLOT_FLAGS),
-          mode=FILE_MODES)
+    @rule(data=st.data(), proc=PROCS, slot=SLOTS, flags=st.sampled_from(SLOT_FLAGS), mode=FILE_MODES)
     def slot_open(self, data: st.DataObject, proc: int, slot: int, flags: str, mode: Mode) -> None:
-        path = self._path(data, new=True)
+        self._slot_open(proc, slot, self._path(data, new=True), flags, mode)
+
+    def _slot_open(self, proc: int, slot: int, path: bytes, flags: str, mode: Mode) -> None:
+        # slot_open closes what the slot held first, whether or not the open succeeds.
+        self.renamed.discard((proc, slot))
         if self._op(proc, "slot_open", slot, path, flags, mode)[0] == "ok":
-            self.slots[(proc, slot)] = path
+            self.slots[(proc, slot)] = (path, flags)
             self._add(path)
         else:
             self.slots.pop((proc, slot), None)
@@ -892,7 +960,147 @@ class WriteDifferential(RuleBasedStateMachine):
     def slot_close(self, data: st.DataObject) -> None:
         proc, slot = data.draw(st.sampled_from(sorted(self.slots)), label="slot")
         del self.slots[(proc, slot)]
+        self.renamed.discard((proc, slot))
         self._op(proc, "slot_close", slot)
+
+    # -- rules: descriptors kept across steps, used after their name changed ------------
+
+    def _kept(self, data: st.DataObject, usable: Callable[[str], bool] | None = None) -> tuple[int, int, bytes, str]:
+        """A kept descriptor: (its process, its slot, the path it was opened by, its open flags).
+
+        Mostly one whose name an operation changed since it was opened, and
+        mostly one whose open flags are *usable* for what follows (the
+        others mostly give EBADF: compared too, but worth less).  If
+        the one drawn has its name unchanged, mostly change it first (a step
+        of its own in the history, from either process): the uses below
+        are what this part of the machine is for, and a sequence "open, name
+        change, use" should not depend on hypothesis enabling three rules at
+        once (it turns rules off at random per example, swarm testing).
+        """
+        keys = sorted(self.slots)
+        if self.renamed and data.draw(st.integers(0, 3), label="renamed") > 0:
+            keys = sorted(self.renamed)
+        if usable is not None and data.draw(st.integers(0, 7), label="usable") > 0:
+            keys = [k for k in keys if usable(self.slots[k][1])] or keys
+        proc, slot = data.draw(st.sampled_from(keys), label="slot")
+        path, flags = self.slots[(proc, slot)]
+        if (proc, slot) not in self.renamed:
+            change = data.draw(st.sampled_from(("", "unlink", "recreate", "recreate", "replace", "rename_over")),
+                               label="change the name first")
+            if change:
+                self._name_change(path, data, data.draw(PROCS, label="proc"), change,
+                                  data.draw(FILE_MODES, label="mode"), data.draw(CONTENT, label="content"))
+        return proc, slot, path, flags
+
+    @rule(data=st.data(), proc=PROCS, slot=SLOTS, flags=st.sampled_from(KEPT_FLAGS))
+    def keep_fd(self, data: st.DataObject, proc: int, slot: int, flags: str) -> None:
+        """Open mostly an existing regular file, and keep the descriptor for the kept_* rules."""
+        self._slot_open(proc, slot, self._file_path(data), flags, Mode(0o644))
+
+    @rule(data=st.data(), proc=PROCS, slot=SLOTS, flags=st.sampled_from(KEPT_PATH_FLAGS))
+    def keep_path_fd(self, data: st.DataObject, proc: int, slot: int, flags: str) -> None:
+        """Keep an O_PATH descriptor, of a regular file mostly, else of anything."""
+        self._slot_open(proc, slot, self._file_path(data), flags, Mode(0o644))
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, action=st.sampled_from(("unlink", "recreate", "recreate", "replace")),
+          mode=FILE_MODES, content=CONTENT)
+    def kept_unlink(self, data: st.DataObject, proc: int, action: str, mode: Mode, content: bytes) -> None:
+        """Unlink the name of a kept descriptor, and maybe make it anew (create, or create elsewhere and rename)."""
+        path = self.slots[data.draw(st.sampled_from(sorted(self.slots)), label="slot")][0]
+        self._name_change(path, data, proc, action, mode, content)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, action=st.sampled_from(("rename_over", "rename_away", "exchange", "link")),
+          mode=FILE_MODES, content=CONTENT)
+    def kept_rename(self, data: st.DataObject, proc: int, action: str, mode: Mode, content: bytes) -> None:
+        """Rename another file over the name of a kept descriptor, rename it away, exchange it, or link it."""
+        path = self.slots[data.draw(st.sampled_from(sorted(self.slots)), label="slot")][0]
+        self._name_change(path, data, proc, action, mode, content)
+
+    def _name_change(self, path: bytes, data: st.DataObject, proc: int, action: str, mode: Mode,
+                     content: bytes) -> None:
+        """Give *path* (the name of a kept descriptor) to another object, or its object another name."""
+        if action == "unlink":
+            self._op(proc, "unlink", path)
+        elif action == "recreate":  # create even if the unlink failed: the name may be gone already
+            self._op(proc, "unlink", path)
+            self._op(proc, "create", path, "O_WRONLY|O_CREAT|O_EXCL", mode, content)
+        elif action == "replace":  # write a new file, rename it over the name (how editors save)
+            other = self._path(data, new=True)
+            if self._op(proc, "create", other, "O_WRONLY|O_CREAT|O_TRUNC", mode, content)[0] == "ok":
+                self._add(other)
+                if self._op(proc, "rename", other, path, "0")[0] == "ok":
+                    self._moved(other, path)
+        elif action == "rename_over":
+            other = self._path(data)
+            if self._op(proc, "rename", other, path, "0")[0] == "ok":
+                self._moved(other, path)
+        elif action in ("rename_away", "exchange"):
+            other = self._path(data, new=True)
+            flags = "RENAME_EXCHANGE" if action == "exchange" else "0"
+            if self._op(proc, "rename", path, other, flags)[0] == "ok":
+                self._moved(path, other)
+                if action == "exchange":
+                    self._moved(other, path)
+        else:  # "link": the object gains a name, the descriptor's st_nlink must follow
+            other = self._path(data, new=True)
+            if self._op(proc, "link", path, other, False)[0] == "ok":
+                self._add(other)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, name=KEPT_XATTR_NAMES, value=XATTR_VALUES,
+          flags=st.sampled_from((0, 0, os.XATTR_CREATE, os.XATTR_REPLACE)))
+    def kept_fsetxattr(self, data: st.DataObject, proc: int, name: str, value: bytes, flags: int) -> None:
+        """fsetxattr through a kept descriptor, then getxattr of its name (which must not see it if renamed)."""
+        owner, slot, path, open_flags = self._kept(data, _not_o_path)
+        self._op(owner, "slot_fsetxattr", slot, name, value, flags)
+        self._op(proc, "getxattr", path, name, "O_NOFOLLOW" not in open_flags)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, action=st.sampled_from(("get", "list", "remove")), name=KEPT_XATTR_NAMES)
+    def kept_xattr(self, data: st.DataObject, proc: int, action: str, name: str) -> None:
+        """fgetxattr/flistxattr/fremovexattr through a kept descriptor, then getxattr of its name."""
+        owner, slot, path, open_flags = self._kept(data, _not_o_path)
+        ops: dict[str, tuple[Any, ...]] = {
+            "get": ("slot_fgetxattr", slot, name),
+            "list": ("slot_flistxattr", slot),
+            "remove": ("slot_fremovexattr", slot, name),
+        }
+        self._op(owner, *ops[action])
+        self._op(proc, "getxattr", path, name, "O_NOFOLLOW" not in open_flags)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data())
+    def kept_fstat(self, data: st.DataObject) -> None:
+        """fstat of a kept descriptor, and whether its name still reaches the same object."""
+        owner, slot, path, open_flags = self._kept(data)
+        self._op(owner, "slot_fstat_vs", slot, path, "O_NOFOLLOW" not in open_flags)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, append=st.booleans(), content=CONTENT)
+    def kept_write(self, data: st.DataObject, proc: int, append: bool, content: bytes) -> None:
+        """Flip O_APPEND of a kept descriptor with F_SETFL, write through it, then read its name."""
+        owner, slot, path, open_flags = self._kept(data, _writable)
+        self._op(owner, "slot_setfl_write", slot, append, content)
+        self._op(proc, "read", path, 0, "O_NOFOLLOW" in open_flags)
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), flags=st.sampled_from(("O_RDONLY", "O_RDWR")), content=CONTENT)
+    def kept_reopen(self, data: st.DataObject, flags: str, content: bytes) -> None:
+        """Open /proc/self/fd/N of a kept descriptor anew (read-only, or read-write and pwrite), and read it."""
+        owner, slot, _, _ = self._kept(data)
+        self._op(owner, "slot_reopen", slot, flags, content if flags == "O_RDWR" else b"")
+
+    @precondition(lambda self: bool(self.slots))
+    @rule(data=st.data(), proc=PROCS, via_proc=st.booleans(), mode=FILE_MODES)
+    def kept_chmod(self, data: st.DataObject, proc: int, via_proc: bool, mode: Mode) -> None:
+        """fchmod of a kept descriptor, or chmod of its /proc/self/fd/N (the way to do it for O_PATH), then stat."""
+        owner, slot, path, open_flags = self._kept(data, None if via_proc else _not_o_path)
+        if "O_PATH" in open_flags:
+            via_proc = via_proc or data.draw(st.booleans(), label="via /proc")
+        self._op(owner, "slot_proc_chmod" if via_proc else "slot_fchmod", slot, mode)
+        self._op(proc, "stat", path, "O_NOFOLLOW" not in open_flags)
 
     @rule(data=st.data(), writable=st.booleans(),
           action=st.sampled_from(("rename", "rename_over", "unlink", "chmod", "write", "truncate", "link")),

@@ -14,6 +14,13 @@ one or more per mount, each ``chroot()``-ed into its mount.  Why:
 * **Several processes.**  A descriptor opened by one executor (a *slot*)
   stays open while another executor renames, unlinks or copies up the file:
   this is how the test checks what one process sees of another's changes.
+* **Descriptors kept across steps.**  A slot stays open between requests, so
+  that later requests use it after its name was unlinked, renamed over or
+  re-created: what the descriptor reaches then (``slot_f*xattr``,
+  ``slot_fstat_vs``, ``slot_setfl_write``, ``slot_reopen`` and
+  ``slot_proc_chmod``, the last two through ``/proc/self/fd/N``) is the
+  object it was opened on, not whatever the name now holds.  ``/proc`` is
+  not inside the chroot: a descriptor of it is opened before entering.
 * **Hangs.**  A stuck FUSE request blocks only an executor; :meth:`Executor.call`
   times out, kills it (FUSE requests are killable) and names the operation.
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -135,6 +143,9 @@ class _State:
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.renameat2 = getattr(self.libc, "renameat2", None)
         self.sys_renameat2 = _SYS_RENAMEAT2.get(platform.machine())
+        # Opened before the chroot (see serve): /proc/self/fd/N is reached as
+        # "self/fd/N" relative to it, the mount has no /proc of its own.
+        self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def is_now(self, t_ns: int) -> bool:
         return self.t0_ns - _NOW_MARGIN_NS <= t_ns <= time.time_ns() + _NOW_MARGIN_NS
@@ -162,6 +173,10 @@ class _State:
         if n not in self.slots:
             raise OSError(errno.EBADF, "slot not open")
         return self.slots[n]
+
+    def proc_link(self, n: int) -> str:
+        """``/proc/self/fd/N`` of slot *n*, relative to :attr:`proc_fd` (use with ``dir_fd=``)."""
+        return f"self/fd/{self.slot(n)}"
 
 
 def _lstat_or_none(p: bytes) -> os.stat_result | None:
@@ -562,10 +577,103 @@ def op_slot_fchmod(s: _State, slot: int, mode: int) -> str:
     return s.norm(os.fstat(s.slot(slot)))
 
 
-def op_slot_fsetxattr(s: _State, slot: int, name: str, value: bytes) -> tuple[str, ...]:
+def op_slot_fsetxattr(s: _State, slot: int, name: str, value: bytes, flags: int = 0) -> tuple[str, ...]:
+    """fsetxattr, then the names flistxattr shows.
+
+    With *flags*, the same check first as :func:`op_setxattr` (and for the same reason).
+    """
     fd = s.slot(slot)
-    os.setxattr(fd, name, value)
+    if flags:
+        try:
+            os.getxattr(fd, name)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or flags == os.XATTR_REPLACE:
+                raise
+        else:
+            if flags == os.XATTR_CREATE:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+    os.setxattr(fd, name, value, flags)
     return tuple(sorted(os.listxattr(fd)))
+
+
+def op_slot_fgetxattr(s: _State, slot: int, name: str) -> tuple[Outcome, Outcome]:
+    """fgetxattr of *name*, and every name flistxattr shows with its fgetxattr value (or both errnos)."""
+    fd = s.slot(slot)
+
+    def listed() -> tuple[tuple[str, Outcome], ...]:
+        return tuple((n, _try(os.getxattr, fd, n)) for n in sorted(os.listxattr(fd)))
+
+    return _try(os.getxattr, fd, name), _try(listed)
+
+
+def op_slot_flistxattr(s: _State, slot: int) -> tuple[str, ...]:
+    return tuple(sorted(os.listxattr(s.slot(slot))))
+
+
+def op_slot_fremovexattr(s: _State, slot: int, name: str) -> tuple[str, ...]:
+    """fremovexattr, then the names flistxattr shows."""
+    fd = s.slot(slot)
+    os.removexattr(fd, name)
+    return tuple(sorted(os.listxattr(fd)))
+
+
+def _same_object(st: os.stat_result, p: bytes, follow: bool) -> bool | str:
+    """Whether *p* now names the object *st* describes (compared by st_dev/st_ino, which are never shown)."""
+    try:
+        now = os.stat(p, follow_symlinks=follow)
+    except OSError as e:
+        return errname(e.errno)
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def op_slot_fstat_vs(s: _State, slot: int, path: bytes, follow: bool) -> tuple[str, bool | str]:
+    """fstat of the slot, and whether *path* (the name it was opened by) still names the same object.
+
+    The second value is True, False, or the errno of stat(*path*): a kept
+    descriptor must stay with its object when the name is unlinked, renamed
+    over or re-created.
+    """
+    st = os.fstat(s.slot(slot))
+    return s.norm(st), _same_object(st, _p(path), follow)
+
+
+def op_slot_setfl_write(s: _State, slot: int, append: bool, data: bytes) -> tuple[Any, ...]:
+    """Flip O_APPEND with fcntl(F_SETFL), then write: plain write(2) if set, pwrite at offset 0 if cleared.
+
+    Why: the flag of an open descriptor changes after open, so a filesystem
+    must follow the descriptor's current flags (a FUSE daemon that opened its
+    backing file with O_APPEND would append the pwrite).  Then fstat and the
+    whole content read back through the descriptor (when it is readable).
+    """
+    fd = s.slot(slot)
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, (fl | os.O_APPEND) if append else (fl & ~os.O_APPEND))
+    n = os.write(fd, data) if append else os.pwrite(fd, data, 0)
+    return n, s.norm(os.fstat(fd)), _try(lambda: digest(_read_all(fd)))
+
+
+def op_slot_reopen(s: _State, slot: int, flag_names: str, data: bytes) -> tuple[Any, ...]:
+    """Open ``/proc/self/fd/N`` of the slot anew (as ``cat /proc/PID/fd/N`` does), maybe pwrite, then read it.
+
+    The result: fstat, whether the new descriptor reaches the slot's object,
+    the pwrite at offset 0 (only with a writable open and *data*), and the
+    whole content read through the new descriptor.
+    """
+    old = os.fstat(s.slot(slot))
+    fd = os.open(s.proc_link(slot), _flags(flag_names) | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=s.proc_fd)
+    try:
+        wrote = _try(os.pwrite, fd, data, 0) if data and _flags(flag_names) & os.O_ACCMODE != os.O_RDONLY else None
+        st = os.fstat(fd)
+        same = (st.st_dev, st.st_ino) == (old.st_dev, old.st_ino)
+        return s.norm(st), same, wrote, _try(lambda: digest(_read_all(fd)))
+    finally:
+        os.close(fd)
+
+
+def op_slot_proc_chmod(s: _State, slot: int, mode: int) -> str:
+    """chmod of ``/proc/self/fd/N``: how to change the mode through an O_PATH descriptor (fchmod gives EBADF)."""
+    os.chmod(s.proc_link(slot), mode, dir_fd=s.proc_fd)
+    return s.norm(os.fstat(s.slot(slot)))
 
 
 def op_slot_close(s: _State, slot: int) -> None:

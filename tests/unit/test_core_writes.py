@@ -1594,3 +1594,17 @@ def test_readonly_reads_still_work(env):
     fh = fs.open(ino_of(fs, "f"), os.O_RDONLY)
     assert fs.read(fh, 0, 10) == b"up"
     fs.release(fh)
+
+
+def test_whiteout_in_a_set_group_id_directory_is_roots(env):
+    """The kernel builds whiteouts in the work dir (root:root) and renames them
+    in; made in place, a set-group-ID directory would give it its group."""
+    mkfile(env.l1 / "d/f", b"x")
+    fs = env.mount()
+    d = ino_of(fs, "d")
+    fs.setattr(d, SetAttr(uid=1000, gid=1000), None)
+    fs.setattr(d, SetAttr(mode=0o2775), None)
+    fs.unlink(d, b"f")
+    st = os.lstat(env.u / "d/f")
+    assert is_whiteout(env.u / "d/f") and (st.st_uid, st.st_gid) == (0, 0)
+    assert env.leftovers() == []
