@@ -439,20 +439,26 @@ def op_utimens(
     return judge(atime, old_a, st1.st_atime_ns), judge(mtime, old_m, st1.st_mtime_ns), _ino_kept(before, p)
 
 
+def _check_xattr_flags(get: Callable[[], bytes], flags: int) -> None:
+    """XATTR_CREATE/REPLACE checked first, as pyfuse3 does before calling a
+    filesystem's setxattr (the kernel's overlayfs would copy up first): see
+    the differential test's notes.  The same on both sides."""
+    if not flags:
+        return
+    try:
+        get()
+    except OSError as exc:
+        if exc.errno != errno.ENODATA or flags == os.XATTR_REPLACE:
+            raise
+    else:
+        if flags == os.XATTR_CREATE:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+
+
 def op_setxattr(s: _State, path: bytes, name: str, value: bytes, flags: int, follow: bool) -> bool | None:
     p = _p(path)
     before = _lstat_or_none(p)
-    if flags:
-        # As pyfuse3 does before calling a filesystem's setxattr (the kernel's
-        # overlayfs would copy up first): see the differential test's notes.
-        try:
-            os.getxattr(p, name, follow_symlinks=follow)
-        except OSError as exc:
-            if exc.errno != errno.ENODATA or flags == os.XATTR_REPLACE:
-                raise
-        else:
-            if flags == os.XATTR_CREATE:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+    _check_xattr_flags(lambda: os.getxattr(p, name, follow_symlinks=follow), flags)
     os.setxattr(p, name, value, flags, follow_symlinks=follow)
     return _ino_kept(before, p)
 
@@ -583,15 +589,7 @@ def op_slot_fsetxattr(s: _State, slot: int, name: str, value: bytes, flags: int 
     With *flags*, the same check first as :func:`op_setxattr` (and for the same reason).
     """
     fd = s.slot(slot)
-    if flags:
-        try:
-            os.getxattr(fd, name)
-        except OSError as exc:
-            if exc.errno != errno.ENODATA or flags == os.XATTR_REPLACE:
-                raise
-        else:
-            if flags == os.XATTR_CREATE:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+    _check_xattr_flags(lambda: os.getxattr(fd, name), flags)
     os.setxattr(fd, name, value, flags)
     return tuple(sorted(os.listxattr(fd)))
 
