@@ -44,9 +44,10 @@ class Node:
     gone: bool = False
     #: An O_PATH fd on the object, taken just before the name it was known
     #: by went away (unlinked, or replaced by a rename), and held until the
-    #: kernel forgets the node.  From then on every request for the node
-    #: reaches the object through it: the name may hold another object now,
-    #: and the object may have names we never learnt (hard links) or none.
+    #: kernel forgets the node.  From then on requests for the node reach
+    #: the object through it (while it is the object the node shows, see
+    #: ``union._pin``): the name may hold another object now, and the object
+    #: may have names we never learnt (hard links) or none.
     #: The kernel's overlayfs keeps its real inode referenced the same way,
     #: so the upper's filesystem cannot hand this inode number to a new file
     #: while the kernel still has the old one (same node id, another object).

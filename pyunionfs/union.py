@@ -12,8 +12,9 @@ are directories.  So the node's object is reached in one of three ways, all
 in :meth:`UnionFS.stat_object` / :meth:`UnionFS.open_object` /
 :meth:`UnionFS.object_path`:
 
-* its pin, an O_PATH fd taken just before one of its names went away (see
-  :attr:`.inodes.Node.pin`): exact by construction;
+* its pin, an O_PATH fd taken just before a name it was found by went away
+  (see :attr:`.inodes.Node.pin`), while that is the object the node shows:
+  exact by construction;
 * its name in a lower layer: lowers never change under a mount, so the name
   still holds the object;
 * its name in the upper (or its ``index/`` entry), checked against the
@@ -230,8 +231,9 @@ class UnionFS:
         node = self.node(ino)
         if not stat.S_ISLNK(node.entry.st.st_mode):
             raise fs_error(errno.EINVAL)
-        if node.pin is not None:
-            return os.readlink(b"", dir_fd=node.pin)  # readlinkat(2) on the O_PATH fd of the link
+        pin = _pin(node)
+        if pin is not None:
+            return os.readlink(b"", dir_fd=pin)  # readlinkat(2) on the O_PATH fd of the link
         self.stat_object(node)
         dfd, name = self._place(node)
         return os.readlink(name, dir_fd=dfd)
@@ -254,8 +256,9 @@ class UnionFS:
     def _path(self, node: Node) -> tuple[bytes, bool]:
         """A path to *node*'s object for calls without an ``*at`` form, and
         whether to follow its last step (only a magic link of an fd we hold)."""
-        if node.pin is not None:
-            return proc_path(node.pin), True
+        pin = _pin(node)
+        if pin is not None:
+            return proc_path(pin), True
         dfd, name = self._place(node)
         return (proc_path(dfd, name), False) if name else (proc_path(dfd), True)
 
@@ -268,8 +271,9 @@ class UnionFS:
 
     def stat_object(self, node: Node) -> os.stat_result:
         """lstat of *node*'s own object, or ENOENT: never of another object."""
-        if node.pin is not None:
-            return os.fstat(node.pin)
+        pin = _pin(node)
+        if pin is not None:
+            return os.fstat(pin)
         dfd, name = self._place(node)
         if not name:
             return os.fstat(dfd)
@@ -285,9 +289,10 @@ class UnionFS:
         """An fd on *node*'s own object opened with *flags* (a final symlink
         is never followed), or ENOENT.  Lower files are opened O_NOATIME."""
         flags |= os.O_CLOEXEC
-        if node.pin is not None:
+        pin = _pin(node)
+        if pin is not None:
             # Reopening the pin's magic link opens the pinned object itself.
-            return os.dup(node.pin) if flags & os.O_PATH else os.open(proc_path(node.pin), flags)
+            return os.dup(pin) if flags & os.O_PATH else os.open(proc_path(pin), flags)
         dfd, name = self._place(node)
         if not name:
             return os.open(proc_path(dfd), flags)
@@ -435,3 +440,21 @@ class UnionFS:
     def statfs(self) -> os.statvfs_result:
         """The upper's filesystem (or the top layer's), as overlayfs reports."""
         return self.stack.statvfs(0)
+
+
+def _pin(node: Node) -> int | None:
+    """The pin a request reaches *node*'s object by, if any.
+
+    A gone node (no name of it known) always goes by its pin.  A node still
+    named goes by its pin too while the pin holds the object the node shows:
+    its known name may be one still only in a lower layer (a hard link whose
+    copy is in ``index/``), which the node's entry does not describe.  A pin
+    of another object (taken before a removal that then failed, or before a
+    copy-up) is not used: the node's checked name is.
+    """
+    if node.pin is None:
+        return None
+    if node.gone:
+        return node.pin
+    st = os.fstat(node.pin)
+    return node.pin if (st.st_dev, st.st_ino) == node.entry.real else None

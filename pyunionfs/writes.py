@@ -372,7 +372,8 @@ class WritableUnionFS(UnionFS):
         else:
             dfd = self.stack.dirfd(layer, parent)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != entry.real:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != entry.real:
             os.close(fd)  # not the object the name held when resolved: nothing to hold
             return
         node.pin = fd

@@ -171,3 +171,21 @@ async def test_a_removed_directory_holds_nothing_though_its_path_does(env: Env) 
     assert await err(lambda: fs.lookup(d, b"fresh")) == errno.ENOENT
     assert await err(lambda: fs.opendir(d)) == errno.ENOENT
     fs.releasedir(handle)
+
+
+def test_a_hard_link_known_by_a_lower_only_name_after_its_copied_name_goes(env: Env) -> None:  # noqa: F811
+    """Unlinking one name of a lower hard link copies it to the index first;
+    the node is then known by its other name, which is still only in the
+    lower (served from the index copy): requests reach the copy through the
+    pin taken when the first name went, not a lookup of the upper."""
+    a = mkfile(env.l1 / "a", b"x")
+    (env.l1 / "ovl").mkdir()
+    os.link(a, env.l1 / "ovl/hl")
+    fs = env.mount()
+    ino, ovl = ino_of(fs, "a"), ino_of(fs, "ovl")
+    assert ino_of(fs, "ovl/hl") == ino
+    fs.unlink(ROOT_INO, b"a")
+    assert fs.getattr(ino).nlink == 1
+    assert read_file(fs, ino) == b"x"
+    fs.unlink(ovl, b"hl")
+    assert sorted(os.listdir(env.u / "ovl")) == ["hl"]  # its whiteout
