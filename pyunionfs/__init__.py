@@ -1,7 +1,8 @@
 """pyunionfs: a union filesystem in userspace, compatible on disk with overlayfs.
 
 The union core (:mod:`.union` and what it uses) has no FUSE dependency;
-:mod:`.operations` adapts it to pyfuse3 and :mod:`.mount` runs the daemon.
+:mod:`.fuse` serves it to the kernel (its own FUSE engine, or pyfuse3 as a
+reference) and :mod:`.mount` runs the daemon.
 """
 
 from .config import MountConfig as MountConfig

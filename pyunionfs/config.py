@@ -18,6 +18,9 @@ from .errors import UsageError
 #: Seconds the kernel may cache names and attributes (``-o timeout=``).
 DEFAULT_TIMEOUT = 86400.0
 
+#: The FUSE engines a mount can be served by (``-o engine=``).
+ENGINES = ("native", "pyfuse3")
+
 #: Options the core understands, with a one-line meaning for ``--help``.
 KNOWN_OPTIONS: dict[str, str] = {
     "ro": "read-only mount: every write fails with EROFS (implied when UPPER is empty)",
@@ -30,6 +33,8 @@ KNOWN_OPTIONS: dict[str, str] = {
     "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
     "noacl": "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)",
     "debug": "log every request (same as --debug)",
+    "engine=native|pyfuse3": "the FUSE engine: pyunionfs's own (default) or pyfuse3 + trio (the pyfuse3 extra)",
+    "passthrough=on|off": "let the kernel read and write upper files directly (default on where the kernel allows)",
     "dev": "honour device files in the mount (FUSE's default is nodev; root only)",
     "nodev": "do not honour device files (the default)",
     "suid": "honour set-user-ID and set-group-ID bits (FUSE's default is nosuid; root only)",
@@ -145,6 +150,11 @@ class MountConfig:
     allow_other: bool = False
     foreground: bool = False
     debug: bool = False
+    #: Which FUSE engine serves the mount: ``native`` (:mod:`pyunionfs.fuse`)
+    #: or ``pyfuse3`` (the reference engine, :mod:`pyunionfs.fuse.pyfuse3_engine`).
+    engine: str = "native"
+    #: Whether the native engine may answer opens with FUSE passthrough.
+    passthrough: bool = True
     #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
@@ -329,6 +339,12 @@ def build_config(
     oci = opts.get("oci_whiteouts", "on")
     if oci not in ("on", "off"):
         raise UsageError(f"oci_whiteouts must be on or off, not {oci!r}")
+    engine = opts.get("engine", "native")
+    if engine not in ENGINES:
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    passthrough = opts.get("passthrough", "on")
+    if passthrough not in ("on", "off"):
+        raise UsageError(f"passthrough must be on or off, not {passthrough!r}")
     known = {k.split("=")[0] for k in KNOWN_OPTIONS}
     unknown = sorted(k for k in opts if k not in known)
     if unknown:
@@ -349,5 +365,7 @@ def build_config(
         allow_other="allow_other" in opts or os.geteuid() == 0,
         foreground=foreground,
         debug=debug or "debug" in opts,
+        engine=engine,
+        passthrough=passthrough == "on",
         mount_flags=mount_flags(options),
     )

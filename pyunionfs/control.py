@@ -22,6 +22,16 @@ PREFIX = b"user.pyunionfs."
 #: Drop the daemon's caches and make the kernel forget what it cached of the
 #: mount; the answer says how much was dropped.
 DROP_CACHES = PREFIX + b"drop_caches"
+#: What the native engine has answered: ``OPCODE=count`` words for every
+#: request kind seen, and ``passthrough_opens=N`` (tests and the bench read
+#: it to see which requests a workload costs).
+STATS = PREFIX + b"stats"
+
+
+def stats(mountpoint: bytes) -> dict[str, int]:
+    """The request counts of the daemon behind *mountpoint* (native engine only)."""
+    text = os.getxattr(mountpoint, STATS).decode()
+    return {k: int(v) for k, _, v in (w.partition("=") for w in text.split())}
 
 
 def drop_caches(mountpoint: bytes) -> str:

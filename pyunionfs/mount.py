@@ -19,89 +19,19 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-
-import trio
-
-from . import fuseshim  # before pyfuse3: it must bind to the shim's fuse_session_new
-import pyfuse3  # noqa: E402
+from collections.abc import Callable
 
 from .config import MountConfig
 from .errors import MountError
-from .operations import Operations
+from .fuse.mountinfo import READ_AHEAD_KB, find_mount, unescape_mountinfo
 from .writes import WritableUnionFS
+
+__all__ = ["READ_AHEAD_KB", "find_mount", "mount", "serve", "unescape_mountinfo", "unmount"]
 
 log = logging.getLogger(__name__)
 
 FSNAME = "pyunionfs"
-
-
-def mount_options(cfg: MountConfig) -> set[str]:
-    """FUSE mount options for *cfg*.
-
-    libfuse mounts with nodev,nosuid unless told otherwise (even as root), so
-    ``dev`` and ``suid`` are passed when asked for: mount.fuse3 asks for both
-    unless the fstab line says nodev/nosuid, as mount(8) does for any filesystem.
-    """
-    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
-    if cfg.allow_other:
-        opts.add("allow_other")
-    if cfg.readonly:
-        opts.add("ro")
-    opts.update(cfg.mount_flags)
-    if cfg.debug:
-        opts.add("debug")  # libfuse prints every request and reply to stderr
-    return opts
-
-
-def find_mount(mountpoint: bytes) -> tuple[str, str] | None:
-    """(fstype, major:minor) of the mount at *mountpoint*, read from mountinfo.
-
-    Reads /proc rather than stat()ing the mountpoint: a hung or dead daemon
-    would make stat() hang or fail.
-    """
-    target = os.fsdecode(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            point = os.fsdecode(unescape_mountinfo(fields[4]))
-            if point == target:
-                found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
-    return found
-
-
-def unescape_mountinfo(field: bytes) -> bytes:
-    """Undo the octal escapes (space, tab, newline, backslash) of /proc mount tables."""
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
-
-
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Collect what libfuse prints on fd 2 during mount, to report it in one line."""
-    lines: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines.extend(ln.strip() for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
 
 
 def _remove_empty_workdir(workdir: bytes) -> None:
@@ -113,11 +43,10 @@ def _remove_empty_workdir(workdir: bytes) -> None:
 
 
 def _preflight(cfg: MountConfig) -> None:
-    """Catch the common failures before libfuse does, with a better message."""
+    """Catch the common failures before the engine does, with a better message."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        # libfuse opens it before it would fall back to fusermount3.
         raise MountError(
             "/dev/fuse is not readable and writable for this user: mount as root, or let users mount "
             "(chmod 0666 /dev/fuse, as Debian's default is)"
@@ -128,50 +57,19 @@ def _preflight(cfg: MountConfig) -> None:
         raise MountError(f"{os.fsdecode(cfg.mountpoint)} is already a mount point")
 
 
-#: Readahead for the mount, in KiB.  A FUSE mount gets 128 KiB; 1 MiB made
-#: cold sequential reads 1.8x faster on this kind of machine.
-READ_AHEAD_KB = 1024
-
-
-async def _tune_readahead(mountpoint: bytes) -> None:
-    """Raise the mount's readahead (its bdi's ``read_ahead_kb``; root only).
-
-    The kernel sets it from our INIT reply, so it can be changed only after
-    that: a stat of the mount root waits for it (from a thread, since this
-    loop is what answers the stat).
-    """
-    try:
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        found = find_mount(mountpoint)
-        if found is not None:
-            knob = trio.Path(f"/sys/class/bdi/{found[1]}/read_ahead_kb")
-            await knob.write_text(str(READ_AHEAD_KB))
-    except OSError as exc:
-        log.debug("readahead left as it was: %s", exc)
-
-
-async def _serve(stop: list[bool], mountpoint: bytes) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for signum in signals:
-                    log.info("signal %d: unmounting", signum)
-                    stop[0] = True
-                    pyfuse3.terminate()
-                    return
-
-        nursery.start_soon(watch_signals)
-        nursery.start_soon(_tune_readahead, mountpoint)
+def _engine_serve(cfg: MountConfig) -> Callable[[MountConfig, WritableUnionFS, Callable[[], None]], int]:
+    """The ``serve`` of the engine *cfg* names (imported only when used)."""
+    if cfg.engine == "pyfuse3":
         try:
-            await pyfuse3.main()
-        except* ConnectionAbortedError:
-            # The kernel ended the connection as aborted rather than unmounted
-            # (an abort through fusectl; seen too when an unmount races with
-            # the releases of files closed just before).  The mount is gone
-            # either way: end as after an unmount, saying so.
-            log.warning("the kernel aborted the FUSE connection: the mount is gone")
-        nursery.cancel_scope.cancel()
+            from .fuse import pyfuse3_engine
+        except ImportError as exc:
+            raise MountError(
+                f"engine=pyfuse3 needs pyfuse3 ({exc}): pip install 'pyunionfs[pyfuse3]'"
+            ) from None
+        return pyfuse3_engine.serve
+    from .fuse import server
+
+    return server.serve
 
 
 def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
@@ -182,42 +80,34 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """
     fs: WritableUnionFS | None = None
     fresh_workdir = cfg.workdir is not None and not os.path.lexists(cfg.workdir)
+    live = False
+
+    def on_live() -> None:
+        nonlocal live
+        live = True
+        _report(ready_fd, None)
+
     try:
         _preflight(cfg)
         _raise_fd_limit()
+        engine_serve = _engine_serve(cfg)
         fs = WritableUnionFS(cfg)
-        ops = Operations(fs)
-        # timeout=0 asks for no kernel caching: listings too.
-        fuseshim.set_cache_dirs(cfg.timeout > 0)
-        fuseshim.set_posix_acl(cfg.acl)
-        failed = False
-        with _captured_stderr() as said:
-            try:
-                pyfuse3.init(ops, os.fsdecode(cfg.mountpoint), mount_options(cfg))
-            except RuntimeError:
-                failed = True
-        if failed:  # what libfuse said is collected once its stderr is given back
-            detail = said[-1].removeprefix("fuse: ") if said else "fuse_session_mount failed"
-            raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}")
-        if not fuseshim.active():
-            log.warning("pyfuse3 was loaded before the FUSE shim: no cached listings, no fallocate")
+        return engine_serve(cfg, fs, on_live)
     except MountError as exc:
+        if live:
+            log.error("%s", exc)
+            return 1
         if fs is not None:
             fs.close()
+            fs = None
         if fresh_workdir and cfg.workdir is not None:
             _remove_empty_workdir(cfg.workdir)
         _report(ready_fd, str(exc))
         return 1
-    _report(ready_fd, None)
-    stop = [False]
-    try:
-        trio.run(_serve, stop, cfg.mountpoint)
     finally:
-        # After an external umount the kernel is gone already; after a
-        # signal we unmount ourselves (lazily, as libfuse does for root).
-        pyfuse3.close(unmount=stop[0])
-        fs.close()
-    return 0
+        if fs is not None:
+            with fs.lock:
+                fs.close()
 
 
 def _report(ready_fd: int | None, error: str | None) -> None:
@@ -252,6 +142,11 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
     if cfg.foreground:
         faulthandler.register(signal.SIGUSR1)
         return serve(cfg)
+    try:
+        _preflight(cfg)  # here too: the daemon has no /dev/null to detach onto without /dev
+    except MountError as exc:
+        print(f"pyunionfs: {exc}", file=sys.stderr)
+        return 1
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon

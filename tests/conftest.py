@@ -11,13 +11,20 @@ from tests.support.mounting import Daemon
 
 
 @pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine pyunionfs mounts are served by: ``native`` unless parametrized."""
+    return getattr(request, "param", "native")
+
+
+@pytest.fixture
+def mount(tmp_path: Path, engine: str) -> Iterator[Callable[..., Daemon]]:
     """Factory: ``mount(lowers, upper, *options)`` -> a live Daemon, unmounted after the test."""
     daemons: list[Daemon] = []
 
     def make(lowers, upper=None, *options: str, mnt: Path | None = None, **kw) -> Daemon:
         target = mnt or tmp_path / f"mnt{len(daemons)}"
         target.mkdir(exist_ok=True)
+        kw.setdefault("engine", engine)
         d = Daemon(lowers, upper, target, list(options), **kw)
         daemons.append(d)
         return d

@@ -241,7 +241,8 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
     """The whole table in one line (values made up where they are ignored anyway)."""
     require_fuse()
     mnt = tree / "mnt"
-    values = {"timeout": "5", "oci_whiteouts": "on", "x-": "x-systemd.requires=a.mount"}
+    values = {"timeout": "5", "oci_whiteouts": "on", "engine": "native", "passthrough": "on",
+              "x-": "x-systemd.requires=a.mount"}
     items = []
     for opt in dropin.OPTIONS:
         if opt.key in ("lowerdir", "upperdir", "workdir", "ro", "noexec", "sync"):

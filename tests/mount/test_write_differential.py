@@ -129,7 +129,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, reject, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -141,7 +141,7 @@ from hypothesis.stateful import (
 )
 
 from tests.support.layergen import build_stack, mount_points
-from tests.support.mounting import Daemon, require_fuse
+from tests.support.mounting import BOTH_ENGINES, Daemon, require_fuse
 from tests.support.opsrunner import Executor, Outcome, digest
 from tests.support.treesnap import Snapshot, diff, fmt_path, snapshot
 
@@ -366,6 +366,7 @@ class Side:
     mnt: Path = dataclasses.field(init=False)
     upper: Path = dataclasses.field(init=False)
     work: Path = dataclasses.field(init=False)
+    engine: str = "native"
     daemon: Daemon | None = None
     kernel_mounted: bool = False
     procs: list[Executor] = dataclasses.field(default_factory=list)
@@ -385,7 +386,8 @@ class Side:
             # "dev": the kernel's mount honours device files (a chr 1:3 made by
             # the mknod rule opens), pyunionfs's default is nodev (EACCES).
             self.daemon = Daemon(
-                list(lowers), self.upper, self.mnt, [f"workdir={self.work}", "dev"], deadline=DAEMON_DEADLINE
+                list(lowers), self.upper, self.mnt, [f"workdir={self.work}", "dev"], deadline=DAEMON_DEADLINE,
+                engine=self.engine,
             )
         # Two processes per mount: "several processes" is part of the contract.
         for i in range(2):
@@ -527,6 +529,7 @@ class Context:
 
     base: Path
     selftest: bool
+    engine: str = "native"
     stacks: dict[tuple[int, int], tuple[tuple[Path, ...], Path]] = dataclasses.field(default_factory=dict)
 
     def stack(self, seed: int, n_lowers: int) -> tuple[tuple[Path, ...], Path]:
@@ -590,7 +593,7 @@ class WriteDifferential(RuleBasedStateMachine):
             Side("kernel", "kernel", self.example_dir / "a"),
             Side("kernel2", "kernel", self.example_dir / "b")
             if self.ctx.selftest
-            else Side("pyunionfs", "pyunionfs", self.example_dir / "b"),
+            else Side("pyunionfs", "pyunionfs", self.example_dir / "b", engine=self.ctx.engine),
         ]
         self.t0_ns = time.time_ns()
         self.lower_hardlinks = _lower_hardlinks(lowers)
@@ -667,6 +670,9 @@ class WriteDifferential(RuleBasedStateMachine):
         for out in (a, b):
             if out[0] == "exc":
                 self._fail(f"harness error in {call}: {out[1]}")
+        if a != b and _kernel_clobbers(op, a, b):
+            self.broken = True  # no comparison at teardown either
+            reject()  # the kernel lost the file at that name: nothing after this compares
         if a != b:
             self._fail(f"outcomes differ for {call}:\n  A ({self.sides[0].label}): {_fmt(a)}\n"
                        f"  B ({self.sides[1].label}): {_fmt(b)}")
@@ -1203,13 +1209,35 @@ def _sweep_stale_mounts(pytest_root: Path) -> list[bytes]:
     return swept
 
 
+def _kernel_clobbers(op: str, a: Outcome, b: Outcome) -> bool:
+    """The one kernel bug the machine steps on, and pyunionfs does not copy.
+
+    A metadata change (chmod, chown, xattr) through a descriptor of a lower
+    fifo, device or symlink whose name was since replaced copies it up over
+    the name's new file: overlayfs's copy-up through the work dir renames
+    without RENAME_NOREPLACE (regular files go through a tmpfile and link(),
+    which fails with EEXIST).  Linux 6.18 then shows the old object's change
+    as done and the new file's data is gone from the upper.  pyunionfs
+    answers EEXIST, as the kernel does for regular files (README, "Where
+    pyunionfs differs").  The example is dropped: the trees differ after it.
+    """
+    return (
+        op.startswith("slot_")
+        and a[0] == "ok"
+        and b == ("err", "EEXIST")
+        and isinstance(a[1], str)
+        and a[1].split(" ", 1)[0] in ("fifo", "chr", "blk", "sock", "lnk")
+    )
+
+
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
     # Turn SIGTERM into an exception, so that hypothesis still calls teardown() and everything is unmounted.
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.mark.timeout(1800)  # shrinking a failure takes minutes; a passing run takes about one
-def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory) -> None:
+@BOTH_ENGINES
+def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory, engine: str) -> None:
     base = tmp_path_factory.mktemp("wdiff")
     (base / "owner.pid").write_text(str(os.getpid()))
     _sweep_stale_mounts(base.parent.parent)
@@ -1218,7 +1246,7 @@ def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory) -> 
         require_fuse()
 
     class Machine(WriteDifferential):
-        context = Context(base=base, selftest=SELFTEST)
+        context = Context(base=base, selftest=SELFTEST, engine=engine)
 
     old_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:

@@ -30,6 +30,15 @@ from pyunionfs.mount import find_mount
 
 FSTYPE = "fuse.pyunionfs"
 
+#: ``PYUNIONFS_TEST_KEEP_LOGS=DIR``: daemons run with --debug and their logs are
+#: copied to DIR when they stop (to see which requests a failing test sent).
+KEEP_LOGS = os.environ.get("PYUNIONFS_TEST_KEEP_LOGS", "")
+
+#: Both FUSE engines, for the tests that run on each (``@BOTH_ENGINES`` or
+#: ``pytestmark = BOTH_ENGINES``; the ``engine`` fixture of tests/conftest.py):
+#: the kernel-differential and interop tests.  The others use the default engine.
+BOTH_ENGINES = pytest.mark.parametrize("engine", ["native", "pyfuse3"], indirect=True)
+
 
 def require_fuse() -> None:
     """Fail with a precise reason when this machine cannot run FUSE mounts."""
@@ -66,8 +75,11 @@ class Daemon:
     """``pyunionfs mount ... -f`` running in a subprocess."""
 
     def __init__(self, lowers: list[Path] | str, upper: Path | str | None, mnt: Path,
-                 options: list[str] = (), deadline: float = 100.0, extra_args: list[str] = ()) -> None:
+                 options: list[str] = (), deadline: float = 100.0, extra_args: list[str] = (),
+                 engine: str = "native") -> None:
         require_fuse()
+        if engine != "native":
+            options = [*options, f"engine={engine}"]
         self.mnt = mnt
         self.final_log = ""
         layer_arg = lowers if isinstance(lowers, str) else ":".join(str(p) for p in lowers)
@@ -77,6 +89,8 @@ class Daemon:
         for opt in options:
             cmd += ["-o", opt]
         cmd += list(extra_args)
+        if KEEP_LOGS:  # debugging aid: every request logged, every log kept
+            cmd.append("--debug")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._watchdog = threading.Timer(deadline, self._kill)
@@ -111,6 +125,8 @@ class Daemon:
             self._watchdog.cancel()
             force_unmount(self.mnt)
         text = self.log_text()
+        if KEEP_LOGS:
+            shutil.copy(self.log, Path(KEEP_LOGS) / self.log.name)
         self.final_log = text  # for callers that judge the log themselves (check=False)
         self.log.unlink(missing_ok=True)
         if check:

@@ -1,4 +1,12 @@
-"""The pyfuse3 adapter, and nothing but a protocol adapter.
+"""The reference engine: pyfuse3 + trio over the same core (``-o engine=pyfuse3``).
+
+It shows what the transport costs and that the core does not depend on one
+engine.  It needs the ``pyfuse3`` extra (pyfuse3 builds against libfuse3) and
+lacks what pyfuse3 3.5 cannot ask libfuse for: cached directory listings,
+FUSE_DONT_MASK (the kernel applies the umask, so a default ACL's mode is
+umasked too), handle_killpriv_v2, passthrough, fallocate and
+XATTR_CREATE/XATTR_REPLACE (pyfuse3 drops the flags).  The native engine
+(:mod:`.engine`) has them all.
 
 Each handler translates pyfuse3's arguments to a :class:`~.union.UnionFS` call
 and its answer back to pyfuse3's types.  Union logic lives in the core; errno
@@ -19,19 +27,22 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from . import fuseshim  # noqa: F401  (before pyfuse3: see fuseshim.py)
-import pyfuse3  # noqa: E402
+import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
-from . import control
-from .errors import fs_error, fuse_errors
-from .locking import WouldBlock, no_blocking
-from .union import Attr, KernelForget
-from .writes import Caller, SetAttr, WritableUnionFS
+from .. import control
+from ..config import MountConfig
+from ..errors import MountError, fs_error, fuse_errors
+from ..locking import WouldBlock, no_blocking
+from ..union import Attr, KernelForget
+from ..writes import Caller, SetAttr, WritableUnionFS
+from .mountinfo import set_readahead
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,8 +54,10 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, fs: WritableUnionFS) -> None:
+    def __init__(self, fs: WritableUnionFS, acl: bool = True) -> None:
         super().__init__()
+        #: FUSE_POSIX_ACL (pyfuse3 asks for it when set, before INIT).
+        self.enable_acl = acl
         self.fs = fs
         self.timeout = fs.cfg.timeout
         fs.attrs_changed = _forget_attrs
@@ -325,3 +338,98 @@ def _kernel_forget(forget: KernelForget) -> int:
         except OSError:
             gone += 1
     return gone
+
+
+# -- the daemon's life with pyfuse3 ---------------------------------------------------
+
+FSNAME = "pyunionfs"
+
+
+def mount_options(cfg: MountConfig) -> set[str]:
+    """libfuse's mount options for *cfg*.
+
+    libfuse mounts with nodev,nosuid unless told otherwise (even as root), so
+    ``dev`` and ``suid`` are passed when asked for: mount.fuse3 asks for both
+    unless the fstab line says nodev/nosuid, as mount(8) does for any filesystem.
+    """
+    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.readonly:
+        opts.add("ro")
+    opts.update(cfg.mount_flags)
+    if cfg.debug:
+        opts.add("debug")  # libfuse prints every request and reply to stderr
+    return opts
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what libfuse prints on fd 2 during mount, to report it in one line."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(ln.strip() for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
+
+
+async def _tune_readahead(mountpoint: bytes) -> None:
+    """Raise the mount's readahead once INIT is answered: a stat of the mount
+    root waits for that (from a thread, since this loop is what answers it)."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError:
+        return
+    set_readahead(mountpoint)
+
+
+async def _serve(stop: list[bool], mountpoint: bytes) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    stop[0] = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch_signals)
+        nursery.start_soon(_tune_readahead, mountpoint)
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # An abort through fusectl (seen too when an unmount races with
+            # the releases of files closed just before): the mount is gone.
+            log.warning("the kernel aborted the FUSE connection: the mount is gone")
+        nursery.cancel_scope.cancel()
+
+
+def serve(cfg: MountConfig, fs: WritableUnionFS, on_live: Callable[[], None]) -> int:
+    """Mount *fs* with pyfuse3 and serve it until unmounted (see :func:`.server.serve`)."""
+    ops = Operations(fs, acl=cfg.acl)
+    failed = False
+    with _captured_stderr() as said:
+        try:
+            pyfuse3.init(ops, os.fsdecode(cfg.mountpoint), mount_options(cfg))
+        except RuntimeError:
+            failed = True
+    if failed:  # what libfuse said is collected once its stderr is given back
+        detail = said[-1].removeprefix("fuse: ") if said else "fuse_session_mount failed"
+        raise MountError(f"cannot mount {os.fsdecode(cfg.mountpoint)}: {detail}")
+    on_live()
+    stop = [False]
+    try:
+        trio.run(_serve, stop, cfg.mountpoint)
+    finally:
+        # After an external umount the kernel is gone already; after a
+        # signal we unmount ourselves (lazily, as libfuse does for root).
+        with fs.lock:
+            pyfuse3.close(unmount=stop[0])
+    return 0

@@ -1,0 +1,627 @@
+"""The engine: each FUSE request answered by a call into the union core.
+
+:class:`Engine` turns one parsed :class:`~.requests.Request` into one reply
+(bytes, or buffers for writev) and nothing else: reading and writing
+/dev/fuse, threads and the daemon's life are :mod:`.server`'s.  So it can
+be driven by tests with request bytes alone.
+
+Every call that touches the core's shared state holds the core's lock
+(:mod:`pyunionfs.locking`); reads, writes and syncs of an open file work on
+the handle's fd alone and take no lock, so data moves in parallel.  Errors
+become errnos in one place, :meth:`Engine.handle`, with
+:func:`pyunionfs.errors.to_errno`: an OSError keeps its errno, anything else
+is a bug, logged and answered EIO, never the end of the daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from .. import control
+from ..config import MountConfig
+from ..errors import fs_error, to_errno
+from ..union import Attr, KernelForget
+from ..writes import Caller, SetAttr, WritableUnionFS
+from . import protocol as P
+from .abi import (
+    FSYNC_FDATASYNC,
+    OPEN_KILL_SUIDGID,
+    ROOT_ID,
+    SETXATTR_ACL_KILL_SGID,
+    WRITE_KILL_SUIDGID,
+    FattrFlag,
+    FopenFlag,
+    InitFlag,
+    Opcode,
+)
+from .backing import Backings
+from .requests import (
+    Access,
+    BatchForget,
+    CopyFileRange,
+    Create,
+    Fallocate,
+    Forget,
+    Fsync,
+    Getattr,
+    Getxattr,
+    Init,
+    Link,
+    Lseek,
+    Mkdir,
+    Mknod,
+    Name,
+    Open,
+    Read,
+    Release,
+    Rename,
+    Request,
+    Setattr,
+    Setxattr,
+    Symlink,
+    UnsupportedKernel,
+    Write,
+)
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Reply = bytes | list[P.Buffer] | None
+Buffer = P.Buffer
+
+#: Largest WRITE the kernel may send, and so the request buffer's size: 1 MiB
+#: (256 pages) halves the requests of a large write against libfuse's 128 KiB.
+MAX_WRITE = 1 << 20
+
+#: What the engine asks for at INIT, where the kernel offers it.
+WANTED = (
+    InitFlag.ASYNC_READ  # several READs of one file at once (readahead)
+    | InitFlag.ATOMIC_O_TRUNC  # O_TRUNC in OPEN, not a separate SETATTR
+    | InitFlag.EXPORT_SUPPORT  # LOOKUP of "." and ".."
+    | InitFlag.BIG_WRITES
+    | InitFlag.DONT_MASK  # the core applies the umask, or a default ACL instead
+    | InitFlag.DO_READDIRPLUS
+    | InitFlag.READDIRPLUS_AUTO
+    | InitFlag.ASYNC_DIO
+    | InitFlag.PARALLEL_DIROPS
+    | InitFlag.HANDLE_KILLPRIV_V2  # we clear suid/sgid: no getxattr before every write
+    | InitFlag.MAX_PAGES
+    | InitFlag.EXPLICIT_INVAL_DATA  # lowers never change; the upper only through us
+    | InitFlag.SETXATTR_EXT  # ACL_KILL_SGID with an access ACL
+    | InitFlag.ABORT_ERROR
+)
+#: Always needed: default_permissions is enforced by the kernel on attributes
+#: we return, READDIRPLUS fills its caches in one pass.
+REQUIRED = InitFlag(0)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+_CAPABILITY = b"security.capability"
+
+
+class Engine:
+    """Answers the requests of one mount with one :class:`WritableUnionFS`.
+
+    *notify* writes an unsolicited message (an invalidation) to the kernel
+    and says whether the kernel took it; *backings* decides passthrough.
+    """
+
+    def __init__(
+        self,
+        fs: WritableUnionFS,
+        cfg: MountConfig,
+        notify: Callable[[bytes], bool],
+        backings: Backings,
+    ) -> None:
+        self.fs = fs
+        self.cfg = cfg
+        self.timeout = cfg.timeout
+        self.notify = notify
+        self.backings = backings
+        self.agreed = InitFlag(0)
+        self.ended = False
+        #: Requests answered, by opcode (the bench and tests read them).
+        self.counts: dict[int, int] = {}
+        fs.attrs_changed = self._attrs_changed
+        self._table: dict[int, Callable[[Request], Reply]] = {
+            Opcode.LOOKUP: self.lookup,
+            Opcode.FORGET: self.forget,
+            Opcode.BATCH_FORGET: self.batch_forget,
+            Opcode.GETATTR: self.getattr,
+            Opcode.SETATTR: self.setattr,
+            Opcode.READLINK: self.readlink,
+            Opcode.SYMLINK: self.symlink,
+            Opcode.MKNOD: self.mknod,
+            Opcode.MKDIR: self.mkdir,
+            Opcode.UNLINK: self.unlink,
+            Opcode.RMDIR: self.rmdir,
+            Opcode.RENAME: self.rename,
+            Opcode.RENAME2: self.rename,
+            Opcode.LINK: self.link,
+            Opcode.OPEN: self.open,
+            Opcode.READ: self.read,
+            Opcode.WRITE: self.write,
+            Opcode.STATFS: self.statfs,
+            Opcode.RELEASE: self.release,
+            Opcode.FSYNC: self.fsync,
+            Opcode.SETXATTR: self.setxattr,
+            Opcode.GETXATTR: self.getxattr,
+            Opcode.LISTXATTR: self.listxattr,
+            Opcode.REMOVEXATTR: self.removexattr,
+            Opcode.OPENDIR: self.opendir,
+            Opcode.READDIR: self.readdir,
+            Opcode.READDIRPLUS: self.readdir,
+            Opcode.RELEASEDIR: self.releasedir,
+            Opcode.FSYNCDIR: self.fsyncdir,
+            Opcode.ACCESS: self.access,
+            Opcode.CREATE: self.create,
+            Opcode.INTERRUPT: _no_reply,
+            Opcode.NOTIFY_REPLY: _no_reply,
+            Opcode.DESTROY: self.destroy,
+            Opcode.FALLOCATE: self.fallocate,
+            Opcode.LSEEK: self.lseek,
+            Opcode.COPY_FILE_RANGE: self.copy_file_range,
+            Opcode.COPY_FILE_RANGE_64: self.copy_file_range,
+            Opcode.SYNCFS: self.syncfs,
+            Opcode.INIT: self.init,
+        }
+
+    # -- the one entry point -------------------------------------------------
+
+    def handle(self, req: Request) -> Reply:
+        """The reply to *req* (None for the requests that take none)."""
+        op = req.opcode
+        self.counts[op] = self.counts.get(op, 0) + 1
+        fn = self._table.get(op)
+        if fn is None:
+            # FLUSH, locks, IOCTL, POLL, BMAP, TMPFILE, STATX...: ENOSYS makes
+            # the kernel stop asking (and do locks itself, skip FLUSH on close).
+            return P.reply_error(req.unique, errno.ENOSYS)
+        try:
+            out = fn(req)
+        except Exception as exc:
+            if op in (Opcode.FORGET, Opcode.BATCH_FORGET):
+                log.exception("%s failed", Opcode(op).name)
+                return None
+            code = to_errno(exc)
+            if not isinstance(exc, OSError) or not exc.errno:
+                log.exception("%s failed unexpectedly; answering EIO", Opcode(op).name)
+            elif code > 511:
+                code = errno.EIO
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s #%d: %s", name_of(op), req.unique, exc, exc_info=code == errno.EEXIST)
+            return P.reply_error(req.unique, code)
+        if out is None or isinstance(out, list):
+            return out
+        return P.reply(req.unique, out)
+
+    # -- session ------------------------------------------------------------------
+
+    def init(self, req: Request) -> bytes:
+        args = _arg(req, Init)
+        wanted = WANTED
+        if self.cfg.acl:
+            wanted |= InitFlag.POSIX_ACL
+        if self.timeout > 0:
+            wanted |= InitFlag.CACHE_SYMLINKS
+        if self.backings.enabled:
+            wanted |= InitFlag.PASSTHROUGH
+        try:
+            self.agreed, out = P.negotiate(args, wanted, MAX_WRITE, required=REQUIRED, max_stack_depth=1)
+        except UnsupportedKernel as exc:
+            log.error("%s", exc)
+            raise fs_error(errno.EPROTO) from None
+        if not self.agreed & InitFlag.PASSTHROUGH:
+            self.backings.enabled = False
+        log.debug("INIT: kernel 7.%d, agreed %r", args.minor, self.agreed)
+        return out
+
+    def destroy(self, req: Request) -> bytes:
+        self.ended = True
+        return b""
+
+    # -- names and attributes ---------------------------------------------------
+
+    def _entry(self, attr: Attr) -> bytes:
+        return P.entry_out(attr, self.fs.inodes.generation(attr.ino), self.timeout, self.timeout)
+
+    def lookup(self, req: Request) -> bytes:
+        name = _arg(req, Name).name
+        try:
+            with self.fs.lock:
+                _, attr = self.fs.lookup(req.nodeid, name)
+        except FileNotFoundError:
+            # A negative entry the kernel may keep: a name appears only through
+            # a request on that very name (lowers do not change), which replaces it.
+            return P.entry_out(None, 0, self.timeout)
+        return self._entry(attr)
+
+    def forget(self, req: Request) -> None:
+        with self.fs.lock:
+            self.fs.forget(req.nodeid, _arg(req, Forget).nlookup)
+
+    def batch_forget(self, req: Request) -> None:
+        with self.fs.lock:
+            for ino, count in _arg(req, BatchForget).forgets:
+                self.fs.forget(ino, count)
+
+    def getattr(self, req: Request) -> bytes:
+        args = _arg(req, Getattr)
+        with self.fs.lock:
+            attr = self.fs.getattr(req.nodeid)
+        del args  # fstat and stat answer alike: the node is the object
+        return P.attr_out(attr, self.timeout)
+
+    def setattr(self, req: Request) -> bytes:
+        a = _arg(req, Setattr)
+        v = a.valid
+        now = time.time_ns() if v & (FattrFlag.ATIME_NOW | FattrFlag.MTIME_NOW) else 0
+        change = SetAttr(
+            mode=a.mode if v & FattrFlag.MODE else None,
+            uid=a.uid if v & FattrFlag.UID else None,
+            gid=a.gid if v & FattrFlag.GID else None,
+            size=a.size if v & FattrFlag.SIZE else None,
+            atime_ns=now if v & FattrFlag.ATIME_NOW else (a.atime_ns if v & FattrFlag.ATIME else None),
+            mtime_ns=now if v & FattrFlag.MTIME_NOW else (a.mtime_ns if v & FattrFlag.MTIME else None),
+        )
+        fh = a.fh if v & FattrFlag.FH else None
+        with self.fs.lock:
+            attr = self.fs.setattr(req.nodeid, change, fh)
+            in_group = attr.gid == req.gid
+            if v & FattrFlag.KILL_SUIDGID and _killable(attr.mode, in_group):
+                attr = self.fs.setattr(req.nodeid, SetAttr(mode=_killed(attr.mode, in_group)), fh)
+        return P.attr_out(attr, self.timeout)
+
+    def readlink(self, req: Request) -> bytes:
+        with self.fs.lock:
+            return self.fs.readlink(req.nodeid)
+
+    def access(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.access(req.nodeid, _arg(req, Access).mask)
+        return b""
+
+    def statfs(self, req: Request) -> bytes:
+        return P.statfs_out(self.fs.statfs())
+
+    # -- new names ------------------------------------------------------------------
+
+    def _caller(self, req: Request, umask: int = 0) -> Caller:
+        return Caller(req.uid, req.gid, umask)
+
+    def mkdir(self, req: Request) -> bytes:
+        a = _arg(req, Mkdir)
+        with self.fs.lock:
+            _, attr = self.fs.mkdir(req.nodeid, a.name, a.mode, self._caller(req, a.umask))
+        return self._entry(attr)
+
+    def mknod(self, req: Request) -> bytes:
+        a = _arg(req, Mknod)
+        with self.fs.lock:
+            _, attr = self.fs.mknod(req.nodeid, a.name, a.mode, a.rdev, self._caller(req, a.umask))
+        return self._entry(attr)
+
+    def symlink(self, req: Request) -> bytes:
+        a = _arg(req, Symlink)
+        with self.fs.lock:
+            _, attr = self.fs.symlink(req.nodeid, a.name, a.target, self._caller(req))
+        return self._entry(attr)
+
+    def link(self, req: Request) -> bytes:
+        a = _arg(req, Link)
+        with self.fs.lock:
+            _, attr = self.fs.link(a.oldnodeid, req.nodeid, a.newname)
+        return self._entry(attr)
+
+    def unlink(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.unlink(req.nodeid, _arg(req, Name).name)
+        return b""
+
+    def rmdir(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.rmdir(req.nodeid, _arg(req, Name).name)
+        return b""
+
+    def rename(self, req: Request) -> bytes:
+        a = _arg(req, Rename)
+        with self.fs.lock:
+            self.fs.rename(req.nodeid, a.name, a.newdir, a.newname, a.flags)
+        return b""
+
+    # -- files ----------------------------------------------------------------------
+
+    def _opened(self, ino: int, fh: int, flags: int) -> bytes:
+        """fuse_open_out for handle *fh* of *ino*: passthrough or cached (see :mod:`.backing`)."""
+        node = self.fs.inodes.get(ino)
+        upper = (
+            node is not None
+            and stat.S_ISREG(node.entry.st.st_mode)
+            and self.fs.stack.layers[node.entry.layers[0]].writable
+            # The kernel opens each passthrough file's backing file with the
+            # open's flags and never updates them: a later F_SETFL clearing
+            # O_APPEND would not be honoured, so appenders start cached.
+            and not flags & os.O_APPEND
+            # Passthrough writes run with the daemon's credentials, which
+            # keep set-ID bits a caller's write must clear (we clear them
+            # on WRITE, see _kill_suidgid): such files start cached.
+            and not os.fstat(fh).st_mode & (stat.S_ISUID | stat.S_ISGID)
+        )
+
+        def open_backing() -> int:
+            assert node is not None
+            with self.fs.lock:
+                return self.fs.open_object(node, os.O_RDWR)
+
+        backing_id, keep = self.backings.open(ino, fh, upper, open_backing)
+        if backing_id:
+            return P.open_out(fh, FopenFlag.PASSTHROUGH, backing_id)
+        return P.open_out(fh, FopenFlag.KEEP_CACHE if keep else 0)
+
+    def open(self, req: Request) -> bytes:
+        a = _arg(req, Open)
+        with self.fs.lock:
+            fh = self.fs.open_file(req.nodeid, a.flags)
+        try:
+            if a.open_flags & OPEN_KILL_SUIDGID:
+                _kill_suidgid(fh, req.gid)
+            return self._opened(req.nodeid, fh, a.flags)
+        except BaseException:
+            with self.fs.lock:
+                self.fs.release(fh)
+            raise
+
+    def create(self, req: Request) -> bytes:
+        a = _arg(req, Create)
+        with self.fs.lock:
+            fh, node, attr = self.fs.create(req.nodeid, a.name, a.mode, a.flags, self._caller(req, a.umask))
+        try:
+            if a.open_flags & OPEN_KILL_SUIDGID:
+                _kill_suidgid(fh, req.gid)
+            return self._entry(attr) + self._opened(node.ino, fh, a.flags)
+        except BaseException:
+            with self.fs.lock:
+                self.fs.release(fh)
+            raise
+
+    def read(self, req: Request) -> list[Buffer]:
+        a = _arg(req, Read)
+        return P.reply(req.unique, [os.pread(a.fh, a.size, a.offset)])
+
+    def write(self, req: Request) -> bytes:
+        a = _arg(req, Write)
+        if a.write_flags & WRITE_KILL_SUIDGID:
+            _kill_suidgid(a.fh, req.gid)
+        return P.write_out(os.pwrite(a.fh, a.data, a.offset))
+
+    def release(self, req: Request) -> bytes:
+        a = _arg(req, Release)
+        with self.fs.lock:
+            self.fs.release(a.fh)
+        self.backings.release(req.nodeid)
+        return b""
+
+    def fsync(self, req: Request) -> bytes:
+        a = _arg(req, Fsync)
+        if a.fsync_flags & FSYNC_FDATASYNC:
+            os.fdatasync(a.fh)
+        else:
+            os.fsync(a.fh)
+        return b""
+
+    def fallocate(self, req: Request) -> bytes:
+        a = _arg(req, Fallocate)
+        if _libc.fallocate(a.fh, a.mode, a.offset, a.length) != 0:
+            raise fs_error(ctypes.get_errno())
+        return b""
+
+    def lseek(self, req: Request) -> bytes:
+        a = _arg(req, Lseek)
+        # The handle's own fd position is never used (reads and writes are
+        # positional), so seeking it is harmless.
+        return P.lseek_out(os.lseek(a.fh, a.offset, a.whence))
+
+    def copy_file_range(self, req: Request) -> bytes:
+        a = _arg(req, CopyFileRange)
+        n = os.copy_file_range(a.fh_in, a.fh_out, a.len, a.off_in, a.off_out)
+        # The destination's cached pages for that range are stale now.
+        if n:
+            self.notify(P.notify_inval_inode(a.nodeid_out, a.off_out, n))
+        if req.opcode == Opcode.COPY_FILE_RANGE_64:
+            return P.copy_file_range_out(n)
+        return P.write_out(n)
+
+    def syncfs(self, req: Request) -> bytes:
+        # The upper's filesystem holds everything written (the work dir is on it).
+        up = self.fs.upper
+        if up is not None and _libc.syncfs(up.work) != 0:
+            raise fs_error(ctypes.get_errno())
+        return b""
+
+    # -- directories ------------------------------------------------------------------
+
+    def opendir(self, req: Request) -> bytes:
+        with self.fs.lock:
+            fh = self.fs.opendir(req.nodeid)
+        # Cached listings: the kernel drops them itself on every change made
+        # through the mount, and lowers do not change.
+        return P.open_out(fh, FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE if self.timeout > 0 else 0)
+
+    def readdir(self, req: Request) -> bytes:
+        a = _arg(req, Read)
+        plus = req.opcode == Opcode.READDIRPLUS
+        out: list[bytes] = []
+        used = 0
+        with self.fs.lock:
+            for off, name, node, attr in self.fs.readdir(a.fh, a.offset):
+                size = P.dirent_size(len(name), plus)
+                if used + size > a.size:
+                    break
+                used += size
+                if plus:
+                    gen = self.fs.inodes.generation(attr.ino)
+                    out.append(P.pack_direntplus(((attr, gen, off, name),), size, self.timeout, self.timeout)[0])
+                    if node is not None:
+                        self.fs.remember(node)
+                else:
+                    out.append(P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name),), size)[0])
+        return b"".join(out)
+
+    def releasedir(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.releasedir(_arg(req, Release).fh)
+        return b""
+
+    def fsyncdir(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.fsyncdir(_arg(req, Fsync).fh)
+        return b""
+
+    # -- extended attributes -------------------------------------------------------------
+
+    def getxattr(self, req: Request) -> bytes:
+        a = _arg(req, Getxattr)
+        if req.nodeid == ROOT_ID and a.name.startswith(control.PREFIX):
+            value = self._control(req, a.name)
+        else:
+            with self.fs.lock:
+                value = self.fs.getxattr(req.nodeid, a.name)
+        return _sized(value, a.size)
+
+    def listxattr(self, req: Request) -> bytes:
+        a = _arg(req, Getxattr)
+        with self.fs.lock:
+            names = self.fs.listxattr(req.nodeid)
+        return _sized(b"".join(n + b"\0" for n in names), a.size)
+
+    def setxattr(self, req: Request) -> bytes:
+        a = _arg(req, Setxattr)
+        if req.nodeid == ROOT_ID and a.name.startswith(control.PREFIX):
+            raise fs_error(errno.EPERM)  # reserved for commands, never stored
+        with self.fs.lock:
+            if a.flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
+                self._check_xattr_flags(req.nodeid, a.name, a.flags)
+            self.fs.setxattr(req.nodeid, a.name, a.value)
+            if a.setxattr_flags & SETXATTR_ACL_KILL_SGID:
+                attr = self.fs.getattr(req.nodeid)
+                if attr.mode & stat.S_ISGID:
+                    self.fs.setattr(req.nodeid, SetAttr(mode=attr.mode & ~stat.S_ISGID), None)
+        return b""
+
+    def _check_xattr_flags(self, ino: int, name: bytes, flags: int) -> None:
+        try:
+            self.fs.getxattr(ino, name)
+            exists = True
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+            exists = False
+        if flags & os.XATTR_CREATE and exists:
+            raise fs_error(errno.EEXIST)
+        if flags & os.XATTR_REPLACE and not exists:
+            raise fs_error(errno.ENODATA)
+
+    def removexattr(self, req: Request) -> bytes:
+        with self.fs.lock:
+            self.fs.removexattr(req.nodeid, _arg(req, Name).name)
+        return b""
+
+    def _control(self, req: Request, name: bytes) -> bytes:
+        """A command to the daemon (see :mod:`pyunionfs.control`)."""
+        if req.uid not in (0, os.geteuid()):
+            raise fs_error(errno.EPERM)
+        if name == control.STATS:
+            words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
+            words.append(f"passthrough_opens={self.backings.passthrough_opens}")
+            return " ".join(words).encode()
+        if name != control.DROP_CACHES:
+            raise fs_error(errno.ENODATA)
+        with self.fs.lock:
+            forget = self.fs.drop_caches()
+        # Without the lock: an invalidation waits for requests on the same
+        # names to finish, which other workers answer meanwhile.
+        failed = self._kernel_forget(forget)
+        log.info("caches dropped: %d inodes, %d names (%d already gone)",
+                 len(forget.inodes), len(forget.entries), failed)  # fmt: skip
+        return b"dropped the caches of %d inodes and %d names" % (len(forget.inodes), len(forget.entries))
+
+    def _kernel_forget(self, forget: KernelForget) -> int:
+        gone = 0
+        for ino in forget.inodes:
+            gone += not self.notify(P.notify_inval_inode(ino, 0, 0))
+        for parent, name in forget.entries:
+            gone += not self.notify(P.notify_inval_entry(parent, name))
+        return gone
+
+    def _attrs_changed(self, ino: int) -> None:
+        """Drop the kernel's cached attributes of *ino* (takes no lock in the
+        kernel: safe in the middle of a request)."""
+        self.notify(P.notify_inval_inode(ino, -1, 0))
+
+
+def name_of(op: int) -> str:
+    """An opcode's name, or its number when unknown."""
+    return op.name if isinstance(op, Opcode) else str(op)
+
+
+def _no_reply(req: Request) -> None:
+    """INTERRUPT: every request is short or cannot be stopped halfway (a
+    copy-up finishes or is rolled back); NOTIFY_REPLY: never asked for."""
+    return None
+
+
+def _arg(req: Request, kind: type[_T]) -> _T:
+    args = req.args
+    if not isinstance(args, kind):
+        raise fs_error(errno.EIO)
+    return args
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """A GETXATTR/LISTXATTR answer: the size when asked with 0, ERANGE when
+    the caller's buffer is too small."""
+    if size == 0:
+        return P.getxattr_out(len(value))
+    if len(value) > size:
+        raise fs_error(errno.ERANGE)
+    return value
+
+
+def _killable(mode: int, in_group: bool = False) -> bool:
+    """Whether a write by a caller without CAP_FSETID changes *mode* (the
+    VFS's setattr_should_drop_suidgid): set-user-ID always goes, set-group-ID
+    where group-executable or the caller is not in the file's group."""
+    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group)))
+
+
+def _killed(mode: int, in_group: bool = False) -> int:
+    out = mode & ~stat.S_ISUID
+    if mode & stat.S_IXGRP or not in_group:
+        out &= ~stat.S_ISGID
+    return out
+
+
+def _kill_suidgid(fd: int, gid: int) -> None:
+    """What a write, or an O_TRUNC open, by a caller without CAP_FSETID (of
+    group *gid*) does to the file (HANDLE_KILLPRIV_V2 leaves it to us): no
+    set-user-ID bit, no set-group-ID bit where it must go, no file
+    capabilities.  The request carries the caller's primary group only."""
+    st = os.fstat(fd)
+    in_group = st.st_gid == gid
+    if stat.S_ISREG(st.st_mode) and _killable(st.st_mode, in_group):
+        os.fchmod(fd, stat.S_IMODE(_killed(st.st_mode, in_group)))
+    try:
+        os.removexattr(fd, _CAPABILITY)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM):
+            raise
+

@@ -1,0 +1,227 @@
+"""The native engine's daemon life: mount, workers on /dev/fuse, signals, end.
+
+No event loop stands between the kernel and a request: each worker thread
+blocks in read(2) on its own fd of the connection (clones made with
+``FUSE_DEV_IOC_CLONE``, so replies do not contend on one fd's table), parses
+the request, calls the :class:`~.engine.Engine` and writes the reply, in
+one loop of plain calls.  Several workers keep a long copy-up or fsync from
+stalling the other requests; the core's lock keeps its state consistent.
+
+The main thread only waits: for SIGTERM, SIGINT or SIGHUP (unmount, lazily
+as libfuse does, and end) or for the workers to see the connection end (an
+unmount by any command, an abort through fusectl, DESTROY).  The signals
+are blocked in every thread and taken with sigwait, so no handler runs in
+the middle of a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from ..config import MountConfig
+from ..errors import MountError
+from ..writes import WritableUnionFS
+from . import protocol as P
+from .abi import NO_REPLY, InitFlag, Opcode
+from .backing import Backings
+from .engine import MAX_WRITE, Engine, name_of
+from .mountinfo import set_readahead
+from .requests import ProtocolError
+from .transport import (
+    READ_ABORTED,
+    READ_AGAIN,
+    MountOptions,
+    Session,
+    open_session,
+    read_request,
+    request_buffer_size,
+    write_reply,
+)
+
+log = logging.getLogger(__name__)
+
+#: Worker threads (the first on the mount's fd, the others on clones).  Two
+#: cores here: more than 4 only adds GIL hand-overs.
+WORKERS = 4
+
+#: Signals that end the daemon; SIGUSR2 is how workers tell the main thread
+#: that the connection ended.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_WORKER_DONE = signal.SIGUSR2
+
+
+class Server:
+    """One mounted connection served by :data:`WORKERS` threads."""
+
+    def __init__(self, fs: WritableUnionFS, cfg: MountConfig, session: Session) -> None:
+        self.fs = fs
+        self.cfg = cfg
+        self.session = session
+        self.backings = Backings(session.fd, cfg.passthrough and not cfg.readonly and _may_passthrough())
+        self.engine = Engine(fs, cfg, self._notify, self.backings)
+        self._setxattr_ext = False
+        self._threads: list[threading.Thread] = []
+        self._main = threading.get_ident()
+        self._done = threading.Event()
+
+    def _notify(self, message: bytes) -> bool:
+        """Write a notification; False if the kernel had nothing to act on."""
+        try:
+            return write_reply(self.session.fd, (message,))
+        except OSError as exc:
+            log.debug("notification refused: %s", exc)
+            return False
+
+    # -- requests -------------------------------------------------------------
+
+    def handshake(self) -> None:
+        """Answer INIT (the first request); raise MountError if the kernel cannot be served."""
+        buf = bytearray(request_buffer_size(MAX_WRITE))
+        while True:
+            n = read_request(self.session.fd, buf)
+            if n <= 0:
+                raise MountError("the kernel ended the FUSE connection before INIT")
+            req = P.parse_request(memoryview(buf)[:n])
+            out = self.engine.handle(req)
+            if out is not None:
+                write_reply(self.session.fd, out if isinstance(out, list) else (out,))
+            if req.opcode == Opcode.INIT:
+                if not self.engine.agreed:
+                    raise MountError("the kernel's FUSE protocol is too old (7.31 or newer is needed)")
+                self._setxattr_ext = bool(self.engine.agreed & InitFlag.SETXATTR_EXT)
+                return
+
+    def _work(self, fd: int) -> None:
+        """One worker: read, answer, until the connection ends."""
+        buf = bytearray(request_buffer_size(MAX_WRITE))
+        view = memoryview(buf)
+        handle = self.engine.handle
+        parse = P.parse_request
+        ext = self._setxattr_ext
+        debug = log.isEnabledFor(logging.DEBUG)
+        try:
+            while True:
+                n = read_request(fd, buf)
+                if n <= 0:
+                    if n == READ_AGAIN:
+                        continue
+                    if n == READ_ABORTED:
+                        log.warning("the kernel aborted the FUSE connection: the mount is gone")
+                    break
+                try:
+                    req = parse(view[:n], setxattr_ext=ext)
+                except ProtocolError as exc:
+                    log.error("malformed request: %s", exc)
+                    if exc.unique is not None and exc.opcode not in NO_REPLY:
+                        write_reply(fd, (P.reply_error(exc.unique, errno.EIO),))
+                    continue
+                if debug:
+                    log.debug("%s #%d node %d uid %d: %r", name_of(req.opcode), req.unique, req.nodeid, req.uid,
+                              req.args)  # fmt: skip
+                out = handle(req)
+                if out is not None:
+                    write_reply(fd, out if isinstance(out, list) else (out,))
+                if self.engine.ended:
+                    break
+        except Exception:
+            log.exception("worker failed")
+        finally:
+            first = not self._done.is_set()
+            self._done.set()
+            if first:
+                with contextlib.suppress(OSError):
+                    signal.pthread_kill(self._main, _WORKER_DONE)
+
+    def start(self) -> None:
+        """Start the workers (after :meth:`handshake`)."""
+        fds = [self.session.fd]
+        for _ in range(WORKERS - 1):
+            try:
+                fds.append(self.session.clone())
+            except OSError as exc:
+                log.info("%s: serving with %d worker(s)", exc, len(fds))
+                break
+        for i, fd in enumerate(fds):
+            t = threading.Thread(target=self._work, args=(fd,), name=f"fuse-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wait(self) -> bool:
+        """Block until a stop signal or the end of the connection; True after a signal."""
+        while not self._done.is_set():
+            signum = signal.sigwait(_STOP_SIGNALS | {_WORKER_DONE})
+            if signum in _STOP_SIGNALS:
+                log.info("signal %d: unmounting", signum)
+                return True
+        return False
+
+    def stop(self, unmount: bool) -> None:
+        """Unmount (lazily) if asked; else let the workers finish what they read."""
+        if unmount:
+            try:
+                self.session.unmount(lazy=True)
+            except MountError as exc:
+                log.warning("%s", exc)
+            return
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def close(self) -> None:
+        """Release what the connection holds (the core's lock held: no request
+        is half-way through)."""
+        self.backings.close()
+        self.session.close()
+
+
+def serve(cfg: MountConfig, fs: WritableUnionFS, on_live: Callable[[], None]) -> int:
+    """Mount *fs* on ``cfg.mountpoint`` and serve it until unmounted; the exit status.
+
+    *on_live* is called once INIT is answered (the mount answers requests).
+    Raises MountError (one line) when the mount cannot be made.
+    """
+    # A no-op handler: a wake-up still pending when the mask is restored is harmless.
+    signal.signal(_WORKER_DONE, lambda signum, frame: None)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | {_WORKER_DONE})
+    try:
+        session = open_session(cfg.mountpoint, MountOptions.from_config(cfg))
+        server = Server(fs, cfg, session)
+        try:
+            server.handshake()
+        except BaseException:
+            with contextlib.suppress(MountError):
+                session.unmount(lazy=True)
+            session.close()
+            raise
+        server.start()
+        set_readahead(cfg.mountpoint)
+        on_live()
+        by_signal = False
+        try:
+            by_signal = server.wait()
+        finally:
+            server.stop(unmount=by_signal)
+            with fs.lock:
+                server.close()
+        return 0
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _may_passthrough() -> bool:
+    """FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            if f.read().split() != [b"0", b"0", b"4294967295"]:
+                return False
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
