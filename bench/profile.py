@@ -25,6 +25,9 @@ class Profile:
     small_files: int  # files created, written and deleted
     small_file_size: int
     rewrite_files: int  # lower files rewritten through rename by the container-like sequence
+    pkg_files: int  # entries (files, symlinks) pkg-manager unpacks, a fifth of them over lower files
+    pkg_verify_files: int  # lower files pkg-manager checksums, as dpkg --verify
+    pkg_compile: tuple[str, ...]  # stdlib packages (folders of the lower's copy) pkg-manager byte-compiles
     max_modules: int  # modules imported from the lower
     randread_bytes: int  # bytes read by fio in 4 KiB random reads
     rounds: int
@@ -40,6 +43,9 @@ FULL = Profile(
     small_files=10_000,
     small_file_size=1024,
     rewrite_files=2_000,
+    pkg_files=2_000,
+    pkg_verify_files=3_000,
+    pkg_compile=("email", "json", "http", "urllib", "logging", "xml", "asyncio"),
     max_modules=400,
     randread_bytes=64 * MiB,
     rounds=3,
@@ -55,6 +61,9 @@ QUICK = Profile(
     small_files=300,
     small_file_size=1024,
     rewrite_files=100,
+    pkg_files=120,
+    pkg_verify_files=150,
+    pkg_compile=("json", "html"),
     max_modules=60,
     randread_bytes=1 * MiB,
     rounds=1,

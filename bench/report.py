@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .dataset import Dataset
-from .systems import KERNEL, REFERENCE_FUSE, SUBJECT, System
+from .systems import KERNEL, REFERENCE_FUSE, SUBJECTS, System
 from .workloads import Sample, Workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,16 +236,17 @@ def _markdown(
              f"{meta.get('repo_files')} files + /usr/share files), big file {p.big_file / 2**20:.0f} MiB, "
              f"{meta.get('modules')} modules to import, sequential writes of {p.write_size / 2**20:.0f} MiB, "
              f"{p.small_files} small files, {p.rewrite_files} files rewritten by `container`, fio reads "
-             f"{p.randread_bytes / 2**20:.0f} MiB.\n")  # fmt: skip
+             f"{p.randread_bytes / 2**20:.0f} MiB; `pkg-manager` unpacks {p.pkg_files} entries, verifies "
+             f"{p.pkg_verify_files} files and byte-compiles {', '.join(p.pkg_compile)}.\n")  # fmt: skip
 
     L.append("## Times\n")
     L.append("Median seconds (min–max over the rounds), lower is better. Ratios are of medians.\n")
     head = ["workload", *names]
     has_k, has_f = KERNEL in names, REFERENCE_FUSE in names
-    if SUBJECT in names and has_k:
-        head.append(f"{SUBJECT} / kernel")
-    if SUBJECT in names and has_f:
-        head.append(f"{SUBJECT} / {REFERENCE_FUSE}")
+    # Every pyunionfs engine measured gets its ratios to the kernel and to fuse-overlayfs.
+    refs = [d for d, has in ((KERNEL, has_k), (REFERENCE_FUSE, has_f)) if has]
+    ratio_cols = [(s, d) for s in SUBJECTS if s in names for d in refs]
+    head += [f"{s} / {'kernel' if d == KERNEL else d}" for s, d in ratio_cols]
     L.append("| " + " | ".join(head) + " |")
     L.append("| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |")
     for r in rows:
@@ -264,19 +265,21 @@ def _markdown(
                 if errs:
                     cell += " " + note(f"{n}, {r}: {len(errs)} of {len(errs) + len(v)} rounds failed: {errs[0]}")
                 cells.append(cell)
-        if SUBJECT in names and has_k:
-            cells.append(_fmt_ratio(table.ratio(SUBJECT, KERNEL, r)))
-        if SUBJECT in names and has_f:
-            cells.append(_fmt_ratio(table.ratio(SUBJECT, REFERENCE_FUSE, r)))
+        cells += [_fmt_ratio(table.ratio(s, d, r)) for s, d in ratio_cols]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
 
-    if fuse_names and (has_k or has_f):
+    engines = [s for s in SUBJECTS if s in fuse_names]
+    if fuse_names and (has_k or has_f or len(engines) > 1):
         L.append("## Ratios of every FUSE system\n")
-        L.append("Median time divided by the kernel overlayfs's (and by fuse-overlayfs's); 1.00× is as fast.\n")
+        L.append("Median time divided by the kernel overlayfs's (and by fuse-overlayfs's); 1.00× is as fast."
+                 + (f" The last column compares pyunionfs's engines: {engines[0]} / {engines[1]}."
+                    if len(engines) > 1 else "") + "\n")  # fmt: skip
         cols = [(f, KERNEL) for f in fuse_names if has_k] + [
             (f, REFERENCE_FUSE) for f in fuse_names if has_f and f != REFERENCE_FUSE
         ]
+        if len(engines) > 1:
+            cols.append((engines[0], engines[1]))
         L.append("| workload | " + " | ".join(f"{a} / {'kernel' if b == KERNEL else b}" for a, b in cols) + " |")
         L.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
         for r in rows:

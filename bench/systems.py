@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .osutil import BenchError, find_daemon, force_unmount, mount_fstype, pid_alive, run, wait_until
@@ -40,9 +41,13 @@ class System:
         """Identity of the code that a mount made now would run, when it can change during a run."""
         return None
 
-    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path) -> int | None:
-        """Mount and wait until mountinfo shows it; return the daemon's pid (None without a daemon)."""
-        self._start(lower, upper, work, mnt)
+    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str] = ()) -> int | None:
+        """Mount and wait until mountinfo shows it; return the daemon's pid (None without a daemon).
+
+        *extra* are more ``-o`` options in the system's own spelling (``bench.floor`` passes ``timeout=0``);
+        the bench itself passes none: it measures every system with its defaults.
+        """
+        self._start(lower, upper, work, mnt, extra)
         wait_until(lambda: mount_fstype(mnt) == self.fstype, MOUNT_TIMEOUT, f"{self.name} to mount at {mnt}")
         if not self.fuse:
             return None
@@ -51,7 +56,7 @@ class System:
             raise BenchError(f"{self.name} is mounted at {mnt} but its daemon was not found")
         return pid
 
-    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
+    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str]) -> None:
         raise NotImplementedError
 
     def unmount(self, mnt: Path, pid: int | None) -> None:
@@ -75,7 +80,7 @@ class Plain(System):
     name = "plain"
     fuse = False
 
-    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path) -> int | None:
+    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str] = ()) -> int | None:
         return None
 
     def unmount(self, mnt: Path, pid: int | None) -> None:
@@ -103,8 +108,9 @@ class KernelOverlay(System):
     def version(self) -> str:
         return f"kernel {os.uname().release}"
 
-    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
-        run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt])
+    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str]) -> None:
+        opts = ",".join([f"lowerdir={lower},upperdir={upper},workdir={work}", *extra])
+        run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
 
 
 class FuseOverlayfs(System):
@@ -125,8 +131,8 @@ class FuseOverlayfs(System):
                 return line.split()[-1]
         return "?"
 
-    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
-        run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt])
+    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str]) -> None:
+        run(["fuse-overlayfs", "-o", ",".join([f"lowerdir={lower},upperdir={upper},workdir={work}", *extra]), mnt])
 
 
 class UnionfsFuse(System):
@@ -147,8 +153,8 @@ class UnionfsFuse(System):
                 return line.split(":")[-1].strip()
         return "?"
 
-    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path) -> int | None:
-        run(["unionfs", "-o", "cow", f"{upper}=RW:{lower}=RO", mnt])
+    def mount(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str] = ()) -> int | None:
+        run(["unionfs", "-o", ",".join(["cow", *extra]), f"{upper}=RW:{lower}=RO", mnt])
         wait_until(lambda: (mount_fstype(mnt) or "").startswith("fuse"), MOUNT_TIMEOUT, f"unionfs to mount at {mnt}")
         pid = find_daemon(mnt, self.daemon_names)
         if pid is None:
@@ -157,9 +163,12 @@ class UnionfsFuse(System):
 
 
 class Pyunionfs(System):
+    """pyunionfs with its default FUSE engine (the native one, speaking the protocol on /dev/fuse itself)."""
+
     name = "pyunionfs"
     fstype = "fuse.pyunionfs"
     daemon_names = ("pyunionfs",)
+    engine_options: tuple[str, ...] = ()  # -o options that pick the FUSE engine; none: the default one
 
     def _exe(self) -> str | None:
         sibling = Path(sys.executable).with_name("pyunionfs")
@@ -170,24 +179,27 @@ class Pyunionfs(System):
 
     def version(self) -> str:
         res = subprocess.run([self._exe() or "pyunionfs", "--version"], capture_output=True, text=True)
-        return res.stdout.strip().split()[-1] if res.returncode == 0 else "?"
+        version = res.stdout.strip().split()[-1] if res.returncode == 0 and res.stdout.strip() else "?"
+        return version + "".join(f" -o {o}" for o in self.engine_options)
 
     def fingerprint(self) -> str | None:
         """Hash of the package's sources: pyunionfs is installed editable and may be edited while the bench runs.
 
         Each mount starts a new daemon from the current sources, so the report can tell when two rounds
-        measured two different versions.
+        measured two different versions. Subpackages (the engine's ``fuse/``) count too.
         """
         spec = importlib.util.find_spec("pyunionfs")  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             return None
+        top = Path(next(iter(spec.submodule_search_locations)))
         h = hashlib.sha256()
-        for f in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        for f in sorted(top.rglob("*.py")):
+            h.update(f.relative_to(top).as_posix().encode() + b"\0" + f.read_bytes())
         return h.hexdigest()[:10]
 
-    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path) -> None:
-        run([self._exe() or "pyunionfs", "mount", lower, upper, mnt, "-o", f"workdir={work}"])
+    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str]) -> None:
+        opts = [f"workdir={work}", *self.engine_options, *extra]
+        run([self._exe() or "pyunionfs", "mount", lower, upper, mnt, *(a for o in opts for a in ("-o", o))])
 
     def unmount(self, mnt: Path, pid: int | None) -> None:
         if mount_fstype(mnt) is not None:
@@ -195,8 +207,21 @@ class Pyunionfs(System):
         super().unmount(mnt, pid)
 
 
-ALL: list[System] = [Plain(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunionfs()]
+class PyunionfsPyfuse3(Pyunionfs):
+    """pyunionfs on its older engine: pyfuse3 (libfuse3) driven by trio, picked with ``-o engine=pyfuse3``."""
+
+    name = "pyunionfs-pyfuse3"
+    engine_options = ("engine=pyfuse3",)
+
+    def missing(self) -> str | None:
+        if importlib.util.find_spec("pyfuse3") is None:
+            return "pyfuse3 is not installed beside this Python (the pyfuse3 engine needs it)"
+        return super().missing()
+
+
+ALL: list[System] = [Plain(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunionfs(), PyunionfsPyfuse3()]
 BY_NAME = {s.name: s for s in ALL}
 KERNEL = "overlay"
 REFERENCE_FUSE = "fuse-overlayfs"
-SUBJECT = "pyunionfs"
+SUBJECT = "pyunionfs"  # the system the bench is about: pyunionfs as it mounts by default
+SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3")  # every pyunionfs engine: each gets ratio columns in the report
