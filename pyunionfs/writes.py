@@ -165,20 +165,7 @@ class WritableUnionFS(UnionFS):
         if self.resolver.child(parent.entry, parent.path, name) is not None:
             raise fs_error(errno.EEXIST, name)
         parent.entry = self.copyups.parent_up(parent)
-        pst = self.stack.stat_self(0, parent.path)
-        gid = caller.gid
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        default = acl.default_of(*self.stack.entry_path(0, parent.path))
-        access = None
-        if stat.S_ISLNK(mode):
-            pass  # always 0777
-        elif default is None:
-            mode &= ~(caller.umask & 0o777)
-        else:
-            mode, access = acl.create_mode(default, mode)
+        mode, gid, default, access = self._new_mode(parent, mode, caller)
         over = up.lstat(parent.path, name) is not None  # a whiteout: nothing visible is there
         dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
         result = make(dfd, target, mode)
@@ -215,6 +202,25 @@ class WritableUnionFS(UnionFS):
             self.resolver.cache.store(parent.entry.ident, name, entry)  # what a lookup would find
         return entry, result
 
+    def _new_mode(self, parent: Node, mode: int, caller: Caller) -> tuple[int, int, bytes | None, bytes | None]:
+        """Mode and group of a new entry of *caller* in *parent* (already in the
+        upper), and the parent's default ACL with the access ACL it gives."""
+        pst = self.stack.stat_self(0, parent.path)
+        gid = caller.gid
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        default = acl.default_of(*self.stack.entry_path(0, parent.path))
+        access = None
+        if stat.S_ISLNK(mode):
+            pass  # always 0777
+        elif default is None:
+            mode &= ~(caller.umask & 0o777)
+        else:
+            mode, access = acl.create_mode(default, mode)
+        return mode, gid, default, access
+
     def _new_node(self, parent: Node, name: bytes, entry: Entry) -> tuple[Node, Attr]:
         node = self.inodes.remember(join(parent.path, name), entry, parent.ino)
         return node, self.attr_of(node.ino, entry)
@@ -242,6 +248,32 @@ class WritableUnionFS(UnionFS):
         node, attr = self._new_node(parent, name, entry)
         self.handles.add(fd, node.ino)
         return fd, node, attr
+
+    def tmpfile(self, parent_ino: int, mode: int, flags: int, caller: Caller) -> tuple[int, Node, Attr]:
+        """open(O_TMPFILE): a file without a name in the directory's upper, as
+        overlayfs makes it; linkat() may give it one later (:meth:`link`)."""
+        parent = self._dir_node(parent_ino)
+        self._up()
+        parent.entry = self.copyups.parent_up(parent)
+        mode, gid, default, access = self._new_mode(parent, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        access_mode = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
+        fd = os.open(".", os.O_TMPFILE | access_mode | os.O_CLOEXEC, stat.S_IMODE(mode),
+                     dir_fd=self._up().dirfd(parent.path))
+        try:
+            os.fchown(fd, caller.uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            if default is not None:
+                acl.inherit(proc_path(fd), True, default, access, False)
+            st = os.fstat(fd)
+            entry = Entry((0,), st, (st.st_dev, st.st_ino))
+            pin = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+        ino = self.inodes.number(entry.ident)
+        node = self.inodes.nodes[ino] = Node(ino, b"", entry, lookups=1, parent=parent.ino, gone=True, pin=pin)
+        self.handles.add(fd, ino)
+        return fd, node, self.attr_of(ino, entry)
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> tuple[Node, Attr]:
         parent = self._dir_node(parent_ino)
@@ -276,7 +308,11 @@ class WritableUnionFS(UnionFS):
         node = self.node(ino)
         if node.entry.is_dir:
             raise fs_error(errno.EPERM)
-        if node.gone:
+        # A node without a name is linked only from its pin in the upper: an
+        # O_TMPFILE file (the kernel sends LINK for it only when it may be
+        # linked), or a file whose known names went while it kept others.
+        nameless = node.gone
+        if nameless and (node.pin is None or node.entry.layers != (0,)):
             raise fs_error(errno.ENOENT)
         parent = self._dir_node(new_parent_ino)
         up = self._up()
@@ -285,7 +321,8 @@ class WritableUnionFS(UnionFS):
             raise fs_error(errno.EPERM, new_name)
         if self.resolver.child(parent.entry, parent.path, new_name) is not None:
             raise fs_error(errno.EEXIST, new_name)
-        self.copyups.node(node)
+        if not nameless:
+            self.copyups.node(node)
         parent.entry = self.copyups.parent_up(parent)
         # The source is the node's own object (its pin's magic link, followed,
         # links that very inode; a checked name otherwise).
@@ -298,6 +335,10 @@ class WritableUnionFS(UnionFS):
             up.install(tmp, parent.path, new_name, False)
         self.resolver.cache.changed(parent.entry.ident, new_name)
         path = join(parent.path, new_name)
+        if nameless:
+            node.gone, node.path, node.parent, node.aliases = False, path, parent.ino, None
+            node.lookups += 1
+            return node, self.getattr(node.ino)
         if node.aliases is None:
             node.aliases = set()
         node.aliases.add(path)

@@ -164,6 +164,7 @@ class Engine:
             Opcode.FSYNCDIR: self.fsyncdir,
             Opcode.ACCESS: self.access,
             Opcode.CREATE: self.create,
+            Opcode.TMPFILE: self.tmpfile,
             Opcode.INTERRUPT: _no_reply,
             Opcode.NOTIFY_REPLY: _no_reply,
             Opcode.DESTROY: self.destroy,
@@ -183,7 +184,7 @@ class Engine:
         self.counts[op] = self.counts.get(op, 0) + 1
         fn = self._table.get(op)
         if fn is None:
-            # FLUSH, locks, IOCTL, POLL, BMAP, TMPFILE, STATX...: ENOSYS makes
+            # FLUSH, locks, IOCTL, POLL, BMAP, STATX...: ENOSYS makes
             # the kernel stop asking (and do locks itself, skip FLUSH on close).
             return P.reply_error(req.unique, errno.ENOSYS)
         try:
@@ -387,6 +388,17 @@ class Engine:
         try:
             if a.open_flags & OPEN_KILL_SUIDGID:
                 _kill_suidgid(fh, req.gid)
+            return self._entry(attr) + self._opened(node.ino, fh, a.flags)
+        except BaseException:
+            with self.fs.lock:
+                self.fs.release(fh)
+            raise
+
+    def tmpfile(self, req: Request) -> bytes:
+        a = _arg(req, Create)
+        with self.fs.lock:
+            fh, node, attr = self.fs.tmpfile(req.nodeid, a.mode, a.flags, self._caller(req, a.umask))
+        try:
             return self._entry(attr) + self._opened(node.ino, fh, a.flags)
         except BaseException:
             with self.fs.lock:

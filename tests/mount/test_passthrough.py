@@ -10,12 +10,15 @@ What is checked (see pyunionfs/fuse/backing.py for the design):
   the old descriptor, as the kernel's overlayfs does;
 * opens made while an inode is in one mode keep to that mode, so every open
   of a busy file works whatever order reads, writes and copy-ups come in;
+* O_TMPFILE files are made in the directory's upper and can be linked in, as on the kernel;
 * writes by a user without CAP_FSETID clear set-user-ID bits
   (HANDLE_KILLPRIV_V2 leaves that to the daemon), as on the kernel.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import stat
@@ -172,3 +175,45 @@ def test_stats_are_for_root_and_the_owner_only(tmp_path: Path, mount: Mount) -> 
         assert counts(m)["passthrough_opens"] == 0  # read-only: nothing in an upper
         out = run_as(1000, 1000, m, "out['stats'] = err(os.getxattr, m, 'user.pyunionfs.stats')")
     assert out["stats"] == "EPERM"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_EMPTY_PATH, _AT_SYMLINK_FOLLOW, _AT_FDCWD = 0x1000, 0x400, -100
+
+
+def _linkat_fd(fd: int, dst: Path) -> str:
+    """linkat(fd, "", AT_FDCWD, dst, AT_EMPTY_PATH): "ok" or the errno name."""
+    if _libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(dst), _AT_EMPTY_PATH) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+
+
+def _tmpfile_story(m: Path) -> list[object]:
+    seen: list[object] = []
+    os.umask(0o022)
+    fd = os.open(m / "d", os.O_TMPFILE | os.O_RDWR, 0o640)
+    try:
+        os.write(fd, b"anonymous")
+        st = os.fstat(fd)
+        seen.append((st.st_nlink, oct(stat.S_IMODE(st.st_mode)), st.st_size, sorted(os.listdir(m / "d"))))
+        seen.append(_linkat_fd(fd, m / "d" / "named"))
+        seen.append(((m / "d" / "named").read_bytes(), os.fstat(fd).st_nlink))
+        os.pwrite(fd, b"A", 0)
+        seen.append((m / "d" / "named").read_bytes())
+    finally:
+        os.close(fd)
+    excl = os.open(m / "d", os.O_TMPFILE | os.O_RDWR | os.O_EXCL, 0o600)
+    try:
+        seen.append(_linkat_fd(excl, m / "d" / "never"))
+    finally:
+        os.close(excl)
+    seen.append(sorted(os.listdir(m / "d")))
+    return seen
+
+
+def test_o_tmpfile_matches_the_kernel(tmp_path: Path, mount: Mount) -> None:
+    results = on_kernel_and_ours(tmp_path, mount, lambda low: put(low / "d" / "lowerfile", b"l"), _tmpfile_story)
+    assert results["pyunionfs"] == results["kernel"]
+    assert results["kernel"][1] == "ok" and results["kernel"][3] == b"Anonymous"
+    assert (tmp_path / "pyunionfs/up/d/named").read_bytes() == b"Anonymous"
+    assert not (tmp_path / "pyunionfs/up/d/never").exists()
