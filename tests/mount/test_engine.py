@@ -4,6 +4,7 @@ plain user through fusermount3, ended by every unmount command and by signals.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -129,3 +130,25 @@ def test_a_signal_unmounts_and_the_daemon_exits_zero(tmp_path: Path, mount, sig:
     assert d.proc.wait(timeout=30) == 0
     assert not is_mounted(d.mnt)
     assert "Traceback" not in d.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_an_aborted_connection_ends_the_daemon_like_an_unmount(tmp_path: Path, mount) -> None:
+    lower = tmp_path / "lower"
+    put(lower / "f", b"x")
+    (tmp_path / "upper").mkdir()
+    d = mount([lower], tmp_path / "upper")
+    assert (d.mnt / "f").read_bytes() == b"x"
+    conns = Path("/sys/fs/fuse/connections")
+    if not any(conns.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "none", str(conns)], check=True, capture_output=True)
+    found = find_mount(os.fsencode(d.mnt))
+    assert found is not None
+    (conns / found[1].split(":")[1] / "abort").write_text("1")
+    assert d.proc.wait(timeout=30) == 0
+    assert "aborted the FUSE connection" in d.log_text()
+    with pytest.raises(OSError) as dead:
+        os.stat(d.mnt / "f")
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    subprocess.run(["umount", str(d.mnt)], check=True, capture_output=True, timeout=30)
+    assert not is_mounted(d.mnt)
