@@ -372,34 +372,27 @@ class Engine:
         a = _arg(req, Open)
         with self.fs.lock:
             fh = self.fs.open_file(req.nodeid, a.flags)
-        try:
-            if a.open_flags & OPEN_KILL_SUIDGID:
-                _kill_suidgid(fh, req.gid)
-            return self._opened(req.nodeid, fh, a.flags)
-        except BaseException:
-            with self.fs.lock:
-                self.fs.release(fh)
-            raise
+        return self._answer_open(req, req.nodeid, fh, a.flags, a.open_flags)
 
     def create(self, req: Request) -> bytes:
         a = _arg(req, Create)
         with self.fs.lock:
             fh, node, attr = self.fs.create(req.nodeid, a.name, a.mode, a.flags, self._caller(req, a.umask))
-        try:
-            if a.open_flags & OPEN_KILL_SUIDGID:
-                _kill_suidgid(fh, req.gid)
-            return self._entry(attr) + self._opened(node.ino, fh, a.flags)
-        except BaseException:
-            with self.fs.lock:
-                self.fs.release(fh)
-            raise
+        return self._answer_open(req, node.ino, fh, a.flags, a.open_flags, self._entry(attr))
 
     def tmpfile(self, req: Request) -> bytes:
         a = _arg(req, Create)
         with self.fs.lock:
             fh, node, attr = self.fs.tmpfile(req.nodeid, a.mode, a.flags, self._caller(req, a.umask))
+        return self._answer_open(req, node.ino, fh, a.flags, 0, self._entry(attr))
+
+    def _answer_open(self, req: Request, ino: int, fh: int, flags: int, open_flags: int, entry: bytes = b"") -> bytes:
+        """The reply to an open that made handle *fh* (after *entry* for CREATE
+        and TMPFILE); the handle is released again if the reply cannot be made."""
         try:
-            return self._entry(attr) + self._opened(node.ino, fh, a.flags)
+            if open_flags & OPEN_KILL_SUIDGID:
+                _kill_suidgid(fh, req.gid)
+            return entry + self._opened(ino, fh, flags)
         except BaseException:
             with self.fs.lock:
                 self.fs.release(fh)
