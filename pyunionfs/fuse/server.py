@@ -68,6 +68,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._main = threading.get_ident()
         self._done = threading.Event()
+        self._closing = False
 
     def _notify(self, message: bytes) -> bool:
         """Write a notification; False if the kernel had nothing to act on."""
@@ -128,6 +129,10 @@ class Server:
                     write_reply(fd, out if isinstance(out, list) else (out,))
                 if self.engine.ended:
                     break
+        except OSError as exc:
+            if exc.errno != errno.EBADF or not self._closing:
+                log.exception("worker failed")
+            # else: the daemon is ending after a signal and closed the fds
         except Exception:
             log.exception("worker failed")
         finally:
@@ -174,6 +179,7 @@ class Server:
     def close(self) -> None:
         """Release what the connection holds (the core's lock held: no request
         is half-way through)."""
+        self._closing = True
         self.backings.close()
         self.session.close()
 
