@@ -40,6 +40,7 @@ from .layers import LayerStack
 from .locking import BigLock
 from .paths import proc_path, split
 from .resolve import Entry, Resolver
+from .syscalls import birth_time_ns
 from .whiteout import Markers
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
@@ -226,6 +227,11 @@ class UnionFS:
         e = node.entry
         node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index)
         return self.attr_of(ino, node.entry)
+
+    def birth_time(self, ino: int) -> int | None:
+        """The birth time (ns) of the node's own object, as statx shows it on
+        the kernel's overlayfs; None where its filesystem keeps none."""
+        return birth_time_ns(*self.object_path(self.node(ino)))
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)

@@ -196,6 +196,28 @@ def attr_out(attr: AttrLike, timeout: float = 0.0) -> bytes:
     return S.ATTR_OUT.pack(s, ns, *_attr_fields(attr))
 
 
+#: statx(2) mask bits: what a statx_out always carries, and the birth time.
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
+
+
+def statx_out(attr: AttrLike, btime_ns: int | None, timeout: float = 0.0) -> bytes:
+    """fuse_statx_out (288 bytes): a STATX answer, the basic fields and, when
+    known, the birth time (which GETATTR cannot carry)."""
+    s, ns = _split(timeout)
+    mask = STATX_BASIC_STATS | (STATX_BTIME if btime_ns is not None else 0)
+    bt, btn = divmod(btime_ns or 0, _NS)
+    at, atn = divmod(attr.atime_ns, _NS)
+    mt, mtn = divmod(attr.mtime_ns, _NS)
+    ct, ctn = divmod(attr.ctime_ns, _NS)
+    return S.STATX_OUT.pack(
+        s, ns, 0,
+        mask, attr.blksize, 0, attr.nlink, attr.uid, attr.gid, attr.mode & 0xFFFF, attr.ino, attr.size,
+        attr.blocks, 0, at, atn, bt, btn, ct, ctn, mt, mtn,
+        os.major(attr.rdev), os.minor(attr.rdev), 0, 0,
+    )  # fmt: skip
+
+
 def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:
     """fuse_open_out (16 bytes): OPEN and OPENDIR answers; CREATE sends entry_out + open_out.
 

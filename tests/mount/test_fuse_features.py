@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import control
+from pyunionfs.syscalls import birth_time_ns
 
 from tests.support.mounting import Daemon
 from tests.support.writecheck import on_kernel_and_ours, put
@@ -169,3 +170,20 @@ def test_copy_file_range_over_cached_pages_reads_back_exactly(tmp_path: Path, mo
             os.close(fa)
             os.close(fb)
     assert control.stats(os.fsencode(m)).get("COPY_FILE_RANGE_64", 0) >= 60
+
+
+def test_statx_shows_the_objects_birth_time_as_the_kernel_overlay_does(tmp_path: Path, mount: Mount) -> None:
+    """STATX is answered (GETATTR cannot carry a birth time): the btime through the mount is the
+    one of the object in its layer, lower or upper, as statx(2) on the kernel's overlayfs shows."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", b"lower")
+    put(lower / "d" / "g", b"g")
+    upper.mkdir()
+    d = mount([lower], upper)
+    m = d.mnt
+    (m / "new").write_bytes(b"new")
+    (m / "d" / "g").write_bytes(b"changed")  # copied up: a new object, a new birth
+    for through, real in ((m / "f", lower / "f"), (m / "new", upper / "new"), (m / "d" / "g", upper / "d" / "g")):
+        seen = birth_time_ns(os.fsencode(through), False)
+        assert seen is not None and seen == birth_time_ns(os.fsencode(real), False), through
+    assert control.stats(os.fsencode(m)).get("STATX", 0) >= 3

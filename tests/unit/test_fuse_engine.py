@@ -24,6 +24,7 @@ from pyunionfs.fuse.abi import FopenFlag, InitFlag, Opcode
 from pyunionfs.fuse.backing import Backings
 from pyunionfs.fuse.engine import Engine
 from pyunionfs.fuse.protocol import parse_request
+from pyunionfs.syscalls import birth_time_ns
 from pyunionfs.writes import WritableUnionFS
 from tests.unit.conftest import b, mkfile
 from tests.unit.test_fuse_protocol import msg
@@ -175,3 +176,16 @@ def test_an_exception_that_is_not_an_oserror_is_eio_not_a_crash(h: Harness, monk
     monkeypatch.setattr(h.fs, "statfs", boom)
     assert h.ask(Opcode.STATFS)[0] == errno.EIO
     assert h.ask(Opcode.GETATTR, S.GETATTR_IN.pack(0, 0))[0] == 0  # and it goes on serving
+
+
+def test_statx_carries_the_basic_fields_and_the_objects_birth_time(h: Harness) -> None:
+    ino = h.lookup(b"f")
+    err, out = h.ask(Opcode.STATX, S.STATX_IN.pack(0, 0, 0, 0xFFF), ino)
+    assert err == 0
+    fields = S.STATX_OUT.unpack(out)
+    mask, nlink, mode, st_ino, size = fields[3], fields[6], fields[9], fields[10], fields[11]
+    assert mask & 0x7FF == 0x7FF
+    assert (nlink, st_ino, size) == (1, ino, len(b"lower data")) and mode & 0o170000 == 0o100000
+    btime = birth_time_ns(os.fsencode(h.lower / "f"), False)
+    if btime is not None:
+        assert mask & 0x800 and fields[16] * 1_000_000_000 + fields[17] == btime
