@@ -4,11 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pyunionfs itself is pure Python and needs only fuse3 (fusermount3, for users'
+# mounts); libfuse3-dev, pkg-config and gcc build pyfuse3, the reference
+# engine that the test extra installs.
 need=()
 for pkg in libfuse3-dev fuse3 pkg-config gcc; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
-# Debian's own python3 needs these for a venv and to build pyfuse3's C extension.
+# Debian's own python3 needs these for a venv (and to build pyfuse3's C extension).
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 python3 - <<'PY' 2>/dev/null || need+=(python3-dev)
 import os, sysconfig

@@ -140,11 +140,16 @@ def test_an_aborted_connection_ends_the_daemon_like_an_unmount(tmp_path: Path, m
     d = mount([lower], tmp_path / "upper")
     assert (d.mnt / "f").read_bytes() == b"x"
     conns = Path("/sys/fs/fuse/connections")
-    if not any(conns.iterdir()):
+    mounted_here = not any(conns.iterdir())
+    if mounted_here:
         subprocess.run(["mount", "-t", "fusectl", "none", str(conns)], check=True, capture_output=True)
-    found = find_mount(os.fsencode(d.mnt))
-    assert found is not None
-    (conns / found[1].split(":")[1] / "abort").write_text("1")
+    try:
+        found = find_mount(os.fsencode(d.mnt))
+        assert found is not None
+        (conns / found[1].split(":")[1] / "abort").write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(conns)], capture_output=True)
     assert d.proc.wait(timeout=30) == 0
     assert "aborted the FUSE connection" in d.log_text()
     with pytest.raises(OSError) as dead:
