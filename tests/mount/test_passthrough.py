@@ -217,3 +217,27 @@ def test_o_tmpfile_matches_the_kernel(tmp_path: Path, mount: Mount) -> None:
     assert results["kernel"][1] == "ok" and results["kernel"][3] == b"Anonymous"
     assert (tmp_path / "pyunionfs/up/d/named").read_bytes() == b"Anonymous"
     assert not (tmp_path / "pyunionfs/up/d/never").exists()
+
+
+def test_pages_cached_before_passthrough_writes_are_not_shown_after(tmp_path: Path, mount: Mount) -> None:
+    """An inode served cached, then written in passthrough mode (past the kernel's page cache),
+    then opened cached again shows the new data, not the pages it cached first."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    m = mount([lower], upper).mnt
+    f = m / "f"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)  # O_APPEND: cached mode
+    os.write(fd, b"AAAA" * 1024)
+    assert os.pread(fd, 8, 0) == b"AAAAAAAA"  # the kernel holds these pages now
+    os.close(fd)
+    fd = os.open(f, os.O_RDWR)  # passthrough: the write goes past those pages
+    os.pwrite(fd, b"BBBB", 0)
+    os.close(fd)
+    fd = os.open(f, os.O_RDONLY | os.O_APPEND)  # cached again
+    try:
+        assert os.pread(fd, 8, 0) == b"BBBBAAAA"
+    finally:
+        os.close(fd)
+    assert (upper / "f").read_bytes()[:8] == b"BBBBAAAA"
+    assert counts(m)["passthrough_opens"] == 1
