@@ -42,6 +42,7 @@ from .abi import (
     Opcode,
 )
 from .backing import Backings
+from .killpriv import kill_suidgid, killable, killed
 from .requests import (
     Access,
     BatchForget,
@@ -106,7 +107,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
 
-_CAPABILITY = b"security.capability"
 
 
 class Engine:
@@ -289,8 +289,8 @@ class Engine:
         with self.fs.lock:
             attr = self.fs.setattr(req.nodeid, change, fh)
             in_group = attr.gid == req.gid
-            if v & FattrFlag.KILL_SUIDGID and _killable(attr.mode, in_group):
-                attr = self.fs.setattr(req.nodeid, SetAttr(mode=_killed(attr.mode, in_group)), fh)
+            if v & FattrFlag.KILL_SUIDGID and killable(attr.mode, in_group):
+                attr = self.fs.setattr(req.nodeid, SetAttr(mode=killed(attr.mode, in_group)), fh)
         return P.attr_out(attr, self.timeout)
 
     def readlink(self, req: Request) -> bytes:
@@ -365,7 +365,7 @@ class Engine:
             and not flags & os.O_APPEND
             # Passthrough writes run with the daemon's credentials, which
             # keep set-ID bits a caller's write must clear (we clear them
-            # on WRITE, see _kill_suidgid): such files start cached.
+            # on WRITE, see .killpriv): such files start cached.
             and not os.fstat(fh).st_mode & (stat.S_ISUID | stat.S_ISGID)
         )
 
@@ -402,7 +402,7 @@ class Engine:
         and TMPFILE); the handle is released again if the reply cannot be made."""
         try:
             if open_flags & OPEN_KILL_SUIDGID:
-                _kill_suidgid(fh, req.gid)
+                kill_suidgid(fh, req.gid)
             return entry + self._opened(ino, fh, flags)
         except BaseException:
             with self.fs.lock:
@@ -416,7 +416,7 @@ class Engine:
     def write(self, req: Request) -> bytes:
         a = _arg(req, Write)
         if a.write_flags & WRITE_KILL_SUIDGID:
-            _kill_suidgid(a.fh, req.gid)
+            kill_suidgid(a.fh, req.gid)
         return P.write_out(os.pwrite(a.fh, a.data, a.offset))
 
     def release(self, req: Request) -> bytes:
@@ -610,34 +610,3 @@ def _sized(value: bytes, size: int) -> bytes:
     if len(value) > size:
         raise fs_error(errno.ERANGE)
     return value
-
-
-def _killable(mode: int, in_group: bool = False) -> bool:
-    """Whether a write by a caller without CAP_FSETID changes *mode* (the
-    VFS's setattr_should_drop_suidgid): set-user-ID always goes, set-group-ID
-    where group-executable or the caller is not in the file's group."""
-    return bool(mode & stat.S_ISUID or (mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group)))
-
-
-def _killed(mode: int, in_group: bool = False) -> int:
-    out = mode & ~stat.S_ISUID
-    if mode & stat.S_IXGRP or not in_group:
-        out &= ~stat.S_ISGID
-    return out
-
-
-def _kill_suidgid(fd: int, gid: int) -> None:
-    """What a write, or an O_TRUNC open, by a caller without CAP_FSETID (of
-    group *gid*) does to the file (HANDLE_KILLPRIV_V2 leaves it to us): no
-    set-user-ID bit, no set-group-ID bit where it must go, no file
-    capabilities.  The request carries the caller's primary group only."""
-    st = os.fstat(fd)
-    in_group = st.st_gid == gid
-    if stat.S_ISREG(st.st_mode) and _killable(st.st_mode, in_group):
-        os.fchmod(fd, stat.S_IMODE(_killed(st.st_mode, in_group)))
-    try:
-        os.removexattr(fd, _CAPABILITY)
-    except OSError as exc:
-        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM):
-            raise
-
