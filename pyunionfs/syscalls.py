@@ -132,3 +132,45 @@ def birth_time_ns(path: bytes, follow: bool) -> int | None:
         return None
     sec, nsec = _BTIME.unpack_from(buf.raw, 80)
     return sec * 1_000_000_000 + nsec
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its FALLOC_FL_* *mode* (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out the whole filesystem *fd* is on."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_CAP_SYS_ADMIN = 21
+
+
+def has_cap_sys_admin() -> bool:
+    """Whether this process has CAP_SYS_ADMIN in its own user namespace."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def in_initial_user_namespace() -> bool:
+    """Whether this process's user namespace maps every id to itself (the initial one)."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            return f.read().split() == [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False

@@ -589,13 +589,15 @@ class WritableUnionFS(UnionFS):
             os.utime(path, ns=times, follow_symlinks=follow)
         return self.getattr(ino)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Set an xattr; *flags* (XATTR_CREATE, XATTR_REPLACE) are decided by the
+        upper copy's own setxattr, after the copy-up, as overlayfs does."""
         node = self.node(ino)
         self._up()
         self.copyups.node(node)
         path, follow = self.object_path(node)
         node.xattrs = None
-        os.setxattr(path, self.markers.stored_xattr(name), value, follow_symlinks=follow)
+        os.setxattr(path, self.markers.stored_xattr(name), value, flags, follow_symlinks=follow)
         self._xattr_changed(node, name)
 
     def removexattr(self, ino: int, name: bytes) -> None:

@@ -89,8 +89,8 @@ class Backings:
         #: Opens answered with passthrough (tests and the bench read it).
         self.passthrough_opens = 0
 
-    def open(self, ino: int, fh: int, upper: bool, open_backing: _Opener) -> tuple[int, int]:
-        """The mode of a new open of *ino* (already opened by the core as *fh*).
+    def open(self, ino: int, upper: bool, open_backing: _Opener) -> tuple[int, int]:
+        """The mode of a new open of *ino* (already opened by the core).
 
         Returns ``(backing_id, keep_cache)``: a nonzero id means answer with
         FOPEN_PASSTHROUGH and that id; 0 means cached mode, with

@@ -15,7 +15,6 @@ is a bug, logged and answered EIO, never the end of the daemon.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import TypeVar
 from .. import control
 from ..config import MountConfig
 from ..errors import fs_error, to_errno
+from ..syscalls import fallocate, syncfs
 from ..union import Attr, KernelForget
 from ..writes import Caller, SetAttr, WritableUnionFS
 from . import protocol as P
@@ -51,7 +51,6 @@ from .requests import (
     Fallocate,
     Forget,
     Fsync,
-    Getattr,
     Getxattr,
     Init,
     Link,
@@ -99,13 +98,6 @@ WANTED = (
     | InitFlag.SETXATTR_EXT  # ACL_KILL_SGID with an access ACL
     | InitFlag.ABORT_ERROR
 )
-#: Always needed: default_permissions is enforced by the kernel on attributes
-#: we return, READDIRPLUS fills its caches in one pass.
-REQUIRED = InitFlag(0)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.syncfs.argtypes = [ctypes.c_int]
 
 
 
@@ -219,7 +211,7 @@ class Engine:
         if self.backings.enabled:
             wanted |= InitFlag.PASSTHROUGH
         try:
-            self.agreed, out = P.negotiate(args, wanted, MAX_WRITE, required=REQUIRED, max_stack_depth=1)
+            self.agreed, out = P.negotiate(args, wanted, MAX_WRITE, max_stack_depth=1)
         except UnsupportedKernel as exc:
             log.error("%s", exc)
             raise fs_error(errno.EPROTO) from None
@@ -258,10 +250,9 @@ class Engine:
                 self.fs.forget(ino, count)
 
     def getattr(self, req: Request) -> bytes:
-        args = _arg(req, Getattr)
+        # fstat and stat answer alike (GETATTR_FH or not): the node is the object.
         with self.fs.lock:
             attr = self.fs.getattr(req.nodeid)
-        del args  # fstat and stat answer alike: the node is the object
         return P.attr_out(attr, self.timeout)
 
     def statx(self, req: Request) -> bytes:
@@ -356,7 +347,8 @@ class Engine:
         """fuse_open_out for handle *fh* of *ino*: passthrough or cached (see :mod:`.backing`)."""
         node = self.fs.inodes.get(ino)
         upper = (
-            node is not None
+            self.backings.enabled
+            and node is not None
             and stat.S_ISREG(node.entry.st.st_mode)
             and self.fs.stack.layers[node.entry.layers[0]].writable
             # The kernel opens each passthrough file's backing file with the
@@ -365,8 +357,9 @@ class Engine:
             and not flags & os.O_APPEND
             # Passthrough writes run with the daemon's credentials, which
             # keep set-ID bits a caller's write must clear (we clear them
-            # on WRITE, see .killpriv): such files start cached.
-            and not os.fstat(fh).st_mode & (stat.S_ISUID | stat.S_ISGID)
+            # on WRITE, see .killpriv): such files start cached.  (Modes change
+            # only through us, and every change refreshes the node's entry.)
+            and not node.entry.st.st_mode & (stat.S_ISUID | stat.S_ISGID)
         )
 
         def open_backing() -> int:
@@ -374,7 +367,7 @@ class Engine:
             with self.fs.lock:
                 return self.fs.open_object(node, os.O_RDWR)
 
-        backing_id, keep = self.backings.open(ino, fh, upper, open_backing)
+        backing_id, keep = self.backings.open(ino, upper, open_backing)
         if backing_id:
             return P.open_out(fh, FopenFlag.PASSTHROUGH, backing_id)
         return P.open_out(fh, FopenFlag.KEEP_CACHE if keep else 0)
@@ -436,8 +429,7 @@ class Engine:
 
     def fallocate(self, req: Request) -> bytes:
         a = _arg(req, Fallocate)
-        if _libc.fallocate(a.fh, a.mode, a.offset, a.length) != 0:
-            raise fs_error(ctypes.get_errno())
+        fallocate(a.fh, a.mode, a.offset, a.length)
         return b""
 
     def lseek(self, req: Request) -> bytes:
@@ -459,8 +451,8 @@ class Engine:
     def syncfs(self, req: Request) -> bytes:
         # The upper's filesystem holds everything written (the work dir is on it).
         up = self.fs.upper
-        if up is not None and _libc.syncfs(up.work) != 0:
-            raise fs_error(ctypes.get_errno())
+        if up is not None:
+            syncfs(up.work)
         return b""
 
     # -- directories ------------------------------------------------------------------
@@ -475,22 +467,23 @@ class Engine:
     def readdir(self, req: Request) -> bytes:
         a = _arg(req, Read)
         plus = req.opcode == Opcode.READDIRPLUS
-        out: list[bytes] = []
+        # Entries are taken while they fit: each one READDIRPLUS answers counts
+        # a lookup the kernel will FORGET, so only those are remembered.
+        taken: list[tuple[int, bytes, Attr]] = []
         used = 0
         with self.fs.lock:
             for off, name, node, attr in self.fs.readdir(a.fh, a.offset):
-                size = P.dirent_size(len(name), plus)
-                if used + size > a.size:
+                used += P.dirent_size(len(name), plus)
+                if used > a.size:
                     break
-                used += size
-                if plus:
-                    gen = self.fs.inodes.generation(attr.ino)
-                    out.append(P.pack_direntplus(((attr, gen, off, name),), size, self.timeout, self.timeout)[0])
-                    if node is not None:
-                        self.fs.remember(node)
-                else:
-                    out.append(P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name),), size)[0])
-        return b"".join(out)
+                taken.append((off, name, attr))
+                if plus and node is not None:
+                    self.fs.remember(node)
+            if plus:
+                gen = self.fs.inodes.generation
+                return P.pack_direntplus(((attr, gen(attr.ino), off, name) for off, name, attr in taken), a.size,
+                                         self.timeout, self.timeout)[0]  # fmt: skip
+        return P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name) for off, name, attr in taken), a.size)[0]
 
     def releasedir(self, req: Request) -> bytes:
         with self.fs.lock:
@@ -524,27 +517,12 @@ class Engine:
         if req.nodeid == ROOT_ID and a.name.startswith(control.PREFIX):
             raise fs_error(errno.EPERM)  # reserved for commands, never stored
         with self.fs.lock:
-            if a.flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
-                self._check_xattr_flags(req.nodeid, a.name, a.flags)
-            self.fs.setxattr(req.nodeid, a.name, a.value)
+            self.fs.setxattr(req.nodeid, a.name, a.value, a.flags)
             if a.setxattr_flags & SETXATTR_ACL_KILL_SGID:
                 attr = self.fs.getattr(req.nodeid)
                 if attr.mode & stat.S_ISGID:
                     self.fs.setattr(req.nodeid, SetAttr(mode=attr.mode & ~stat.S_ISGID), None)
         return b""
-
-    def _check_xattr_flags(self, ino: int, name: bytes, flags: int) -> None:
-        try:
-            self.fs.getxattr(ino, name)
-            exists = True
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
-            exists = False
-        if flags & os.XATTR_CREATE and exists:
-            raise fs_error(errno.EEXIST)
-        if flags & os.XATTR_REPLACE and not exists:
-            raise fs_error(errno.ENODATA)
 
     def removexattr(self, req: Request) -> bytes:
         with self.fs.lock:

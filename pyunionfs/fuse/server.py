@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from ..config import MountConfig
 from ..errors import MountError
+from ..syscalls import has_cap_sys_admin, in_initial_user_namespace
 from ..writes import WritableUnionFS
 from . import protocol as P
 from .abi import NO_REPLY, InitFlag, Opcode
@@ -220,14 +221,4 @@ def serve(cfg: MountConfig, fs: WritableUnionFS, on_live: Callable[[], None]) ->
 
 def _may_passthrough() -> bool:
     """FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace."""
-    try:
-        with open("/proc/self/uid_map", "rb") as f:
-            if f.read().split() != [b"0", b"0", b"4294967295"]:
-                return False
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> 21 & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+    return in_initial_user_namespace() and has_cap_sys_admin()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MountError
+from ..syscalls import has_cap_sys_admin
 from .abi import DEV_IOC_CLONE, MIN_READ_BUFFER, XATTR_SIZE_MAX
 
 if TYPE_CHECKING:
@@ -105,8 +106,6 @@ READ_ABORTED = -2  # ECONNABORTED: the connection was aborted (fusectl abort); t
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-_CAP_SYS_ADMIN = 21
 
 
 def request_buffer_size(max_write: int) -> int:
@@ -330,14 +329,7 @@ def _may_mount() -> bool:
     (FUSE may be mounted in a user namespace that owns its mount namespace); a
     root whose capabilities were dropped (a container) has not.
     """
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
+    return has_cap_sys_admin()
 
 
 def _open_device(name: str) -> int:
