@@ -124,6 +124,8 @@ class Engine:
         self.ended = False
         #: Requests answered, by opcode (the bench and tests read them).
         self.counts: dict[int, int] = {}
+        #: More numbers for the stats, by name (the server adds its own).
+        self.gauges: dict[str, Callable[[], int]] = {"passthrough_opens": lambda: backings.passthrough_opens}
         fs.attrs_changed = self._attrs_changed
         self._table: dict[int, Callable[[Request], Reply]] = {
             Opcode.LOOKUP: self.lookup,
@@ -535,7 +537,7 @@ class Engine:
             raise fs_error(errno.EPERM)
         if name == control.STATS:
             words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
-            words.append(f"passthrough_opens={self.backings.passthrough_opens}")
+            words += (f"{name}={gauge()}" for name, gauge in self.gauges.items())
             return " ".join(words).encode()
         if name != control.DROP_CACHES:
             raise fs_error(errno.ENODATA)

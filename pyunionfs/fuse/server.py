@@ -4,8 +4,10 @@ No event loop stands between the kernel and a request: each worker thread
 blocks in read(2) on its own fd of the connection (clones made with
 ``FUSE_DEV_IOC_CLONE``, so replies do not contend on one fd's table), parses
 the request, calls the :class:`~.engine.Engine` and writes the reply, in
-one loop of plain calls.  Several workers keep a long copy-up or fsync from
-stalling the other requests; the core's lock keeps its state consistent.
+one loop of plain calls.  One worker serves while requests are quick; more
+are woken when one is stuck (staffing.py), so that a long copy-up or fsync
+does not stall the other requests.  The core's lock keeps its state
+consistent.
 
 The main thread only waits: for SIGTERM, SIGINT or SIGHUP (unmount, lazily
 as libfuse does, and end) or for the workers to see the connection end (an
@@ -33,6 +35,7 @@ from .backing import Backings
 from .engine import MAX_WRITE, Engine, name_of
 from .mountinfo import set_readahead
 from .requests import ProtocolError
+from .staffing import Staffing
 from .transport import (
     READ_ABORTED,
     READ_AGAIN,
@@ -46,8 +49,8 @@ from .transport import (
 
 log = logging.getLogger(__name__)
 
-#: Worker threads (the first on the mount's fd, the others on clones).  Two
-#: cores here: more than 4 only adds GIL hand-overs.
+#: Worker threads (the first on the mount's fd, the others on clones); all
+#: but the first serve only while a request is stuck (see staffing.py).
 WORKERS = 4
 
 #: Signals that end the daemon; SIGUSR2 is how workers tell the main thread
@@ -70,6 +73,7 @@ class Server:
         self._main = threading.get_ident()
         self._done = threading.Event()
         self._closing = False
+        self.staffing = Staffing(1)
 
     def _notify(self, message: bytes) -> bool:
         """Write a notification; False if the kernel had nothing to act on."""
@@ -98,16 +102,18 @@ class Server:
                 self._setxattr_ext = bool(self.engine.agreed & InitFlag.SETXATTR_EXT)
                 return
 
-    def _work(self, fd: int) -> None:
-        """One worker: read, answer, until the connection ends."""
+    def _work(self, worker: int, fd: int) -> None:
+        """One worker: read, answer, until the connection ends (see staffing.py
+        for when a worker other than the first parks instead of reading)."""
         buf = bytearray(request_buffer_size(MAX_WRITE))
         view = memoryview(buf)
         handle = self.engine.handle
         parse = P.parse_request
         ext = self._setxattr_ext
         debug = log.isEnabledFor(logging.DEBUG)
+        staff = self.staffing
         try:
-            while True:
+            while staff.next(worker):
                 n = read_request(fd, buf)
                 if n <= 0:
                     if n == READ_AGAIN:
@@ -115,6 +121,7 @@ class Server:
                     if n == READ_ABORTED:
                         log.warning("the kernel aborted the FUSE connection: the mount is gone")
                     break
+                staff.begin(worker)
                 try:
                     req = parse(view[:n], setxattr_ext=ext)
                 except ProtocolError as exc:
@@ -137,6 +144,7 @@ class Server:
         except Exception:
             log.exception("worker failed")
         finally:
+            staff.end()
             first = not self._done.is_set()
             self._done.set()
             if first:
@@ -152,8 +160,11 @@ class Server:
             except OSError as exc:
                 log.info("%s: serving with %d worker(s)", exc, len(fds))
                 break
+        self.staffing = Staffing(len(fds))
+        self.staffing.start()
+        self.engine.gauges["workers_woken"] = lambda: self.staffing.woken
         for i, fd in enumerate(fds):
-            t = threading.Thread(target=self._work, args=(fd,), name=f"fuse-worker-{i}", daemon=True)
+            t = threading.Thread(target=self._work, args=(i, fd), name=f"fuse-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 

@@ -1,0 +1,123 @@
+"""The engine's staffing rules without a mount: workers that loop as server.py's
+do, over a queue standing in for /dev/fuse.
+
+What must hold whatever the machine's load: a request that blocks does not
+stall the ones behind it (a parked worker is woken), the extra workers park
+again once nothing is stuck, and the end stops every worker, parked or not.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyunionfs.fuse.staffing import PARKED, Staffing
+
+Request = Callable[[], None]
+_END: Request = lambda: None  # noqa: E731  (a sentinel the loop recognises)
+
+
+class Pool:
+    """Workers running server.py's loop shape: next(), read, begin(), handle."""
+
+    def __init__(self, count: int) -> None:
+        self.staff = Staffing(count)
+        self.inbox: queue.Queue[Request] = queue.Queue()
+        self.served_by: list[int] = []
+        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(count)]
+
+    def _work(self, worker: int) -> None:
+        try:
+            while self.staff.next(worker):
+                request = self.inbox.get()
+                if request is _END:
+                    break
+                self.staff.begin(worker)
+                request()
+                self.served_by.append(worker)
+        finally:
+            self.staff.end()
+
+    def start(self) -> None:
+        self.staff.start()
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.inbox.put(_END)  # as the kernel's ENODEV reaches the reading workers
+        self.staff.end()
+        for _ in self.threads:
+            self.inbox.put(_END)
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(4)
+    p.start()
+    yield p
+    p.stop()
+    assert not any(t.is_alive() for t in p.threads), "a worker did not stop at the end"
+
+
+def _wait_until(cond: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.001)
+    return cond()
+
+
+def test_a_stuck_request_does_not_stall_the_ones_behind_it(pool: Pool) -> None:
+    release = threading.Event()
+    done: list[int] = []
+    pool.inbox.put(lambda: release.wait(20))
+    for i in range(50):
+        pool.inbox.put(lambda i=i: done.append(i))
+    try:
+        assert _wait_until(lambda: len(done) == 50), f"only {len(done)} of 50 requests served behind a stuck one"
+        assert pool.staff.woken >= 1
+    finally:
+        release.set()
+
+
+def test_the_extra_workers_park_again_once_nothing_is_stuck(pool: Pool) -> None:
+    release = threading.Event()
+    pool.inbox.put(lambda: release.wait(20))
+    pool.inbox.put(lambda: None)
+    assert _wait_until(lambda: len(pool.served_by) == 1)
+    release.set()
+    for _ in range(20):
+        pool.inbox.put(lambda: None)
+    assert _wait_until(lambda: len(pool.served_by) == 22)
+    assert _wait_until(lambda: pool.staff.state[1:].count(PARKED) >= 2), pool.staff.state
+    # The first worker never parks: it is the one left reading.
+    assert pool.staff.state[0] != PARKED
+
+
+def test_quick_requests_are_served_by_the_first_worker_alone(pool: Pool) -> None:
+    for _ in range(200):
+        pool.inbox.put(lambda: None)
+    assert _wait_until(lambda: len(pool.served_by) == 200)
+    # Nothing took STALL seconds unless the machine paused us; then the monitor
+    # may wake one, which parks again after its request.
+    assert pool.served_by.count(0) >= 200 - 3 * max(pool.staff.woken, 0)
+    assert pool.served_by.count(0) > 150
+
+
+def test_a_single_worker_has_no_monitor_and_never_parks() -> None:
+    p = Pool(1)
+    p.start()
+    try:
+        p.inbox.put(lambda: None)
+        assert _wait_until(lambda: p.served_by == [0])
+        assert p.staff.state == [p.staff.state[0]] and p.staff.state[0] != PARKED
+    finally:
+        p.stop()
+    assert not p.threads[0].is_alive()
