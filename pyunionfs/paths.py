@@ -70,6 +70,10 @@ class DirFds:
         self._roots = roots
         self._capacity = max(16, capacity)
         self._fds: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+        # The directory asked for last: a listing or a run of lookups asks
+        # for the same one again and again (an fd here is never evicted
+        # before a newer one is returned, and closing resets it).
+        self._last: tuple[int, bytes, int] = (-1, b"", -1)
 
     def get(self, layer: int, rel: bytes) -> int:
         """The fd of directory *rel* in *layer*; raise OSError if it is not one.
@@ -79,10 +83,14 @@ class DirFds:
         """
         if not rel:
             return self._roots[layer]
+        last = self._last
+        if rel == last[1] and layer == last[0]:
+            return last[2]
         key = (layer, rel)
         fd = self._fds.get(key)
         if fd is not None:
             self._fds.move_to_end(key)
+            self._last = (layer, rel, fd)
             return fd
         # Walk up to the nearest cached ancestor, then open down one
         # component at a time (iteratively: trees may be thousands deep).
@@ -108,6 +116,7 @@ class DirFds:
         while len(self._fds) > self._capacity:
             _, victim = self._fds.popitem(last=False)
             os.close(victim)
+        self._last = (layer, rel, fd)
         return fd
 
     def dup(self, layer: int, rel: bytes) -> int:
@@ -118,11 +127,13 @@ class DirFds:
         """Drop the fds of *rel* and everything below it in *layer*."""
         prefix = rel + b"/"
         doomed = [k for k in self._fds if k[0] == layer and (k[1] == rel or k[1].startswith(prefix))]
+        self._last = (-1, b"", -1)
         for key in doomed:
             os.close(self._fds.pop(key))
 
     def clear(self) -> None:
         """Close every cached fd (cache drop, unmount)."""
+        self._last = (-1, b"", -1)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -192,22 +192,12 @@ class UnionFS:
 
     def attr_of(self, ino: int, entry: Entry) -> Attr:
         st = entry.st
-        return Attr(
-            ino=ino,
-            mode=st.st_mode,
-            # Counting subdirectories of every merged layer is not worth it;
-            # 1 is what overlayfs reports and what find(1) understands.
-            nlink=1 if entry.merged else (st.st_nlink if entry.nlink is None else entry.nlink),
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev,
-            size=st.st_size,
-            blksize=st.st_blksize,
-            blocks=st.st_blocks,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-        )
+        # Counting subdirectories of every merged layer is not worth it; 1 is
+        # what overlayfs reports and what find(1) understands.
+        nlink = 1 if len(entry.layers) > 1 else (st.st_nlink if entry.nlink is None else entry.nlink)
+        # Positional: the fields in Attr's order (keywords cost a third more, on every entry of every listing).
+        return Attr(ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size, st.st_blksize,
+                    st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
 
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
