@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .config import KNOWN_OPTIONS, MountConfig, build_config
 from .dropin import HELPER_DIR, is_overlay_form
 from .errors import MountError, UsageError
+
+if TYPE_CHECKING:
+    from .layertar import CommitResult
 
 _OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
@@ -153,7 +158,8 @@ def _image_command(args: argparse.Namespace) -> int:
 def _store_command(args: argparse.Namespace) -> int:
     from .store import Store, format_history, format_images
 
-    store = Store(args.store)
+    # A read (images, history, push) creates no store; the others make it on first use.
+    store = Store(args.store, create=args.command not in ("images", "history", "push"))
     if args.command == "pull":
         img = store.pull(args.layout, args.tag)
         print(f"{img.name}  {img.id}  {img.manifest_digest}")
@@ -197,15 +203,12 @@ def _layer_command(args: argparse.Namespace) -> int:
         out.flush()
         return 0
     if args.command == "commit":
-        from .layertar import commit
-
-        if args.tag is not None:
-            return _image_command(args)
-        if args.base is not None or args.message is not None or args.store is not None:
+        if args.tag is None and (args.base is not None or args.message is not None or args.store is not None):
             raise UsageError("--from, --message and --store go with --tag, not -o")
-
-        res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
-                     lowers=_lower_paths(args.lowers), workdir=args.workdir)
+        with _upper_claimed(args.upper, "commit"):
+            if args.tag is not None:
+                return _image_command(args)
+            res = _commit_file(args)
         for path in res.skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
         print(f"{res.diff_id}  {res.tar_path}")
@@ -216,8 +219,36 @@ def _layer_command(args: argparse.Namespace) -> int:
 
     if args.flatten and args.whiteouts == "oci":
         raise UsageError("--flatten deletes what a whiteout names; it cannot keep .wh. files (--whiteouts=oci)")
-    apply_layer(args.layer, args.dir, mode="flatten" if args.flatten else args.whiteouts, userxattr=args.userxattr)
+    with _upper_claimed(args.dir, "apply"):
+        apply_layer(args.layer, args.dir, mode="flatten" if args.flatten else args.whiteouts,
+                    userxattr=args.userxattr)
     return 0
+
+
+def _upper_claimed(path: str, purpose: str) -> contextlib.AbstractContextManager[object]:
+    """Hold *path* against a live mount of it while a command reads or writes it
+    (commit: shared, so that commits may run together; apply: exclusive)."""
+    from .inuse import claimed
+
+    if not os.path.isdir(path):
+        return contextlib.nullcontext()  # apply makes it (then no mount uses it); commit says what is wrong
+    what = "upper" if purpose == "commit" else "directory"
+    return claimed([(what, os.fsencode(os.path.abspath(path)))], purpose, shared=purpose == "commit")
+
+
+def _commit_file(args: argparse.Namespace) -> CommitResult:
+    """``commit -o LAYER.tar``: the tar (and .gz) is built beside the output under
+    temporary names this process flocks, so that the next commit to the same
+    output can tell a killed command's leftovers from a live one's and remove them."""
+    from .layertar import commit
+    from .tempfiles import held_temporaries
+
+    outputs = [args.output, args.output + ".gz"] if args.gzip else [args.output]
+    upper, where = os.path.realpath(args.upper), os.path.realpath(os.path.dirname(os.path.abspath(args.output)))
+    inside = where == upper or where.startswith(upper.rstrip("/") + "/")  # refused by commit: make nothing there
+    with contextlib.nullcontext() if inside else held_temporaries(outputs):
+        return commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
+                      lowers=_lower_paths(args.lowers), workdir=args.workdir)
 
 
 def run_mount(cfg: MountConfig, log_file: str | None) -> int:
@@ -238,7 +269,7 @@ def _command(args: argparse.Namespace) -> int:
         if lowers.startswith("image:"):
             from .store import IMAGE_PREFIX, Store
 
-            dirs = Store(args.store).lowers(lowers[len(IMAGE_PREFIX):])
+            dirs = Store(args.store, create=False).lowers(lowers[len(IMAGE_PREFIX):])
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
         elif args.store is not None:
             raise UsageError("--store goes with an image (image:NAME[:TAG]), not a list of directories")

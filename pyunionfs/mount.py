@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
 import logging
 import os
 import resource
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from .config import MountConfig
 from .errors import MountError
 from .fuse.mountinfo import READ_AHEAD_KB, find_mount, unescape_mountinfo
+from .inuse import Claim, claim
 from .writes import WritableUnionFS
 
 __all__ = ["READ_AHEAD_KB", "find_mount", "mount", "serve", "unescape_mountinfo", "unmount"]
@@ -57,6 +59,35 @@ def _preflight(cfg: MountConfig) -> None:
         raise MountError(f"{os.fsdecode(cfg.mountpoint)} is already a mount point")
 
 
+def _claim_layers(cfg: MountConfig) -> Claim:
+    """Take the upper and the work directory for this daemon's life, as the
+    kernel marks them in use: before anything cleans ``work/`` (a second
+    daemon's cleaning would delete the first one's copy-up in progress).
+    The work directory is made here if missing, so that it can be held."""
+    if cfg.upper is None or cfg.workdir is None or cfg.readonly:
+        return Claim([])
+    try:
+        os.makedirs(cfg.workdir, 0o700, exist_ok=True)
+    except OSError as exc:
+        raise MountError(
+            f"cannot create work directory {os.fsdecode(cfg.workdir)}: {exc.strerror} (choose one with -o workdir=DIR)"
+        ) from None
+    return claim([("upper", cfg.upper), ("work directory", cfg.workdir)], "mount")
+
+
+def _hold_mountpoint(mountpoint: bytes) -> Claim:
+    """A shared flock on the directory under the mountpoint, held until the
+    daemon exits: :func:`unmount` waits for it, so that a mount of the same
+    upper right after ``pyunionfs umount`` finds the upper free."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return Claim([])  # not readable: unmount then cannot wait for us, nothing worse
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return Claim([fd])
+
+
 def _engine_serve(cfg: MountConfig) -> Callable[[MountConfig, WritableUnionFS, Callable[[], None]], int]:
     """The ``serve`` of the engine *cfg* names (imported only when used)."""
     if cfg.engine == "pyfuse3":
@@ -81,6 +112,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     fs: WritableUnionFS | None = None
     fresh_workdir = cfg.workdir is not None and not os.path.lexists(cfg.workdir)
     live = False
+    held = Claim([])
+    at_mountpoint = Claim([])
 
     def on_live() -> None:
         nonlocal live
@@ -91,6 +124,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         _preflight(cfg)
         _raise_fd_limit()
         engine_serve = _engine_serve(cfg)
+        held = _claim_layers(cfg)
+        at_mountpoint = _hold_mountpoint(cfg.mountpoint)
         fs = WritableUnionFS(cfg)
         return engine_serve(cfg, fs, on_live)
     except MountError as exc:
@@ -108,6 +143,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if fs is not None:
             with fs.lock:
                 fs.close()
+        held.release()  # nothing more is written: the upper is free for the next mount
+        at_mountpoint.release()  # last: unmount() waits for this one
 
 
 def _report(ready_fd: int | None, error: str | None) -> None:
@@ -186,8 +223,11 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
     """Unmount a pyunionfs mount and wait until its daemon has let go (not when *lazy*).
 
     Waiting matters: only when the daemon is gone is everything it wrote to
-    the upper closed.  The daemon's connection directory under
-    /sys/fs/fuse/connections disappears at that moment, when fusectl is mounted.
+    the upper closed, and the upper free for the next mount.  The daemon
+    holds a shared flock on the directory under the mountpoint until then
+    (:func:`_hold_mountpoint`), which we can reach once it is unmounted; and
+    its connection directory under /sys/fs/fuse/connections goes away at
+    unmount, when fusectl is mounted.
     """
     found = find_mount(mountpoint)
     if found is None:
@@ -212,3 +252,28 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
     deadline = time.monotonic() + wait
     while os.path.exists(conn) and time.monotonic() < deadline:
         time.sleep(0.02)
+    _wait_for_daemon(mountpoint, deadline)
+
+
+def _wait_for_daemon(mountpoint: bytes, deadline: float) -> None:
+    """Wait (until *deadline*) for the daemons' shared flocks on the directory
+    now uncovered at *mountpoint* to go, that is for the daemons to exit."""
+    if find_mount(mountpoint) is not None:
+        return  # another mount is under it: what we would open is not the daemon's directory
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            except OSError:
+                return
+    finally:
+        os.close(fd)
