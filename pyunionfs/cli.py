@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
 import sys
@@ -49,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", metavar="MNT")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("--debug", action="store_true", help="log every request (implies -f logging to stderr)")
-    m.add_argument("--log", metavar="FILE", help="where a background daemon writes its log")
+    m.add_argument("--debug", action="store_true",
+                   help="log every request; implies -f (the log goes to stderr, or to --log FILE)")
+    m.add_argument("--log", metavar="FILE", help="where the daemon writes its log (relative to this directory)")
     _store_option(m)
 
     u = sub.add_parser("umount", help="unmount a pyunionfs mount and wait for its daemon")
@@ -256,9 +258,13 @@ def run_mount(cfg: MountConfig, log_file: str | None) -> int:
     from .mount import mount
 
     if cfg.foreground:
+        from .mount import open_log
+
+        stream = None if log_file is None else os.fdopen(open_log(log_file), "a", buffering=1)
         logging.basicConfig(
             level=logging.DEBUG if cfg.debug else logging.INFO,
             format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
+            stream=stream,
         )
     return mount(cfg, log_file)
 
@@ -273,7 +279,9 @@ def _command(args: argparse.Namespace) -> int:
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
         elif args.store is not None:
             raise UsageError("--store goes with an image (image:NAME[:TAG]), not a list of directories")
-        cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
+        # --debug implies -f, as its help says (as libfuse's -d does)
+        cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground or args.debug,
+                           args.debug)
         return run_mount(cfg, args.log)
     if args.command == "umount":
         from .mount import unmount
@@ -307,6 +315,16 @@ def subcommands() -> frozenset[str]:
     return frozenset(sub.choices)
 
 
+def _refuse_mistyped_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """argparse's "invalid choice" for a first word that is no subcommand, naming the
+    closest one (before Python 3.14 argparse only lists them all); exits with status 2."""
+    if not argv or argv[0].startswith("-") or argv[0] in subcommands():
+        return
+    close = difflib.get_close_matches(argv[0], sorted(subcommands()), n=1)
+    if close:
+        parser.error(f"argument COMMAND: invalid choice: {argv[0]!r} (did you mean {close[0]!r}?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -315,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             from .dropin import run
 
             return run(argv)
-        return _command(_parser().parse_args(argv))
+        parser = _parser()
+        _refuse_mistyped_command(parser, argv)
+        return _command(parser.parse_args(argv))
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2

@@ -163,10 +163,20 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _detach_stdio(log_file: str | None) -> None:
+def open_log(log_file: str) -> int:
+    """Open the daemon's log (appending) in the caller's directory, before the
+    daemon changes to ``/``; a path that cannot be written is a one-line error."""
+    path = os.path.abspath(log_file)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MountError(f"log file {path}: {exc.strerror}") from None
+
+
+def _detach_stdio(log_fd: int | None) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    out = null if log_fd is None else log_fd
     os.dup2(out, 1)
     os.dup2(out, 2)
     for fd in {null, out}:
@@ -175,12 +185,17 @@ def _detach_stdio(log_file: str | None) -> None:
 
 
 def mount(cfg: MountConfig, log_file: str | None = None) -> int:
-    """Mount in the background and return once the mount is live (or failed)."""
+    """Mount in the background and return once the mount is live (or failed).
+
+    *log_file* (relative to the caller's directory) receives a background
+    daemon's log; a foreground one logs where :func:`pyunionfs.cli.run_mount` said.
+    """
     if cfg.foreground:
         faulthandler.register(signal.SIGUSR1)
         return serve(cfg)
     try:
         _preflight(cfg)  # here too: the daemon has no /dev/null to detach onto without /dev
+        log_fd = None if log_file is None else open_log(log_file)
     except MountError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 1
@@ -192,7 +207,7 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
             os.close(r)
             os.setsid()
             os.chdir("/")
-            _detach_stdio(log_file)
+            _detach_stdio(log_fd)
             _setup_daemon_logging(cfg)
             faulthandler.enable()
             faulthandler.register(signal.SIGUSR1)
@@ -202,6 +217,8 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
         finally:
             os._exit(status)
     os.close(w)
+    if log_fd is not None:
+        os.close(log_fd)
     with os.fdopen(r, "rb") as rf:
         verdict = rf.read()
     if verdict == b"ok":
