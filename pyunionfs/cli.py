@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .config import KNOWN_OPTIONS, MountConfig, build_config
 from .dropin import HELPER_DIR, is_overlay_form
 from .errors import MountError, UsageError
+
+if TYPE_CHECKING:
+    from .layertar import CommitResult
 
 _OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
@@ -44,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", metavar="MNT")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("--debug", action="store_true", help="log every request (implies -f logging to stderr)")
-    m.add_argument("--log", metavar="FILE", help="where a background daemon writes its log")
+    m.add_argument("--debug", action="store_true",
+                   help="log every request; implies -f (the log goes to stderr, or to --log FILE)")
+    m.add_argument("--log", metavar="FILE", help="where the daemon writes its log (relative to this directory)")
     _store_option(m)
 
     u = sub.add_parser("umount", help="unmount a pyunionfs mount and wait for its daemon")
@@ -153,7 +160,8 @@ def _image_command(args: argparse.Namespace) -> int:
 def _store_command(args: argparse.Namespace) -> int:
     from .store import Store, format_history, format_images
 
-    store = Store(args.store)
+    # A read (images, history, push) creates no store; the others make it on first use.
+    store = Store(args.store, create=args.command not in ("images", "history", "push"))
     if args.command == "pull":
         img = store.pull(args.layout, args.tag)
         print(f"{img.name}  {img.id}  {img.manifest_digest}")
@@ -197,15 +205,12 @@ def _layer_command(args: argparse.Namespace) -> int:
         out.flush()
         return 0
     if args.command == "commit":
-        from .layertar import commit
-
-        if args.tag is not None:
-            return _image_command(args)
-        if args.base is not None or args.message is not None or args.store is not None:
+        if args.tag is None and (args.base is not None or args.message is not None or args.store is not None):
             raise UsageError("--from, --message and --store go with --tag, not -o")
-
-        res = commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
-                     lowers=_lower_paths(args.lowers), workdir=args.workdir)
+        with _upper_claimed(args.upper, "commit"):
+            if args.tag is not None:
+                return _image_command(args)
+            res = _commit_file(args)
         for path in res.skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
         print(f"{res.diff_id}  {res.tar_path}")
@@ -216,8 +221,36 @@ def _layer_command(args: argparse.Namespace) -> int:
 
     if args.flatten and args.whiteouts == "oci":
         raise UsageError("--flatten deletes what a whiteout names; it cannot keep .wh. files (--whiteouts=oci)")
-    apply_layer(args.layer, args.dir, mode="flatten" if args.flatten else args.whiteouts, userxattr=args.userxattr)
+    with _upper_claimed(args.dir, "apply"):
+        apply_layer(args.layer, args.dir, mode="flatten" if args.flatten else args.whiteouts,
+                    userxattr=args.userxattr)
     return 0
+
+
+def _upper_claimed(path: str, purpose: str) -> contextlib.AbstractContextManager[object]:
+    """Hold *path* against a live mount of it while a command reads or writes it
+    (commit: shared, so that commits may run together; apply: exclusive)."""
+    from .inuse import claimed
+
+    if not os.path.isdir(path):
+        return contextlib.nullcontext()  # apply makes it (then no mount uses it); commit says what is wrong
+    what = "upper" if purpose == "commit" else "directory"
+    return claimed([(what, os.fsencode(os.path.abspath(path)))], purpose, shared=purpose == "commit")
+
+
+def _commit_file(args: argparse.Namespace) -> CommitResult:
+    """``commit -o LAYER.tar``: the tar (and .gz) is built beside the output under
+    temporary names this process flocks, so that the next commit to the same
+    output can tell a killed command's leftovers from a live one's and remove them."""
+    from .layertar import commit
+    from .tempfiles import held_temporaries
+
+    outputs = [args.output, args.output + ".gz"] if args.gzip else [args.output]
+    upper, where = os.path.realpath(args.upper), os.path.realpath(os.path.dirname(os.path.abspath(args.output)))
+    inside = where == upper or where.startswith(upper.rstrip("/") + "/")  # refused by commit: make nothing there
+    with contextlib.nullcontext() if inside else held_temporaries(outputs):
+        return commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
+                      lowers=_lower_paths(args.lowers), workdir=args.workdir)
 
 
 def run_mount(cfg: MountConfig, log_file: str | None) -> int:
@@ -225,9 +258,13 @@ def run_mount(cfg: MountConfig, log_file: str | None) -> int:
     from .mount import mount
 
     if cfg.foreground:
+        from .mount import open_log
+
+        stream = None if log_file is None else os.fdopen(open_log(log_file), "a", buffering=1)
         logging.basicConfig(
             level=logging.DEBUG if cfg.debug else logging.INFO,
             format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
+            stream=stream,
         )
     return mount(cfg, log_file)
 
@@ -238,11 +275,13 @@ def _command(args: argparse.Namespace) -> int:
         if lowers.startswith("image:"):
             from .store import IMAGE_PREFIX, Store
 
-            dirs = Store(args.store).lowers(lowers[len(IMAGE_PREFIX):])
+            dirs = Store(args.store, create=False).lowers(lowers[len(IMAGE_PREFIX):])
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
         elif args.store is not None:
             raise UsageError("--store goes with an image (image:NAME[:TAG]), not a list of directories")
-        cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground, args.debug)
+        # --debug implies -f, as its help says (as libfuse's -d does)
+        cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground or args.debug,
+                           args.debug)
         return run_mount(cfg, args.log)
     if args.command == "umount":
         from .mount import unmount
@@ -276,6 +315,16 @@ def subcommands() -> frozenset[str]:
     return frozenset(sub.choices)
 
 
+def _refuse_mistyped_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """argparse's "invalid choice" for a first word that is no subcommand, naming the
+    closest one (before Python 3.14 argparse only lists them all); exits with status 2."""
+    if not argv or argv[0].startswith("-") or argv[0] in subcommands():
+        return
+    close = difflib.get_close_matches(argv[0], sorted(subcommands()), n=1)
+    if close:
+        parser.error(f"argument COMMAND: invalid choice: {argv[0]!r} (did you mean {close[0]!r}?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -284,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             from .dropin import run
 
             return run(argv)
-        return _command(_parser().parse_args(argv))
+        parser = _parser()
+        _refuse_mistyped_command(parser, argv)
+        return _command(parser.parse_args(argv))
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2

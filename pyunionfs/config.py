@@ -18,6 +18,9 @@ from .errors import UsageError
 #: Seconds the kernel may cache names and attributes (``-o timeout=``).
 DEFAULT_TIMEOUT = 86400.0
 
+#: The mount's source in the mount table unless ``-o fsname=`` says otherwise.
+DEFAULT_FSNAME = "pyunionfs"
+
 #: The FUSE engines a mount can be served by (``-o engine=``).
 ENGINES = ("native", "pyfuse3")
 
@@ -32,7 +35,7 @@ KNOWN_OPTIONS: dict[str, str] = {
     "default_permissions": "the kernel checks permissions (always on)",
     "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
     "noacl": "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)",
-    "debug": "log every request (same as --debug)",
+    "debug": "log every request (as --debug, without implying -f)",
     "engine=native|pyfuse3": "the FUSE engine: pyunionfs's own (default) or pyfuse3 + trio (the pyfuse3 extra)",
     "passthrough=on|off": "let the kernel read and write upper files directly (default on where the kernel allows)",
     "dev": "honour device files in the mount (FUSE's default is nodev; root only)",
@@ -45,7 +48,11 @@ KNOWN_OPTIONS: dict[str, str] = {
     "async": "asynchronous writes (the default)",
     "noatime": "the kernel does not update access times",
     "atime": "the kernel updates access times (the default)",
+    "fsname=NAME": f"the mount's source, as findmnt -S and df show it (default {DEFAULT_FSNAME})",
 }
+
+#: The longest ``fsname=`` taken, in bytes (the kernel takes a page; a table row wants less).
+MAX_FSNAME = 1024
 
 #: Mount flags passed on to the kernel, in pairs; of each pair the last one given wins.
 MOUNT_FLAG_PAIRS: tuple[tuple[str, str], ...] = (
@@ -158,6 +165,8 @@ class MountConfig:
     #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
+    #: The source the mount table shows (``-o fsname=``, or the drop-in form's SOURCE).
+    fsname: str = DEFAULT_FSNAME
     extra: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -286,6 +295,19 @@ def _initial_user_namespace() -> bool:
         return True
 
 
+def check_fsname(name: str) -> str:
+    """*name* if it can be a mount's source: not empty, no control characters
+    (the mount table escapes blanks, commas travel escaped), at most
+    :data:`MAX_FSNAME` bytes."""
+    if not name:
+        raise UsageError("empty fsname= (leave it out for the default, pyunionfs)")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise UsageError(f"fsname {name!r} holds a control character")
+    if len(os.fsencode(name)) > MAX_FSNAME:
+        raise UsageError(f"fsname is longer than {MAX_FSNAME} bytes")
+    return name
+
+
 def build_config(
     lowers: str,
     upper: str,
@@ -295,12 +317,14 @@ def build_config(
     debug: bool = False,
     *,
     workdir: str | None = None,
+    fsname: str | None = None,
 ) -> MountConfig:
     """Validate the ``mount`` arguments; raise UsageError naming the problem.
 
     Relative paths are made absolute here, before the daemon detaches and
     changes its directory to ``/``.  *workdir*, when given, stands for
-    ``-o workdir=`` (for a path that holds a comma).
+    ``-o workdir=`` (for a path that holds a comma); *fsname*, when given,
+    is the mount's source unless ``-o fsname=`` names another.
 
     ``userxattr`` is turned on when the process cannot write ``trusted.*``
     xattrs on the upper (see :func:`trusted_xattrs_usable`), as the kernel's
@@ -308,6 +332,8 @@ def build_config(
     written, and read, as ``user.overlay.*``.
     """
     opts = parse_options(options)
+    if "remount" in opts:
+        raise UsageError(f"remount is not supported: unmount {mountpoint} and mount it again with the new options")
     if workdir is not None:
         opts["workdir"] = workdir
     lower_paths = [_absolute(p, "lower layer") for p in split_layers(lowers)]
@@ -368,4 +394,5 @@ def build_config(
         engine=engine,
         passthrough=passthrough == "on",
         mount_flags=mount_flags(options),
+        fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
     )

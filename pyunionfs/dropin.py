@@ -12,13 +12,15 @@ fuse.pyunionfs`` (or an fstab line) makes mount.fuse3 run::
 
 Both become the :func:`~pyunionfs.config.build_config` call of ``pyunionfs
 mount`` and mount in the background the same way (the command returns once
-the mount is live).  Every option fuse-overlayfs, the kernel's overlayfs,
+the mount is live); SOURCE, as for fuse-overlayfs, is the mount's source in
+the mount table unless ``fsname=`` names one.  Every option fuse-overlayfs, the kernel's overlayfs,
 libfuse or mount(8) may hand over is in :data:`OPTIONS`, with what pyunionfs
 does with it; anything else is refused, as ``pyunionfs mount`` refuses it.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import textwrap
@@ -51,7 +53,7 @@ class Option(NamedTuple):
         return "=" in self.spelling
 
 
-_H, _I, _W = "honoured", "ignored", "ignored, with a warning"
+_H, _I, _W, _R = "honoured", "ignored", "ignored, with a warning", "refused"
 _OVL, _FOVL, _FUSE, _MOUNT = "overlayfs", "fuse-overlayfs", "libfuse", "mount(8)"
 
 OPTIONS: tuple[Option, ...] = (
@@ -127,8 +129,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("clone_fd", _FUSE, _I, ""),
     Option("max_idle_threads=N", _FUSE, _I, ""),
     Option("max_threads=N", _FUSE, _I, ""),
-    Option("fsname=NAME", _FUSE, _I, "the mount is always source `pyunionfs`, type `fuse.pyunionfs`"),
-    Option("subtype=TYPE", _FUSE, _I, "the mount is always source `pyunionfs`, type `fuse.pyunionfs`"),
+    Option("fsname=NAME", _FUSE, _H,
+           "the mount's source (`findmnt -S NAME`, `df`); default SOURCE if given, else `pyunionfs`"),
+    Option("subtype=TYPE", _FUSE, _I, "the type is always `fuse.pyunionfs`"),
     # mount(8), fstab
     Option("diratime", _MOUNT, _I, ""),
     Option("nodiratime", _MOUNT, _I, ""),
@@ -140,6 +143,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("nolazytime", _MOUNT, _I, ""),
     Option("dirsync", _MOUNT, _I, ""),
     Option("defaults", _MOUNT, _I, "(mount(8) and mount.fuse3 normally keep these to themselves)"),
+    Option("remount", _MOUNT, _R, "refused in one line: unmount, then mount again with the new options"),
     Option("auto", _MOUNT, _I, ""),
     Option("noauto", _MOUNT, _I, ""),
     Option("user", _MOUNT, _I, ""),
@@ -175,6 +179,7 @@ class Invocation:
     """What a drop-in command line asks for, ready for build_config."""
 
     mountpoint: str = ""
+    source: str | None = None  #: the SOURCE before MNT (mount.fuse3): the mount's source
     lowers: str | None = None
     upper: str = ""
     workdir: str | None = None
@@ -190,22 +195,27 @@ class Invocation:
 def is_overlay_form(argv: list[str]) -> bool:
     """Whether *argv* is the fuse-overlayfs / mount.fuse3 form, not a subcommand.
 
-    Anything that does not start with a subcommand (or ``-h``,
-    ``--help``, ``--version``) is; so is a mount.fuse3 line whose SOURCE happens
-    to be a subcommand's name (``mount -t fuse.pyunionfs mount MNT -o
-    lowerdir=...``), told by its ``lowerdir=``.
+    That form starts with an option (``-o``, ``-f``...) or with mount.fuse3's
+    SOURCE; a subcommand's name wins, unless the line has a ``lowerdir=``
+    (``mount -t fuse.pyunionfs mount MNT -o lowerdir=...``: a SOURCE that
+    happens to be a subcommand's name).  A first word that is neither, with
+    no ``lowerdir=``, is the drop-in form only if it has ``-o`` options and
+    does not look like a mistyped subcommand (``mout L U M``, ``umonut M``),
+    which argparse then refuses with the name meant.
     """
     if not argv or argv[0] in ("-h", "--help", "--version"):
         return False
     from .cli import subcommands  # the parser's own list: a new subcommand is known here at once
 
-    if argv[0] not in subcommands():
-        return True
-    if argv[0] == "commit":  # its -o names the output file
-        return False
+    names = subcommands()
     groups = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
     groups += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
-    return any(item.startswith("lowerdir=") for g in groups for item in split_items(g))
+    has_lowerdir = any(item.startswith("lowerdir=") for g in groups for item in split_items(g))
+    if argv[0] in names:
+        return argv[0] != "commit" and has_lowerdir  # commit's -o names the output file
+    if argv[0].startswith("-") or has_lowerdir:
+        return True
+    return bool(groups) and not difflib.get_close_matches(argv[0], names, n=1)
 
 
 def parse_argv(argv: list[str]) -> Invocation:
@@ -248,7 +258,8 @@ def parse_argv(argv: list[str]) -> Invocation:
         raise UsageError("no mountpoint given (pyunionfs -o lowerdir=L1:L2,upperdir=U,workdir=W MNT)")
     if len(positionals) > 2:
         raise UsageError(f"too many arguments: {' '.join(positionals)!r} (expected [SOURCE] MNT)")
-    inv.mountpoint = positionals[-1]  # a SOURCE before it is only a label, as for fuse-overlayfs
+    inv.mountpoint = positionals[-1]
+    inv.source = positionals[0] if len(positionals) == 2 else None  # a label: the mount's source
     _read_options(inv, [item for g in groups for item in split_items(g)])
     if inv.lowers is None:
         raise UsageError("no lowerdir= given (pyunionfs -o lowerdir=L1:L2,upperdir=U,workdir=W MNT)")
@@ -263,6 +274,9 @@ def _read_options(inv: Invocation, items: list[str]) -> None:
         opt = lookup(key)
         if opt is None:
             raise UsageError(f"unknown option {key!r} (the README's drop-in table lists what pyunionfs takes)")
+        if opt.use == _R:
+            raise UsageError(f"remount is not supported: unmount {inv.mountpoint} and mount it again with the "
+                             "new options")
         if opt.use == _H and opt.takes_value != bool(eq):
             # (ignored ones are not checked: fuse-overlayfs takes max_write bare, libfuse max_write=N)
             raise UsageError(f"option {key!r} needs a value ({opt.spelling})" if opt.takes_value
@@ -301,12 +315,14 @@ def help_text() -> str:
     lines = [
         "the fuse-overlayfs and mount.fuse3 form:",
         f"  {USAGE}",
-        "  (-o may repeat and may come after MNT; SOURCE is ignored.  Returns once the mount is live.)",
+        "  (-o may repeat and may come after MNT; SOURCE is the mount's source unless fsname= is given.",
+        "  Returns once the mount is live.)",
     ]
     for use in ("honoured", "ignored"):
         lines.append(textwrap.fill(" ".join(by_use[use]), 100, initial_indent=f"  {use} options: ",
                                    subsequent_indent="    ", break_on_hyphens=False))
-    lines.append("  anything else is refused.  Unmount: umount MNT, fusermount3 -u MNT or pyunionfs umount MNT")
+    lines.append("  remount and anything else is refused.  Unmount: umount MNT, fusermount3 -u MNT or "
+                 "pyunionfs umount MNT")
     return "\n".join(lines)
 
 
@@ -328,7 +344,7 @@ def run(argv: list[str]) -> int:
         return 0
     assert inv.lowers is not None
     cfg = build_config(inv.lowers, inv.upper, inv.mountpoint, inv.options, inv.foreground, inv.debug,
-                       workdir=inv.workdir)
+                       workdir=inv.workdir, fsname=inv.source)
     from .cli import run_mount
 
     def warn() -> None:

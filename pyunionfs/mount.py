@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
 import logging
 import os
 import resource
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from .config import MountConfig
 from .errors import MountError
 from .fuse.mountinfo import READ_AHEAD_KB, find_mount, unescape_mountinfo
+from .inuse import Claim, claim
 from .writes import WritableUnionFS
 
 __all__ = ["READ_AHEAD_KB", "find_mount", "mount", "serve", "unescape_mountinfo", "unmount"]
@@ -57,6 +59,35 @@ def _preflight(cfg: MountConfig) -> None:
         raise MountError(f"{os.fsdecode(cfg.mountpoint)} is already a mount point")
 
 
+def _claim_layers(cfg: MountConfig) -> Claim:
+    """Take the upper and the work directory for this daemon's life, as the
+    kernel marks them in use: before anything cleans ``work/`` (a second
+    daemon's cleaning would delete the first one's copy-up in progress).
+    The work directory is made here if missing, so that it can be held."""
+    if cfg.upper is None or cfg.workdir is None or cfg.readonly:
+        return Claim([])
+    try:
+        os.makedirs(cfg.workdir, 0o700, exist_ok=True)
+    except OSError as exc:
+        raise MountError(
+            f"cannot create work directory {os.fsdecode(cfg.workdir)}: {exc.strerror} (choose one with -o workdir=DIR)"
+        ) from None
+    return claim([("upper", cfg.upper), ("work directory", cfg.workdir)], "mount")
+
+
+def _hold_mountpoint(mountpoint: bytes) -> Claim:
+    """A shared flock on the directory under the mountpoint, held until the
+    daemon exits: :func:`unmount` waits for it, so that a mount of the same
+    upper right after ``pyunionfs umount`` finds the upper free."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return Claim([])  # not readable: unmount then cannot wait for us, nothing worse
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return Claim([fd])
+
+
 def _engine_serve(cfg: MountConfig) -> Callable[[MountConfig, WritableUnionFS, Callable[[], None]], int]:
     """The ``serve`` of the engine *cfg* names (imported only when used)."""
     if cfg.engine == "pyfuse3":
@@ -81,6 +112,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     fs: WritableUnionFS | None = None
     fresh_workdir = cfg.workdir is not None and not os.path.lexists(cfg.workdir)
     live = False
+    held = Claim([])
+    at_mountpoint = Claim([])
 
     def on_live() -> None:
         nonlocal live
@@ -91,6 +124,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         _preflight(cfg)
         _raise_fd_limit()
         engine_serve = _engine_serve(cfg)
+        held = _claim_layers(cfg)
+        at_mountpoint = _hold_mountpoint(cfg.mountpoint)
         fs = WritableUnionFS(cfg)
         return engine_serve(cfg, fs, on_live)
     except MountError as exc:
@@ -108,6 +143,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if fs is not None:
             with fs.lock:
                 fs.close()
+        held.release()  # nothing more is written: the upper is free for the next mount
+        at_mountpoint.release()  # last: unmount() waits for this one
 
 
 def _report(ready_fd: int | None, error: str | None) -> None:
@@ -126,10 +163,20 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _detach_stdio(log_file: str | None) -> None:
+def open_log(log_file: str) -> int:
+    """Open the daemon's log (appending) in the caller's directory, before the
+    daemon changes to ``/``; a path that cannot be written is a one-line error."""
+    path = os.path.abspath(log_file)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MountError(f"log file {path}: {exc.strerror}") from None
+
+
+def _detach_stdio(log_fd: int | None) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    out = null if log_fd is None else log_fd
     os.dup2(out, 1)
     os.dup2(out, 2)
     for fd in {null, out}:
@@ -138,12 +185,17 @@ def _detach_stdio(log_file: str | None) -> None:
 
 
 def mount(cfg: MountConfig, log_file: str | None = None) -> int:
-    """Mount in the background and return once the mount is live (or failed)."""
+    """Mount in the background and return once the mount is live (or failed).
+
+    *log_file* (relative to the caller's directory) receives a background
+    daemon's log; a foreground one logs where :func:`pyunionfs.cli.run_mount` said.
+    """
     if cfg.foreground:
         faulthandler.register(signal.SIGUSR1)
         return serve(cfg)
     try:
         _preflight(cfg)  # here too: the daemon has no /dev/null to detach onto without /dev
+        log_fd = None if log_file is None else open_log(log_file)
     except MountError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 1
@@ -155,7 +207,7 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
             os.close(r)
             os.setsid()
             os.chdir("/")
-            _detach_stdio(log_file)
+            _detach_stdio(log_fd)
             _setup_daemon_logging(cfg)
             faulthandler.enable()
             faulthandler.register(signal.SIGUSR1)
@@ -165,6 +217,8 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
         finally:
             os._exit(status)
     os.close(w)
+    if log_fd is not None:
+        os.close(log_fd)
     with os.fdopen(r, "rb") as rf:
         verdict = rf.read()
     if verdict == b"ok":
@@ -186,8 +240,11 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
     """Unmount a pyunionfs mount and wait until its daemon has let go (not when *lazy*).
 
     Waiting matters: only when the daemon is gone is everything it wrote to
-    the upper closed.  The daemon's connection directory under
-    /sys/fs/fuse/connections disappears at that moment, when fusectl is mounted.
+    the upper closed, and the upper free for the next mount.  The daemon
+    holds a shared flock on the directory under the mountpoint until then
+    (:func:`_hold_mountpoint`), which we can reach once it is unmounted; and
+    its connection directory under /sys/fs/fuse/connections goes away at
+    unmount, when fusectl is mounted.
     """
     found = find_mount(mountpoint)
     if found is None:
@@ -212,3 +269,28 @@ def unmount(mountpoint: bytes, lazy: bool = False, wait: float = 30.0) -> None:
     deadline = time.monotonic() + wait
     while os.path.exists(conn) and time.monotonic() < deadline:
         time.sleep(0.02)
+    _wait_for_daemon(mountpoint, deadline)
+
+
+def _wait_for_daemon(mountpoint: bytes, deadline: float) -> None:
+    """Wait (until *deadline*) for the daemons' shared flocks on the directory
+    now uncovered at *mountpoint* to go, that is for the daemons to exit."""
+    if find_mount(mountpoint) is not None:
+        return  # another mount is under it: what we would open is not the daemon's directory
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+            except OSError:
+                return
+    finally:
+        os.close(fd)

@@ -236,15 +236,23 @@ class _Staged:
 
 
 class Store:
-    """A store directory (made on first use)."""
+    """A store directory, made on first use unless *create* is false (a command
+    that only reads creates nothing: a missing store reads as an empty one).
 
-    def __init__(self, root: str | None = None) -> None:
+    Every command sweeps ``tmp/`` of what killed commands left first.
+    """
+
+    def __init__(self, root: str | None = None, *, create: bool = True) -> None:
         self.root = os.path.abspath(root or default_store())
-        try:
-            for sub in ("blobs/sha256", "layers", "images", "tmp"):
-                os.makedirs(os.path.join(self.root, sub), mode=0o700 if sub == "tmp" else 0o755, exist_ok=True)
-        except OSError as exc:
-            raise ImageError(f"store {self.root}: {exc.strerror}") from None
+        self.create = create
+        if create:
+            try:
+                for sub in ("blobs/sha256", "layers", "images", "tmp"):
+                    os.makedirs(os.path.join(self.root, sub), mode=0o700 if sub == "tmp" else 0o755, exist_ok=True)
+            except OSError as exc:
+                raise ImageError(f"store {self.root}: {exc.strerror}") from None
+        if os.path.isdir(os.path.join(self.root, "tmp")):
+            self._clean_tmp()
 
     # -- paths -----------------------------------------------------------
 
@@ -270,7 +278,14 @@ class Store:
     def locked(self, shared: bool = False) -> Iterator[None]:
         """Exclusive use of the records (and of moving things in or out); *shared* for
         readers, so a listing never meets an image half removed.  Not reentrant."""
-        fd = os.open(os.path.join(self.root, "lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(os.path.join(self.root, "lock"), (os.O_CREAT | os.O_RDWR if self.create else os.O_RDONLY)
+                         | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            if self.create or not shared:
+                raise
+            yield  # a reader of a store never written to: nothing to wait for
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -292,7 +307,11 @@ class Store:
 
     def _clean_tmp(self) -> None:
         tmp = os.path.join(self.root, "tmp")
-        for name in os.listdir(tmp):
+        try:
+            names = os.listdir(tmp)
+        except OSError:
+            return  # not ours to read: another user's store, read only
+        for name in names:
             path = os.path.join(tmp, name)
             with contextlib.suppress(OSError):
                 if time.time() - os.lstat(path).st_mtime < 60:
@@ -322,7 +341,9 @@ class Store:
 
     def records(self) -> dict[str, str]:
         """NAME:TAG -> manifest digest, for every image."""
-        out = {}
+        out: dict[str, str] = {}
+        if not self.create and not os.path.isdir(os.path.join(self.root, "images")):
+            return out  # no store yet: no images
         for entry in sorted(os.listdir(os.path.join(self.root, "images"))):
             if entry.startswith("."):
                 continue

@@ -352,7 +352,8 @@ def mount_options(cfg: MountConfig) -> set[str]:
     ``dev`` and ``suid`` are passed when asked for: mount.fuse3 asks for both
     unless the fstab line says nodev/nosuid, as mount(8) does for any filesystem.
     """
-    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
+    fsname = cfg.fsname.replace("\\", "\\\\").replace(",", "\\,")  # libfuse's option parser unescapes
+    opts = {f"fsname={fsname}", f"subtype={FSNAME}", "default_permissions"}
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.readonly:

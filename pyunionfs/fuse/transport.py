@@ -146,11 +146,13 @@ class MountOptions:
     timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for what, value in (("fsname", self.fsname), ("subtype", self.subtype)):
-            # Both travel inside comma-separated option strings (fusermount3's
-            # -o, the mount table), where these characters would split or escape.
-            if not value or any(c in value for c in ",\\\0 \t\n"):
-                raise ValueError(f"{what} {value!r} must be non-empty, without commas, backslashes or blanks")
+        # The subtype is part of the type (fuse.TYPE) and travels unescaped.
+        if not self.subtype or any(c in self.subtype for c in ",\\\0 \t\n"):
+            raise ValueError(f"subtype {self.subtype!r} must be non-empty, without commas, backslashes or blanks")
+        # The source is mount(2)'s own argument, escaped by the kernel in the mount
+        # table; only fusermount3's -o needs its commas escaped (fusermount_options).
+        if not self.fsname or any(ord(c) < 0x20 for c in self.fsname):
+            raise ValueError(f"fsname {self.fsname!r} must be non-empty, without control characters")
         unknown = [w for w in self.flags if w not in FLAG_WORDS]
         if unknown:
             raise ValueError(f"unknown mount flag {unknown[0]!r} (known: {', '.join(FLAG_WORDS)})")
@@ -160,7 +162,8 @@ class MountOptions:
     @classmethod
     def from_config(cls, cfg: MountConfig) -> MountOptions:
         """The options :func:`pyunionfs.mount.mount_options` gives libfuse, for *cfg*."""
-        return cls(allow_other=cfg.allow_other, readonly=cfg.readonly, flags=tuple(cfg.mount_flags))
+        return cls(fsname=cfg.fsname, allow_other=cfg.allow_other, readonly=cfg.readonly,
+                   flags=tuple(cfg.mount_flags))
 
     def ms_flags(self) -> int:
         """The mountflags argument of mount(2)."""
@@ -183,7 +186,10 @@ class MountOptions:
     def fusermount_options(self) -> str:
         """The ``-o`` string for fusermount3, which adds fd/rootmode/ids itself."""
         flags = self.ms_flags()
-        words = [f"fsname={self.fsname}", f"subtype={self.subtype}"]
+        # fusermount3 splits at commas not escaped with a backslash and unescapes the value (as
+        # libfuse's fuse_opt_add_opt_escaped writes it).
+        fsname = self.fsname.replace("\\", "\\\\").replace(",", "\\,")
+        words = [f"fsname={fsname}", f"subtype={self.subtype}"]
         words += [set_word if flags & bit else clear_word for bit, set_word, clear_word in _FUSERMOUNT_WORDS]
         return ",".join([w for w in words if w] + self._fuse_words())
 

@@ -232,3 +232,53 @@ def test_a_machine_without_dev_fuse_is_told_what_to_do(layers) -> None:
                           "or run with --device /dev/fuse\n")
     assert not is_mounted(mnt)
     assert not (upper.parent / f".{upper.name}.pyunionfs-work").exists()
+
+
+def test_log_is_relative_to_the_callers_directory(layers, tmp_path) -> None:
+    """--log rel.log lands in the caller's directory, not in / where the daemon moves."""
+    require_fuse()
+    lower1, lower2, upper, mnt = layers
+    assert not Path("/rel-h15.log").exists()
+    try:
+        res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt), "--log", "rel-h15.log", "-o", "debug",
+                  cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert (mnt / "f").read_text() == "lower1"
+        assert run("umount", str(mnt)).returncode == 0
+        assert not Path("/rel-h15.log").exists()
+        assert "DEBUG" in (tmp_path / "rel-h15.log").read_text()
+        assert "rel-h15.log" in os.listdir(tmp_path)
+    finally:
+        Path("/rel-h15.log").unlink(missing_ok=True)
+    res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt), "--log", str(tmp_path / "no/such.log"))
+    assert res.returncode == 1
+    assert res.stderr == f"pyunionfs: log file {tmp_path}/no/such.log: No such file or directory\n"
+    assert not is_mounted(mnt)
+
+
+def test_debug_implies_foreground_as_documented(layers) -> None:
+    require_fuse()
+    lower1, lower2, upper, mnt = layers
+    assert "implies -f" in run("mount", "--help").stdout
+    proc = subprocess.Popen(PYUNIONFS + ["mount", f"{lower1}:{lower2}", str(upper), str(mnt), "--debug"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: is_mounted(mnt), 20, "the --debug mount", proc)
+        assert (mnt / "g").read_text() == "g"
+        proc.send_signal(signal.SIGTERM)  # a foreground daemon: the command itself serves the mount
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert not is_mounted(mnt)
+        assert b"DEBUG" in err and b"Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_remount_is_refused_in_one_line(layers) -> None:
+    lower1, lower2, upper, mnt = layers
+    res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt), "-o", "remount,ro")
+    assert res.returncode == 2
+    assert res.stderr == f"pyunionfs: remount is not supported: unmount {mnt} and mount it again with the new options\n"
+    assert not is_mounted(mnt)

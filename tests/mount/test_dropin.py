@@ -144,6 +144,29 @@ def test_subcommands_still_win() -> None:
     # mount.fuse3 with a SOURCE that happens to be a subcommand's name
     assert dropin.is_overlay_form(["mount", "/mnt", "-o", "rw,lowerdir=/a"])
     assert dropin.is_overlay_form(["-V"]) and dropin.is_overlay_form(["pyunionfs", "/mnt", "-o", "x"])
+    # a mistyped subcommand is argparse's to refuse, unless the line has a lowerdir=
+    for argv in (["mout", "L1:L2", "U", "M"], ["umonut", "M"], ["mout", "L", "U", "M", "-o", "ro"], ["frob"]):
+        assert not dropin.is_overlay_form(argv), argv
+    assert dropin.is_overlay_form(["mout", "/mnt", "-o", "lowerdir=/a"])
+    assert dropin.is_overlay_form(["overlay", "/mnt", "-o", "upperdir=/u"])  # says: no lowerdir= given
+
+
+def test_mistyped_subcommands_get_invalid_choice_with_the_closest_name(tmp_path: Path) -> None:
+    for argv, meant in ((["mout", "L1:L2", "U", "M"], "mount"), (["umonut", "M"], "umount"),
+                        (["comit", "U", "-o", "x.tar"], "commit")):
+        res = run(PYUNIONFS + argv, cwd=tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.splitlines()[-1] == (f"pyunionfs: error: argument COMMAND: invalid choice: {argv[0]!r} "
+                                               f"(did you mean {meant!r}?)"), res.stderr
+    res = run(PYUNIONFS + ["zzz"])
+    assert res.returncode == 2 and "invalid choice: 'zzz' (choose from 'mount'," in res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_source_and_fsname_are_read() -> None:
+    assert dropin.parse_argv(["src", "/m", "-o", "lowerdir=/a"]).source == "src"
+    assert dropin.parse_argv(["-o", "lowerdir=/a", "/m"]).source is None
+    assert dropin.parse_argv(["/m", "-o", r"lowerdir=/a,fsname=a\,b"]).options == [r"fsname=a\,b"]
 
 
 def test_option_table_is_consistent_and_in_the_readme() -> None:
@@ -245,7 +268,7 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
               "x-": "x-systemd.requires=a.mount"}
     items = []
     for opt in dropin.OPTIONS:
-        if opt.key in ("lowerdir", "upperdir", "workdir", "ro", "noexec", "sync"):
+        if opt.key in ("lowerdir", "upperdir", "workdir", "ro", "noexec", "sync") or opt.use == "refused":
             continue
         if opt.key == "x-":
             items.append(values["x-"])
@@ -268,6 +291,9 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
     ("lowerdir={A},upperdir={U},workdir={W},timeout=", "timeout must be"),
     ("lowerdir={A}:{A}/nope", "does not exist"),
     ("upperdir={U}", "no lowerdir= given"),
+    ("remount,ro,lowerdir={A}", "remount is not supported: unmount {mnt} and mount it again"),
+    ("lowerdir={A},fsname=", "empty fsname="),
+    ("lowerdir={A},fsname=a\tb", "holds a control character"),
 ])
 def test_failures_are_one_line_exit_2_and_mount_nothing(tree: Path, opts: str, expect: str) -> None:
     mnt = tree / "mnt"
@@ -275,8 +301,37 @@ def test_failures_are_one_line_exit_2_and_mount_nothing(tree: Path, opts: str, e
     res = run(PYUNIONFS + ["-o", line, str(mnt)])
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
+    expect = expect.format(mnt=mnt)
     assert len(lines) == 1 and lines[0].startswith("pyunionfs: ") and expect in lines[0], res.stderr
     assert not is_mounted(mnt) and daemons(mnt) == []
+
+
+@pytest.mark.parametrize("engine", ["native", "pyfuse3"])
+def test_fsname_and_source_are_the_mounts_source(tree: Path, engine: str) -> None:
+    """As fuse-overlayfs: ``fsname=`` (else mount.fuse3's SOURCE) is what findmnt -S and df show."""
+    require_fuse()
+    mnt = tree / "mnt"
+    layers = f"lowerdir={tree}/A,upperdir={tree}/U,workdir={tree}/W,engine={engine}"
+    for argv, source in (
+        (["-o", layers, str(mnt)], "pyunionfs"),
+        (["ctr-1", str(mnt), "-o", layers], "ctr-1"),
+        (["ctr-1", str(mnt), "-o", layers + r",fsname=odd\,name with\\blanks"], "odd,name with\\blanks"),
+        (["mount", f"{tree}/A", f"{tree}/U", str(mnt), "-o", f"workdir={tree}/W,engine={engine},fsname=m,x"],
+         None),
+    ):
+        res = run(PYUNIONFS + argv)
+        if source is None:  # the mount form reads -o as the kernel does: "x" is an option of its own
+            assert res.returncode == 2 and "unknown option 'x'" in res.stderr, res.stderr
+            continue
+        assert res.returncode == 0, res.stderr
+        found = run(["findmnt", "-n", "-o", "TARGET,FSTYPE", "-S", source])
+        assert found.stdout.split() == [str(mnt), "fuse.pyunionfs"], (source, found)
+        assert run(["findmnt", "-n", "-o", "SOURCE", str(mnt)]).stdout.strip() == source
+        unmount_and_wait(mnt, PYUNIONFS + ["umount", str(mnt)])  # found by its type, whatever its source
+    res = run(PYUNIONFS + ["mount", f"{tree}/A", f"{tree}/U", str(mnt), "-o", rf"fsname=m\,x,engine={engine}"])
+    assert res.returncode == 0, res.stderr
+    assert run(["findmnt", "-n", "-o", "SOURCE", str(mnt)]).stdout.strip() == "m,x"
+    unmount_and_wait(mnt, PYUNIONFS + ["umount", str(mnt)])
 
 
 @pytest.mark.parametrize("how", ["umount", "fusermount3", "pyunionfs"])
@@ -354,6 +409,24 @@ def test_mount_t_fuse_pyunionfs(tree: Path, helper_on_default_path: Path) -> Non
     res = run(["mount", "-t", "fuse.pyunionfs", "pyunionfs", str(mnt), "-o", f"lowerdir={tree}/A,frobnicate"])
     assert res.returncode != 0 and "unknown option 'frobnicate'" in res.stderr
     assert not is_mounted(mnt)
+
+
+def test_remount_through_mount_fuse3_is_refused_in_one_line(tree: Path, helper_on_default_path: Path) -> None:
+    """``mount -o remount,ro``: refused, saying how (unmount, mount again); the mount stays as it was."""
+    require_fuse()
+    mnt = tree / "mnt"
+    res = run(["mount", "-t", "fuse.pyunionfs", "box", str(mnt), "-o",
+               f"lowerdir={tree}/A,upperdir={tree}/U,workdir={tree}/W"])
+    assert res.returncode == 0, res.stderr
+    assert run(["findmnt", "-n", "-o", "SOURCE", str(mnt)]).stdout.strip() == "box"  # mount.fuse3's SOURCE
+    res = run(["mount", "-o", "remount,ro", str(mnt)])
+    assert res.returncode != 0
+    assert f"pyunionfs: remount is not supported: unmount {mnt} and mount it again with the new options" \
+        in res.stderr.splitlines(), res.stderr
+    assert "ro" not in mount_opts(mnt) and len(daemons(mnt)) == 1
+    (mnt / "still-writable").write_text("yes")
+    unmount_and_wait(mnt, ["umount", str(mnt)])
+    assert (tree / "U/still-writable").read_text() == "yes"
 
 
 def test_install_helper_refuses_to_replace_a_foreign_file(tmp_path: Path) -> None:

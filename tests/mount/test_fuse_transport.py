@@ -197,7 +197,9 @@ def test_options_become_mount_arguments() -> None:
     with pytest.raises(ValueError, match="unknown mount flag 'bogus'"):
         MountOptions(flags=("bogus",))
     with pytest.raises(ValueError, match="without commas"):
-        MountOptions(fsname="a,b")
+        MountOptions(subtype="a,b")
+    # a source with commas travels escaped to fusermount3 (mount(2) takes it as its own argument)
+    assert MountOptions(fsname="a,b\\c").fusermount_options().startswith("fsname=a\\,b\\\\c,subtype=pyunionfs,")
     cfg = MountConfig(lowers=(b"/l",), upper=None, mountpoint=b"/m", readonly=True, allow_other=True,
                       mount_flags=("dev", "noexec"))
     assert MountOptions.from_config(cfg) == MountOptions(allow_other=True, readonly=True, flags=("dev", "noexec"))
