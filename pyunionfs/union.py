@@ -32,6 +32,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .callers import DAEMON, Caller
 from .config import MountConfig, default_workdir
 from .errors import fs_error
 from .handles import BACKING_FLAGS, HandleTable
@@ -44,6 +45,8 @@ from .syscalls import birth_time_ns
 from .whiteout import Markers
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+#: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
+TRUSTED = b"trusted."
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,9 +404,16 @@ class UnionFS:
 
     # -- xattrs and the rest ---------------------------------------------------
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        """Always listed afresh (a write or chown may drop ``security.capability``)."""
-        return [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+    def listxattr(self, ino: int, caller: Caller = DAEMON) -> list[bytes]:
+        """Always listed afresh (a write or chown may drop ``security.capability``).
+
+        ``trusted.*`` names only for a caller with CAP_SYS_ADMIN, as the
+        kernel lists them (see :mod:`.callers`).
+        """
+        names = [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+        if any(n.startswith(TRUSTED) for n in names) and not caller.sys_admin():
+            names = [n for n in names if not n.startswith(TRUSTED)]
+        return names
 
     def _stored_xattrs(self, node: Node, strict: bool = False) -> list[bytes]:
         """The stored xattr names of *node*'s object; where xattrs are not
@@ -416,8 +426,12 @@ class UnionFS:
                 return []
             raise
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
+    def getxattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> bytes:
+        """The value of xattr *name*; ENODATA for ``trusted.*`` without
+        CAP_SYS_ADMIN, as the kernel answers before asking any filesystem."""
         node = self.node(ino)
+        if name.startswith(TRUSTED) and not caller.sys_admin():
+            raise fs_error(errno.ENODATA, name)
         if node.xattrs is None:
             try:
                 names = self._stored_xattrs(node, strict=True)

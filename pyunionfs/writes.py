@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 
 from . import acl, copyup
+from .callers import DAEMON, Caller
 from .copyups import CopyUps
 from .config import MountConfig
 from .errors import fs_error
@@ -38,20 +39,9 @@ from .paths import check_name, join, proc_path, split
 from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .handles import BACKING_FLAGS
-from .union import Attr, UnionFS
+from .union import TRUSTED, Attr, UnionFS
 from .upper import Upper
 
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asks: new entries belong to them (the kernel checked permissions)."""
-
-    uid: int
-    gid: int
-    #: The caller's umask: the kernel leaves it to us (FUSE_DONT_MASK), as a
-    #: default ACL of the parent replaces it.
-    umask: int = 0
 
 
 @dataclass(slots=True)
@@ -589,20 +579,22 @@ class WritableUnionFS(UnionFS):
             os.utime(path, ns=times, follow_symlinks=follow)
         return self.getattr(ino)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, caller: Caller = DAEMON) -> None:
         """Set an xattr; *flags* (XATTR_CREATE, XATTR_REPLACE) are decided by the
         upper copy's own setxattr, after the copy-up, as overlayfs does."""
         node = self.node(ino)
         self._up()
+        _may_change_xattr(name, caller)
         self.copyups.node(node)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.setxattr(path, self.markers.stored_xattr(name), value, flags, follow_symlinks=follow)
         self._xattr_changed(node, name)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> None:
         node = self.node(ino)
         self._up()
+        _may_change_xattr(name, caller)
         stored = self.markers.stored_xattr(name)
         if not node.entry.linked_up:
             self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
@@ -629,6 +621,13 @@ class WritableUnionFS(UnionFS):
         # A directory without an upper part has nothing to sync.
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.upper.fsync_dir(node.path)
+
+
+def _may_change_xattr(name: bytes, caller: Caller) -> None:
+    """EPERM for a ``trusted.*`` change without CAP_SYS_ADMIN, as the kernel
+    answers before asking any filesystem (``xattr_permission``)."""
+    if name.startswith(TRUSTED) and not caller.sys_admin():
+        raise fs_error(errno.EPERM, name)
 
 
 def _last_name(entry: Entry) -> bool:

@@ -299,7 +299,7 @@ class Engine:
     # -- new names ------------------------------------------------------------------
 
     def _caller(self, req: Request, umask: int = 0) -> Caller:
-        return Caller(req.uid, req.gid, umask)
+        return Caller(req.uid, req.gid, umask, req.pid)
 
     def mkdir(self, req: Request) -> bytes:
         a = _arg(req, Mkdir)
@@ -503,13 +503,13 @@ class Engine:
             value = self._control(req, a.name)
         else:
             with self.fs.lock:
-                value = self.fs.getxattr(req.nodeid, a.name)
+                value = self.fs.getxattr(req.nodeid, a.name, self._caller(req))
         return _sized(value, a.size)
 
     def listxattr(self, req: Request) -> bytes:
         a = _arg(req, Getxattr)
         with self.fs.lock:
-            names = self.fs.listxattr(req.nodeid)
+            names = self.fs.listxattr(req.nodeid, self._caller(req))
         return _sized(b"".join(n + b"\0" for n in names), a.size)
 
     def setxattr(self, req: Request) -> bytes:
@@ -517,7 +517,7 @@ class Engine:
         if req.nodeid == ROOT_ID and a.name.startswith(control.PREFIX):
             raise fs_error(errno.EPERM)  # reserved for commands, never stored
         with self.fs.lock:
-            self.fs.setxattr(req.nodeid, a.name, a.value, a.flags)
+            self.fs.setxattr(req.nodeid, a.name, a.value, a.flags, self._caller(req))
             if a.setxattr_flags & SETXATTR_ACL_KILL_SGID:
                 attr = self.fs.getattr(req.nodeid)
                 if attr.mode & stat.S_ISGID:
@@ -526,7 +526,7 @@ class Engine:
 
     def removexattr(self, req: Request) -> bytes:
         with self.fs.lock:
-            self.fs.removexattr(req.nodeid, _arg(req, Name).name)
+            self.fs.removexattr(req.nodeid, _arg(req, Name).name, self._caller(req))
         return b""
 
     def _control(self, req: Request, name: bytes) -> bytes:
