@@ -45,6 +45,7 @@ KNOWN_OPTIONS: dict[str, str] = {
     "async": "asynchronous writes (the default)",
     "noatime": "the kernel does not update access times",
     "atime": "the kernel updates access times (the default)",
+    "max_files_per_uid=N": "open files and directories one user other than root may hold (default: see README)",
 }
 
 #: Mount flags passed on to the kernel, in pairs; of each pair the last one given wins.
@@ -159,6 +160,8 @@ class MountConfig:
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
     extra: tuple[str, ...] = field(default_factory=tuple)
+    #: Handles one unprivileged caller uid may hold (0: the default share, see :mod:`.handles`).
+    max_files_per_uid: int = 0
 
     @property
     def layers(self) -> tuple[bytes, ...]:
@@ -345,6 +348,9 @@ def build_config(
     passthrough = opts.get("passthrough", "on")
     if passthrough not in ("on", "off"):
         raise UsageError(f"passthrough must be on or off, not {passthrough!r}")
+    max_files = opts.get("max_files_per_uid")
+    if max_files is not None and (not max_files.isdigit() or int(max_files) < 1):
+        raise UsageError(f"max_files_per_uid must be a positive whole number, not {max_files!r}")
     known = {k.split("=")[0] for k in KNOWN_OPTIONS}
     unknown = sorted(k for k in opts if k not in known)
     if unknown:
@@ -368,4 +374,5 @@ def build_config(
         engine=engine,
         passthrough=passthrough == "on",
         mount_flags=mount_flags(options),
+        max_files_per_uid=int(max_files or 0),
     )

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from .callers import DAEMON, Caller
 from .config import MountConfig, default_workdir
 from .errors import fs_error
-from .handles import BACKING_FLAGS, HandleTable
+from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
@@ -84,11 +84,13 @@ class Attr:
 @dataclass(slots=True)
 class _OpenDir:
     """An open directory: its node (which the kernel holds while it is open,
-    so the node's path follows renames) and the names listed at opendir."""
+    so the node's path follows renames), the names listed at opendir and
+    whose handle it is."""
 
     ino: int
     entry: Entry
     names: list[bytes]
+    uid: int
 
 
 class UnionFS:
@@ -108,7 +110,7 @@ class UnionFS:
         self.inodes = InodeTable(self.resolver.root(), devices)
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
-        self.handles = HandleTable()
+        self.handles = HandleTable(FairShare(per_uid=cfg.max_files_per_uid))
         #: Held by the engine around every call into the core (see :mod:`.locking`).
         self.lock = BigLock()
         self._closed = False
@@ -119,7 +121,8 @@ class UnionFS:
             return
         self._closed = True
         self.handles.close()
-        self._dirs.clear()
+        for handle in list(self._dirs):
+            self.releasedir(handle)
         self.inodes.close()
         self.stack.close()
 
@@ -322,16 +325,32 @@ class UnionFS:
 
     # -- directories ---------------------------------------------------------
 
-    def opendir(self, ino: int) -> int:
+    def opendir(self, ino: int, caller: Caller = DAEMON) -> int:
+        """Open a directory for *caller* (counted in its fair share, see
+        :mod:`.handles`)."""
         node = self.node(ino)
         if not node.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
         if node.gone:
             raise fs_error(errno.ENOENT)
         self.stat_object(node)
+        with self.handles.share.admitted(caller.uid):
+            names = self.resolver.names(node.entry, node.path)
         handle = next(self._dir_ids)
-        self._dirs[handle] = _OpenDir(ino, node.entry, self.resolver.names(node.entry, node.path))
+        self._dirs[handle] = _OpenDir(ino, node.entry, names, caller.uid)
         return handle
+
+    def usage(self) -> dict[str, int]:
+        """What open handles hold now (``user.pyunionfs.stats`` shows it):
+        handles of files and directories, every caller's together, and the
+        bounds they are held to (:mod:`.handles`)."""
+        share = self.handles.share
+        return {
+            "open_files": len(self.handles),
+            "open_dirs": len(self._dirs),
+            "handles_max": share.total,
+            "handles_per_uid_max": share.per_uid,
+        }
 
     def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
         """Entries from offset *start*: (next offset, name, node-to-be, attributes).
@@ -381,19 +400,22 @@ class UnionFS:
         self.inodes.remember(node.path, node.entry, node.parent)
 
     def releasedir(self, handle: int) -> None:
-        self._dirs.pop(handle, None)
+        d = self._dirs.pop(handle, None)
+        if d is not None:
+            self.handles.share.give(d.uid)
 
     # -- files ---------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, caller: Caller = DAEMON) -> int:
         """Open for reading; returns the fd, which is also the FUSE file handle."""
         node = self.node(ino)
         if flags & _WRITE_FLAGS:
             raise fs_error(errno.EROFS)
         if node.entry.is_dir:
             raise fs_error(errno.EISDIR)
-        fd = self.open_object(node, flags & BACKING_FLAGS)
-        self.handles.add(fd, ino)
+        with self.handles.share.admitted(caller.uid):
+            fd = self.open_object(node, flags & BACKING_FLAGS)
+            self.handles.add(fd, ino, caller.uid)
         return fd
 
     def read(self, fh: int, offset: int, size: int) -> bytes:

@@ -375,7 +375,7 @@ class Engine:
     def open(self, req: Request) -> bytes:
         a = _arg(req, Open)
         with self.fs.lock:
-            fh = self.fs.open_file(req.nodeid, a.flags)
+            fh = self.fs.open_file(req.nodeid, a.flags, self._caller(req))
         return self._answer_open(req, req.nodeid, fh, a.flags, a.open_flags)
 
     def create(self, req: Request) -> bytes:
@@ -459,7 +459,7 @@ class Engine:
 
     def opendir(self, req: Request) -> bytes:
         with self.fs.lock:
-            fh = self.fs.opendir(req.nodeid)
+            fh = self.fs.opendir(req.nodeid, self._caller(req))
         # Cached listings: the kernel drops them itself on every change made
         # through the mount, and lowers do not change.
         return P.open_out(fh, FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE if self.timeout > 0 else 0)
@@ -536,6 +536,8 @@ class Engine:
         if name == control.STATS:
             words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
             words.append(f"passthrough_opens={self.backings.passthrough_opens}")
+            with self.fs.lock:
+                words += [f"{k}={v}" for k, v in self.fs.usage().items()]
             return " ".join(words).encode()
         if name != control.DROP_CACHES:
             raise fs_error(errno.ENODATA)

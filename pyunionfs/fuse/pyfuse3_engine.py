@@ -159,7 +159,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
         with self.fs.lock:
-            return self.fs.opendir(inode)
+            return self.fs.opendir(inode, _caller(ctx))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -184,7 +184,7 @@ class Operations(pyfuse3.Operations):
         # Lowers do not change under a mount (overlayfs's rule too), and the
         # upper changes only through us, so the kernel may keep cached pages
         # across opens.
-        return FileInfo(fh=await self._call(self.fs.open_file, inode, flags), keep_cache=True)
+        return FileInfo(fh=await self._call(self.fs.open_file, inode, flags, _caller(ctx)), keep_cache=True)
 
     @fuse_errors
     async def create(

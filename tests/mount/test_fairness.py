@@ -1,5 +1,9 @@
-"""``trusted.*`` stays hidden from callers who may not see it.
+"""No user can starve the others, and ``trusted.*`` stays hidden from callers who may not see it.
 
+* The daemon holds an fd for every open file on the mount: with one fd limit for everyone, a user
+  holding as many open files as that limit made every open, ``ls`` and create fail with EMFILE,
+  root's included.  Now the daemon's limit is what the system allows and each uid's handles are
+  bounded (``-o max_files_per_uid=N``): the hog gets EMFILE, everyone else carries on.
 * ``listxattr`` shows ``trusted.*`` only to callers with CAP_SYS_ADMIN, as the kernel's overlayfs:
   compared with it as a plain user, as root without CAP_SYS_ADMIN and as root, with system calls,
   a dump as ``getfattr -d -m -`` makes it (each listed name read back) and with ``cp -a`` and
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,9 +23,106 @@ from pathlib import Path
 import pytest
 
 from tests.support.mounting import BOTH_ENGINES, Daemon
-from tests.support.writecheck import on_kernel_and_ours, public_dir, put
+from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 
 Mount = Callable[..., Daemon]
+
+#: Opens a file per name given on stdin-less argv until one fails, keeps them open, says so, and
+#: waits for a line on stdin; then checks that opening works again after closing them.
+_HOG = r"""
+import errno, json, os, sys
+os.setgroups([]); os.setgid(1000); os.setuid(1000)
+m = sys.argv[1]
+def err(fn, *a):
+    try:
+        r = fn(*a)
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    if isinstance(r, int):
+        os.close(r)
+    return "ok"
+held, refused = [], None
+for i in range(200):
+    try:
+        held.append(os.open(f"{m}/files/f{i}", os.O_RDONLY))
+    except OSError as e:
+        refused = errno.errorcode.get(e.errno, str(e.errno))
+        break
+out = {"held": len(held), "refused": refused,
+       "opendir": err(os.open, f"{m}/files", os.O_RDONLY | os.O_DIRECTORY),
+       "create": err(os.open, f"{m}/pub/hog-new", os.O_WRONLY | os.O_CREAT, 0o644)}
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+for fd in held:
+    os.close(fd)
+out = {"again": err(os.open, f"{m}/files/f0", os.O_RDONLY), "ls": len(os.listdir(f"{m}/files"))}
+print(json.dumps(out), flush=True)
+"""
+
+_OTHERS = """
+out["open"] = err(lambda: os.close(os.open(m + "/files/f1", os.O_RDONLY)))
+out["ls"] = len(os.listdir(m + "/files"))
+out["create"] = err(mkfile, m + "/pub/by-" + str(os.getuid()))
+"""
+
+
+def _daemon_limits(d: Daemon) -> tuple[int, int]:
+    for line in Path(f"/proc/{d.proc.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no fd limit in /proc/PID/limits")
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_takes_every_fd_the_system_allows(tmp_path: Path, mount: Mount) -> None:
+    for layer in ("low", "up"):
+        (tmp_path / layer).mkdir()
+    d = mount([tmp_path / "low"], tmp_path / "up")
+    # Up to fs.nr_open with CAP_SYS_RESOURCE (which the daemon inherits from us), else the hard limit.
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    probe = f"import resource as r; r.setrlimit(r.RLIMIT_NOFILE, ({nr_open}, {nr_open}))"
+    capable = subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    most = nr_open if capable else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert _daemon_limits(d) == (most, most)
+
+
+@BOTH_ENGINES
+@pytest.mark.timeout(180)
+def test_a_user_holding_many_files_starves_only_itself(tmp_path: Path, mount: Mount) -> None:
+    with public_dir() as pub:
+        low = pub / "low"
+        for i in range(60):
+            put(low / f"files/f{i}", b"x")
+        (low / "pub").mkdir()
+        os.chmod(low / "pub", 0o777)
+        (pub / "up").mkdir()
+        d = mount([low], pub / "up", "max_files_per_uid=40", mnt=pub / "mnt")
+        m = str(d.mnt)
+        hog = subprocess.Popen([sys.executable, "-c", _HOG, m], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+        try:
+            assert hog.stdout is not None and hog.stdin is not None
+            first = json.loads(hog.stdout.readline())
+            # The hog reached its own bound: its opens, opendirs and creates fail with EMFILE.
+            assert first == {"held": 40, "refused": "EMFILE", "opendir": "EMFILE", "create": "EMFILE"}
+            assert not (pub / "up/pub/hog-new").exists()
+            # Everyone else carries on: root, and another user.
+            with open(d.mnt / "files/f2", "rb") as f:
+                assert f.read() == b"x"
+            assert len(os.listdir(d.mnt / "files")) == 60
+            (d.mnt / "pub/by-root").write_bytes(b"r")
+            assert run_as(1001, 1001, d.mnt, _OTHERS) == {"open": "ok", "ls": 60, "create": "ok"}
+            hog.stdin.write("\n")
+            hog.stdin.flush()
+            # Its files closed, the hog opens and lists again.
+            assert json.loads(hog.stdout.readline()) == {"again": "ok", "ls": 60}
+            assert hog.wait(timeout=30) == 0
+        finally:
+            if hog.poll() is None:
+                hog.kill()
+                hog.wait()
+
 
 # -- trusted.* by capability, against the kernel ----------------------------------------------------
 

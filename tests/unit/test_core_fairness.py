@@ -1,5 +1,8 @@
 """No caller can starve the others, and what they may see depends on who they are.
 
+* Fair shares of handles (pyunionfs/handles.py): one uid past its bound gets
+  EMFILE for its own opens, opendirs and creates, while other uids and root
+  go on; unprivileged callers together leave root a part.
 * ``trusted.*`` xattrs: only a caller with CAP_SYS_ADMIN lists, reads or
   changes them (pyunionfs/callers.py decides from /proc, of real processes here).
 """
@@ -13,16 +16,98 @@ import subprocess
 import pytest
 
 from pyunionfs.callers import Caller, has_sys_admin
+from pyunionfs.handles import RESERVE_MIN, FairShare, capacity
 
 from .conftest import mkfile
 from .test_core_writes import ALICE, env, ino_of  # noqa: F401  (env is a fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, trusted.* xattrs, setpriv")
 
+BOB = Caller(4321, 4321)
+ROOT = Caller(0, 0)
+
+
 def errno_of(call, *args) -> int:
     with pytest.raises(OSError) as info:
         call(*args)
     return info.value.errno
+
+
+# -- fair shares ---------------------------------------------------------------------------------
+
+
+def test_capacity_keeps_a_reserve_and_room_for_each_handles_other_fds() -> None:
+    assert capacity(1 << 20) == ((1 << 20) - (1 << 16)) // 2  # a sixteenth kept back
+    assert capacity(20000) == (20000 - RESERVE_MIN) // 2
+    assert capacity(100) >= 1  # a tiny limit still lets something open
+
+
+def test_share_bounds_each_uid_and_leaves_root_a_part() -> None:
+    share = FairShare(total=80, per_uid=30, privileged=frozenset({0}))
+    assert share.shared == 70
+    for _ in range(30):
+        share.take(1000)
+    assert errno_of(share.take, 1000) == errno.EMFILE
+    for _ in range(30):
+        share.take(1001)
+    for _ in range(10):
+        share.take(1002)
+    assert errno_of(share.take, 1002) == errno.ENFILE  # the unprivileged part is used up
+    for _ in range(10):
+        share.take(0)  # root takes what is left
+    assert errno_of(share.take, 0) == errno.ENFILE
+    share.give(1000)
+    share.take(1003)
+    assert share.held() == 80 and share.held(1000) == 29 and share.held(1003) == 1
+
+
+def test_a_failed_open_gives_its_place_back() -> None:
+    share = FairShare(total=10, per_uid=1, privileged=frozenset())
+    with pytest.raises(FileNotFoundError), share.admitted(1000):
+        raise FileNotFoundError
+    with share.admitted(1000):
+        pass
+    assert share.held(1000) == 1
+
+
+def test_default_share_is_a_quarter_of_what_unprivileged_callers_may_hold() -> None:
+    share = FairShare(total=800)
+    assert share.per_uid == 700 // 4
+    assert FairShare(total=800, per_uid=10_000).per_uid == 700  # never more than all of them may hold
+
+
+async def test_one_uid_past_its_bound_cannot_open_but_others_can(env):  # noqa: F811
+    for i in range(5):
+        mkfile(env.l1 / f"d/f{i}", b"x")
+    mkfile(env.l1 / "d/w", b"")
+    os.chmod(env.l1 / "d", 0o777)
+    fs = env.mount(max_files_per_uid=3)
+    inos = [ino_of(fs, f"d/f{i}") for i in range(5)]
+    d = ino_of(fs, "d")
+    held = [fs.open_file(inos[0], os.O_RDONLY, ALICE), fs.opendir(d, ALICE), fs.open(inos[1], os.O_RDONLY, ALICE)]
+    assert errno_of(fs.open_file, inos[2], os.O_RDONLY, ALICE) == errno.EMFILE
+    assert errno_of(fs.open_file, ino_of(fs, "d/w"), os.O_WRONLY, ALICE) == errno.EMFILE
+    assert not (env.u / "d/w").exists()  # refused before the copy-up
+    assert errno_of(fs.opendir, d, ALICE) == errno.EMFILE
+    assert errno_of(fs.create, d, b"new", 0o644, os.O_WRONLY | os.O_CREAT, ALICE) == errno.EMFILE
+    assert not (env.u / "d/new").exists()  # refused before anything was made
+    assert errno_of(fs.tmpfile, d, 0o644, os.O_RDWR, ALICE) == errno.EMFILE
+    # Others, root included, still open, list and create.
+    for caller in (BOB, ROOT):
+        fh = fs.open_file(inos[2], os.O_RDONLY, caller)
+        dh = fs.opendir(d, caller)
+        assert {b"f0", b"f4", b"w"} <= {name for _, name, _, _ in fs.readdir(dh, 0)}
+        made, _, _ = fs.create(d, b"by%d" % caller.uid, 0o644, os.O_WRONLY | os.O_CREAT, caller)
+        for h in (fh, made):
+            fs.release(h)
+        fs.releasedir(dh)
+    assert fs.usage()["open_files"] == 2 and fs.usage()["open_dirs"] == 1
+    # Closing one gives Alice room again.
+    fs.releasedir(held[1])
+    fs.release(fs.open_file(inos[3], os.O_RDONLY, ALICE))
+    for fh in (held[0], held[2]):
+        fs.release(fh)
+    assert fs.handles.share.held() == 0
 
 
 # -- trusted.* by capability ----------------------------------------------------------------------------
