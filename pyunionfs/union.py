@@ -32,6 +32,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .cache import Listing
 from .callers import DAEMON, Caller
 from .config import MountConfig, default_workdir
 from .errors import fs_error
@@ -84,12 +85,15 @@ class Attr:
 @dataclass(slots=True)
 class _OpenDir:
     """An open directory: its node (which the kernel holds while it is open,
-    so the node's path follows renames), the names listed at opendir and
-    whose handle it is."""
+    so the node's path follows renames), the listing it reads (shared with
+    the other handles of that version, see :class:`.cache.Listing`; None
+    once the directory is removed) and whose handle it is."""
 
     ino: int
     entry: Entry
-    names: list[bytes]
+    listing: Listing | None
+    #: The directory identity the listing is filed under.
+    ident: tuple[int, int]
     uid: int
 
 
@@ -327,7 +331,7 @@ class UnionFS:
 
     def opendir(self, ino: int, caller: Caller = DAEMON) -> int:
         """Open a directory for *caller* (counted in its fair share, see
-        :mod:`.handles`)."""
+        :mod:`.handles`); its listing is made now, or shared."""
         node = self.node(ino)
         if not node.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
@@ -335,21 +339,36 @@ class UnionFS:
             raise fs_error(errno.ENOENT)
         self.stat_object(node)
         with self.handles.share.admitted(caller.uid):
-            names = self.resolver.names(node.entry, node.path)
+            entry = node.entry
+            listing = self._open_listing(entry, node.path)
         handle = next(self._dir_ids)
-        self._dirs[handle] = _OpenDir(ino, node.entry, names, caller.uid)
+        self._dirs[handle] = _OpenDir(ino, entry, listing, entry.ident, caller.uid)
         return handle
+
+    def _open_listing(self, entry: Entry, path: bytes) -> Listing:
+        return self.resolver.cache.open_listing(entry.ident, lambda: self.resolver.names(entry, path))
+
+    def _relist(self, d: _OpenDir, path: bytes | None) -> None:
+        """Point *d* at the directory's current listing (None: it was removed)."""
+        old, old_ident = d.listing, d.ident
+        d.listing = None if path is None else self._open_listing(d.entry, path)
+        d.ident = d.entry.ident
+        if old is not None:
+            self.resolver.cache.close_listing(old_ident, old)
 
     def usage(self) -> dict[str, int]:
         """What open handles hold now (``user.pyunionfs.stats`` shows it):
-        handles of files and directories, every caller's together, and the
-        bounds they are held to (:mod:`.handles`)."""
-        share = self.handles.share
+        handles of files and directories, every caller's together and the
+        bounds they are held to (:mod:`.handles`), and the directory
+        listings those hold (:class:`.cache.Listing`) with their names."""
+        cache, share = self.resolver.cache, self.handles.share
         return {
             "open_files": len(self.handles),
             "open_dirs": len(self._dirs),
             "handles_max": share.total,
             "handles_per_uid_max": share.per_uid,
+            "listings": cache.live_listings,
+            "listed_names": cache.live_listed_names,
         }
 
     def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
@@ -365,17 +384,19 @@ class UnionFS:
             raise fs_error(errno.EBADF)
         node = self.inodes[d.ino]
         if node.gone:
-            d.names = []  # removed while open: nothing is left in it
+            if d.listing is not None:
+                self._relist(d, None)  # removed while open: nothing is left in it
         else:
             d.entry = node.entry  # it may have been copied up since opendir
-        if start == 0 and not node.gone:
-            d.names = self.resolver.names(d.entry, node.path)
+            if start == 0:
+                self._relist(d, node.path)
+        names = d.listing.names if d.listing is not None else []
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
-        for i in range(max(start, 2) - 2, len(d.names)):
-            name = d.names[i]
+        for i in range(max(start, 2) - 2, len(names)):
+            name = names[i]
             entry = self.resolver.child(d.entry, node.path, name)
             if entry is None:
                 continue
@@ -401,8 +422,11 @@ class UnionFS:
 
     def releasedir(self, handle: int) -> None:
         d = self._dirs.pop(handle, None)
-        if d is not None:
-            self.handles.share.give(d.uid)
+        if d is None:
+            return
+        if d.listing is not None:
+            self.resolver.cache.close_listing(d.ident, d.listing)
+        self.handles.share.give(d.uid)
 
     # -- files ---------------------------------------------------------------
 

@@ -4,6 +4,8 @@
   holding as many open files as that limit made every open, ``ls`` and create fail with EMFILE,
   root's included.  Now the daemon's limit is what the system allows and each uid's handles are
   bounded (``-o max_files_per_uid=N``): the hog gets EMFILE, everyone else carries on.
+* Open directories share the listing of the directory version they read: many handles on a big
+  directory cost one listing, freed when the last one closes.
 * ``listxattr`` shows ``trusted.*`` only to callers with CAP_SYS_ADMIN, as the kernel's overlayfs:
   compared with it as a plain user, as root without CAP_SYS_ADMIN and as root, with system calls,
   a dump as ``getfattr -d -m -`` makes it (each listed name read back) and with ``cp -a`` and
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from pyunionfs import control
 from tests.support.mounting import BOTH_ENGINES, Daemon
 from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 
@@ -122,6 +125,46 @@ def test_a_user_holding_many_files_starves_only_itself(tmp_path: Path, mount: Mo
             if hog.poll() is None:
                 hog.kill()
                 hog.wait()
+
+
+def _vmrss(pid: int) -> int:
+    """Resident memory of process *pid*, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(300)
+def test_open_directories_share_their_listing(tmp_path: Path, mount: Mount) -> None:
+    """200 handles on a 20,000-entry directory, each opened after a change made and undone in it
+    (a temporary file), hold one listing; all of them closed, none."""
+    low = tmp_path / "low"
+    (low / "big").mkdir(parents=True)
+    for i in range(20_000):
+        (low / "big" / f"entry-with-a-longish-name-{i:06d}").touch()
+    (tmp_path / "up").mkdir()
+    d = mount([low], tmp_path / "up")
+    big, mnt = d.mnt / "big", os.fsencode(d.mnt)
+    fds = [os.open(big, os.O_RDONLY | os.O_DIRECTORY)]
+    assert len(os.listdir(big)) == 20_000
+    before = _vmrss(d.proc.pid)
+    for _ in range(199):
+        (big / "tmp").write_bytes(b"")
+        (big / "tmp").unlink()
+        fds.append(os.open(big, os.O_RDONLY | os.O_DIRECTORY))
+    held = control.stats(mnt)
+    grown = _vmrss(d.proc.pid) - before
+    for fd in fds:
+        os.close(fd)
+    # A listing of 20,000 names costs about 2 MB: 200 of them would be 400 MB.
+    assert grown < 40 << 20, f"the daemon grew by {grown >> 20} MiB for 200 handles on one directory"
+    assert (held["open_dirs"], held["listings"], held["listed_names"]) == (200, 1, 20_000)
+    # RELEASEDIR is sent when the last reference to the open file goes, which the kernel may
+    # do after close() returned: a listing of the directory (its own handle) comes after them.
+    assert len(os.listdir(big)) == 20_000
+    after = control.stats(mnt)
+    assert (after["open_dirs"], after["listings"], after["listed_names"]) == (0, 0, 0)
 
 
 # -- trusted.* by capability, against the kernel ----------------------------------------------------

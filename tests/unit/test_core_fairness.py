@@ -3,6 +3,9 @@
 * Fair shares of handles (pyunionfs/handles.py): one uid past its bound gets
   EMFILE for its own opens, opendirs and creates, while other uids and root
   go on; unprivileged callers together leave root a part.
+* Shared listings (pyunionfs/cache.py): handles opened on the same version of
+  a directory share one listing, freed with the last handle; a handle keeps
+  its snapshot across changes until it rewinds.
 * ``trusted.*`` xattrs: only a caller with CAP_SYS_ADMIN lists, reads or
   changes them (pyunionfs/callers.py decides from /proc, of real processes here).
 """
@@ -17,8 +20,9 @@ import pytest
 
 from pyunionfs.callers import Caller, has_sys_admin
 from pyunionfs.handles import RESERVE_MIN, FairShare, capacity
+from pyunionfs.inodes import ROOT_INO
 
-from .conftest import mkfile
+from .conftest import mkdir, mkfile
 from .test_core_writes import ALICE, env, ino_of  # noqa: F401  (env is a fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, trusted.* xattrs, setpriv")
@@ -107,6 +111,88 @@ async def test_one_uid_past_its_bound_cannot_open_but_others_can(env):  # noqa: 
     fs.release(fs.open_file(inos[3], os.O_RDONLY, ALICE))
     for fh in (held[0], held[2]):
         fs.release(fh)
+    assert fs.handles.share.held() == 0
+
+
+# -- shared listings --------------------------------------------------------------------------------
+
+
+def _big_dir(e, n: int = 300) -> None:
+    for i in range(n):
+        mkfile(e.l1 / f"big/entry-{i:05d}", b"")
+    mkdir(e.l1 / "other")
+    for i in range(50):
+        mkfile(e.l1 / f"other/o{i}", b"")
+
+
+def _names(fs, fh: int) -> list[bytes]:
+    return [name for _, name, _, _ in fs.readdir(fh, 0)]
+
+
+async def test_handles_of_one_version_share_one_listing_even_after_the_cache_forgot_it(env):  # noqa: F811
+    _big_dir(env)
+    fs = env.mount()
+    big, other = ino_of(fs, "big"), ino_of(fs, "other")
+    fs.resolver.cache.max_entries = 400  # listing "other" makes the cache forget "big"
+    handles = []
+    for _ in range(20):
+        handles.append(fs.opendir(big, ALICE))
+        fs.releasedir(fs.opendir(other, ALICE))
+        _names(fs, handles[0])  # a rewind of an open handle shares it too
+    assert fs.resolver.cache.names(fs.inodes[big].entry.ident) is None, "the cache should have forgotten it"
+    assert fs.usage()["listings"] == 1 and fs.usage()["listed_names"] == 300
+    for fh in handles:
+        fs.releasedir(fh)
+    assert fs.usage()["listings"] == 0 and fs.usage()["listed_names"] == 0
+
+
+async def test_a_change_made_and_undone_lists_the_same_names_and_shares_them(env):  # noqa: F811
+    _big_dir(env)
+    fs = env.mount()
+    big = ino_of(fs, "big")
+    handles = []
+    for _ in range(10):
+        handles.append(fs.opendir(big, ALICE))
+        fh, _, _ = fs.create(big, b"tmp", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
+        fs.release(fh)
+        fs.unlink(big, b"tmp")
+    assert fs.usage()["listings"] == 1
+    for fh in handles:
+        fs.releasedir(fh)
+    assert fs.usage()["listings"] == 0
+
+
+async def test_a_handle_keeps_its_snapshot_until_it_rewinds(env):  # noqa: F811
+    _big_dir(env, 3)
+    fs = env.mount()
+    big = ino_of(fs, "big")
+    before = fs.opendir(big, ALICE)
+    first = list(fs.readdir(before, 0))[:3]  # ".", "..", one name: the rest is read later
+    seen = first[-1][1]
+    gone = sorted({b"entry-00000", b"entry-00001", b"entry-00002"} - {seen})[0]
+    fh, _, _ = fs.create(big, b"late", 0o644, os.O_WRONLY | os.O_CREAT, ALICE)
+    fs.release(fh)
+    fs.unlink(big, gone)
+    after = fs.opendir(big, ALICE)
+    assert fs.usage()["listings"] == 2
+    # Read on from where it was: every name of its version once (a removed
+    # one is skipped: it resolves to nothing), the new one not.
+    rest = [name for _, name, _, _ in fs.readdir(before, first[-1][0])]
+    assert sorted([seen, *rest]) == sorted({b"entry-00000", b"entry-00001", b"entry-00002"} - {gone})
+    now = sorted({b"entry-00000", b"entry-00001", b"entry-00002", b"late"} - {gone})
+    assert sorted(_names(fs, after)[2:]) == now
+    assert sorted(_names(fs, before)[2:]) == now  # rewound
+    assert fs.usage()["listings"] == 1  # both on the current version now
+    # The directory removed while both are open.
+    for name in now:
+        fs.unlink(big, name)
+    fs.rmdir(ROOT_INO, b"big")
+    assert _names(fs, after) == [b".", b".."]
+    assert fs.usage()["listings"] == 1  # "before" still holds its snapshot until it reads again
+    assert _names(fs, before) == [b".", b".."]
+    assert fs.usage()["listings"] == 0
+    fs.releasedir(before)
+    fs.releasedir(after)
     assert fs.handles.share.held() == 0
 
 
