@@ -19,6 +19,8 @@ import subprocess
 import pytest
 
 from pyunionfs.callers import Caller, has_sys_admin
+from pyunionfs.config import build_config
+from pyunionfs.errors import UsageError
 from pyunionfs.handles import RESERVE_MIN, FairShare, capacity
 from pyunionfs.inodes import ROOT_INO
 
@@ -78,6 +80,17 @@ def test_default_share_is_a_quarter_of_what_unprivileged_callers_may_hold() -> N
     share = FairShare(total=800)
     assert share.per_uid == 700 // 4
     assert FairShare(total=800, per_uid=10_000).per_uid == 700  # never more than all of them may hold
+
+
+def test_the_bound_per_uid_is_an_option(tmp_path) -> None:
+    for d in ("l", "u", "m"):
+        (tmp_path / d).mkdir()
+    args = (str(tmp_path / "l"), str(tmp_path / "u"), str(tmp_path / "m"))
+    assert build_config(*args, ["max_files_per_uid=50"]).max_files_per_uid == 50
+    assert build_config(*args, []).max_files_per_uid == 0  # the default share
+    for bad in ("0", "-1", "many", ""):
+        with pytest.raises(UsageError, match="max_files_per_uid"):
+            build_config(*args, [f"max_files_per_uid={bad}"])
 
 
 async def test_one_uid_past_its_bound_cannot_open_but_others_can(env):  # noqa: F811
