@@ -49,6 +49,7 @@ KNOWN_OPTIONS: dict[str, str] = {
     "noatime": "the kernel does not update access times",
     "atime": "the kernel updates access times (the default)",
     "fsname=NAME": f"the mount's source, as findmnt -S and df show it (default {DEFAULT_FSNAME})",
+    "max_files_per_uid=N": "open files and directories one user other than root may hold (default: see README)",
 }
 
 #: The longest ``fsname=`` taken, in bytes (the kernel takes a page; a table row wants less).
@@ -168,6 +169,8 @@ class MountConfig:
     #: The source the mount table shows (``-o fsname=``, or the drop-in form's SOURCE).
     fsname: str = DEFAULT_FSNAME
     extra: tuple[str, ...] = field(default_factory=tuple)
+    #: Handles one unprivileged caller uid may hold (0: the default share, see :mod:`.handles`).
+    max_files_per_uid: int = 0
 
     @property
     def layers(self) -> tuple[bytes, ...]:
@@ -371,6 +374,9 @@ def build_config(
     passthrough = opts.get("passthrough", "on")
     if passthrough not in ("on", "off"):
         raise UsageError(f"passthrough must be on or off, not {passthrough!r}")
+    max_files = opts.get("max_files_per_uid")
+    if max_files is not None and (not max_files.isdigit() or int(max_files) < 1):
+        raise UsageError(f"max_files_per_uid must be a positive whole number, not {max_files!r}")
     known = {k.split("=")[0] for k in KNOWN_OPTIONS}
     unknown = sorted(k for k in opts if k not in known)
     if unknown:
@@ -395,4 +401,5 @@ def build_config(
         passthrough=passthrough == "on",
         mount_flags=mount_flags(options),
         fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
+        max_files_per_uid=int(max_files or 0),
     )

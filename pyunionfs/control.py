@@ -24,7 +24,10 @@ PREFIX = b"user.pyunionfs."
 DROP_CACHES = PREFIX + b"drop_caches"
 #: What the native engine has answered: ``OPCODE=count`` words for every
 #: request kind seen, and ``passthrough_opens=N`` (tests and the bench read
-#: it to see which requests a workload costs).
+#: it to see which requests a workload costs); and what open handles hold
+#: now (``UnionFS.usage``): ``open_files``, ``open_dirs``, the bounds
+#: ``handles_max`` and ``handles_per_uid_max``, and the directory listings
+#: they share, ``listings`` and ``listed_names``.
 STATS = PREFIX + b"stats"
 
 

@@ -157,8 +157,23 @@ def _report(ready_fd: int | None, error: str | None) -> None:
 
 
 def _raise_fd_limit() -> None:
-    """Deep trees need one fd per level while a path is opened."""
+    """As many fds as the system allows: the daemon holds one per open file
+    of every user (and deep trees need one per level while a path is
+    opened).  Up to ``fs.nr_open`` where the hard limit may be raised
+    (CAP_SYS_RESOURCE), else to the hard limit.  The core shares what it
+    gets fairly between callers (:mod:`.handles`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = hard
+    if hard != resource.RLIM_INFINITY and most > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+            return
+        except (OSError, ValueError):
+            pass  # no CAP_SYS_RESOURCE: the hard limit is ours
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

@@ -32,9 +32,11 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .cache import Listing
+from .callers import DAEMON, Caller
 from .config import MountConfig, default_workdir
 from .errors import fs_error
-from .handles import BACKING_FLAGS, HandleTable
+from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
@@ -44,6 +46,8 @@ from .syscalls import birth_time_ns
 from .whiteout import Markers
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+#: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
+TRUSTED = b"trusted."
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +85,16 @@ class Attr:
 @dataclass(slots=True)
 class _OpenDir:
     """An open directory: its node (which the kernel holds while it is open,
-    so the node's path follows renames) and the names listed at opendir."""
+    so the node's path follows renames), the listing it reads (shared with
+    the other handles of that version, see :class:`.cache.Listing`; None
+    once the directory is removed) and whose handle it is."""
 
     ino: int
     entry: Entry
-    names: list[bytes]
+    listing: Listing | None
+    #: The directory identity the listing is filed under.
+    ident: tuple[int, int]
+    uid: int
 
 
 class UnionFS:
@@ -105,7 +114,7 @@ class UnionFS:
         self.inodes = InodeTable(self.resolver.root(), devices)
         self._dirs: dict[int, _OpenDir] = {}
         self._dir_ids = itertools.count(1)
-        self.handles = HandleTable()
+        self.handles = HandleTable(FairShare(per_uid=cfg.max_files_per_uid))
         #: Held by the engine around every call into the core (see :mod:`.locking`).
         self.lock = BigLock()
         self._closed = False
@@ -116,7 +125,8 @@ class UnionFS:
             return
         self._closed = True
         self.handles.close()
-        self._dirs.clear()
+        for handle in list(self._dirs):
+            self.releasedir(handle)
         self.inodes.close()
         self.stack.close()
 
@@ -309,16 +319,47 @@ class UnionFS:
 
     # -- directories ---------------------------------------------------------
 
-    def opendir(self, ino: int) -> int:
+    def opendir(self, ino: int, caller: Caller = DAEMON) -> int:
+        """Open a directory for *caller* (counted in its fair share, see
+        :mod:`.handles`); its listing is made now, or shared."""
         node = self.node(ino)
         if not node.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
         if node.gone:
             raise fs_error(errno.ENOENT)
         self.stat_object(node)
+        with self.handles.share.admitted(caller.uid):
+            entry = node.entry
+            listing = self._open_listing(entry, node.path)
         handle = next(self._dir_ids)
-        self._dirs[handle] = _OpenDir(ino, node.entry, self.resolver.names(node.entry, node.path))
+        self._dirs[handle] = _OpenDir(ino, entry, listing, entry.ident, caller.uid)
         return handle
+
+    def _open_listing(self, entry: Entry, path: bytes) -> Listing:
+        return self.resolver.cache.open_listing(entry.ident, lambda: self.resolver.names(entry, path))
+
+    def _relist(self, d: _OpenDir, path: bytes | None) -> None:
+        """Point *d* at the directory's current listing (None: it was removed)."""
+        old, old_ident = d.listing, d.ident
+        d.listing = None if path is None else self._open_listing(d.entry, path)
+        d.ident = d.entry.ident
+        if old is not None:
+            self.resolver.cache.close_listing(old_ident, old)
+
+    def usage(self) -> dict[str, int]:
+        """What open handles hold now (``user.pyunionfs.stats`` shows it):
+        handles of files and directories, every caller's together and the
+        bounds they are held to (:mod:`.handles`), and the directory
+        listings those hold (:class:`.cache.Listing`) with their names."""
+        cache, share = self.resolver.cache, self.handles.share
+        return {
+            "open_files": len(self.handles),
+            "open_dirs": len(self._dirs),
+            "handles_max": share.total,
+            "handles_per_uid_max": share.per_uid,
+            "listings": cache.live_listings,
+            "listed_names": cache.live_listed_names,
+        }
 
     def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
         """Entries from offset *start*: (next offset, name, node-to-be, attributes).
@@ -333,17 +374,19 @@ class UnionFS:
             raise fs_error(errno.EBADF)
         node = self.inodes[d.ino]
         if node.gone:
-            d.names = []  # removed while open: nothing is left in it
+            if d.listing is not None:
+                self._relist(d, None)  # removed while open: nothing is left in it
         else:
             d.entry = node.entry  # it may have been copied up since opendir
-        if start == 0 and not node.gone:
-            d.names = self.resolver.names(d.entry, node.path)
+            if start == 0:
+                self._relist(d, node.path)
+        names = d.listing.names if d.listing is not None else []
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
-        for i in range(max(start, 2) - 2, len(d.names)):
-            name = d.names[i]
+        for i in range(max(start, 2) - 2, len(names)):
+            name = names[i]
             entry = self.resolver.child(d.entry, node.path, name)
             if entry is None:
                 continue
@@ -368,19 +411,25 @@ class UnionFS:
         self.inodes.remember(node.path, node.entry, node.parent)
 
     def releasedir(self, handle: int) -> None:
-        self._dirs.pop(handle, None)
+        d = self._dirs.pop(handle, None)
+        if d is None:
+            return
+        if d.listing is not None:
+            self.resolver.cache.close_listing(d.ident, d.listing)
+        self.handles.share.give(d.uid)
 
     # -- files ---------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, caller: Caller = DAEMON) -> int:
         """Open for reading; returns the fd, which is also the FUSE file handle."""
         node = self.node(ino)
         if flags & _WRITE_FLAGS:
             raise fs_error(errno.EROFS)
         if node.entry.is_dir:
             raise fs_error(errno.EISDIR)
-        fd = self.open_object(node, flags & BACKING_FLAGS)
-        self.handles.add(fd, ino)
+        with self.handles.share.admitted(caller.uid):
+            fd = self.open_object(node, flags & BACKING_FLAGS)
+            self.handles.add(fd, ino, caller.uid)
         return fd
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -391,9 +440,16 @@ class UnionFS:
 
     # -- xattrs and the rest ---------------------------------------------------
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        """Always listed afresh (a write or chown may drop ``security.capability``)."""
-        return [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+    def listxattr(self, ino: int, caller: Caller = DAEMON) -> list[bytes]:
+        """Always listed afresh (a write or chown may drop ``security.capability``).
+
+        ``trusted.*`` names only for a caller with CAP_SYS_ADMIN, as the
+        kernel lists them (see :mod:`.callers`).
+        """
+        names = [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+        if any(n.startswith(TRUSTED) for n in names) and not caller.sys_admin():
+            names = [n for n in names if not n.startswith(TRUSTED)]
+        return names
 
     def _stored_xattrs(self, node: Node, strict: bool = False) -> list[bytes]:
         """The stored xattr names of *node*'s object; where xattrs are not
@@ -406,8 +462,12 @@ class UnionFS:
                 return []
             raise
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
+    def getxattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> bytes:
+        """The value of xattr *name*; ENODATA for ``trusted.*`` without
+        CAP_SYS_ADMIN, as the kernel answers before asking any filesystem."""
         node = self.node(ino)
+        if name.startswith(TRUSTED) and not caller.sys_admin():
+            raise fs_error(errno.ENODATA, name)
         if node.xattrs is None:
             try:
                 names = self._stored_xattrs(node, strict=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 
 from . import acl, copyup
+from .callers import DAEMON, Caller
 from .copyups import CopyUps
 from .config import MountConfig
 from .errors import fs_error
@@ -38,20 +39,9 @@ from .paths import check_name, join, proc_path, split
 from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .handles import BACKING_FLAGS
-from .union import Attr, UnionFS
+from .union import TRUSTED, Attr, UnionFS
 from .upper import Upper
 
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asks: new entries belong to them (the kernel checked permissions)."""
-
-    uid: int
-    gid: int
-    #: The caller's umask: the kernel leaves it to us (FUSE_DONT_MASK), as a
-    #: default ACL of the parent replaces it.
-    umask: int = 0
 
 
 @dataclass(slots=True)
@@ -236,8 +226,15 @@ class WritableUnionFS(UnionFS):
             if flags & os.O_EXCL:
                 raise fs_error(errno.EEXIST, name)
             node, _ = self._new_node(parent, name, found)
-            fh = self.open_file(node.ino, flags & ~os.O_CREAT)
+            fh = self.open_file(node.ino, flags & ~os.O_CREAT, caller)
             return fh, node, self.getattr(node.ino)
+        with self.handles.share.admitted(caller.uid):  # before the file is made: EMFILE makes nothing
+            fd, node, attr = self._create_new(parent, name, mode, flags, caller)
+            self.handles.add(fd, node.ino, caller.uid)
+        return fd, node, attr
+
+    def _create_new(self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, Node, Attr]:
+        """Make *name* new and open it (the handle is counted by the caller)."""
         open_flags = (flags & BACKING_FLAGS & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
         def make(dfd: int, n: bytes, m: int) -> int:
@@ -246,7 +243,6 @@ class WritableUnionFS(UnionFS):
         entry, fd = self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller, make)
         assert fd is not None
         node, attr = self._new_node(parent, name, entry)
-        self.handles.add(fd, node.ino)
         return fd, node, attr
 
     def tmpfile(self, parent_ino: int, mode: int, flags: int, caller: Caller) -> tuple[int, Node, Attr]:
@@ -254,6 +250,13 @@ class WritableUnionFS(UnionFS):
         overlayfs makes it; linkat() may give it one later (:meth:`link`)."""
         parent = self._dir_node(parent_ino)
         self._up()
+        with self.handles.share.admitted(caller.uid):
+            fd, ino = self._tmpfile(parent, mode, flags, caller)
+            self.handles.add(fd, ino, caller.uid)
+        return fd, self.inodes.nodes[ino], self.attr_of(ino, self.inodes.nodes[ino].entry)
+
+    def _tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[int, int]:
+        """(fd, inode) of a new nameless file (the handle is counted by the caller)."""
         parent.entry = self.copyups.parent_up(parent)
         mode, gid, default, access = self._new_mode(parent, stat.S_IFREG | stat.S_IMODE(mode), caller)
         access_mode = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
@@ -271,9 +274,8 @@ class WritableUnionFS(UnionFS):
             os.close(fd)
             raise
         ino = self.inodes.number(entry.ident)
-        node = self.inodes.nodes[ino] = Node(ino, b"", entry, lookups=1, parent=parent.ino, gone=True, pin=pin)
-        self.handles.add(fd, ino)
-        return fd, node, self.attr_of(ino, entry)
+        self.inodes.nodes[ino] = Node(ino, b"", entry, lookups=1, parent=parent.ino, gone=True, pin=pin)
+        return fd, ino
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> tuple[Node, Attr]:
         parent = self._dir_node(parent_ino)
@@ -539,21 +541,27 @@ class WritableUnionFS(UnionFS):
 
     # -- files --------------------------------------------------------------------
 
-    def open_file(self, ino: int, flags: int) -> int:
-        """open(2) of any kind; a write open copies up first.  Returns the fd,
+    def open_file(self, ino: int, flags: int, caller: Caller = DAEMON) -> int:
+        """open(2) of any kind by *caller* (counted in its fair share, see
+        :mod:`.handles`); a write open copies up first.  Returns the fd,
         which is also the FUSE file handle."""
         node = self.node(ino)
         if node.entry.is_dir:
             raise fs_error(errno.EISDIR)
+        with self.handles.share.admitted(caller.uid):
+            fd = self._open_file(node, flags)
+            self.handles.add(fd, ino, caller.uid)
+        return fd
+
+    def _open_file(self, node: Node, flags: int) -> int:
+        """The backing fd of an open with *flags* (the handle is counted by the caller)."""
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             # O_TRUNC: copy no data, as overlayfs does (copy_up.c, "maybe
             # truncate regular file"): the open empties the file anyway, and
             # copying it first needs room for data about to be thrown away
             # (ENOSPC for `> file` of a large lower file on a nearly full upper).
             self.copyups.node(node, data=not flags & os.O_TRUNC)
-        fd = self.open_object(node, flags & BACKING_FLAGS)
-        self.handles.add(fd, ino)
-        return fd
+        return self.open_object(node, flags & BACKING_FLAGS)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(fh, data, offset)
@@ -589,20 +597,22 @@ class WritableUnionFS(UnionFS):
             os.utime(path, ns=times, follow_symlinks=follow)
         return self.getattr(ino)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, caller: Caller = DAEMON) -> None:
         """Set an xattr; *flags* (XATTR_CREATE, XATTR_REPLACE) are decided by the
         upper copy's own setxattr, after the copy-up, as overlayfs does."""
         node = self.node(ino)
         self._up()
+        _may_change_xattr(name, caller)
         self.copyups.node(node)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.setxattr(path, self.markers.stored_xattr(name), value, flags, follow_symlinks=follow)
         self._xattr_changed(node, name)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> None:
         node = self.node(ino)
         self._up()
+        _may_change_xattr(name, caller)
         stored = self.markers.stored_xattr(name)
         if not node.entry.linked_up:
             self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
@@ -629,6 +639,13 @@ class WritableUnionFS(UnionFS):
         # A directory without an upper part has nothing to sync.
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.upper.fsync_dir(node.path)
+
+
+def _may_change_xattr(name: bytes, caller: Caller) -> None:
+    """EPERM for a ``trusted.*`` change without CAP_SYS_ADMIN, as the kernel
+    answers before asking any filesystem (``xattr_permission``)."""
+    if name.startswith(TRUSTED) and not caller.sys_admin():
+        raise fs_error(errno.EPERM, name)
 
 
 def _last_name(entry: Entry) -> bool:

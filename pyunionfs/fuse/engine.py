@@ -301,7 +301,7 @@ class Engine:
     # -- new names ------------------------------------------------------------------
 
     def _caller(self, req: Request, umask: int = 0) -> Caller:
-        return Caller(req.uid, req.gid, umask)
+        return Caller(req.uid, req.gid, umask, req.pid)
 
     def mkdir(self, req: Request) -> bytes:
         a = _arg(req, Mkdir)
@@ -377,7 +377,7 @@ class Engine:
     def open(self, req: Request) -> bytes:
         a = _arg(req, Open)
         with self.fs.lock:
-            fh = self.fs.open_file(req.nodeid, a.flags)
+            fh = self.fs.open_file(req.nodeid, a.flags, self._caller(req))
         return self._answer_open(req, req.nodeid, fh, a.flags, a.open_flags)
 
     def create(self, req: Request) -> bytes:
@@ -461,7 +461,7 @@ class Engine:
 
     def opendir(self, req: Request) -> bytes:
         with self.fs.lock:
-            fh = self.fs.opendir(req.nodeid)
+            fh = self.fs.opendir(req.nodeid, self._caller(req))
         # Cached listings: the kernel drops them itself on every change made
         # through the mount, and lowers do not change.
         return P.open_out(fh, FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE if self.timeout > 0 else 0)
@@ -505,13 +505,13 @@ class Engine:
             value = self._control(req, a.name)
         else:
             with self.fs.lock:
-                value = self.fs.getxattr(req.nodeid, a.name)
+                value = self.fs.getxattr(req.nodeid, a.name, self._caller(req))
         return _sized(value, a.size)
 
     def listxattr(self, req: Request) -> bytes:
         a = _arg(req, Getxattr)
         with self.fs.lock:
-            names = self.fs.listxattr(req.nodeid)
+            names = self.fs.listxattr(req.nodeid, self._caller(req))
         return _sized(b"".join(n + b"\0" for n in names), a.size)
 
     def setxattr(self, req: Request) -> bytes:
@@ -519,7 +519,7 @@ class Engine:
         if req.nodeid == ROOT_ID and a.name.startswith(control.PREFIX):
             raise fs_error(errno.EPERM)  # reserved for commands, never stored
         with self.fs.lock:
-            self.fs.setxattr(req.nodeid, a.name, a.value, a.flags)
+            self.fs.setxattr(req.nodeid, a.name, a.value, a.flags, self._caller(req))
             if a.setxattr_flags & SETXATTR_ACL_KILL_SGID:
                 attr = self.fs.getattr(req.nodeid)
                 if attr.mode & stat.S_ISGID:
@@ -528,7 +528,7 @@ class Engine:
 
     def removexattr(self, req: Request) -> bytes:
         with self.fs.lock:
-            self.fs.removexattr(req.nodeid, _arg(req, Name).name)
+            self.fs.removexattr(req.nodeid, _arg(req, Name).name, self._caller(req))
         return b""
 
     def _control(self, req: Request, name: bytes) -> bytes:
@@ -538,6 +538,8 @@ class Engine:
         if name == control.STATS:
             words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
             words += (f"{name}={gauge()}" for name, gauge in self.gauges.items())
+            with self.fs.lock:
+                words += [f"{k}={v}" for k, v in self.fs.usage().items()]
             return " ".join(words).encode()
         if name != control.DROP_CACHES:
             raise fs_error(errno.ENODATA)

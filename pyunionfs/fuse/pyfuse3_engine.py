@@ -159,7 +159,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def opendir(self, inode: int, ctx: RequestContext) -> int:
         with self.fs.lock:
-            return self.fs.opendir(inode)
+            return self.fs.opendir(inode, _caller(ctx))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -184,13 +184,13 @@ class Operations(pyfuse3.Operations):
         # Lowers do not change under a mount (overlayfs's rule too), and the
         # upper changes only through us, so the kernel may keep cached pages
         # across opens.
-        return FileInfo(fh=await self._call(self.fs.open_file, inode, flags), keep_cache=True)
+        return FileInfo(fh=await self._call(self.fs.open_file, inode, flags, _caller(ctx)), keep_cache=True)
 
     @fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
-        caller = Caller(ctx.uid, ctx.gid, ctx.umask)
+        caller = _caller(ctx)
         fh, _, attr = await self._call(self.fs.create, parent_inode, name, mode, flags, caller)
         return FileInfo(fh=fh, keep_cache=True), self._entry(attr)
 
@@ -228,19 +228,19 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
         with self.fs.lock:
-            _, attr = self.fs.mkdir(parent_inode, name, mode, Caller(ctx.uid, ctx.gid, ctx.umask))
+            _, attr = self.fs.mkdir(parent_inode, name, mode, _caller(ctx))
         return self._entry(attr)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
         with self.fs.lock:
-            _, attr = self.fs.mknod(parent_inode, name, mode, rdev, Caller(ctx.uid, ctx.gid, ctx.umask))
+            _, attr = self.fs.mknod(parent_inode, name, mode, rdev, _caller(ctx))
         return self._entry(attr)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
         with self.fs.lock:
-            _, attr = self.fs.symlink(parent_inode, name, target, Caller(ctx.uid, ctx.gid, ctx.umask))
+            _, attr = self.fs.symlink(parent_inode, name, target, _caller(ctx))
         return self._entry(attr)
 
     @fuse_errors
@@ -284,7 +284,7 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
             return await self._control(name, ctx)
         with self.fs.lock:
-            return self.fs.getxattr(inode, name)
+            return self.fs.getxattr(inode, name, _caller(ctx))
 
     async def _control(self, name: bytes, ctx: RequestContext) -> bytes:
         """A command to the daemon (see :mod:`.control`)."""
@@ -304,17 +304,22 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
         with self.fs.lock:
-            return self.fs.listxattr(inode)
+            return self.fs.listxattr(inode, _caller(ctx))
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
         if inode == pyfuse3.ROOT_INODE and name.startswith(control.PREFIX):
             raise fs_error(errno.EPERM)  # reserved for commands, never stored
-        await self._call(self.fs.setxattr, inode, name, value)
+        await self._call(self.fs.setxattr, inode, name, value, 0, _caller(ctx))
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        await self._call(self.fs.removexattr, inode, name)
+        await self._call(self.fs.removexattr, inode, name, _caller(ctx))
+
+
+def _caller(ctx: RequestContext) -> Caller:
+    """Who sent the request (pyfuse3's context carries the same header fields)."""
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
 
 def _forget_attrs(ino: int) -> None:

@@ -1,0 +1,249 @@
+"""No user can starve the others, and ``trusted.*`` stays hidden from callers who may not see it.
+
+* The daemon holds an fd for every open file on the mount: with one fd limit for everyone, a user
+  holding as many open files as that limit made every open, ``ls`` and create fail with EMFILE,
+  root's included.  Now the daemon's limit is what the system allows and each uid's handles are
+  bounded (``-o max_files_per_uid=N``): the hog gets EMFILE, everyone else carries on.
+* Open directories share the listing of the directory version they read: many handles on a big
+  directory cost one listing, freed when the last one closes.
+* ``listxattr`` shows ``trusted.*`` only to callers with CAP_SYS_ADMIN, as the kernel's overlayfs:
+  compared with it as a plain user, as root without CAP_SYS_ADMIN and as root, with system calls,
+  a dump as ``getfattr -d -m -`` makes it (each listed name read back) and with ``cp -a`` and
+  ``tar --xattrs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyunionfs import control
+from tests.support.mounting import BOTH_ENGINES, Daemon, wait_until
+from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
+
+Mount = Callable[..., Daemon]
+
+#: Opens a file per name given on stdin-less argv until one fails, keeps them open, says so, and
+#: waits for a line on stdin; then checks that opening works again after closing them.
+_HOG = r"""
+import errno, json, os, sys
+os.setgroups([]); os.setgid(1000); os.setuid(1000)
+m = sys.argv[1]
+def err(fn, *a):
+    try:
+        r = fn(*a)
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    if isinstance(r, int):
+        os.close(r)
+    return "ok"
+held, refused = [], None
+for i in range(200):
+    try:
+        held.append(os.open(f"{m}/files/f{i}", os.O_RDONLY))
+    except OSError as e:
+        refused = errno.errorcode.get(e.errno, str(e.errno))
+        break
+out = {"held": len(held), "refused": refused,
+       "opendir": err(os.open, f"{m}/files", os.O_RDONLY | os.O_DIRECTORY),
+       "create": err(os.open, f"{m}/pub/hog-new", os.O_WRONLY | os.O_CREAT, 0o644)}
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+for fd in held:
+    os.close(fd)
+# The kernel sends RELEASE after close() has returned, and the daemon's workers may answer the
+# next OPEN first: the handles are given back within moments, not at once.
+import time
+deadline = time.monotonic() + 10
+while (again := err(os.open, f"{m}/files/f0", os.O_RDONLY)) == "EMFILE" and time.monotonic() < deadline:
+    time.sleep(0.01)
+out = {"again": again, "ls": len(os.listdir(f"{m}/files"))}
+print(json.dumps(out), flush=True)
+"""
+
+_OTHERS = """
+out["open"] = err(lambda: os.close(os.open(m + "/files/f1", os.O_RDONLY)))
+out["ls"] = len(os.listdir(m + "/files"))
+out["create"] = err(mkfile, m + "/pub/by-" + str(os.getuid()))
+"""
+
+
+def _daemon_limits(d: Daemon) -> tuple[int, int]:
+    for line in Path(f"/proc/{d.proc.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no fd limit in /proc/PID/limits")
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_takes_every_fd_the_system_allows(tmp_path: Path, mount: Mount) -> None:
+    for layer in ("low", "up"):
+        (tmp_path / layer).mkdir()
+    d = mount([tmp_path / "low"], tmp_path / "up")
+    # Up to fs.nr_open with CAP_SYS_RESOURCE (which the daemon inherits from us), else the hard limit.
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    probe = f"import resource as r; r.setrlimit(r.RLIMIT_NOFILE, ({nr_open}, {nr_open}))"
+    capable = subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    most = nr_open if capable else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert _daemon_limits(d) == (most, most)
+
+
+@BOTH_ENGINES
+@pytest.mark.timeout(180)
+def test_a_user_holding_many_files_starves_only_itself(tmp_path: Path, mount: Mount) -> None:
+    with public_dir() as pub:
+        low = pub / "low"
+        for i in range(60):
+            put(low / f"files/f{i}", b"x")
+        (low / "pub").mkdir()
+        os.chmod(low / "pub", 0o777)
+        (pub / "up").mkdir()
+        d = mount([low], pub / "up", "max_files_per_uid=40", mnt=pub / "mnt")
+        m = str(d.mnt)
+        hog = subprocess.Popen([sys.executable, "-c", _HOG, m], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+        try:
+            assert hog.stdout is not None and hog.stdin is not None
+            first = json.loads(hog.stdout.readline())
+            # The hog reached its own bound: its opens, opendirs and creates fail with EMFILE.
+            assert first == {"held": 40, "refused": "EMFILE", "opendir": "EMFILE", "create": "EMFILE"}
+            assert not (pub / "up/pub/hog-new").exists()
+            # Everyone else carries on: root, and another user.
+            with open(d.mnt / "files/f2", "rb") as f:
+                assert f.read() == b"x"
+            assert len(os.listdir(d.mnt / "files")) == 60
+            (d.mnt / "pub/by-root").write_bytes(b"r")
+            assert run_as(1001, 1001, d.mnt, _OTHERS) == {"open": "ok", "ls": 60, "create": "ok"}
+            hog.stdin.write("\n")
+            hog.stdin.flush()
+            # Its files closed, the hog opens and lists again.
+            assert json.loads(hog.stdout.readline()) == {"again": "ok", "ls": 60}
+            assert hog.wait(timeout=30) == 0
+        finally:
+            if hog.poll() is None:
+                hog.kill()
+                hog.wait()
+
+
+def _vmrss(pid: int) -> int:
+    """Resident memory of process *pid*, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(300)
+def test_open_directories_share_their_listing(tmp_path: Path, mount: Mount) -> None:
+    """200 handles on a 20,000-entry directory, each opened after a change made and undone in it
+    (a temporary file), hold one listing; all of them closed, none."""
+    low = tmp_path / "low"
+    (low / "big").mkdir(parents=True)
+    for i in range(20_000):
+        (low / "big" / f"entry-with-a-longish-name-{i:06d}").touch()
+    (tmp_path / "up").mkdir()
+    d = mount([low], tmp_path / "up")
+    big, mnt = d.mnt / "big", os.fsencode(d.mnt)
+    fds = [os.open(big, os.O_RDONLY | os.O_DIRECTORY)]
+    assert len(os.listdir(big)) == 20_000
+    before = _vmrss(d.proc.pid)
+    for _ in range(199):
+        (big / "tmp").write_bytes(b"")
+        (big / "tmp").unlink()
+        fds.append(os.open(big, os.O_RDONLY | os.O_DIRECTORY))
+    held = control.stats(mnt)
+    grown = _vmrss(d.proc.pid) - before
+    for fd in fds:
+        os.close(fd)
+    # A listing of 20,000 names costs about 2 MB: 200 of them would be 400 MB.
+    assert grown < 40 << 20, f"the daemon grew by {grown >> 20} MiB for 200 handles on one directory"
+    assert (held["open_dirs"], held["listings"], held["listed_names"]) == (200, 1, 20_000)
+    # The kernel sends RELEASEDIR after close() has returned.
+    wait_until(lambda: control.stats(mnt)["open_dirs"] == 0, 10, "the handles to be released")
+    after = control.stats(mnt)
+    assert (after["open_dirs"], after["listings"], after["listed_names"]) == (0, 0, 0)
+
+
+# -- trusted.* by capability, against the kernel ----------------------------------------------------
+
+#: Each xattr call of a caller on a lower file and on an upper one, a dump of every listed name,
+#: then cp -a and tar --xattrs: their exit status and whether they complained.
+_XATTR_PROBE = r"""
+import errno, json, os, subprocess, sys
+m, dest = sys.argv[1], sys.argv[2]
+def e(fn, *a):
+    try:
+        r = fn(*a)
+    except OSError as x:
+        return errno.errorcode.get(x.errno, str(x.errno))
+    return sorted(r) if isinstance(r, list) else (r.decode() if isinstance(r, bytes) else "ok")
+out = {}
+for name in ("lowerfile", "upperfile"):
+    p = f"{m}/{name}"
+    out[name] = {"list": e(os.listxattr, p), "get": e(os.getxattr, p, "trusted.t"),
+                 "get_missing": e(os.getxattr, p, "trusted.none"), "get_user": e(os.getxattr, p, "user.u"),
+                 "set": e(os.setxattr, p, "trusted.t", b"new"), "set_new": e(os.setxattr, p, "trusted.n", b"1"),
+                 "remove": e(os.removexattr, p, "trusted.t"), "remove_missing": e(os.removexattr, p, "trusted.none")}
+cp = subprocess.run(["cp", "-a", f"{m}/lowerfile", f"{dest}/copy"], capture_output=True, text=True)
+# getfattr -d -m -: every listed name read back (a listed name that cannot be read is an error).
+out["dump"] = {n: e(os.getxattr, f"{m}/lowerfile", n) for n in os.listxattr(f"{m}/lowerfile")}
+out["cp -a"] = [cp.returncode, cp.stderr.replace(m, "MNT")]
+tar = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-cf", f"{dest}/t.tar", "-C", m, "lowerfile"],
+                     capture_output=True, text=True)
+out["tar --xattrs"] = [tar.returncode, tar.stderr.replace(m, "MNT")]
+print(json.dumps(out))
+"""
+
+#: setpriv arguments of each identity the probe runs as.
+_WHO = {
+    "uid 1000": ["--reuid=1000", "--regid=1000", "--clear-groups"],
+    "root without CAP_SYS_ADMIN": ["--inh-caps=-sys_admin", "--bounding-set=-sys_admin"],
+    "root": [],
+}
+
+
+def _xattr_lower(low: Path) -> None:
+    put(low / "lowerfile", b"l")
+    os.setxattr(low / "lowerfile", "trusted.t", b"lower")
+    os.setxattr(low / "lowerfile", "user.u", b"u")
+
+
+def _xattr_story(m: Path) -> dict[str, object]:
+    (m / "upperfile").write_bytes(b"u")
+    os.setxattr(m / "upperfile", "trusted.t", b"upper")
+    os.setxattr(m / "upperfile", "user.u", b"u")
+    os.chmod(m / "upperfile", 0o666)
+    out: dict[str, object] = {}
+    with public_dir("pyunionfs-dest-") as dest:
+        for who, args in _WHO.items():
+            os.chmod(dest, 0o777)
+            res = subprocess.run(["setpriv", *args, "--", sys.executable, "-c", _XATTR_PROBE, str(m), str(dest)],
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, f"the probe as {who} failed:\n{res.stderr}"
+            out[who] = json.loads(res.stdout)
+            for leftover in dest.iterdir():
+                leftover.unlink()
+    return out
+
+
+@BOTH_ENGINES
+@pytest.mark.timeout(180)
+def test_trusted_xattrs_are_the_kernels_business_by_capability(tmp_path: Path, mount: Mount) -> None:
+    with public_dir() as pub:
+        results = on_kernel_and_ours(tmp_path, mount, _xattr_lower, _xattr_story, mnt_parent=pub)
+    kernel, ours = results["kernel"], results["pyunionfs"]
+    # What the kernel says (so that the comparison below compares the right thing).
+    plain = kernel["uid 1000"]["lowerfile"]
+    assert plain["list"] == ["user.u"] and plain["get"] == "ENODATA" and plain["set"] == "EPERM"
+    assert kernel["root"]["lowerfile"]["list"] == ["trusted.t", "user.u"]
+    assert kernel["uid 1000"]["cp -a"] == [0, ""]
+    for who in _WHO:
+        assert ours[who] == kernel[who], f"as {who}:\n  kernel    {kernel[who]}\n  pyunionfs {ours[who]}"
