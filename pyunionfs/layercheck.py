@@ -47,6 +47,7 @@ import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from .changes import LayerError, display
 from .errors import MALFORMED_INPUT, malformed
@@ -362,6 +363,7 @@ class Checker:
         self.markers = markers
         self.probe = XattrProbe(where)  # where: DIR, or the directory it will be made in
         self.space = SpaceCheck()
+        self.max_size = 2**63  # see data_limit()
         self.plan = Plan()
         self.seen: dict[bytes, Member] = {}  # every member path, markers included
         self._dir_state: dict[bytes, str] = {}
@@ -388,6 +390,8 @@ class Checker:
         why = MemberCheck(info, kind).problem()
         if why:
             raise self.fail(info, why)
+        if info.size > self.max_size:
+            raise self.fail(info, f"size {info.size} is more than the archive can hold")
         path = self.normalise(info, info.name, "name")
         if path in self.seen:
             raise self.fail(info, f"duplicate entry for {display(path)!r}")
@@ -499,14 +503,46 @@ class Checker:
         return state
 
 
+class _EndGuard:
+    """The layer's bytes as tarfile reads them, with an end that cannot be read past for ever.
+
+    Told to skip a member (or a PAX header) of 2^64 bytes, tarfile's stream reader reads on
+    past the end of the archive block by block, some 10^15 empty reads: a hang, not an error.
+    After the end has been met a few dozen times more, another read is an error.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.empty = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data or size == 0:
+            self.empty = 0
+        else:
+            self.empty += 1
+            if self.empty > 64:
+                raise EOFError("unexpected end of data: a size larger than the archive")
+        return data
+
+
+def data_limit(layer: str) -> int:
+    """The most data one member of *layer* can hold: the file's size, or for gzip what the
+    file could decompress to (deflate expands 1032:1 at most)."""
+    with open(layer, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+        size = os.fstat(f.fileno()).st_size
+    return size * 1032 if gz else size
+
+
 @contextlib.contextmanager
 def reading(layer: str) -> Iterator[tarfile.TarFile]:
     """The archive, read as a stream: a gzip layer is decompressed once per
     pass (one to check, one to write), never seeked in.  Whatever cannot be
     read becomes a :class:`LayerError`."""
     try:
-        with open_layer_stream(layer) as raw, tarfile.open(
-            fileobj=raw, mode="r|", encoding=TAR_ENCODING, errors=TAR_ERRORS
+        with open_layer_stream(layer) as raw, tarfile.open(  # type: ignore[call-overload]
+            fileobj=_EndGuard(raw), mode="r|", encoding=TAR_ENCODING, errors=TAR_ERRORS
         ) as tf:
             yield tf
     except MALFORMED_INPUT as exc:
@@ -526,6 +562,7 @@ def check_layer(layer: str, mode: str, root_fd: int | None, markers: Markers, wh
     """
     checker = Checker(layer, mode, root_fd, markers, where)
     try:
+        checker.max_size = data_limit(layer)
         with reading(layer) as tf:
             for index, info in enumerate(tf):
                 checker.add(index, info)
