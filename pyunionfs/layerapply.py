@@ -308,6 +308,8 @@ def _write_new(layer: str, target: str, plan: Plan, mode: str, markers: Markers)
     (never over anything that appeared meanwhile) only when complete, removed otherwise."""
     parent, name = os.path.split(os.path.abspath(target))
     temp = os.path.join(parent, f".{name}.apply-{os.getpid()}")
+    if os.path.isdir(temp) and not os.path.islink(temp):
+        shutil.rmtree(temp, ignore_errors=True)  # our pid's: left by a process of that pid killed earlier
     try:
         os.mkdir(temp, 0o755)
         fd = os.open(temp, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -232,14 +232,20 @@ class XattrProbe:
         self.usable = True
         self.known: dict[tuple[tuple[bytes, object], ...], str | None] = {}
 
-    def problem(self, pairs: list[tuple[bytes, bytes]], kind: str) -> str | None:
+    def problem(self, pairs: list[tuple[bytes, bytes]]) -> str | None:
         """Why the filesystem refuses *pairs* on one file, or None (probed once per distinct set)."""
         if not pairs or not self.usable:
             return None
-        # A default ACL is checked as an access ACL: same format and rules, and a file cannot hold one.
-        tried = [(_ACL_ACCESS if n == _ACL_DEFAULT else n, v) for n, v in pairs]
-        if len({n for n, _ in tried}) != len(tried):
-            tried = [(n, v) for n, v in tried if n != _ACL_ACCESS] + [p for p in pairs if p[0] == _ACL_ACCESS]
+        # A default ACL is tried as an access ACL on an inode of its own: same format and rules,
+        # and the probe inode, a regular file, cannot hold a default one.
+        tried = [(n, v) for n, v in pairs if n != _ACL_DEFAULT]
+        default = [(_ACL_ACCESS, v) for n, v in pairs if n == _ACL_DEFAULT]
+        return self._try(tried) or (self._try(default) if default else None)
+
+    def _try(self, tried: list[tuple[bytes, bytes]]) -> str | None:
+        if not tried:
+            return None
+        # values matter where the kernel parses them; elsewhere only their sizes do
         key = tuple((n, v if n.startswith((b"security.", b"system.")) else len(v)) for n, v in tried)
         if key in self.known:
             return self.known[key]
@@ -425,7 +431,7 @@ class Checker:
             member.target = first.target if first.kind == "lnk" else first.path
         if member.kind not in ("whiteout", "opaque", "lnk"):  # what gets metadata of its own
             xattrs = stored_xattrs(info, self.mode, self.markers)
-            why = check_xattrs(xattrs, member.kind) or self.probe.problem(xattrs, member.kind)
+            why = check_xattrs(xattrs, member.kind) or self.probe.problem(xattrs)
             if why:
                 raise self.fail(info, why)
         self.space.add(member.kind, info.size)

@@ -560,6 +560,10 @@ UNSAFE: dict[str, tuple[list[tuple[str, bytes | str, dict]], str]] = {
         f"SCHILY.xattr.user.{i:04}" + "n" * 240: "" for i in range(270)}})], "more than 65536 (listxattr"),
     "xattr-user-on-symlink": ([OK, ("s", SYM, {"linkname": "t", "pax_headers": {"SCHILY.xattr.user.a": "1"}})],
                               "only on regular files and directories"),
+    "acl-default-on-file": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.system.posix_acl_default": CAP_TEXT(struct.pack("<I", 2))}})], "default ACL belongs to a dir"),
+    "acl-malformed": ([OK, ("d", DIR, {"pax_headers": {  # tried by the kernel: a header and half an entry
+        "SCHILY.xattr.system.posix_acl_default": CAP_TEXT(struct.pack("<IHH", 2, 1, 7))}})], "Invalid argument"),
     "capability-3-bytes": ([OK, ("b", REG, {"data": b"", "pax_headers": {
         "SCHILY.xattr.security.capability": "\x01\x02\x03"}})], "malformed file capability (3 bytes)"),
     "capability-v1": ([OK, ("b", REG, {"data": b"", "pax_headers": {
