@@ -13,6 +13,9 @@ import errno
 import functools
 import logging
 import os
+import struct
+import tarfile
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -28,6 +31,30 @@ class UsageError(Exception):
 
 class MountError(Exception):
     """The mount could not be made: reported as one line, exit status 1."""
+
+
+#: What reading untrusted input (a layer tar, gzip stream, layout JSON) can raise besides
+#: OSError: tarfile's own errors, truncation, a corrupt deflate stream, malformed binary or JSON
+#: (``json.JSONDecodeError`` and ``UnicodeError`` are ValueErrors), numbers out of range, and
+#: nesting too deep.  Whoever reads such input catches these and refuses it in one line
+#: (:func:`malformed`), so no input ends in a traceback.
+MALFORMED_INPUT: tuple[type[BaseException], ...] = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    struct.error,
+    ValueError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    RecursionError,
+)
+
+
+def malformed(exc: BaseException) -> str:
+    """One line saying what was wrong with the input, for the refusal."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def fs_error(code: int, what: bytes | str | None = None) -> OSError:

@@ -22,12 +22,16 @@ written, so a refused layer leaves DIR untouched: absolute names, ``..``
 components, duplicate entries, hard links to anything but an earlier member,
 unsupported member types, marker names that would hide the directory itself,
 0/0 character devices (they would read as whiteouts), and any member whose
-parent is a symlink or a non-directory, in the archive or in DIR.  Writing
-then goes through directory fds opened one component at a time with
+parent is a symlink or a non-directory, in the archive or in DIR; and every
+owner, mode, time, device number, link target, xattr and size the kernel
+would refuse half way (:mod:`.layercheck`, which makes this first pass).
+Writing then goes through directory fds opened one component at a time with
 ``O_NOFOLLOW`` and ``*at`` calls: nothing is ever created or changed through
 a symlink, and an existing entry that a member replaces is removed first
-(a directory merges with a directory member, as OCI asks).  An I/O error
-while writing can still leave a partly applied layer.
+(a directory merges with a directory member, as OCI asks).  A DIR that did
+not exist is built under a temporary name beside it and renamed into place
+when complete, so it never exists half applied; an I/O error while writing
+into an existing DIR (a full disk) can still leave a partly applied layer.
 
 Metadata is restored after the data and in this order: owner (root only,
 as tar does), then mode (chown clears set-user-ID), then xattrs (chown
@@ -40,219 +44,24 @@ in a lower; ``flatten`` writes the names as they are, the merged view's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import stat
 import tarfile
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from .config import trusted_xattrs_usable
 from .changes import LayerError, display, path_key
-from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_mtime_ns, member_xattrs, open_layer_stream
+from .errors import MALFORMED_INPUT, malformed
+from .layercheck import Member, Plan, check_layer, header, reading, stored_xattrs
+from .layertar import from_tar_text, member_mtime_ns
 from .paths import DirFds, join, proc_path, split
-from .whiteout import Markers, classify_oci_name
+from .syscalls import RENAME_NOREPLACE, renameat2
+from .whiteout import Markers
 
 __all__ = ["MODES", "apply_layer"]
 
 MODES = ("device", "oci", "flatten")
-
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NAME_MAX = 255
-
-
-@dataclass(slots=True)
-class _Member:
-    """One checked archive member and what it becomes."""
-
-    index: int
-    path: bytes  # normalised, relative to DIR; b"" is DIR itself
-    info: tarfile.TarInfo
-    kind: str  # dir reg sym lnk chr blk fifo | whiteout opaque (device and flatten modes)
-    #: lnk: the path of the member it links to (never itself a link);
-    #: whiteout: the path it deletes.
-    target: bytes = b""
-
-
-@dataclass(slots=True)
-class _Plan:
-    members: list[_Member] = field(default_factory=list)
-    entries: dict[bytes, _Member] = field(default_factory=dict)  # non-marker members by path
-    whiteouts: list[bytes] = field(default_factory=list)
-    opaques: list[bytes] = field(default_factory=list)
-
-
-def _kind(info: tarfile.TarInfo) -> str | None:
-    if info.isreg():
-        return "reg"
-    for kind, test in (
-        ("dir", info.isdir),
-        ("sym", info.issym),
-        ("lnk", info.islnk),
-        ("chr", info.ischr),
-        ("blk", info.isblk),
-        ("fifo", info.isfifo),
-    ):
-        if test():
-            return kind
-    return None
-
-
-class _Checker:
-    """Builds the plan, refusing the whole layer at its first unsafe member."""
-
-    def __init__(self, layer: str, mode: str, root_fd: int | None) -> None:
-        self.layer = layer
-        self.mode = mode
-        self.root_fd = root_fd  # None: DIR does not exist yet, so holds nothing
-        self.plan = _Plan()
-        self.seen: dict[bytes, _Member] = {}  # every member path, markers included
-        self._dir_state: dict[bytes, str] = {}
-
-    def fail(self, info: tarfile.TarInfo | None, why: str) -> LayerError:
-        where = f"{self.layer}: member {info.name!r}" if info is not None else self.layer
-        return LayerError(f"{where}: {why}")
-
-    def normalise(self, info: tarfile.TarInfo, name: str, what: str) -> bytes:
-        raw = from_tar_text(name)
-        if raw.startswith(b"/") or (what == "name" and not raw):
-            raise self.fail(info, f"absolute {what}" if raw else f"empty {what} (absolute '/')")
-        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
-        if b".." in parts:
-            raise self.fail(info, f"{what} has a '..' component")
-        if any(len(p) > _NAME_MAX for p in parts):
-            raise self.fail(info, f"{what} has a component longer than {_NAME_MAX} bytes")
-        return b"/".join(parts)
-
-    def add(self, index: int, info: tarfile.TarInfo) -> None:
-        path = self.normalise(info, info.name, "name")
-        kind = _kind(info)
-        if kind is None:
-            raise self.fail(info, f"unsupported member type {info.type!r}")
-        if path in self.seen:
-            raise self.fail(info, f"duplicate entry for {display(path)!r}")
-        member = _Member(index, path, info, kind)
-        parent, name = split(path)
-        marker, target = classify_oci_name(name) if path else ("entry", b"")
-        if marker == "invalid":
-            raise self.fail(info, "reserved whiteout name: it would hide its own directory or is unknown")
-        if self.mode != "oci" and marker != "entry":
-            if kind != "reg":
-                raise self.fail(info, "a whiteout must be a regular file")
-            member.kind = marker
-            if marker == "whiteout":
-                member.target = join(parent, target)
-                self.plan.whiteouts.append(member.target)
-            else:
-                self.plan.opaques.append(parent)
-        elif not path and kind != "dir":
-            raise self.fail(info, "the layer's root must be a directory")
-        elif kind == "chr" and info.devmajor == 0 and info.devminor == 0:
-            raise self.fail(info, "character device 0/0 is an overlay whiteout; a layer says .wh.NAME")
-        elif kind == "sym" and not info.linkname:
-            raise self.fail(info, "symlink with an empty target")
-        elif kind == "lnk":
-            link = self.normalise(info, info.linkname, "hard link target")
-            first = self.plan.entries.get(link)
-            if first is None:
-                raise self.fail(info, f"hard link to {display(link)!r}, which is not an earlier member")
-            if first.kind == "dir":
-                raise self.fail(info, f"hard link to directory {display(link)!r}")
-            member.target = first.target if first.kind == "lnk" else first.path
-        self.seen[path] = member
-        self.plan.members.append(member)
-        if member.kind not in ("whiteout", "opaque"):
-            self.plan.entries[path] = member
-
-    # -- parents ----------------------------------------------------------
-
-    def check_parents(self) -> None:
-        """Every member's parents must be directories, or become them: a
-        directory member of the archive, something this layer deletes first,
-        a missing name (made as a plain directory), or a directory in DIR."""
-        deleted = set(self.plan.whiteouts)
-        emptied = set(self.plan.opaques)
-        for m in self.plan.members:
-            parts = m.path.split(b"/") if m.path else []
-            gone = False  # an ancestor is deleted by this layer: nothing of DIR's below it counts
-            for i in range(1, len(parts)):
-                pre = b"/".join(parts[:i])
-                if b"/".join(parts[: i - 1]) in emptied or pre in deleted:
-                    gone = True
-                ent = self.plan.entries.get(pre)
-                if ent is not None and ent.kind != "dir":
-                    what = "a symlink" if ent.kind == "sym" else "not a directory"
-                    raise self.fail(m.info, f"parent {display(pre)!r} is {what} in the archive")
-                if gone:
-                    continue
-                state = self._state_in_dir(pre)
-                if ent is not None:
-                    # a directory of the archive: merges with DIR's, or replaces whatever else is there
-                    gone = state != "dir"
-                elif state == "missing":
-                    gone = True
-                elif state != "dir":
-                    what = "a symlink" if state == "symlink" else "not a directory"
-                    raise self.fail(m.info, f"parent {display(pre)!r} is {what} in the target directory")
-
-    def _state_in_dir(self, rel: bytes) -> str:
-        """dir, missing, symlink or other: what DIR has at *rel*, looked at
-        one component at a time without following anything (its ancestors
-        were found to be directories; anything else now is a change made
-        meanwhile, reported as other)."""
-        if self.root_fd is None:
-            return "missing"
-        known = self._dir_state.get(rel)
-        if known is not None:
-            return known
-        *ancestors, name = rel.split(b"/")
-        opened: list[int] = []
-        try:
-            fd = self.root_fd
-            for a in ancestors:
-                fd = os.open(a, _DIR_FLAGS, dir_fd=fd)
-                opened.append(fd)
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            state = "missing"
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            state = "other"
-        else:
-            if stat.S_ISDIR(st.st_mode):
-                state = "dir"
-            elif stat.S_ISLNK(st.st_mode):
-                state = "symlink"
-            else:
-                state = "other"
-        finally:
-            for fd in opened:
-                os.close(fd)
-        self._dir_state[rel] = state
-        return state
-
-
-@contextlib.contextmanager
-def _reading(layer: str) -> Iterator[tarfile.TarFile]:
-    """The archive, read as a stream: a gzip layer is decompressed once per
-    pass (one to check, one to write), never seeked in.  Whatever cannot be
-    read becomes a :class:`LayerError`."""
-    try:
-        with open_layer_stream(layer) as raw, tarfile.open(
-            fileobj=raw, mode="r|", encoding=TAR_ENCODING, errors=TAR_ERRORS
-        ) as tf:
-            yield tf
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise LayerError(f"{layer}: not a readable tar archive ({exc})") from None
-    except OSError as exc:
-        if exc.errno is None:  # gzip.BadGzipFile and the like
-            raise LayerError(f"{layer}: not a readable tar archive ({exc})") from None
-        raise
-
 
 # --------------------------------------------------------------------------
 # Writing
@@ -268,7 +77,7 @@ class _Writer:
         self.markers = markers
         self.fds = DirFds([root_fd])
         self.as_root = os.geteuid() == 0
-        self.dirs: list[_Member] = []
+        self.dirs: list[Member] = []
 
     def close(self) -> None:
         self.fds.clear()
@@ -344,7 +153,7 @@ class _Writer:
 
     # -- entries ------------------------------------------------------------
 
-    def entry(self, m: _Member, tf: tarfile.TarFile) -> None:
+    def entry(self, m: Member, tf: tarfile.TarFile) -> None:
         parent, name = split(m.path)
         if m.kind == "dir":
             pfd = self.dirfd(parent, create=True) if parent else self.root_fd
@@ -387,7 +196,7 @@ class _Writer:
             os.mknod(name, kind | 0o600, os.makedev(info.devmajor, info.devminor), dir_fd=pfd)
         self.metadata(parent, name, m)
 
-    def metadata(self, parent: bytes, name: bytes, m: _Member) -> None:
+    def metadata(self, parent: bytes, name: bytes, m: Member) -> None:
         """Owner, mode, xattrs, times of the entry just made (see the module doc for the order)."""
         info = m.info
         mtime = member_mtime_ns(info)
@@ -429,10 +238,7 @@ class _Writer:
                     raise
 
     def xattrs(self, info: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
-        pairs = member_xattrs(info)
-        if self.mode == "flatten":
-            return pairs
-        return [(self.markers.stored_xattr(n), v) for n, v in pairs]
+        return stored_xattrs(info, self.mode, self.markers)
 
     # -- markers ----------------------------------------------------------
 
@@ -467,7 +273,9 @@ def apply_layer(layer: str, target: str, *, mode: str = "device", userxattr: boo
     its parent must exist); returns the number of members applied.
 
     Raises :class:`LayerError` (nothing written) for an unsafe or unreadable
-    layer, and for an I/O error while writing.
+    layer, and for an I/O error while writing.  A missing *target* is built
+    under a temporary name beside it and renamed into place when complete,
+    so it exists afterwards only if the whole layer was applied.
     """
     if mode not in MODES:
         raise ValueError(mode)
@@ -484,43 +292,58 @@ def apply_layer(layer: str, target: str, *, mode: str = "device", userxattr: boo
     except OSError as exc:
         raise LayerError(f"{target}: {exc.strerror}") from None
     try:
-        checker = _Checker(layer, mode, root_fd)
-        try:
-            with _reading(layer) as tf:
-                for index, info in enumerate(tf):
-                    checker.add(index, info)
-            checker.check_parents()
-        except OSError as exc:
-            raise LayerError(f"{exc.filename or layer}: {exc.strerror}") from None
-        plan = checker.plan
-        if root_fd is None:
-            try:
-                os.mkdir(target, 0o755)
-                root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise LayerError(f"{target}: {exc.strerror}") from None
-        _write(layer, target, root_fd, plan, mode, markers)
+        plan = check_layer(layer, mode, root_fd, markers, probe)
+        if root_fd is not None:
+            _write(layer, target, root_fd, plan, mode, markers)
+        else:
+            _write_new(layer, target, plan, mode, markers)
         return len(plan.members)
     finally:
         if root_fd is not None:
             os.close(root_fd)
 
 
-def _write(layer: str, target: str, root_fd: int, plan: _Plan, mode: str, markers: Markers) -> None:
+def _write_new(layer: str, target: str, plan: Plan, mode: str, markers: Markers) -> None:
+    """Apply into a new directory *target*: built as ``.NAME.apply-PID`` beside it, renamed in
+    (never over anything that appeared meanwhile) only when complete, removed otherwise."""
+    parent, name = os.path.split(os.path.abspath(target))
+    temp = os.path.join(parent, f".{name}.apply-{os.getpid()}")
+    if os.path.isdir(temp) and not os.path.islink(temp):
+        shutil.rmtree(temp, ignore_errors=True)  # our pid's: left by a process of that pid killed earlier
+    try:
+        os.mkdir(temp, 0o755)
+        fd = os.open(temp, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LayerError(f"{target}: {exc.strerror}") from None
+    done = False
+    try:
+        _write(layer, target, fd, plan, mode, markers)
+        try:
+            renameat2(-100, os.fsencode(temp), -100, os.fsencode(os.path.abspath(target)), RENAME_NOREPLACE)
+        except OSError as exc:
+            raise LayerError(f"{target}: {exc.strerror} (made while the layer was applied?)") from None
+        done = True
+    finally:
+        os.close(fd)
+        if not done:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _write(layer: str, target: str, root_fd: int, plan: Plan, mode: str, markers: Markers) -> None:
     w = _Writer(root_fd, mode, markers, {p for p, m in plan.entries.items() if m.kind == "dir"})
-    current: _Member | None = None
+    current: Member | None = None
     try:
         if mode != "oci":
             for rel in sorted(plan.whiteouts, key=path_key):
                 w.remove(*split(rel))
             for rel in sorted(plan.opaques, key=path_key):
                 w.empty(rel)
-        root: _Member | None = None
-        with _reading(layer) as tf:
+        root: Member | None = None
+        with reading(layer) as tf:
             members = iter(plan.members)
             for info in tf:
                 current = next(members, None)
-                if current is None or current.info.name != info.name or current.info.type != info.type:
+                if current is None or header(current.info) != header(info):
                     raise LayerError(f"{layer}: changed while being applied")
                 current.info = info  # this pass's header: its data can be read now
                 if current.kind in ("whiteout", "opaque"):
@@ -548,5 +371,8 @@ def _write(layer: str, target: str, root_fd: int, plan: _Plan, mode: str, marker
         where = os.path.join(target, what) if what else target
         hint = " (not root?)" if exc.errno == errno.EPERM and os.geteuid() != 0 else ""
         raise LayerError(f"{where}: {exc.strerror or exc}{hint}") from None
+    except MALFORMED_INPUT as exc:  # the checks let through what the kernel or tarfile did not take
+        what = display(current.path) if current is not None else ""
+        raise LayerError(f"{os.path.join(target, what) if what else target}: {malformed(exc)}") from None
     finally:
         w.close()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .digest import Hasher
-from .errors import MountError, UsageError
+from .errors import MALFORMED_INPUT, MountError, UsageError, malformed
 
 __all__ = [
     "MT_CONFIG",
@@ -45,6 +45,8 @@ __all__ = [
     "compression_of",
     "digest_hex",
     "host_platform",
+    "json_list",
+    "load_json",
     "split_layout_arg",
 ]
 
@@ -162,13 +164,24 @@ def split_layout_arg(arg: str, *, must_exist: bool) -> tuple[str, str | None]:
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from untrusted bytes; anything else (nesting too deep included) is refused."""
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageError(f"{what}: not valid JSON ({exc})") from None
+    except MALFORMED_INPUT as exc:
+        raise ImageError(f"{what}: not valid JSON ({malformed(exc)})") from None
     if not isinstance(obj, dict):
         raise ImageError(f"{what}: not a JSON object")
     return obj
+
+
+def json_list(obj: dict[str, Any], key: str, what: str) -> list[Any]:
+    """``obj[key]`` when it is a list (missing or null: empty); any other type is refused."""
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ImageError(f"{what}: {key} is not a list")
+    return value
 
 
 class Layout:
@@ -251,7 +264,8 @@ class Layout:
             if mt not in (MT_INDEX, DOCKER_LIST):
                 raise ImageError(f"blob {desc.digest}: media type {mt!r} is not an image manifest or index")
             want = host_platform()
-            subs = [Descriptor.parse(m, f"blob {desc.digest}") for m in data.get("manifests") or []]
+            subs = [Descriptor.parse(m, f"blob {desc.digest}") for m in json_list(data, "manifests",
+                                                                                  f"blob {desc.digest}")]
             match = [s for s in subs if s.platform and (s.platform.get("os"), s.platform.get("architecture")) == want]
             if not match:
                 raise ImageError(f"blob {desc.digest}: no manifest for {want[0]}/{want[1]} in this image index")

@@ -49,7 +49,7 @@ from typing import IO, Any
 
 from .changes import LayerError
 from .digest import Hasher, HashWriter
-from .errors import UsageError
+from .errors import MALFORMED_INPUT, UsageError, malformed
 from .ocilayout import (
     CONTAINERD_NAME,
     MT_CONFIG,
@@ -67,6 +67,7 @@ from .ocilayout import (
     dump_json,
     host_platform,
     is_exists_error,
+    json_list,
     load_json,
     split_layout_arg,
 )
@@ -483,7 +484,8 @@ class Store:
                 or not isinstance(rootfs.get("diff_ids"), list):
             raise ImageError(f"config {cdesc.digest}: no rootfs of type layers with diff_ids")
         diff_ids = [str(d) for d in rootfs["diff_ids"]]
-        layers = [Descriptor.parse(d, f"manifest {mdesc.digest}") for d in manifest.get("layers") or []]
+        layers = [Descriptor.parse(d, f"manifest {mdesc.digest}") for d in json_list(manifest, "layers",
+                                                                                     f"manifest {mdesc.digest}")]
         if len(layers) != len(diff_ids):
             raise ImageError(f"manifest {mdesc.digest}: {len(layers)} layers but config {cdesc.digest} "
                              f"lists {len(diff_ids)} diff_ids")
@@ -742,8 +744,10 @@ def _hash_stream(stream: IO[bytes], digest: str) -> tuple[str, int]:
     try:
         while chunk := stream.read(_CHUNK):
             h.update(chunk)
-    except (OSError, EOFError, ValueError) as exc:
-        raise ImageError(f"blob {digest}: cannot be decompressed ({exc})") from None
+    except OSError as exc:
+        raise ImageError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
+    except MALFORMED_INPUT as exc:  # zlib.error from a corrupt deflate stream, EOFError when cut short
+        raise ImageError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
     return h.digest, h.size
 
 

@@ -13,12 +13,14 @@ tests/mount/test_layers_roundtrip.py does it through the kernel).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import os
 import stat
 import struct
+import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -502,6 +504,16 @@ def test_apply_never_writes_through_existing_symlinks(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+#: A harmless member put first, so that a refusal after it shows whether anything was written
+#: (make_tar pops "data": use copies).
+OK = ("ok", REG, {"data": b"ok"})
+
+
+def CAP_TEXT(value: bytes) -> str:  # noqa: N802 - reads as a constant in the table
+    """An xattr value as a PAX record carries it (bytes as surrogate-escaped text)."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 UNSAFE: dict[str, tuple[list[tuple[str, bytes | str, dict]], str]] = {
     "absolute": ([("/etc/evil", REG, {"data": b"x"})], "absolute name"),
     "dotdot": ([("a/../../evil", REG, {"data": b"x"})], "'..' component"),
@@ -523,6 +535,48 @@ UNSAFE: dict[str, tuple[list[tuple[str, bytes | str, dict]], str]] = {
     "marker-reserved": ([(".wh..wh.plnk", REG, {})], "reserved whiteout name"),
     "whiteout-dir": ([(".wh.x", DIR, {})], "whiteout must be a regular file"),
     "root-not-dir": ([("./", REG, {"data": b""})], "root must be a directory"),
+    # owners, modes, times, devices, targets: what chown, utimensat, mknod, symlink would refuse half way
+    "uid-pax-2^40": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"uid": str(2**40)}})], "uid 1099511627776 is not"),
+    "uid-(uid_t)-1": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"uid": str(2**32 - 1)}})], "not a valid owner"),
+    "gid-(gid_t)-1": ([OK, ("b", DIR, {"pax_headers": {"gid": str(2**32 - 1)}})], "gid 4294967295 is not a valid"),
+    "uid-pax-not-decimal": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"uid": "0x10"}})], "not a decimal number"),
+    "size-pax-not-decimal": ([OK, ("b", REG, {"data": b"", "pax_headers": {"size": "1e3"}})], "not a decimal number"),
+    "mtime-pax-nan": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"mtime": "nan"}})], "not a decimal time"),
+    "mtime-pax-huge": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"mtime": "9" * 30}})], "not fit in a time_t"),
+    "device-major": ([OK, ("c", CHR, {"devmajor": 4096, "devminor": 1})], "device number 4096:1 is out of range"),
+    "device-minor": ([OK, ("c", b"4", {"devmajor": 8, "devminor": 1 << 20})], "is out of range"),
+    "symlink-target-long": ([OK, ("s", SYM, {"linkname": "t" * 4096})], "symlink target longer than 4095"),
+    "name-nul": ([OK, ("n", REG, {"data": b"", "pax_headers": {"path": "a\0b"}})], "NUL byte"),
+    # xattrs: what setxattr would refuse half way
+    "xattr-70000": ([OK, ("b", REG, {"data": b"b", "pax_headers": {"SCHILY.xattr.user.big": "x" * 70_000}})],
+                    "value of 70000 bytes, more than 65536"),
+    "xattr-namespace": ([OK, ("b", REG, {"data": b"", "pax_headers": {"SCHILY.xattr.os2.x": "1"}})],
+                        "is not NAMESPACE.NAME"),
+    "xattr-namespace-only": ([OK, ("b", REG, {"data": b"", "pax_headers": {"SCHILY.xattr.user.": "1"}})],
+                             "is not NAMESPACE.NAME"),
+    "xattr-name-long": ([OK, ("b", REG, {"data": b"", "pax_headers": {"SCHILY.xattr.user." + "n" * 251: "1"}})],
+                        "longer than 255 bytes"),
+    "xattr-names-total": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        f"SCHILY.xattr.user.{i:04}" + "n" * 240: "" for i in range(270)}})], "more than 65536 (listxattr"),
+    "xattr-user-on-symlink": ([OK, ("s", SYM, {"linkname": "t", "pax_headers": {"SCHILY.xattr.user.a": "1"}})],
+                              "only on regular files and directories"),
+    "acl-default-on-file": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.system.posix_acl_default": CAP_TEXT(struct.pack("<I", 2))}})], "default ACL belongs to a dir"),
+    "acl-malformed": ([OK, ("d", DIR, {"pax_headers": {  # tried by the kernel: a header and half an entry
+        "SCHILY.xattr.system.posix_acl_default": CAP_TEXT(struct.pack("<IHH", 2, 1, 7))}})], "Invalid argument"),
+    "capability-3-bytes": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.security.capability": "\x01\x02\x03"}})], "malformed file capability (3 bytes)"),
+    "capability-v1": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.security.capability": CAP_TEXT(struct.pack("<III", 0x01000000, 1, 0))}})],
+                      "unknown or obsolete revision 1"),
+    "capability-v2-size": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.security.capability": CAP_TEXT(CAP + bytes(4))}})], "revision 2 is 20 bytes, not 24"),
+    "capability-v3-rootid": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.security.capability": CAP_TEXT(struct.pack("<IIIIII", 0x03000000, 1, 0, 0, 0, 2**32 - 1))}})],
+                             "root uid 4294967295"),
+    "capability-flags": ([OK, ("b", REG, {"data": b"", "pax_headers": {
+        "SCHILY.xattr.security.capability": CAP_TEXT(struct.pack("<IIIII", 0x02000004, 1, 0, 0, 0))}})],
+                         "unknown flags 0x4"),
 }
 
 
@@ -563,6 +617,50 @@ def test_apply_refuses_other_compressions_and_garbage(tmp_path: Path) -> None:
     with pytest.raises(LayerError):
         apply_layer(str(tmp_path / "trunc.gz"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_apply_refuses_what_the_target_filesystem_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Limits of the filesystem, not of the format, found before the first write too: ext4
+    keeps all of a file's xattrs in one block, and the data must fit in the free space."""
+    target = tmp_path / "target"
+    put(target, "keep", b"keep")
+    many = make_tar(tmp_path / "many.tar", [("ok", REG, {"data": b"ok"}), ("b", REG, {"data": b"", "pax_headers": {
+        f"SCHILY.xattr.user.x{i}": "v" * 3000 for i in range(3)}})])
+    big = make_tar(tmp_path / "big.tar", [("ok", REG, {"data": b"ok"}), ("b", REG, {"data": bytes(100_000)})])
+    before = snapshot(tmp_path, mtime=True)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    if fs.startswith("ext"):
+        for where in (target, tmp_path / "new"):
+            with pytest.raises(LayerError, match="member 'b': xattr user.x[0-9]: No space left on device"):
+                apply_layer(str(many), str(where))
+    real = os.statvfs(tmp_path)
+    small = os.statvfs_result((real.f_bsize, 4096, real.f_blocks, 10, 10, *tuple(real)[5:]))
+    monkeypatch.setattr(os, "statvfs", lambda path: small)
+    for where in (target, tmp_path / "new"):
+        with pytest.raises(LayerError, match="needs at least 100002 bytes in 2 entries, 40960 bytes free"):
+            apply_layer(str(big), str(where))
+    monkeypatch.undo()
+    assert diff(before, snapshot(tmp_path, mtime=True)) == []
+
+
+def test_apply_into_a_new_dir_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error while writing (no check can foresee one) leaves no DIR and no temporary."""
+    tar = make_tar(tmp_path / "l.tar", [("d", DIR, {}), ("d/a", REG, {"data": b"a"}), ("b", REG, {"data": b"b"})])
+    real, calls = os.utime, []
+
+    def failing(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "utime", failing)
+    with pytest.raises(LayerError, match="Input/output error"):
+        apply_layer(str(tar), str(tmp_path / "new"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["l.tar"]
+    assert apply_layer(str(tar), str(tmp_path / "new")) == 3
+    assert sorted(os.listdir(tmp_path)) == ["l.tar", "new"] and (tmp_path / "new/d/a").read_bytes() == b"a"
 
 
 # --------------------------------------------------------------------------
