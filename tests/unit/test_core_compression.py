@@ -240,6 +240,14 @@ def test_without_zstandard_zstd_layers_are_refused_in_one_line(tmp_path: Path) -
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert res.stderr.startswith("pyunionfs: --compress zstd needs the Python package 'zstandard'")
     assert not (tmp_path / "s").exists()
+    if zstandard is not None:  # a zstd image made here, pulled there
+        Store(str(tmp_path / "made")).commit(str(tmp_path / "upper"), "z:1", compress=Compression("zstd", 3))
+        Store(str(tmp_path / "made")).push("z:1", str(tmp_path / "lay"))
+        res = run("pull", str(tmp_path / "lay"), "--store", str(tmp_path / "s"))
+        assert res.returncode == 1 and res.stderr.count("\n") == 1
+        assert "zstd-compressed layers need the Python package 'zstandard'" in res.stderr
+        assert not any((tmp_path / "s" / sub).exists() and os.listdir(tmp_path / "s" / sub)
+                       for sub in ("blobs/sha256", "layers", "images", "tmp"))
 
 
 # -- progress ------------------------------------------------------------------------------
