@@ -22,9 +22,24 @@ already has is used as it is, without mounting anything (`pyunionfs images` list
 changing the base, build with --no-cache. The base is committed as an upper would be, so a 0/0
 device or a `.wh.` name in it counts as a whiteout.
 
+A RUN step runs in new mount, PID, UTS, IPC and network namespaces (`unshare`), as a container
+would: /dev is a small tmpfs with null, zero, full, random, urandom and tty (device nodes, as
+docker makes them: the image's own mount stays nodev), /dev/pts (a new devpts instance), /dev/shm
+and the /dev/fd, stdin, stdout, stderr links; /proc is the step's own PID namespace's, /sys is
+read-only. There is no network: only a loopback interface (brought up when `ip` is installed),
+and no /etc/resolv.conf is provided. All of that is gone when the step ends (the namespaces
+die with it, and with them every process the step left running). None of it reaches the layer:
+the mounts hide whatever is below them, and a /dev, /proc or /sys directory the image lacks is
+made only as a mount point for the step and removed before the commit (docker's init layer, not
+its image layers, holds them), so the image keeps exactly the directories its base had.
+
+A step that changes nothing (`RUN true`) adds no layer: `pyunionfs commit` records it as an
+`empty_layer` history entry, as BuildKit does. Nothing has a fixed timeout: a big base takes as
+long as it takes, and `pyunionfs commit` prints progress lines (relayed here as they come).
+
 The store's writes are atomic, and a step's upper lives in the store's tmp/, where a later
 `pyunionfs commit` or `pull` removes what a killed build left: never a half image. Needs root (chroot,
-whiteout devices). RUN gets no /proc, /dev or network: a tiny example.
+namespaces, whiteout devices).
 """
 
 from __future__ import annotations
@@ -44,6 +59,39 @@ from pathlib import Path
 # the package next to this interpreter, else the command on the PATH
 PYUNIONFS = [sys.executable, "-m", "pyunionfs"] if importlib.util.find_spec("pyunionfs") else ["pyunionfs"]
 RUN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+#: The mount points a RUN step gets, in the image's root.
+SPECIAL_DIRS = ("dev", "proc", "sys")
+#: PID 1 of a RUN step's namespaces (the host's /bin/sh): mounts /dev, /proc, /sys on ROOT (those of
+#: POINTS), brings up loopback, then runs the step chrooted as its child (not as PID 1, which
+#: ignores Ctrl-C), and exits with its status. Its arguments: ROOT, POINTS, COMMAND.
+RUN_INIT = r"""
+set -eu
+root=$1 points=$2 cmd=$3
+case " $points " in *" dev "*)
+    mount -t tmpfs -o nosuid,strictatime,mode=755,size=65536k tmpfs "$root/dev"
+    for spec in "null 1 3" "zero 1 5" "full 1 7" "random 1 8" "urandom 1 9" "tty 5 0"; do
+        set -- $spec
+        mknod -m 666 "$root/dev/$1" c "$2" "$3"
+    done
+    mkdir -m 755 "$root/dev/pts"
+    mkdir -m 1777 "$root/dev/shm"
+    mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,nosuid,noexec devpts "$root/dev/pts"
+    mount -t tmpfs -o nosuid,nodev,noexec,mode=1777,size=65536k shm "$root/dev/shm"
+    ln -s pts/ptmx "$root/dev/ptmx"
+    ln -s /proc/self/fd "$root/dev/fd"
+    ln -s /proc/self/fd/0 "$root/dev/stdin"
+    ln -s /proc/self/fd/1 "$root/dev/stdout"
+    ln -s /proc/self/fd/2 "$root/dev/stderr";;
+esac
+case " $points " in *" proc "*) mount -t proc -o nosuid,nodev,noexec proc "$root/proc";; esac
+case " $points " in *" sys "*) mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys";; esac
+ip link set lo up 2>/dev/null || true
+set +e
+chroot "$root" /bin/sh -c "$cmd"
+exit $?
+"""
+UNSHARE = ["unshare", "--mount", "--propagation", "private", "--uts", "--ipc", "--net", "--pid", "--fork",
+           "--kill-child"]
 
 
 class BuildError(Exception):
@@ -98,16 +146,26 @@ def cache_key(parent: str, instruction: str, content: str = "") -> str:
 
 
 def pyunionfs(*args: str) -> str:
-    """Run a pyunionfs command; its one-line error becomes ours."""
-    try:
-        res = subprocess.run(PYUNIONFS + list(args), capture_output=True, text=True, timeout=300,
-                             stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"pyunionfs {args[0]} timed out") from exc
-    if res.returncode != 0:
-        raise BuildError(f"pyunionfs {args[0]} failed: {res.stderr.strip() or res.returncode}")
-    sys.stderr.write(res.stderr)  # warnings, such as a socket left out of a layer
-    return res.stdout
+    """Run a pyunionfs command, without a time limit (a big layer takes long); its one-line error becomes ours.
+
+    Its stderr (progress lines, warnings) is relayed as it comes, one line behind: a failing
+    command's last line is its error, which goes into ours instead of being printed twice.
+    """
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(PYUNIONFS + list(args), stdout=out, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        assert proc.stderr is not None
+        last = ""
+        with proc:
+            for line in proc.stderr:
+                sys.stderr.write(last)
+                sys.stderr.flush()
+                last = line
+        if proc.returncode != 0:
+            raise BuildError(f"pyunionfs {args[0]} failed: {last.strip() or proc.returncode}")
+        sys.stderr.write(last)
+        out.seek(0)
+        return out.read()
 
 
 def mounted_below(path: Path) -> bool:
@@ -150,6 +208,34 @@ def images() -> dict[str, str]:
     return {name: image_id for name, image_id, *_ in (row.split() for row in rows)}
 
 
+def run_in_namespaces(mnt: Path, command: str) -> int:
+    """Run a RUN command chrooted in *mnt* with /dev, /proc and /sys of its own (see the docstring).
+
+    A mount point the image lacks is made for the step and removed after it, so that neither a
+    new directory nor (as none of them is in a lower) a whiteout ends in the layer. A name the
+    image has as something else than a directory (a /dev symlink, say) is left alone, unmounted.
+    Returns the command's exit status.
+    """
+    points, made = [], []
+    for name in SPECIAL_DIRS:
+        path = mnt / name
+        if not os.path.lexists(path):
+            path.mkdir(mode=0o755)
+            made.append(path)
+        if path.is_dir() and not path.is_symlink():
+            points.append(name)
+    try:
+        res = subprocess.run([*UNSHARE, "/bin/sh", "-c", RUN_INIT, "build-run", str(mnt), " ".join(points), command],
+                             env=RUN_ENV, stdin=subprocess.DEVNULL)
+        return res.returncode if res.returncode >= 0 else 128 - res.returncode
+    finally:
+        for path in made:  # the namespaces, and their mounts, died with the step
+            try:
+                path.rmdir()
+            except OSError as exc:  # the step put something there after all: it is the step's change
+                print(f"build.py: warning: {path.name}: not removed ({exc.strerror})", file=sys.stderr)
+
+
 def build_step(store: Path, parent: str, tag: str, op: str, arg: str, context: Path) -> str:
     """Mount image PARENT under a fresh upper, make the change, unmount, commit the upper as TAG.
 
@@ -169,8 +255,7 @@ def build_step(store: Path, parent: str, tag: str, op: str, arg: str, context: P
             pyunionfs("mount", f"image:{parent}", str(upper), str(mnt))
             if op == "RUN":
                 print(f" ---> Running in {mnt}", flush=True)
-                rc = subprocess.run(["chroot", str(mnt), "/bin/sh", "-c", arg], env=RUN_ENV,
-                                    stdin=subprocess.DEVNULL).returncode
+                rc = run_in_namespaces(mnt, arg)
                 if rc != 0:
                     raise BuildError(f"'{op} {arg}' returned a non-zero code: {rc}")
             else:
@@ -243,7 +328,7 @@ def build(buildfile: Path, store: Path, tag: str | None, no_cache: bool) -> None
         retag(name, tag)
         name = tag
         print(f"Successfully tagged {tag}")
-    print(f"\n{pyunionfs('history', name)}")
+    print(f"\n{pyunionfs('history', '--no-trunc', name)}")
     print(f"To look inside:\n  pyunionfs mount image:{name} UPPER MNT --store {store}")
 
 

@@ -87,6 +87,8 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
     out.add_argument("-o", "--output", metavar="LAYER.tar", help="write the layer tar here; print its DiffID")
     out.add_argument("--tag", metavar="NAME[:TAG]", help="store the upper as a new image NAME[:TAG]")
     c.add_argument("--gzip", action="store_true", help="with -o: also write LAYER.tar.gz and print its digest")
+    _compress_options(c, "with -o: also write LAYER.tar.gz or .zst and print its digest; with --tag: the "
+                         "stored layer's format (default gzip)")
     c.add_argument("--from", dest="base", metavar="IMAGE", help="with --tag: the image the upper was mounted on")
     c.add_argument("-m", "--message", metavar="TEXT", 
                    help="with --tag: the history's CREATED BY (default: pyunionfs commit)")
@@ -104,6 +106,13 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
                    help="write deletions as 0/0 devices and overlay.opaque (default) or keep .wh. files")
     a.add_argument("--flatten", action="store_true", help="apply onto the layers below: delete, write no markers")
     a.add_argument("--userxattr", action="store_true", help="write user.overlay.opaque (implied when not root)")
+
+
+def _compress_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--compress and --compress-level, both checked by :meth:`Compression.choose` (one-line errors)."""
+    p.add_argument("--compress", metavar="gzip|zstd", help=what + "; zstd needs the zstandard package")
+    p.add_argument("--compress-level", metavar="N",
+                   help="compression level: gzip 1-9 (default 6), zstd 1-19 (default 3)")
 
 
 def _workdir_option(p: argparse.ArgumentParser) -> None:
@@ -134,11 +143,14 @@ def _image_parsers(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("push", help="export an image of the store as an OCI layout directory")
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("layout", metavar="LAYOUT[:TAG]")
+    _compress_options(q, "compress plain layers so, and recompress layers compressed otherwise "
+                         "(default: plain layers gzipped, compressed ones copied as they are)")
     _store_option(q)
     i = sub.add_parser("images", help="list the images of the store")
     _store_option(i)
     h = sub.add_parser("history", help="show an image's layers, newest first, like docker history")
     h.add_argument("image", metavar="IMAGE")
+    h.add_argument("--no-trunc", action="store_true", help="show CREATED BY whole (cut to 45 characters otherwise)")
     _store_option(h)
     t = sub.add_parser("tag", help="give an image of the store another NAME[:TAG], like docker tag")
     t.add_argument("image", metavar="IMAGE")
@@ -158,20 +170,24 @@ def _image_command(args: argparse.Namespace) -> int:
 
 
 def _store_command(args: argparse.Namespace) -> int:
+    from .compression import Compression
     from .store import Store, format_history, format_images
 
+    if args.command == "commit" and args.gzip:
+        raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
+    compress = Compression.choose(args.compress, args.compress_level) if args.command in ("push", "commit") else None
     # A read (images, history, push) creates no store; the others make it on first use.
     store = Store(args.store, create=args.command not in ("images", "history", "push"))
     if args.command == "pull":
         img = store.pull(args.layout, args.tag)
         print(f"{img.name}  {img.id}  {img.manifest_digest}")
     elif args.command == "push":
-        img, tag, desc = store.push(args.image, args.layout)
+        img, tag, desc = store.push(args.image, args.layout, compress, convert=args.compress is not None)
         print(f"{img.name}  {desc.digest}  {args.layout.removesuffix(':' + tag)}:{tag}")
     elif args.command == "images":
         print(format_images(store))
     elif args.command == "history":
-        print(format_history(store, args.image))
+        print(format_history(store, args.image, trunc=not args.no_trunc))
     elif args.command == "tag":
         img = store.tag(args.image, args.name)
         print(f"{img.name}  {img.id}")
@@ -182,13 +198,12 @@ def _store_command(args: argparse.Namespace) -> int:
             for diff_id in removed:
                 print(f"Deleted: {diff_id}")
     elif args.command == "commit":
-        if args.gzip:
-            raise UsageError("--gzip goes with -o; an image's layers are always stored gzipped")
-        img, diff_id, skipped = store.commit(args.upper, args.tag, args.base, args.message, args.userxattr,
-                                             lowers=_lower_paths(args.lowers), workdir=args.workdir)
+        img, layer_id, skipped = store.commit(args.upper, args.tag, args.base, args.message, args.userxattr,
+                                              lowers=_lower_paths(args.lowers), workdir=args.workdir,
+                                              compress=compress)
         for path in skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
-        print(f"{img.name}  {img.id}  {diff_id}")
+        print(f"{img.name}  {img.id}  {layer_id or '(no changes: an empty_layer history entry)'}")
     return 0
 
 
@@ -214,8 +229,8 @@ def _layer_command(args: argparse.Namespace) -> int:
         for path in res.skipped:
             print(f"pyunionfs: warning: {os.fsdecode(path)}: a socket, left out (tar cannot hold one)", file=sys.stderr)
         print(f"{res.diff_id}  {res.tar_path}")
-        if res.gzip_path is not None:
-            print(f"{res.gzip_digest}  {res.gzip_path}")
+        if res.compressed_path is not None:
+            print(f"{res.compressed_digest}  {res.compressed_path}")
         return 0
     from .layerapply import apply_layer
 
@@ -242,14 +257,22 @@ def _commit_file(args: argparse.Namespace) -> CommitResult:
     """``commit -o LAYER.tar``: the tar (and .gz) is built beside the output under
     temporary names this process flocks, so that the next commit to the same
     output can tell a killed command's leftovers from a live one's and remove them."""
+    from .compression import Compression
     from .layertar import commit
     from .tempfiles import held_temporaries
 
-    outputs = [args.output, args.output + ".gz"] if args.gzip else [args.output]
+    compress = None
+    if args.gzip and args.compress not in (None, "gzip"):
+        raise UsageError(f"--gzip and --compress {args.compress} ask for two formats: give one")
+    if args.gzip or args.compress is not None:
+        compress = Compression.choose(args.compress, args.compress_level)
+    elif args.compress_level is not None:
+        raise UsageError("--compress-level goes with --gzip or --compress (with -o, the tar is not compressed)")
+    outputs = [args.output] if compress is None else [args.output, args.output + compress.suffix]
     upper, where = os.path.realpath(args.upper), os.path.realpath(os.path.dirname(os.path.abspath(args.output)))
     inside = where == upper or where.startswith(upper.rstrip("/") + "/")  # refused by commit: make nothing there
     with contextlib.nullcontext() if inside else held_temporaries(outputs):
-        return commit(args.upper, args.output, gzip_too=args.gzip, userxattr=args.userxattr,
+        return commit(args.upper, args.output, userxattr=args.userxattr, compress=compress,
                       lowers=_lower_paths(args.lowers), workdir=args.workdir)
 
 

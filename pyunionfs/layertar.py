@@ -34,8 +34,10 @@ What a committed layer holds, and why:
 * sockets are skipped (tar cannot hold them; docker skips them too).
 
 The archive is written once, through a tee that hashes it (the DiffID is
-the sha256 of the uncompressed tar) and, with ``gzip``, compresses it with
-mtime 0 and no file name, so the compressed blob is deterministic too.
+the sha256 of the uncompressed tar) and, when asked, compresses it (gzip or
+zstd, see :mod:`.compression`: deterministic, so the compressed blob's
+digest is a function of the tar too) and counts the bytes for a progress
+display.
 Both files are built under temporary names and renamed into place only when
 complete.
 """
@@ -47,11 +49,12 @@ import gzip
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from .changes import LayerError, UpperEntry, UpperWalk, Warn, display, warn_stderr
+from .compression import ZSTD_MAGIC, Compression, Sink, open_zstd
 from .digest import Hasher, HashWriter
 from .paths import join
 from .whiteout import OCI_OPAQUE, Markers
@@ -79,7 +82,6 @@ XATTR_PAX = "SCHILY.xattr."
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _OTHER_COMPRESSION = {
-    b"\x28\xb5\x2f\xfd": "zstd",
     b"BZh": "bzip2",
     b"\xfd7zXZ\x00": "xz",
 }
@@ -101,8 +103,9 @@ def from_tar_text(text: str) -> bytes:
 
 
 def open_layer_stream(path: str | bytes) -> IO[bytes]:
-    """The uncompressed bytes of a layer file, plain or gzip (told by magic, not by name).
+    """The uncompressed bytes of a layer file, plain, gzip or zstd (told by magic, not by name).
 
+    zstd needs the optional ``zstandard`` package; without it, a one-line refusal.
     Other compressions found in registries are named in the refusal, so the
     user knows to decompress first.
     """
@@ -110,9 +113,11 @@ def open_layer_stream(path: str | bytes) -> IO[bytes]:
     try:
         head = raw.read(6)
         raw.seek(0)
+        if head.startswith(ZSTD_MAGIC):
+            return open_zstd(raw, os.fsdecode(path))
         for magic, name in _OTHER_COMPRESSION.items():
             if head.startswith(magic):
-                raise LayerError(f"{os.fsdecode(path)}: {name}-compressed; only plain and gzip layers are read")
+                raise LayerError(f"{os.fsdecode(path)}: {name}-compressed; only plain, gzip and zstd layers are read")
         if head.startswith(_GZIP_MAGIC):
             return _OwningGzip(raw)  # type: ignore[return-value]
     except BaseException:
@@ -171,24 +176,40 @@ class CommitResult:
 
     tar_path: str
     diff_id: str
-    gzip_path: str | None = None
-    gzip_digest: str | None = None
+    compressed_path: str | None = None
+    compressed_digest: str | None = None
     #: Entries a tar cannot hold (sockets), left out.
     skipped: tuple[bytes, ...] = ()
+    compression: Compression | None = None
+    #: Members in the tar: 0 for an upper that changed nothing (an "empty layer").
+    members: int = 0
+
+    @property
+    def gzip_path(self) -> str | None:
+        return self.compressed_path if self.compression is not None and self.compression.format == "gzip" else None
+
+    @property
+    def gzip_digest(self) -> str | None:
+        return self.compressed_digest if self.gzip_path is not None else None
 
 
 class _Tee:
     """The tar's file object: every byte goes to the hashed tar file and,
-    optionally, to a gzip stream (one pass over the upper for both)."""
+    optionally, to a compressor (one pass over the upper for both), and is
+    counted for *progress*."""
 
-    def __init__(self, tar: HashWriter, gz: gzip.GzipFile | None) -> None:
+    def __init__(self, tar: HashWriter, packed: Sink | None,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.tar = tar
-        self.gz = gz
+        self.packed = packed
+        self.progress = progress
 
     def write(self, data: bytes) -> int:
         self.tar.write(data)
-        if self.gz is not None:
-            self.gz.write(data)
+        if self.packed is not None:
+            self.packed.write(data)
+        if self.progress is not None:
+            self.progress(len(data))
         return len(data)
 
     def tell(self) -> int:
@@ -305,21 +326,28 @@ def _inside(path: str, root: str) -> bool:
 
 def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = False,
            lowers: Sequence[str | bytes] | None = None, workdir: str | bytes | None = None,
-           warn: Warn = warn_stderr) -> CommitResult:
+           warn: Warn = warn_stderr, compress: Compression | None = None,
+           progress: Callable[[int], None] | None = None) -> CommitResult:
     """Write the upper directory *upper* as an OCI layer tar at *out*
-    (and ``out + ".gz"`` with *gzip_too*); see the module docstring.
+    (and a compressed copy at ``out + compress.suffix`` with *compress*;
+    *gzip_too* is ``compress=Compression()``, gzip at level 6); see the
+    module docstring.
 
     *lowers* (topmost first) and *workdir* (default: pyunionfs's, beside
     the upper) are the layers and work directory the upper was mounted
     with: they give the lower-only names of copied-up hard links.  *warn*
-    is told when names are known to be missing.
+    is told when names are known to be missing; *progress* of every
+    uncompressed byte written.
     """
-    for target in (out, out + ".gz") if gzip_too else (out,):
+    if compress is None and gzip_too:
+        compress = Compression()
+    packed_out = None if compress is None else out + compress.suffix
+    for target in (out,) if packed_out is None else (out, packed_out):
         if _inside(os.path.dirname(os.path.abspath(target)) or ".", upper):
             raise LayerError(f"{target}: the layer cannot be written inside the upper it is made from")
     markers = Markers(userxattr=userxattr)
     tmp_tar = _temp_beside(out)
-    tmp_gz = _temp_beside(out + ".gz") if gzip_too else None
+    tmp_gz = None if packed_out is None else _temp_beside(packed_out)
     made: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
@@ -329,13 +357,13 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
             files.append(tar_file)
             hashed = HashWriter(tar_file, Hasher())
             gz_hashed: HashWriter | None = None
-            gz: gzip.GzipFile | None = None
-            if tmp_gz is not None:
+            gz: Sink | None = None
+            if tmp_gz is not None and compress is not None:
                 gz_file = stack.enter_context(open(tmp_gz, "wb"))
                 made.append(tmp_gz)
                 files.append(gz_file)
                 gz_hashed = HashWriter(gz_file, Hasher())
-                gz = gzip.GzipFile(filename="", mode="wb", fileobj=gz_hashed, mtime=0)
+                gz = compress.writer(gz_hashed)  # type: ignore[arg-type]
             walk = stack.enter_context(UpperWalk(
                 os.fsencode(upper),
                 markers,
@@ -344,7 +372,7 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
                 warn,
             ))
             tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below, before gzip
-                fileobj=_Tee(hashed, gz),
+                fileobj=_Tee(hashed, gz, progress),
                 mode="w",
                 format=tarfile.PAX_FORMAT,
                 encoding=TAR_ENCODING,
@@ -358,6 +386,7 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
                     writer.add(e)
                 except OSError as exc:
                     raise LayerError(f"{os.path.join(upper, display(e.path))}: {exc.strerror or exc}") from None
+            members = len(tf.members)
             tf.close()
             if gz is not None:
                 gz.close()
@@ -367,11 +396,12 @@ def commit(upper: str, out: str, *, gzip_too: bool = False, userxattr: bool = Fa
         os.rename(tmp_tar, out)
         made.remove(tmp_tar)
         diff_id = hashed.hasher.digest
-        if tmp_gz is None or gz_hashed is None:
-            return CommitResult(out, diff_id, skipped=tuple(writer.skipped))
-        os.rename(tmp_gz, out + ".gz")
+        if tmp_gz is None or gz_hashed is None or packed_out is None:
+            return CommitResult(out, diff_id, skipped=tuple(writer.skipped), members=members)
+        os.rename(tmp_gz, packed_out)
         made.remove(tmp_gz)
-        return CommitResult(out, diff_id, out + ".gz", gz_hashed.hasher.digest, tuple(writer.skipped))
+        return CommitResult(out, diff_id, packed_out, gz_hashed.hasher.digest, tuple(writer.skipped),
+                            compress, members)
     except OSError as exc:
         where = exc.filename if exc.filename is not None else upper
         raise LayerError(f"{os.fsdecode(where)}: {exc.strerror or exc}") from None

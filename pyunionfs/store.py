@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .changes import LayerError
+from .compression import Compression, open_zstd
 from .digest import Hasher, HashWriter
 from .errors import MALFORMED_INPUT, UsageError, malformed
 from .ocilayout import (
@@ -71,6 +72,7 @@ from .ocilayout import (
     load_json,
     split_layout_arg,
 )
+from .progress import Progress, human
 
 __all__ = [
     "IMAGE_PREFIX",
@@ -146,55 +148,6 @@ def _maybe_ref(ref: str) -> str | None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def human(size: float) -> str:
-    """Decimal units, as docker prints sizes: 10.24kB."""
-    units = ["B", "kB", "MB", "GB", "TB"]
-    while size >= 1000 and len(units) > 1:
-        size, units = size / 1000, units[1:]
-    return f"{size:.4g}{units[0]}"
-
-
-# --------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------
-
-
-class Progress:
-    """Bytes and layers done, one rewritten line on stderr, only when stderr is a terminal.
-
-    Scripts and logs get nothing: a progress line is noise there.
-    """
-
-    def __init__(self, what: str, layers: int, stream: IO[str] | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty()
-        self.what, self.layers = what, layers
-        self.done_layers = 0
-        self.bytes = 0
-        self._last = 0.0
-
-    def add(self, n: int) -> None:
-        self.bytes += n
-        self._show()
-
-    def layer_done(self) -> None:
-        self.done_layers += 1
-        self._show(force=True)
-
-    def _show(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.2):
-            return
-        self._last = now
-        self.stream.write(f"\r{self.what}: {self.done_layers}/{self.layers} layers, {human(self.bytes)}\x1b[K")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 # --------------------------------------------------------------------------
@@ -537,18 +490,22 @@ class Store:
 
     # -- push ----------------------------------------------------------------
 
-    def push(self, ref: str, arg: str) -> tuple[Image, str, Descriptor]:
+    def push(self, ref: str, arg: str, compress: Compression | None = None,
+             convert: bool = False) -> tuple[Image, str, Descriptor]:
         """Write image *ref* into the OCI layout LAYOUT[:TAG]; returns (image, tag, manifest descriptor).
 
-        Gzip layers are copied as they are, so an image pulled from a layout
-        and pushed again keeps its digests; other layers are gzipped (mtime
-        0: the same layer always gives the same blob) and the manifest is
-        rewritten to say so.
+        Compressed layers are copied as they are, so an image pulled from a
+        layout and pushed again keeps its digests; plain layers are
+        compressed with *compress* (default gzip, level 6; deterministic:
+        the same layer always gives the same blob) and the manifest is
+        rewritten to say so.  With *convert* (``push --compress FORMAT``),
+        layers compressed otherwise are recompressed into *compress*'s
+        format too, for a consumer that reads only that one.
         """
         with self.locked(shared=True):  # an rmi waits: the blobs are read as they are
-            return self._push(ref, arg)
+            return self._push(ref, arg, compress or Compression(), convert)
 
-    def _push(self, ref: str, arg: str) -> tuple[Image, str, Descriptor]:
+    def _push(self, ref: str, arg: str, compress: Compression, convert: bool) -> tuple[Image, str, Descriptor]:
         img = self.image(ref)
         root, tag = split_layout_arg(arg, must_exist=False)
         tag = tag or img.name.rpartition(":")[2]
@@ -558,8 +515,8 @@ class Store:
         progress = Progress(f"push {img.name}", len(layers))
         new_layers = []
         try:
-            for desc, diff_id in zip(layers, img.diff_ids, strict=True):
-                new_layers.append(self._push_layer(out, desc, diff_id, progress))
+            for desc in layers:
+                new_layers.append(self._push_layer(out, desc, progress, compress, convert))
                 progress.layer_done()
         finally:
             progress.close()
@@ -580,9 +537,10 @@ class Store:
         out.tag(mdesc, tag)
         return img, tag, mdesc
 
-    def _push_layer(self, out: LayoutWriter, desc: Descriptor, diff_id: str, progress: Progress) -> Descriptor:
+    def _push_layer(self, out: LayoutWriter, desc: Descriptor, progress: Progress, compress: Compression,
+                    convert: bool) -> Descriptor:
         comp = compression_of(desc.media_type)
-        if comp == "gzip":
+        if comp != "none" and (comp == compress.format or not convert):
             if not out.has(desc.digest):
                 tmp = out.temp()
                 with open(self.blob_path(desc.digest), "rb") as src, open(tmp, "wb") as dst:
@@ -590,17 +548,20 @@ class Store:
                 out.put_file(tmp, desc.digest)
             else:
                 progress.add(desc.size)
-            return Descriptor(MT_LAYER_GZIP, desc.digest, desc.size, desc.annotations)
+            return _normalise(desc)
+        from .layertar import open_layer_stream
+
         tmp = out.temp()
-        with open(self.blob_path(desc.digest), "rb") as src, open(tmp, "wb") as dst:
+        with open(tmp, "wb") as dst:
             h = Hasher()
-            tee = HashWriter(dst, h)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=tee, mtime=0) as gz:
-                if comp == "zstd":
-                    _zstd_decompress(src, gz, desc.digest)
-                else:
-                    _copy(src, gz, progress.add)  # type: ignore[arg-type]
-        new = Descriptor(MT_LAYER_GZIP, h.digest, h.size)
+            packed = compress.writer(HashWriter(dst, h))  # type: ignore[arg-type]
+            try:
+                with open_layer_stream(self.blob_path(desc.digest)) as src:
+                    _copy(src, packed, progress.add)  # type: ignore[arg-type]
+            except LayerError as exc:
+                raise ImageError(f"blob {desc.digest}: {exc}") from None
+            packed.close()
+        new = Descriptor(compress.media_type, h.digest, h.size)
         out.put_file(tmp, new.digest)
         return new
 
@@ -608,14 +569,21 @@ class Store:
 
     def commit(self, upper: str, tag: str, base: str | None = None, message: str | None = None,
                userxattr: bool = False, lowers: list[str] | None = None,
-               workdir: str | None = None) -> tuple[Image, str, tuple[bytes, ...]]:
+               workdir: str | None = None,
+               compress: Compression | None = None) -> tuple[Image, str | None, tuple[bytes, ...]]:
         """Store *upper* as a new layer on top of image *base* (or on nothing) and tag the result.
 
         Returns (new image, the layer's DiffID, paths left out of the layer).
         The new layer's history entry says *message* (``pyunionfs commit``
         by default) as its ``created_by``, as ``docker history`` shows it.
         *lowers* (default: *base*'s layers) and *workdir* are what the upper
-        was mounted with (see :func:`.layertar.commit`).
+        was mounted with (see :func:`.layertar.commit`); *compress* is how
+        the layer's blob is compressed (default gzip, level 6).
+
+        An upper that changed nothing on top of a base with layers adds no
+        layer: the history gets an ``empty_layer`` entry, as docker and
+        BuildKit record a step without changes, and the DiffID returned is
+        None.  (On nothing, the empty layer is stored, so the image mounts.)
         """
         from .layertar import commit as commit_tar
 
@@ -630,17 +598,21 @@ class Store:
             with self.workspace() as ws:
                 staged = _Staged()
                 tar = os.path.join(ws, "layer.tar")
-                res = commit_tar(upper, tar, gzip_too=True, userxattr=userxattr, lowers=lowers, workdir=workdir)
-                assert res.gzip_path is not None and res.gzip_digest is not None
-                size = os.stat(tar).st_size
-                gz_size = os.stat(res.gzip_path).st_size
-                progress.add(size)
-                seen = Descriptor(MT_LAYER_GZIP, res.gzip_digest, gz_size)
-                staged.blobs[res.gzip_digest] = res.gzip_path
-                staged.sources[digest_hex(res.diff_id)] = (tar, seen, size)
-                os.makedirs(os.path.join(ws, "layers"))
-                if not self.has_layer(res.diff_id):
-                    self._stage_layer(ws, staged, res.diff_id, tar, seen, size)
+                res = commit_tar(upper, tar, userxattr=userxattr, lowers=lowers, workdir=workdir,
+                                 compress=compress or Compression(), progress=progress.add)
+                assert res.compressed_path is not None and res.compressed_digest is not None
+                empty = res.members == 0 and parent is not None and bool(parent.diff_ids)
+                new_layers: list[Descriptor] = []
+                if not empty:
+                    size = os.stat(tar).st_size
+                    seen = Descriptor(res.compression.media_type if res.compression else MT_LAYER_GZIP,
+                                      res.compressed_digest, os.stat(res.compressed_path).st_size)
+                    new_layers.append(seen)
+                    staged.blobs[res.compressed_digest] = res.compressed_path
+                    staged.sources[digest_hex(res.diff_id)] = (tar, seen, size)
+                    os.makedirs(os.path.join(ws, "layers"))
+                    if not self.has_layer(res.diff_id):
+                        self._stage_layer(ws, staged, res.diff_id, tar, seen, size)
                 progress.layer_done()
                 now = _now()
                 if parent is not None:
@@ -653,17 +625,19 @@ class Store:
                     layers = []
                 config["created"] = now
                 config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"] = \
-                    [*config["rootfs"].get("diff_ids", []), res.diff_id]
-                history = config.setdefault("history", [])
-                history.append({"created": now, "created_by": message or "pyunionfs commit"})
+                    [*config["rootfs"].get("diff_ids", []), *([] if empty else [res.diff_id])]
+                entry: dict[str, Any] = {"created": now, "created_by": message or "pyunionfs commit"}
+                if empty:
+                    entry["empty_layer"] = True
+                config.setdefault("history", []).append(entry)
                 config_bytes = dump_json(config)
                 cdesc = _bytes_blob(ws, staged, config_bytes, MT_CONFIG)
-                manifest_bytes = dump_json(_oci_manifest(cdesc, [*layers, seen]))
+                manifest_bytes = dump_json(_oci_manifest(cdesc, [*layers, *new_layers]))
                 mdesc = _bytes_blob(ws, staged, manifest_bytes, MT_MANIFEST)
                 self._commit(ws, staged, {name: mdesc.digest}, config["rootfs"]["diff_ids"])
         finally:
             progress.close()
-        return self._load(name, mdesc.digest), res.diff_id, res.skipped
+        return self._load(name, mdesc.digest), None if empty else res.diff_id, res.skipped
 
     # -- tag -------------------------------------------------------------------
 
@@ -751,30 +725,15 @@ def _hash_stream(stream: IO[bytes], digest: str) -> tuple[str, int]:
     return h.digest, h.size
 
 
-def _zstd_module() -> Any:
-    try:
-        import zstandard
-    except ImportError:
-        raise ImageError("zstd-compressed layers need the Python package 'zstandard' (pip install zstandard)") from None
-    return zstandard
-
-
 def _unzstd(raw: IO[bytes], dest: str, digest: str) -> tuple[str, int]:
     """Decompress a zstd layer to *dest* (apply reads plain tars), hashing it on the way."""
     h = Hasher()
-    with open(dest, "wb") as out:
-        _zstd_decompress(raw, HashWriter(out, h), digest)
-    return h.digest, h.size
-
-
-def _zstd_decompress(raw: IO[bytes], out: Any, digest: str) -> None:
-    zstd = _zstd_module()
     try:
-        reader = zstd.ZstdDecompressor().stream_reader(raw)
-        while chunk := reader.read(_CHUNK):
-            out.write(chunk)
-    except zstd.ZstdError as exc:
-        raise ImageError(f"blob {digest}: cannot be decompressed ({exc})") from None
+        with open_zstd(raw, f"blob {digest}") as stream, open(dest, "wb") as out:  # type: ignore[arg-type]
+            _copy(stream, HashWriter(out, h))  # type: ignore[arg-type]
+    except LayerError as exc:
+        raise ImageError(str(exc)) from None
+    return h.digest, h.size
 
 
 def _normalise(desc: Descriptor) -> Descriptor:
@@ -839,11 +798,26 @@ def _date(created: Any) -> str:
     return created.replace("T", " ")[:19] + (" UTC" if len(created) >= 19 else "")
 
 
-def format_history(store: Store, ref: str) -> str:
+#: ``docker history`` cuts CREATED BY to this many characters, the last one an ellipsis.
+CREATED_BY_WIDTH = 45
+
+
+def _created_by(entry: dict[str, Any], trunc: bool) -> str:
+    """One table cell: tabs and newlines as spaces; cut as docker does unless *trunc* is off."""
+    text = " ".join(str(entry.get("created_by", "")).replace("\t", " ").splitlines())
+    if trunc and len(text) > CREATED_BY_WIDTH:
+        return text[: CREATED_BY_WIDTH - 1] + "\u2026"
+    return text
+
+
+def format_history(store: Store, ref: str, trunc: bool = True) -> str:
     """``docker history``: newest first; a row per history entry, an empty layer shown as 0B.
 
-    A config without history (or with fewer entries than layers) still gets
-    one row per layer, with the columns it cannot know left empty.
+    CREATED BY is cut to 45 characters (the last an ellipsis) as docker
+    does, so a long RUN line cannot stretch every row; *trunc* False
+    (``--no-trunc``) shows it whole.  A config without history (or with
+    fewer entries than layers) still gets one row per layer, with the
+    columns it cannot know left empty.
     """
     with store.locked(shared=True):
         img = store.image(ref)
@@ -854,12 +828,12 @@ def format_history(store: Store, ref: str) -> str:
     layer = 0
     for h in history:
         if h.get("empty_layer"):
-            rows.append(("<missing>", _date(h.get("created")), str(h.get("created_by", "")), "0B",
+            rows.append(("<missing>", _date(h.get("created")), _created_by(h, trunc), "0B",
                          str(h.get("comment", ""))))
             continue
         if layer < len(diff_ids):
             d = diff_ids[layer]
-            rows.append((digest_hex(d)[:12], _date(h.get("created")), str(h.get("created_by", "")),
+            rows.append((digest_hex(d)[:12], _date(h.get("created")), _created_by(h, trunc),
                          human(sizes[d]), str(h.get("comment", ""))))
         layer += 1
     for d in diff_ids[layer:]:

@@ -1,4 +1,5 @@
-"""contrib/build.py, the image-build example: images in the store, whiteouts, the build cache, failures.
+"""contrib/build.py, the image-build example: images in the store, whiteouts, the build cache, failures,
+and a RUN step's namespaces (/dev, /proc, /sys of its own, none of it in the layer) and empty layers.
 
 The base tree is made here without network: busybox if installed, else dash and
 mkdir/rm/cat with the libraries ldd lists. Builds run the script as a subprocess
@@ -220,3 +221,57 @@ def test_not_root_is_refused_with_a_clear_message(work: Path) -> None:
     assert res.returncode == 1
     assert "must run as root" in res.stderr
     assert not (work / "nobody").exists()
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path below *root*, relative (the root itself is not listed)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_run_gets_dev_proc_sys_in_namespaces_and_none_of_it_reaches_the_layer(work: Path, mount) -> None:
+    (work / "Buildfile").write_text(
+        "FROM base\n"
+        "RUN echo hidden > /dev/null && cat /etc/keep.txt > /dev/null && [ -c /dev/zero ] && [ -c /dev/urandom ] \\\n"
+        "    && [ -c /dev/tty ] && [ -d /dev/pts ] && echo x > /dev/shm/x && [ -d /sys/kernel ] \\\n"
+        "    && cat /proc/1/cmdline > /pid1 && for i in /sys/class/net/*; do echo $i; done > /nets\n"
+        "RUN cat < /dev/ptmx > /dev/null & echo left running\n")
+    res = build(work, "Buildfile", "--tag", "ns:1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stderr == "" and "left running" in res.stdout
+    store = Store(str(work / "store"))
+    lowers = store.lowers("ns:1")
+    assert len(lowers) == 2  # the base, the first RUN; the second changed nothing
+    top = Path(lowers[0])
+    # the step's own PID namespace (PID 1 is the step's init), a network namespace with only lo
+    assert b"build-run" in (top / "pid1").read_bytes()
+    assert (top / "nets").read_text() == "/sys/class/net/lo\n"
+    # the base has no /dev, /proc, /sys: the layer has none either, nor a whiteout for them
+    assert _tree(top) == ["nets", "pid1"]
+    with mount(lowers, None) as d:
+        assert sorted(os.listdir(d.mnt)) == sorted([*os.listdir(work / "base"), "nets", "pid1"])
+    # the step that changed nothing (its background process killed with it) is an empty layer
+    rows = history(res.stdout)
+    assert rows[0][0] == "<missing>" and rows[0][2] == "RUN cat < /dev/ptmx > /dev/null & echo left running"
+    assert rows[0][3] == "0B" and re.fullmatch(r"[0-9a-f]{12}", rows[1][0])
+    assert store.image("ns:1").config["history"][-1]["empty_layer"] is True
+    assert list((work / "store" / "tmp").iterdir()) == []
+
+
+def test_a_base_with_dev_proc_sys_keeps_them_and_the_layer_has_nothing_of_them(work: Path, mount) -> None:
+    for name in ("dev", "proc", "sys"):
+        (work / "base" / name).mkdir(mode=0o755)
+    (work / "base" / "dev" / "console-placeholder").write_text("from the base\n")
+    (work / "Buildfile").write_text("FROM base\nRUN echo hi > /dev/null && echo done > /done\n")
+    res = build(work, "Buildfile", "--tag", "withdev:1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lowers = Store(str(work / "store")).lowers("withdev:1")
+    assert _tree(Path(lowers[0])) == ["done"]
+    with mount(lowers, None) as d:
+        assert (d.mnt / "dev" / "console-placeholder").read_text() == "from the base\n"
+        assert (d.mnt / "proc").is_dir() and os.listdir(d.mnt / "proc") == []
+
+
+def test_build_has_no_fixed_timeouts() -> None:
+    """A ~1 GB base took longer than the 300 s the script once allowed a pyunionfs command."""
+    source = BUILD.read_text()
+    assert "timeout=" not in source and "TimeoutExpired" not in source

@@ -1,0 +1,79 @@
+"""Progress of long store commands (pull, push, commit --tag) on stderr.
+
+Why two forms: on a terminal one line is rewritten in place several times
+a second; in a log or a pipe (a build script, CI, ``contrib/build.py``)
+rewritten lines are noise, but total silence for minutes looks like a hang
+(a 1 GB layer takes a while to compress), so a plain line is written every
+few seconds instead.  A command that ends before the first of those lines
+prints nothing, so quick commands stay quiet in scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+__all__ = ["LOG_INTERVAL", "Progress", "human"]
+
+#: Seconds between two progress lines when stderr is not a terminal.
+LOG_INTERVAL = 5.0
+
+
+def human(size: float) -> str:
+    """Decimal units, as docker prints sizes: 10.24kB."""
+    units = ["B", "kB", "MB", "GB", "TB"]
+    while size >= 1000 and len(units) > 1:
+        size, units = size / 1000, units[1:]
+    return f"{size:.4g}{units[0]}"
+
+
+class Progress:
+    """Bytes and layers done: a rewritten line on a terminal, else a line every *interval* seconds."""
+
+    def __init__(self, what: str, layers: int, stream: IO[str] | None = None,
+                 interval: float = LOG_INTERVAL) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except ValueError:  # a closed stream
+            self.tty = False
+        self.interval = 0.2 if self.tty else interval
+        self.what, self.layers = what, layers
+        self.done_layers = 0
+        self.bytes = 0
+        self.lines = 0  # plain lines written
+        self._last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        self._show()
+
+    def layer_done(self) -> None:
+        self.done_layers += 1
+        self._show(force=self.tty)
+
+    def _text(self) -> str:
+        return f"{self.what}: {self.done_layers}/{self.layers} layers, {human(self.bytes)}"
+
+    def _show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if self.tty:
+            self.stream.write(f"\r{self._text()}\x1b[K")
+        else:
+            self.stream.write(f"pyunionfs: {self._text()}\n")
+            self.lines += 1
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Clear the terminal line; in a log, the final count if it said anything before."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        elif self.lines:
+            self.stream.write(f"pyunionfs: {self._text()}\n")
+        else:
+            return
+        self.stream.flush()
