@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from .changes import LayerError, display
+from .compression import GZIP_MAGIC, ZSTD_MAGIC
 from .errors import MALFORMED_INPUT, malformed
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_xattrs, open_layer_stream
 from .paths import join, split
@@ -533,12 +534,15 @@ class _EndGuard:
 
 
 def data_limit(layer: str) -> int:
-    """The most data one member of *layer* can hold: the file's size, or for gzip what the
-    file could decompress to (deflate expands 1032:1 at most)."""
+    """The most data one member of *layer* can hold: the file's size, or what a
+    compressed file could decompress to (deflate expands 1032:1 at most; a zstd
+    RLE block of 4 bytes holds up to 128 KiB: 32768:1)."""
     with open(layer, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
+        head = f.read(4)
         size = os.fstat(f.fileno()).st_size
-    return size * 1032 if gz else size
+    if head.startswith(GZIP_MAGIC):
+        return size * 1032
+    return size * 32768 if head == ZSTD_MAGIC else size
 
 
 @contextlib.contextmanager
