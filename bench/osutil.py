@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pyunionfs.mount import unescape_mountinfo
+from pyunionfs.fuse.mount import unescape_mountinfo
 
 
 class BenchError(RuntimeError):

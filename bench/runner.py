@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .dataset import Dataset
 from .osutil import BenchError, safe_rmtree
-from .systems import System
 from .profile import MiB
+from .systems import System
 from .workloads import Context, Sample, Workload
 
 PREFAULT = 256 * MiB  # memory recycled before every run (see Context.prefault)

@@ -21,8 +21,8 @@ import contextlib
 import hashlib
 import os
 import random
-import stat
 import shutil
+import stat
 import subprocess
 import sys
 import time

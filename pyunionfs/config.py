@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
+#: The release (``pyunionfs --version``; pyproject.toml's version must match, a test checks).
+VERSION = "0.1.0"
+
 #: Seconds the kernel may cache names and attributes (``-o timeout=``).
 DEFAULT_TIMEOUT = 86400.0
 

@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .. import control
 from ..config import MountConfig
 from ..errors import fs_error, to_errno
-from ..syscalls import fallocate, syncfs
-from ..union import Attr, KernelForget
-from ..writes import Caller, SetAttr, WritableUnionFS
+from ..fs.syscalls import fallocate, syncfs
+from ..fs.union import Attr, KernelForget
+from ..fs.writes import Caller, SetAttr, WritableUnionFS
+from . import control
 from . import protocol as P
 from .abi import (
     FSYNC_FDATASYNC,

@@ -36,12 +36,12 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
-from .. import control
 from ..config import MountConfig
 from ..errors import MountError, fs_error, fuse_errors
-from ..locking import WouldBlock, no_blocking
-from ..union import Attr, KernelForget
-from ..writes import Caller, SetAttr, WritableUnionFS
+from ..fs.locking import WouldBlock, no_blocking
+from ..fs.union import Attr, KernelForget
+from ..fs.writes import Caller, SetAttr, WritableUnionFS
+from . import control
 from .mountinfo import set_readahead
 
 log = logging.getLogger(__name__)

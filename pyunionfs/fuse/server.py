@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 from ..config import MountConfig
 from ..errors import MountError
-from ..syscalls import has_cap_sys_admin, in_initial_user_namespace
-from ..writes import WritableUnionFS
+from ..fs.syscalls import has_cap_sys_admin, in_initial_user_namespace
+from ..fs.writes import WritableUnionFS
 from . import protocol as P
 from .abi import NO_REPLY, InitFlag, Opcode
 from .backing import Backings

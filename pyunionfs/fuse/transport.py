@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MountError
-from ..syscalls import has_cap_sys_admin
+from ..fs.syscalls import has_cap_sys_admin
 from .abi import DEV_IOC_CLONE, MIN_READ_BUFFER, XATTR_SIZE_MAX
 
 if TYPE_CHECKING:

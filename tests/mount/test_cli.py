@@ -192,7 +192,7 @@ def test_every_way_of_unmounting_exits_zero(layers, how) -> None:
 def test_mount_raises_readahead(layers) -> None:
     """Cold sequential reads want a larger readahead than FUSE's 128 KiB default."""
     require_fuse()
-    from pyunionfs.mount import READ_AHEAD_KB, find_mount
+    from pyunionfs.fuse.mountinfo import READ_AHEAD_KB, find_mount
 
     lower1, lower2, upper, mnt = layers
     res = run("mount", f"{lower1}:{lower2}", str(upper), str(mnt))

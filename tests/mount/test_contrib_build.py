@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.mount import unescape_mountinfo
-from pyunionfs.store import Store
+from pyunionfs.fuse.mountinfo import unescape_mountinfo
+from pyunionfs.image.store import Store
 from tests.support.mounting import require_fuse
 
 pytestmark = [

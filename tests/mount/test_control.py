@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import control
+from pyunionfs.fuse import control
 from tests.support.mounting import Daemon
 from tests.support.writecheck import public_dir, put, run_as
 

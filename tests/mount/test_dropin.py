@@ -23,11 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import dropin
+from pyunionfs.cli import dropin
+from pyunionfs.cli.commands import subcommands
 from pyunionfs.config import KNOWN_OPTIONS
 from pyunionfs.errors import UsageError
-from pyunionfs.mount import find_mount
+from pyunionfs.fuse.mountinfo import find_mount
 from tests.support.mounting import force_unmount, is_mounted, require_fuse, wait_until
+
+SUBCOMMANDS = subcommands()
 
 PYUNIONFS = [sys.executable, "-m", "pyunionfs"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +103,7 @@ def unmount_and_wait(mnt: Path, how: list[str]) -> None:
 
 def test_containers_storage_argv_is_the_overlay_form() -> None:
     argv = ["-o", "lowerdir=l/A:l/B,upperdir=/u,workdir=/w,,volatile,fsync=0", "/mnt"]
-    assert dropin.is_overlay_form(argv)
+    assert dropin.is_overlay_form(argv, SUBCOMMANDS)
     inv = dropin.parse_argv(argv)
     assert (inv.lowers, inv.upper, inv.workdir, inv.mountpoint) == ("l/A:l/B", "/u", "/w", "/mnt")
     assert inv.options == [] and inv.warnings == [] and not inv.foreground
@@ -140,15 +143,16 @@ def test_bad_overlay_command_lines(argv, expect) -> None:
 def test_subcommands_still_win() -> None:
     for argv in (["mount", "L", "U", "M"], ["umount", "M"], ["demo"], ["diff", "U"], ["apply", "x", "y"],
                  ["commit", "U", "-o", "lowerdir=x.tar"], ["install-helper"], ["--help"], ["--version"]):
-        assert not dropin.is_overlay_form(argv), argv
+        assert not dropin.is_overlay_form(argv, SUBCOMMANDS), argv
     # mount.fuse3 with a SOURCE that happens to be a subcommand's name
-    assert dropin.is_overlay_form(["mount", "/mnt", "-o", "rw,lowerdir=/a"])
-    assert dropin.is_overlay_form(["-V"]) and dropin.is_overlay_form(["pyunionfs", "/mnt", "-o", "x"])
+    assert dropin.is_overlay_form(["mount", "/mnt", "-o", "rw,lowerdir=/a"], SUBCOMMANDS)
+    assert dropin.is_overlay_form(["-V"], SUBCOMMANDS)
+    assert dropin.is_overlay_form(["pyunionfs", "/mnt", "-o", "x"], SUBCOMMANDS)
     # a mistyped subcommand is argparse's to refuse, unless the line has a lowerdir=
     for argv in (["mout", "L1:L2", "U", "M"], ["umonut", "M"], ["mout", "L", "U", "M", "-o", "ro"], ["frob"]):
-        assert not dropin.is_overlay_form(argv), argv
-    assert dropin.is_overlay_form(["mout", "/mnt", "-o", "lowerdir=/a"])
-    assert dropin.is_overlay_form(["overlay", "/mnt", "-o", "upperdir=/u"])  # says: no lowerdir= given
+        assert not dropin.is_overlay_form(argv, SUBCOMMANDS), argv
+    assert dropin.is_overlay_form(["mout", "/mnt", "-o", "lowerdir=/a"], SUBCOMMANDS)
+    assert dropin.is_overlay_form(["overlay", "/mnt", "-o", "upperdir=/u"], SUBCOMMANDS)  # says: no lowerdir= given
 
 
 def test_mistyped_subcommands_get_invalid_choice_with_the_closest_name(tmp_path: Path) -> None:

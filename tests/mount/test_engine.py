@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.mount import find_mount
+from pyunionfs.fuse.mountinfo import find_mount
 from tests.support.mounting import is_mounted, require_fuse
 from tests.support.writecheck import public_dir, put
 
@@ -86,22 +86,22 @@ def test_a_plain_user_mounts_through_fusermount3_without_passthrough(tmp_path: P
         # The interpreter lives where uid 1000 cannot read: everything is imported before dropping to it.
         code = f"""
 import os, subprocess, sys, time
-import pyunionfs.cli, pyunionfs.mount, pyunionfs.control, pyunionfs.fuse.server
+import pyunionfs.cli.commands, pyunionfs.fuse.mount, pyunionfs.fuse.control, pyunionfs.fuse.server
 os.setgroups([]); os.setgid(1000); os.setuid(1000)
 m = {m!r}
-rc = pyunionfs.cli.main(["mount", {str(pub / "lower")!r}, {str(pub / "upper")!r}, m,
+rc = pyunionfs.cli.commands.main(["mount", {str(pub / "lower")!r}, {str(pub / "upper")!r}, m,
                          "-o", "workdir={pub / "work"}"])
 assert rc == 0, rc
 with open(m + "/new", "wb") as f:
     f.write(b"written by 1000")
 print(open(m + "/f", "rb").read().decode(), open(m + "/new", "rb").read().decode(),
-      pyunionfs.control.stats(m.encode())["passthrough_opens"])
+      pyunionfs.fuse.control.stats(m.encode())["passthrough_opens"])
 print(next(ln for ln in open("/proc/self/mountinfo") if ln.split()[4] == m).strip())
 subprocess.run(["fusermount3", "-u", m], check=True)
 deadline = time.monotonic() + 20
-while pyunionfs.mount.find_mount(m.encode()) is not None and time.monotonic() < deadline:
+while pyunionfs.fuse.mount.find_mount(m.encode()) is not None and time.monotonic() < deadline:
     time.sleep(0.01)
-print("gone" if pyunionfs.mount.find_mount(m.encode()) is None else "still mounted")
+print("gone" if pyunionfs.fuse.mount.find_mount(m.encode()) is None else "still mounted")
 """
         dev = tmp_path / "dev"
         dev.mkdir()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.store import Store
+from pyunionfs.image.store import Store
 from tests.support.layergen import is_mounted
 from tests.support.mounting import Daemon
 from tests.support.treesnap import Entry, Snapshot, diff, snapshot

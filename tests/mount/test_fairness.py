@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import control
+from pyunionfs.fuse import control
 from tests.support.mounting import BOTH_ENGINES, Daemon, wait_until
 from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import pytest
 
-from pyunionfs.mount import find_mount
+from pyunionfs.fuse.mountinfo import find_mount
 from tests.support.layergen import is_mounted as something_mounted
 from tests.support.mounting import Daemon, is_mounted
 from tests.support.writecheck import (
@@ -548,7 +548,7 @@ def test_lazy_unmount_detaches_at_once_and_the_daemon_exits_when_the_last_file_c
 # the daemon, a file held open, ``pyunionfs umount -z`` given 5 s to return.
 _LAZY_WITH_FUSECTL = r"""
 import json, os, subprocess, sys, time
-from pyunionfs.mount import find_mount
+from pyunionfs.fuse.mountinfo import find_mount
 low, up, mnt, pidfile, log = sys.argv[1:6]
 conns = "/sys/fs/fuse/connections"
 with open("/proc/self/mounts") as f:

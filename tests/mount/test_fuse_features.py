@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import control
-from pyunionfs.syscalls import birth_time_ns
-
+from pyunionfs.fs.syscalls import birth_time_ns
+from pyunionfs.fuse import control
 from tests.support.mounting import Daemon
 from tests.support.writecheck import on_kernel_and_ours, put
 

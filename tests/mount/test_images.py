@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.layerapply import apply_layer
-from pyunionfs.store import Store
+from pyunionfs.image.layerapply import apply_layer
+from pyunionfs.image.store import Store
 from tests.support.ocigen import app_tree, base_tree, make_layer, write_layout
 from tests.support.treesnap import Snapshot, diff, snapshot
 

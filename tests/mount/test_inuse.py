@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import layertar, tempfiles
+from pyunionfs.image import layertar, tempfiles
 from tests.support.mounting import Daemon, force_unmount, is_mounted, require_fuse
 
 PYUNIONFS = [sys.executable, "-m", "pyunionfs"]

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.layerapply import apply_layer
-from pyunionfs.layertar import commit
+from pyunionfs.image.layerapply import apply_layer
+from pyunionfs.image.layertar import commit
 from tests.support.layergen import is_mounted
 from tests.support.mounting import Daemon
 from tests.support.treesnap import Entry, Snapshot, diff, snapshot

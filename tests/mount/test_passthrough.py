@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from pyunionfs import control
+from pyunionfs.fuse import control
 from tests.support.mounting import Daemon
 from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 

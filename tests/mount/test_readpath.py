@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.writecheck import put, whiteout
 from tests.support.mounting import drop_kernel_caches
-
+from tests.support.writecheck import put, whiteout
 
 mkfile = put  # a file (and its parents) in a layer being built
 

@@ -46,15 +46,15 @@ from typing import Any
 
 import pytest
 
-from pyunionfs import control
-from pyunionfs.syscalls import RENAME_EXCHANGE, renameat2
+from pyunionfs.fs.syscalls import RENAME_EXCHANGE, renameat2
+from pyunionfs.fuse import control
 from tests.support.mounting import Daemon
 from tests.support.writecheck import (
     default_workdir,
     errname,
     kernel_overlay,
-    on_kernel_and_ours,
     layer_state,
+    on_kernel_and_ours,
     public_dir,
     put,
     run_as,

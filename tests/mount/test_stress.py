@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pyunionfs import control
+from pyunionfs.fuse import control
 from tests.support.mounting import Daemon
 from tests.support.writecheck import put, wait_for
 

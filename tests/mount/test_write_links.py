@@ -22,17 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-from tests.support.layergen import kernel_mount, kernel_umount
 from tests.support.layergen import Stack as LayerStack
+from tests.support.layergen import kernel_mount, kernel_umount
 from tests.support.mounting import Daemon
 from tests.support.treesnap import Snapshot, diff, fmt_path, snapshot
 from tests.support.writecheck import (
     default_workdir,
     errname,
     errno_of,
-    on_kernel_and_ours,
     kill_daemon,
+    on_kernel_and_ours,
     public_dir,
     put,
     run_as,

@@ -57,7 +57,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyunionfs.mount import unescape_mountinfo
+from pyunionfs.fuse.mountinfo import unescape_mountinfo
 
 __all__ = [
     "DIR_MODES",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.mount import find_mount
+from pyunionfs.fuse.mountinfo import find_mount
 
 FSTYPE = "fuse.pyunionfs"
 

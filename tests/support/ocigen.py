@@ -1,6 +1,6 @@
 """Small OCI images for tests, written by hand so they do not depend on our own push.
 
-A layer is made from a directory with :func:`pyunionfs.layertar.commit`
+A layer is made from a directory with :func:`pyunionfs.image.layertar.commit`
 (the directory read as an overlay upper: 0/0 devices are whiteouts), and the
 layout is written here from the spec: ``oci-layout``, ``index.json`` with the
 tag as ``org.opencontainers.image.ref.name``, ``blobs/sha256/<hex>``.
@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyunionfs.layertar import commit
+from pyunionfs.image.layertar import commit
 
 T0 = 1_700_000_000
 

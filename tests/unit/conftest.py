@@ -1,7 +1,7 @@
 """Shared helpers for the core unit tests: layers as real directories, a UnionFS
 factory that is always closed, and small drivers for lookup/readdir/read.
 
-No FUSE and no mounting: the core (:class:`pyunionfs.union.UnionFS`) is called
+No FUSE and no mounting: the core (:class:`pyunionfs.fs.union.UnionFS`) is called
 directly by inode number.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.union import Attr, UnionFS
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.union import Attr, UnionFS
 
 # -- building layers on disk ------------------------------------------------
 

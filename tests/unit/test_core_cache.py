@@ -14,8 +14,8 @@ import tracemalloc
 
 import pytest
 
-from pyunionfs.cache import ResolutionCache
-from pyunionfs.inodes import ROOT_INO
+from pyunionfs.fs.cache import ResolutionCache
+from pyunionfs.fs.inodes import ROOT_INO
 
 from .conftest import listdir, lookup_path, mkdir, mkfile
 from .test_core_writes import ALICE, env, ino_of  # noqa: F401  (env is a fixture)

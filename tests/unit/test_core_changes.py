@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.changes import LayerError, changes, path_key
-from pyunionfs.whiteout import Markers
+from pyunionfs.fs.whiteout import Markers
+from pyunionfs.image.changes import LayerError, changes, path_key
 from tests.unit.conftest import mkfile, mkwhiteout, mkxwhiteout, set_opaque
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: whiteout devices and trusted xattrs")
@@ -160,7 +160,7 @@ def test_userxattr_reads_only_user_markers(tmp_path: Path) -> None:
 
 def test_marker_helpers() -> None:
     """The two small additions to whiteout.py that the layer tools rely on."""
-    from pyunionfs.whiteout import classify_oci_name
+    from pyunionfs.fs.whiteout import classify_oci_name
 
     assert classify_oci_name(b"name") == ("entry", b"name")
     assert classify_oci_name(b"a.wh.b") == ("entry", b"a.wh.b")
@@ -195,7 +195,7 @@ T1 = 1_700_000_000
 def index_copy(lower: Path, rel: str, work: Path, upper: Path, names: list[str], data: bytes, merged: int) -> Path:
     """Copy lower hard link *rel* to ``work/index`` with new *data*, link it at
     *names* in *upper*, and record *merged* as its merged link count."""
-    from pyunionfs import origin
+    from pyunionfs.fs import origin
 
     src = lower / rel
     fd = os.open(src.parent, os.O_PATH | os.O_DIRECTORY)
@@ -316,7 +316,7 @@ def test_only_names_the_merged_view_still_shows(tmp_path: Path) -> None:
         ("C", b"d/kept"),
     ]  # nothing in c: what l1 hides or replaces there is not the copy
     assert warnings == []
-    from pyunionfs.layertar import commit
+    from pyunionfs.image.layertar import commit
 
     commit(str(up), str(tmp_path / "l.tar"), lowers=[str(l1), str(l0)], workdir=str(work))
     with tarfile.open(tmp_path / "l.tar") as tf:
@@ -336,7 +336,7 @@ def test_a_copy_whose_names_were_all_removed_adds_nothing(tmp_path: Path) -> Non
 
 
 def test_commit_writes_every_name_as_one_hard_link_group(tmp_path: Path) -> None:
-    from pyunionfs.layertar import commit
+    from pyunionfs.image.layertar import commit
 
     up, low, work = tmp_path / "upper", tmp_path / "low", tmp_path / "work"
     linked_lower(low)

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.compression import Compression
-from pyunionfs.layerapply import apply_layer
-from pyunionfs.layertar import commit
-from pyunionfs.progress import Progress
-from pyunionfs.store import Store, format_history
+from pyunionfs.image.compression import Compression
+from pyunionfs.image.layerapply import apply_layer
+from pyunionfs.image.layertar import commit
+from pyunionfs.image.progress import Progress
+from pyunionfs.image.store import Store, format_history
 from tests.support.ocigen import app_tree, base_tree, make_layer, put, write_layout
 from tests.support.treesnap import diff, snapshot
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.copyup import TMP_PREFIX, clean_workdir, copy_up
+from pyunionfs.fs.copyup import TMP_PREFIX, clean_workdir, copy_up
 
 # struct vfs_cap_data, revision 2: CAP_NET_BIND_SERVICE (10) permitted, effective flag set.
 CAPABILITY = struct.pack("<IIIII", 0x02000000 | 1, 1 << 10, 0, 0, 0)

@@ -18,11 +18,11 @@ import subprocess
 
 import pytest
 
-from pyunionfs.callers import Caller, has_sys_admin
 from pyunionfs.config import build_config
 from pyunionfs.errors import UsageError
-from pyunionfs.handles import RESERVE_MIN, FairShare, capacity
-from pyunionfs.inodes import ROOT_INO
+from pyunionfs.fs.callers import Caller, has_sys_admin
+from pyunionfs.fs.handles import RESERVE_MIN, FairShare, capacity
+from pyunionfs.fs.inodes import ROOT_INO
 
 from .conftest import mkdir, mkfile
 from .test_core_writes import ALICE, env, ino_of  # noqa: F401  (env is a fixture)

@@ -16,9 +16,9 @@ import stat
 
 import pytest
 
-from pyunionfs import acl
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.writes import Caller, SetAttr
+from pyunionfs.fs import acl
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.writes import Caller, SetAttr
 
 from .conftest import lookup_path, mkfile, read_file
 from .test_core_writes import Env, env, err, ino_of, touch, write_at  # noqa: F401  (env is a fixture)

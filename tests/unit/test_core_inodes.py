@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyunionfs.inodes import ROOT_INO, InodeTable
-from pyunionfs.resolve import Entry
+from pyunionfs.fs.entry import Entry
+from pyunionfs.fs.inodes import ROOT_INO, InodeTable
 
 from .conftest import lookup_path, mkfile
 

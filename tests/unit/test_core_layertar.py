@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.changes import LayerError
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.layerapply import apply_layer
-from pyunionfs.layertar import commit
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.image.changes import LayerError
+from pyunionfs.image.layerapply import apply_layer
+from pyunionfs.image.layertar import commit
 from tests.support.treesnap import Entry, Snapshot, diff, snapshot
 from tests.unit.conftest import lookup_path, read_file, readdir_all
 

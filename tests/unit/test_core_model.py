@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyunionfs.config import MountConfig
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.union import UnionFS
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.union import UnionFS
 
 NAMES = ["a", "b", "c"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.paths import DirFds, check_name, join, proc_path, split
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.paths import DirFds, check_name, join, proc_path, split
 
 from .conftest import (
     errno_of,

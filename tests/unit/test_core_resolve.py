@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from pyunionfs.inodes import ROOT_INO
+from pyunionfs.fs.inodes import ROOT_INO
 
 from .conftest import (
     errno_of,

@@ -21,9 +21,9 @@ import pytest
 
 from pyunionfs import cli
 from pyunionfs.errors import UsageError
-from pyunionfs.layerapply import apply_layer
-from pyunionfs.ocilayout import ImageError, split_layout_arg
-from pyunionfs.store import Progress, Store, default_store, format_history, format_images, parse_ref
+from pyunionfs.image.layerapply import apply_layer
+from pyunionfs.image.ocilayout import ImageError, split_layout_arg
+from pyunionfs.image.store import Progress, Store, default_store, format_history, format_images, parse_ref
 from tests.support.ocigen import LayerBlob, app_tree, base_tree, make_layer, put, whiteout, write_layout
 from tests.support.treesnap import Snapshot, diff, snapshot
 
@@ -153,7 +153,7 @@ def test_two_images_share_their_base(tmp_path: Path, layers: dict[str, LayerBlob
     lines = table.splitlines()
     assert lines[0].split() == ["REPOSITORY:TAG", "IMAGE", "ID", "LAYERS", "SIZE", "SHARED", "SIZE"]
     base_size = layers["base"].tar.stat().st_size
-    from pyunionfs.store import human
+    from pyunionfs.image.store import human
 
     for line, app in zip(lines[1:3], ("app1", "app2"), strict=True):
         cols = line.split()
@@ -421,7 +421,7 @@ def test_progress_only_on_a_terminal() -> None:
 def test_rootless_store_keeps_oci_whiteouts(tmp_path: Path, layers: dict[str, LayerBlob],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # an unprivileged user cannot mknod 0/0: the layer keeps its .wh. files, which the mount reads
-    monkeypatch.setattr("pyunionfs.store.whiteout_mode", lambda: "oci")
+    monkeypatch.setattr("pyunionfs.image.store.whiteout_mode", lambda: "oci")
     write_layout(tmp_path / "lay", [layers["base"], layers["app1"]])
     store = Store(str(tmp_path / "store"))
     store.pull(str(tmp_path / "lay"))
@@ -466,9 +466,10 @@ def test_rmi_by_id_of_an_image_with_two_tags_is_refused(tmp_path: Path, layers: 
 
 @pytest.mark.parametrize("command", ["pull", "push", "images", "history", "rmi"])
 def test_image_commands_are_subcommands_not_mount_sources(command: str) -> None:
-    from pyunionfs.dropin import is_overlay_form
+    from pyunionfs.cli.commands import subcommands
+    from pyunionfs.cli.dropin import is_overlay_form
 
-    assert not is_overlay_form([command, "x", "y"])
+    assert not is_overlay_form([command, "x", "y"], subcommands())
 
 
 def test_tag_records_the_same_image_under_another_name(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from pyunionfs.inodes import ROOT_INO
 from pyunionfs.config import MountConfig
-from pyunionfs.union import Attr, UnionFS
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.union import Attr, UnionFS
 
 from .conftest import (
     errno_of,

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from pyunionfs import copyup, origin
 from pyunionfs.config import MountConfig
-from pyunionfs.inodes import ROOT_INO
-from pyunionfs.locking import WouldBlock, no_blocking
-from pyunionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
-from pyunionfs.writes import Caller, SetAttr, WritableUnionFS
+from pyunionfs.fs import copyup, origin
+from pyunionfs.fs.inodes import ROOT_INO
+from pyunionfs.fs.locking import WouldBlock, no_blocking
+from pyunionfs.fs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from pyunionfs.fs.writes import Caller, SetAttr, WritableUnionFS
 
 from .conftest import (
     b,

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
+from pyunionfs.fs.syscalls import birth_time_ns
+from pyunionfs.fs.writes import WritableUnionFS
 from pyunionfs.fuse import structs as S
 from pyunionfs.fuse.abi import FopenFlag, InitFlag, Opcode
 from pyunionfs.fuse.backing import Backings
 from pyunionfs.fuse.engine import Engine
 from pyunionfs.fuse.protocol import parse_request
-from pyunionfs.syscalls import birth_time_ns
-from pyunionfs.writes import WritableUnionFS
 from tests.unit.conftest import b, mkfile
 from tests.unit.test_fuse_protocol import msg
 

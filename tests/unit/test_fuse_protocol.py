@@ -15,6 +15,7 @@ import struct
 
 import pytest
 
+from pyunionfs.fs.union import Attr
 from pyunionfs.fuse import abi
 from pyunionfs.fuse import structs as S
 from pyunionfs.fuse.abi import FopenFlag, InitFlag, NotifyCode, Opcode
@@ -38,8 +39,8 @@ from pyunionfs.fuse.protocol import (
     notify_retrieve,
     notify_store,
     open_out,
-    pack_dirents,
     pack_direntplus,
+    pack_dirents,
     parse_request,
     read_buffer_size,
     reply,
@@ -79,7 +80,6 @@ from pyunionfs.fuse.requests import (
     Symlink,
     UnsupportedKernel,
 )
-from pyunionfs.union import Attr
 
 # -- sizes and numbers ----------------------------------------------------------
 

@@ -13,7 +13,7 @@ hold:
 * it is refused: exit status 1, exactly one line on stderr starting ``pyunionfs: ``, no
   traceback, and DIR exactly as it was (a DIR that did not exist still does not).
 
-Apply runs in-process through :func:`pyunionfs.cli.main` (the CLI's own function and error
+Apply runs in-process through :func:`pyunionfs.cli.commands.main` (the CLI's own function and error
 mapping, so an exception it does not map fails the test); a few cases run the real command in a
 subprocess for the exit status and the one line.
 """

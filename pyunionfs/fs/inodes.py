@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .resolve import Entry
+from .entry import Entry
 
 ROOT_INO = 1
 _DEV_SHIFT = 48

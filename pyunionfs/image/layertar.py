@@ -53,11 +53,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
+from ..fs.paths import join
+from ..fs.whiteout import OCI_OPAQUE, Markers
 from .changes import LayerError, UpperEntry, UpperWalk, Warn, display, warn_stderr
 from .compression import ZSTD_MAGIC, Compression, Sink, open_zstd
 from .digest import Hasher, HashWriter
-from .paths import join
-from .whiteout import OCI_OPAQUE, Markers
 
 __all__ = [
     "TAR_ENCODING",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .errors import MountError
+from ..errors import MountError
 
 PREFIX = b"user.pyunionfs."
 #: Drop the daemon's caches and make the kernel forget what it cached of the
@@ -39,7 +39,7 @@ def stats(mountpoint: bytes) -> dict[str, int]:
 
 def drop_caches(mountpoint: bytes) -> str:
     """Ask the daemon behind *mountpoint* to drop every cache; its one-line answer."""
-    from .mount import find_mount
+    from .mountinfo import find_mount
 
     found = find_mount(mountpoint)
     if found is None or found[0] != "fuse.pyunionfs":

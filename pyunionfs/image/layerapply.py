@@ -50,14 +50,14 @@ import shutil
 import stat
 import tarfile
 
-from .config import trusted_xattrs_usable
+from ..config import trusted_xattrs_usable
+from ..errors import MALFORMED_INPUT, malformed
+from ..fs.paths import DirFds, join, proc_path, split
+from ..fs.syscalls import RENAME_NOREPLACE, renameat2
+from ..fs.whiteout import Markers
 from .changes import LayerError, display, path_key
-from .errors import MALFORMED_INPUT, malformed
 from .layercheck import Member, Plan, check_layer, header, reading, stored_xattrs
 from .layertar import from_tar_text, member_mtime_ns
-from .paths import DirFds, join, proc_path, split
-from .syscalls import RENAME_NOREPLACE, renameat2
-from .whiteout import Markers
 
 __all__ = ["MODES", "apply_layer"]
 

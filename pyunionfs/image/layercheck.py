@@ -49,12 +49,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+from ..errors import MALFORMED_INPUT, malformed
+from ..fs.paths import join, split
+from ..fs.whiteout import Markers, classify_oci_name
 from .changes import LayerError, display
 from .compression import GZIP_MAGIC, ZSTD_MAGIC
-from .errors import MALFORMED_INPUT, malformed
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_xattrs, open_layer_stream
-from .paths import join, split
-from .whiteout import Markers, classify_oci_name
 
 __all__ = [
     "DIR_FLAGS",

@@ -23,11 +23,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from .config import MountConfig
-from .errors import MountError
-from .fuse.mountinfo import READ_AHEAD_KB, find_mount, unescape_mountinfo
+from ..config import MountConfig
+from ..errors import MountError
+from ..fs.writes import WritableUnionFS
 from .inuse import Claim, claim
-from .writes import WritableUnionFS
+from .mountinfo import READ_AHEAD_KB, find_mount, unescape_mountinfo
 
 __all__ = ["READ_AHEAD_KB", "find_mount", "mount", "serve", "unescape_mountinfo", "unmount"]
 
@@ -92,13 +92,13 @@ def _engine_serve(cfg: MountConfig) -> Callable[[MountConfig, WritableUnionFS, C
     """The ``serve`` of the engine *cfg* names (imported only when used)."""
     if cfg.engine == "pyfuse3":
         try:
-            from .fuse import pyfuse3_engine
+            from . import pyfuse3_engine
         except ImportError as exc:
             raise MountError(
                 f"engine=pyfuse3 needs pyfuse3 ({exc}): pip install 'pyunionfs[pyfuse3]'"
             ) from None
         return pyfuse3_engine.serve
-    from .fuse import server
+    from . import server
 
     return server.serve
 
@@ -203,7 +203,7 @@ def mount(cfg: MountConfig, log_file: str | None = None) -> int:
     """Mount in the background and return once the mount is live (or failed).
 
     *log_file* (relative to the caller's directory) receives a background
-    daemon's log; a foreground one logs where :func:`pyunionfs.cli.run_mount` said.
+    daemon's log; a foreground one logs where :func:`mount_configured` said.
     """
     if cfg.foreground:
         faulthandler.register(signal.SIGUSR1)
@@ -309,3 +309,18 @@ def _wait_for_daemon(mountpoint: bytes, deadline: float) -> None:
                 return
     finally:
         os.close(fd)
+
+
+def mount_configured(cfg: MountConfig, log_file: str | None) -> int:
+    """Mount *cfg* (in the background unless cfg.foreground); the exit status.
+
+    In the foreground the log goes to stderr or *log_file*, set up here
+    because the daemon's own set-up is for the background case."""
+    if cfg.foreground:
+        stream = None if log_file is None else os.fdopen(open_log(log_file), "a", buffering=1)
+        logging.basicConfig(
+            level=logging.DEBUG if cfg.debug else logging.INFO,
+            format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
+            stream=stream,
+        )
+    return mount(cfg, log_file)

@@ -26,8 +26,8 @@ import fcntl
 import os
 from collections.abc import Iterator, Sequence
 
-from .errors import MountError
-from .fuse.mountinfo import unescape_mountinfo
+from ..errors import MountError
+from .mountinfo import unescape_mountinfo
 
 #: What each command says it needs a directory for, in the refusal.
 HINTS = {

@@ -47,10 +47,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..errors import MALFORMED_INPUT, UsageError, malformed
 from .changes import LayerError
 from .compression import Compression, open_zstd
 from .digest import Hasher, HashWriter
-from .errors import MALFORMED_INPUT, UsageError, malformed
 from .ocilayout import (
     CONTAINERD_NAME,
     MT_CONFIG,

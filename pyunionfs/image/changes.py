@@ -57,13 +57,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from . import origin
-from .config import default_workdir
-from .errors import MountError
-from .indexnames import IndexCopy, IndexDir, LowerView, index_names
-from .layers import LayerStack
-from .paths import join
-from .whiteout import OCI_OPAQUE, Markers, classify_oci_name
+from ..config import default_workdir
+from ..errors import MountError
+from ..fs import origin
+from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
+from ..fs.layers import LayerStack
+from ..fs.paths import join
+from ..fs.whiteout import OCI_OPAQUE, Markers, classify_oci_name
 
 __all__ = [
     "ADDED", "CHANGED", "DELETED", "LayerError", "UpperEntry", "UpperWalk", "Warn", "changes", "display",

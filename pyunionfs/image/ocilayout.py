@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ..errors import MALFORMED_INPUT, MountError, UsageError, malformed
 from .digest import Hasher
-from .errors import MALFORMED_INPUT, MountError, UsageError, malformed
 
 __all__ = [
     "MT_CONFIG",

@@ -28,20 +28,18 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
+from ..config import MountConfig
+from ..errors import fs_error
 from . import acl, copyup
 from .callers import DAEMON, Caller
 from .copyups import CopyUps
-from .config import MountConfig
-from .errors import fs_error
+from .entry import Entry
+from .handles import BACKING_FLAGS
 from .inodes import Node
 from .paths import check_name, join, proc_path, split
-from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
-from .handles import BACKING_FLAGS
 from .union import TRUSTED, Attr, UnionFS
 from .upper import Upper
-
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from .errors import MountError
+from ..errors import MountError
 from .paths import DirFds, proc_path
 from .syscalls import (
     MOUNT_ATTR__ATIME,

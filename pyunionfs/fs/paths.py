@@ -18,7 +18,7 @@ import errno
 import os
 from collections import OrderedDict
 
-from .errors import fs_error
+from ..errors import fs_error
 
 NAME_MAX = 255
 PATH_MAX = 4096

@@ -32,16 +32,17 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..config import MountConfig, default_workdir
+from ..errors import fs_error
 from .cache import Listing
 from .callers import DAEMON, Caller
-from .config import MountConfig, default_workdir
-from .errors import fs_error
+from .entry import Entry
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
 from .paths import proc_path, split
-from .resolve import Entry, Resolver
+from .resolve import Resolver
 from .syscalls import birth_time_ns
 from .whiteout import Markers
 

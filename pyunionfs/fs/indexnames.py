@@ -33,9 +33,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from . import origin
+from .entry import Entry
 from .layers import LayerStack
 from .paths import join, proc_path
-from .resolve import Entry, Resolver
+from .resolve import Resolver
 from .syscalls import name_to_handle_at
 from .upper import INDEX
 from .whiteout import Markers

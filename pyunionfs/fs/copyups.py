@@ -30,12 +30,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..errors import fs_error
 from . import copyup, origin
-from .errors import fs_error
-from .locking import WouldBlock, may_block
+from .entry import Entry
 from .inodes import Node
+from .locking import WouldBlock, may_block
 from .paths import join, proc_path, split
-from .resolve import Entry
 from .upper import Upper
 
 if TYPE_CHECKING:

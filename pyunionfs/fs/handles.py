@@ -56,7 +56,7 @@ import resource
 import threading
 from collections.abc import Iterator
 
-from .errors import fs_error
+from ..errors import fs_error
 
 #: Open flags that reach the backing fd: the access mode and what changes
 #: how the object itself behaves (not O_APPEND and O_DIRECT: see above).

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .resolve import Entry
+    from .entry import Entry
 
 #: Cached names (positive and negative, plus listed names) across all
 #: directories.  About 430 bytes each (a listed name and its entry, measured

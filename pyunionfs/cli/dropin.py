@@ -24,11 +24,12 @@ import difflib
 import os
 import sys
 import textwrap
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .config import split_items, unescape
-from .errors import UsageError
+from ..config import split_items, unescape
+from ..errors import UsageError
 
 #: Where ``install-helper`` links the command by default: the first directory
 #: of the search path mount.fuse3's /bin/sh falls back to (mount(8) runs its
@@ -192,7 +193,7 @@ class Invocation:
     version: bool = False
 
 
-def is_overlay_form(argv: list[str]) -> bool:
+def is_overlay_form(argv: list[str], subcommands: Collection[str]) -> bool:
     """Whether *argv* is the fuse-overlayfs / mount.fuse3 form, not a subcommand.
 
     That form starts with an option (``-o``, ``-f``...) or with mount.fuse3's
@@ -205,9 +206,7 @@ def is_overlay_form(argv: list[str]) -> bool:
     """
     if not argv or argv[0] in ("-h", "--help", "--version"):
         return False
-    from .cli import subcommands  # the parser's own list: a new subcommand is known here at once
-
-    names = subcommands()
+    names = sorted(subcommands)  # the parser's own list: a new subcommand is known here at once
     groups = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
     groups += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
     has_lowerdir = any(item.startswith("lowerdir=") for g in groups for item in split_items(g))
@@ -332,20 +331,19 @@ def help_text() -> str:
 def run(argv: list[str]) -> int:
     """Mount as fuse-overlayfs would; return the exit status (UsageError and
     MountError propagate to the caller's one-line reporting)."""
-    from . import __version__
-    from .config import build_config
+    from ..config import VERSION, build_config
 
     inv = parse_argv(argv)
     if inv.help:
         print(help_text())
         return 0
     if inv.version:
-        print(f"pyunionfs {__version__}")
+        print(f"pyunionfs {VERSION}")
         return 0
     assert inv.lowers is not None
     cfg = build_config(inv.lowers, inv.upper, inv.mountpoint, inv.options, inv.foreground, inv.debug,
                        workdir=inv.workdir, fsname=inv.source)
-    from .cli import run_mount
+    from ..fuse.mount import mount_configured
 
     def warn() -> None:
         for w in inv.warnings:
@@ -353,8 +351,8 @@ def run(argv: list[str]) -> int:
 
     if cfg.foreground:
         warn()
-        return run_mount(cfg, inv.log)
-    status = run_mount(cfg, inv.log)
+        return mount_configured(cfg, inv.log)
+    status = mount_configured(cfg, inv.log)
     if status == 0:  # after the fact, so that a failed mount still says one line
         warn()
     return status

@@ -5,23 +5,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING
 
-from .config import KNOWN_OPTIONS, MountConfig, build_config
+from ..config import KNOWN_OPTIONS, build_config
+from ..errors import MountError, UsageError
 from .dropin import HELPER_DIR, is_overlay_form
-from .errors import MountError, UsageError
 
 if TYPE_CHECKING:
-    from .layertar import CommitResult
+    from ..image.layertar import CommitResult
 
 _OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ..config import VERSION
     from .dropin import help_text
 
     p = argparse.ArgumentParser(
@@ -30,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=help_text(),
     )
-    p.add_argument("-V", "--version", action="version", version=f"pyunionfs {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"pyunionfs {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(
@@ -123,7 +122,7 @@ def _workdir_option(p: argparse.ArgumentParser) -> None:
 
 def _lower_paths(spec: str | None) -> list[str] | None:
     """--lowers as absolute paths, topmost first (escaped as for mount)."""
-    from .config import split_layers
+    from ..config import split_layers
 
     return [os.path.abspath(p) for p in split_layers(spec)] if spec else None
 
@@ -170,8 +169,8 @@ def _image_command(args: argparse.Namespace) -> int:
 
 
 def _store_command(args: argparse.Namespace) -> int:
-    from .compression import Compression
-    from .store import Store, format_history, format_images
+    from ..image.compression import Compression
+    from ..image.store import Store, format_history, format_images
 
     if args.command == "commit" and args.gzip:
         raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
@@ -209,8 +208,8 @@ def _store_command(args: argparse.Namespace) -> int:
 
 def _layer_command(args: argparse.Namespace) -> int:
     if args.command == "diff":
-        from .changes import changes
-        from .whiteout import Markers
+        from ..fs.whiteout import Markers
+        from ..image.changes import changes
 
         lowers = [os.fsencode(p) for p in _lower_paths(args.lowers) or ()]
         workdir = None if args.workdir is None else os.fsencode(os.path.abspath(args.workdir))
@@ -232,7 +231,7 @@ def _layer_command(args: argparse.Namespace) -> int:
         if res.compressed_path is not None:
             print(f"{res.compressed_digest}  {res.compressed_path}")
         return 0
-    from .layerapply import apply_layer
+    from ..image.layerapply import apply_layer
 
     if args.flatten and args.whiteouts == "oci":
         raise UsageError("--flatten deletes what a whiteout names; it cannot keep .wh. files (--whiteouts=oci)")
@@ -245,7 +244,7 @@ def _layer_command(args: argparse.Namespace) -> int:
 def _upper_claimed(path: str, purpose: str) -> contextlib.AbstractContextManager[object]:
     """Hold *path* against a live mount of it while a command reads or writes it
     (commit: shared, so that commits may run together; apply: exclusive)."""
-    from .inuse import claimed
+    from ..fuse.inuse import claimed
 
     if not os.path.isdir(path):
         return contextlib.nullcontext()  # apply makes it (then no mount uses it); commit says what is wrong
@@ -257,9 +256,9 @@ def _commit_file(args: argparse.Namespace) -> CommitResult:
     """``commit -o LAYER.tar``: the tar (and .gz) is built beside the output under
     temporary names this process flocks, so that the next commit to the same
     output can tell a killed command's leftovers from a live one's and remove them."""
-    from .compression import Compression
-    from .layertar import commit
-    from .tempfiles import held_temporaries
+    from ..image.compression import Compression
+    from ..image.layertar import commit
+    from ..image.tempfiles import held_temporaries
 
     compress = None
     if args.gzip and args.compress not in (None, "gzip"):
@@ -276,27 +275,11 @@ def _commit_file(args: argparse.Namespace) -> CommitResult:
                       lowers=_lower_paths(args.lowers), workdir=args.workdir)
 
 
-def run_mount(cfg: MountConfig, log_file: str | None) -> int:
-    """Mount *cfg* (in the background unless cfg.foreground); the exit status."""
-    from .mount import mount
-
-    if cfg.foreground:
-        from .mount import open_log
-
-        stream = None if log_file is None else os.fdopen(open_log(log_file), "a", buffering=1)
-        logging.basicConfig(
-            level=logging.DEBUG if cfg.debug else logging.INFO,
-            format="%(asctime)s pyunionfs %(levelname)s %(name)s: %(message)s",
-            stream=stream,
-        )
-    return mount(cfg, log_file)
-
-
 def _command(args: argparse.Namespace) -> int:
     if args.command == "mount":
         lowers = args.lowers
         if lowers.startswith("image:"):
-            from .store import IMAGE_PREFIX, Store
+            from ..image.store import IMAGE_PREFIX, Store
 
             dirs = Store(args.store, create=False).lowers(lowers[len(IMAGE_PREFIX):])
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
@@ -305,14 +288,16 @@ def _command(args: argparse.Namespace) -> int:
         # --debug implies -f, as its help says (as libfuse's -d does)
         cfg = build_config(lowers, args.upper, args.mountpoint, args.options, args.foreground or args.debug,
                            args.debug)
-        return run_mount(cfg, args.log)
+        from ..fuse.mount import mount_configured
+
+        return mount_configured(cfg, args.log)
     if args.command == "umount":
-        from .mount import unmount
+        from ..fuse.mount import unmount
 
         unmount(os.fsencode(os.path.abspath(args.mountpoint)), lazy=args.lazy)
         return 0
     if args.command == "drop-caches":
-        from .control import drop_caches
+        from ..fuse.control import drop_caches
 
         print(f"pyunionfs: {drop_caches(os.fsencode(os.path.abspath(args.mountpoint)))}")
         return 0
@@ -351,7 +336,7 @@ def _refuse_mistyped_command(parser: argparse.ArgumentParser, argv: list[str]) -
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if is_overlay_form(argv):
+        if is_overlay_form(argv, subcommands()):
             # pyunionfs -o lowerdir=...,upperdir=...,workdir=... [SOURCE] MNT (fuse-overlayfs, mount.fuse3)
             from .dropin import run
 
