@@ -39,7 +39,7 @@ from .paths import join, proc_path
 from .resolve import Resolver
 from .syscalls import name_to_handle_at
 from .upper import INDEX
-from .whiteout import Markers
+from .markers import Markers
 
 __all__ = ["IndexCopy", "IndexDir", "LowerView", "index_names"]
 

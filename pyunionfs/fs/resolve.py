@@ -4,7 +4,7 @@ The rules are overlayfs's (``fs/overlayfs/namei.c``), applied top-down over the
 layers in which the parent directory exists:
 
 * the first layer that has the name wins;
-* a whiteout (any format of :mod:`.whiteout`) ends the search: the name is gone;
+* a whiteout (any format of :mod:`.markers`) ends the search: the name is gone;
 * a non-directory ends the search;
 * a directory merges with the directories of the same name below it, until a
   layer where it is opaque, or a layer where the name is a non-directory or a
@@ -26,7 +26,7 @@ from .cache import ResolutionCache
 from .entry import Entry
 from .layers import LayerStack
 from .paths import check_name, join, proc_path
-from .whiteout import OCI_OPAQUE, Markers
+from .markers import OCI_OPAQUE, Markers
 
 
 class IndexView(Protocol):

@@ -44,7 +44,7 @@ from .locking import BigLock
 from .paths import proc_path, split
 from .resolve import Resolver
 from .syscalls import birth_time_ns
-from .whiteout import Markers
+from .markers import Markers
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).

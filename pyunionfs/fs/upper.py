@@ -23,7 +23,7 @@ from . import copyup
 from .layers import LayerStack
 from .paths import join, proc_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from .whiteout import Markers
+from .markers import Markers
 
 WORK = b"work"
 INDEX = b"index"

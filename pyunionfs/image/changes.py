@@ -7,7 +7,7 @@ the upper, done here once so that they cannot disagree:
 
 * every entry, walked beneath the upper with no-follow directory fds (a
   symlink stored in the upper is reported, never followed);
-* deletion and opacity markers recognised in every format :mod:`.whiteout`
+* deletion and opacity markers recognised in every format :mod:`..fs.markers`
   knows, read the way the union reads them: a 0/0 character device, an xattr
   whiteout in an ``overlay.opaque=x`` directory and an OCI ``.wh.NAME`` file
   are all whiteouts; ``overlay.opaque=y``, ``.wh..wh..opq`` inside a
@@ -63,7 +63,7 @@ from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
 from ..fs.layers import LayerStack
 from ..fs.paths import join
-from ..fs.whiteout import OCI_OPAQUE, Markers, classify_oci_name
+from ..fs.markers import OCI_OPAQUE, Markers, classify_oci_name
 
 __all__ = [
     "ADDED", "CHANGED", "DELETED", "LayerError", "UpperEntry", "UpperWalk", "Warn", "changes", "display",

@@ -51,7 +51,7 @@ from typing import IO
 
 from ..errors import MALFORMED_INPUT, malformed
 from ..fs.paths import join, split
-from ..fs.whiteout import Markers, classify_oci_name
+from ..fs.markers import Markers, classify_oci_name
 from .changes import LayerError, display
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_xattrs, open_layer_stream
 

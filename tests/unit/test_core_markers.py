@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyunionfs.fs.whiteout import OCI_OPAQUE, OCI_PREFIX, Markers
+from pyunionfs.fs.markers import OCI_OPAQUE, OCI_PREFIX, Markers
 
 
 def test_device_whiteout_shape(tmp_path):
