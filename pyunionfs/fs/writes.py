@@ -123,17 +123,10 @@ class WritableUnionFS(UnionFS):
                 continue
             st = self.stack.lstat(layer, parent_rel, name)
             if st is None:
-                if self.resolver._oci_whiteout(layer, parent_rel, name):
+                if self.markers.oci_whiteout(self.stack, layer, parent_rel, name):
                     return False
                 continue
-            return not (
-                self.markers.is_device_whiteout(st)
-                or (
-                    layer in parent.xwh
-                    and self.markers.may_be_xwhiteout(st)
-                    and self.markers.has_whiteout_xattr(self.stack.listxattr(layer, join(parent_rel, name)))
-                )
-            )
+            return not self.markers.is_whiteout(st, layer in parent.xwh, self.stack, layer, parent_rel, name)
         return False
 
     # -- new entries ------------------------------------------------------------
@@ -286,7 +279,7 @@ class WritableUnionFS(UnionFS):
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, Attr]:
         parent = self._dir_node(parent_ino)
-        if stat.S_ISCHR(mode) and rdev == 0:
+        if self.markers.is_whiteout_node(mode, rdev):
             raise fs_error(errno.EPERM, name)  # it would read back as a whiteout
 
         def make(dfd: int, n: bytes, m: int) -> None:
