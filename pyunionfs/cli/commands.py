@@ -208,7 +208,7 @@ def _store_command(args: argparse.Namespace) -> int:
 
 def _layer_command(args: argparse.Namespace) -> int:
     if args.command == "diff":
-        from ..fs.whiteout import Markers
+        from ..fs.markers import Markers
         from ..image.changes import changes
 
         lowers = [os.fsencode(p) for p in _lower_paths(args.lowers) or ()]

@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..fs.markers import Markers
+
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,10 +24,16 @@ def _write(path: Path, text: str) -> None:
 
 def _whiteout(path: Path) -> None:
     """A deletion marker: the kernel's char 0/0 device (root), else OCI's .wh. file."""
+    name = os.fsencode(path.name)
+    parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        Markers.make_whiteout(parent, name)
     except PermissionError:
-        (path.parent / f".wh.{path.name}").touch()
+        marker = Markers().oci_whiteout_name(name)
+        assert marker is not None, "a short demo name"
+        (path.parent / os.fsdecode(marker)).touch()
+    finally:
+        os.close(parent)
 
 
 def build(base: Path) -> tuple[Path, Path, Path, Path]:
@@ -64,7 +72,7 @@ def show_tree(root: Path) -> list[str]:
             st = p.lstat()
             if stat.S_ISLNK(st.st_mode):
                 desc = f"-> {os.readlink(p)}"
-            elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            elif Markers.is_device_whiteout(st):
                 desc = "(whiteout: char device 0/0)"
             else:
                 desc = repr(p.read_text().strip())

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from . import origin
 from .entry import Entry
 from .layers import LayerStack
+from .markers import Markers
 from .paths import join, proc_path
 from .resolve import Resolver
 from .syscalls import name_to_handle_at
 from .upper import INDEX
-from .whiteout import Markers
 
 __all__ = ["IndexCopy", "IndexDir", "LowerView", "index_names"]
 
@@ -111,9 +111,9 @@ class IndexDir:
         return out
 
     def _record(self, key: bytes, what: bytes) -> bytes | None:
-        for prefix in self.markers.prefixes:
+        for xname in self.markers.record_names(what):
             try:
-                return self.getxattr(key, prefix + what)
+                return self.getxattr(key, xname)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise

@@ -4,7 +4,7 @@ The rules are overlayfs's (``fs/overlayfs/namei.c``), applied top-down over the
 layers in which the parent directory exists:
 
 * the first layer that has the name wins;
-* a whiteout (any format of :mod:`.whiteout`) ends the search: the name is gone;
+* a whiteout (any format of :mod:`.markers`) ends the search: the name is gone;
 * a non-directory ends the search;
 * a directory merges with the directories of the same name below it, until a
   layer where it is opaque, or a layer where the name is a non-directory or a
@@ -25,8 +25,8 @@ from . import origin
 from .cache import ResolutionCache
 from .entry import Entry
 from .layers import LayerStack
+from .markers import OPAQUE, XWHITEOUTS, Markers
 from .paths import check_name, join, proc_path
-from .whiteout import OCI_OPAQUE, Markers
 
 
 class IndexView(Protocol):
@@ -45,8 +45,6 @@ class Resolver:
         #: (st_dev, st_ino) of copied-up objects -> the identity of their
         #: lower original, learnt at copy-up or from an origin record.
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
-        self._origin_names = tuple(p + b"origin" for p in markers.prefixes)
-        self._nlink_names = tuple(p + b"nlink" for p in markers.prefixes)
         #: The upper's hard-link index, when the mount writes one: a lower
         #: file with several links resolves to its index copy if it has one.
         self.index: IndexView | None = None
@@ -56,7 +54,7 @@ class Resolver:
         """The root merges every layer: overlayfs ignores opacity at the root."""
         layers = tuple(range(len(self.stack.layers)))
         sts = [self.stack.stat_self(i, b"") for i in layers]
-        xwh = tuple(i for i in layers if self._opaque(i, b"") == b"x")
+        xwh = tuple(i for i in layers if self.markers.opaque(self.stack, i, b"") == XWHITEOUTS)
         return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh)
 
     def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
@@ -93,6 +91,7 @@ class Resolver:
 
     def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         stack = self.stack
+        markers = self.markers
         rel = join(parent_rel, name)
         dirs: list[int] = []
         top: os.stat_result | None = None
@@ -102,14 +101,10 @@ class Resolver:
         for layer in parent.layers:
             st = stack.lstat(layer, parent_rel, name)
             if st is None:
-                if self._oci_whiteout(layer, parent_rel, name):
+                if markers.oci_whiteout(stack, layer, parent_rel, name):
                     break
                 continue
-            if self.markers.is_device_whiteout(st) or (
-                layer in parent.xwh
-                and self.markers.may_be_xwhiteout(st)
-                and self.markers.has_whiteout_xattr(stack.listxattr(layer, rel))
-            ):
+            if markers.is_whiteout(st, layer in parent.xwh, stack, layer, parent_rel, name):
                 break
             if not stat.S_ISDIR(st.st_mode):
                 if dirs:
@@ -127,12 +122,12 @@ class Resolver:
             dirs.append(layer)
             top = top or st
             low = st
-            opaque = self._opaque(layer, rel)
-            if opaque == b"x":
+            opaque = markers.opaque(stack, layer, rel)
+            if opaque == XWHITEOUTS:
                 xwh.append(layer)
             if layer == last:
                 break
-            if opaque == b"y" or self._oci_opaque(layer, parent_rel, name):
+            if opaque == OPAQUE or markers.oci_opaque(stack, layer, parent_rel, name):
                 break
         if top is None or low is None:
             return None
@@ -197,7 +192,7 @@ class Resolver:
     def nlink_of(self, path: bytes, follow: bool, st: os.stat_result, unlinked: bool = False) -> int | None:
         """The merged link count that the ``overlay.nlink`` record of the
         object at *path* gives (see :func:`.origin.parse_nlink`); None without one."""
-        for xname in self._nlink_names:
+        for xname in self.markers.nlink_names:
             try:
                 value = os.getxattr(path, xname, follow_symlinks=follow)
             except OSError as exc:
@@ -222,7 +217,7 @@ class Resolver:
             return known
         rel = join(parent_rel, name)
         record = None
-        for xname in self._origin_names:
+        for xname in self.markers.origin_names:
             try:
                 record = self.stack.getxattr(layer, rel, xname)
                 break
@@ -245,27 +240,3 @@ class Resolver:
             self.origins[ident] = found
             return found
         return ident
-
-    # -- marker checks ---------------------------------------------------
-
-    def _opaque(self, layer: int, rel: bytes) -> bytes | None:
-        names = self.stack.listxattr(layer, rel)
-        try:
-            return self.markers.opaque_value(lambda n: self.stack.getxattr(layer, rel, n), names)
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-                return None
-            raise
-
-    def _oci_whiteout(self, layer: int, parent_rel: bytes, name: bytes) -> bool:
-        wh = self.markers.oci_whiteout_name(name)
-        return wh is not None and self.stack.lstat(layer, parent_rel, wh) is not None
-
-    def _oci_opaque(self, layer: int, parent_rel: bytes, name: bytes) -> bool:
-        """OCI opacity of directory *name*: ``.wh..wh..opq`` inside it, or a
-        ``.wh.NAME`` beside it (a whiteout hides only the layers below its own)."""
-        if not self.markers.oci:
-            return False
-        if self._oci_whiteout(layer, parent_rel, name):
-            return True
-        return self.stack.lstat(layer, join(parent_rel, name), OCI_OPAQUE) is not None

@@ -41,10 +41,10 @@ from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
+from .markers import Markers
 from .paths import proc_path, split
 from .resolve import Resolver
 from .syscalls import birth_time_ns
-from .whiteout import Markers
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).

@@ -21,9 +21,9 @@ import stat
 
 from . import copyup
 from .layers import LayerStack
+from .markers import Markers
 from .paths import join, proc_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
-from .whiteout import Markers
 
 WORK = b"work"
 INDEX = b"index"
@@ -113,11 +113,7 @@ class Upper:
 
     def is_opaque(self, rel: bytes) -> bool:
         parent, _, name = rel.rpartition(b"/")
-        path = proc_path(self.dirfd(parent), name)
-        try:
-            return os.getxattr(path, self.markers.opaque_xattr, follow_symlinks=False) == b"y"
-        except OSError:
-            return False
+        return self.markers.is_set_opaque(proc_path(self.dirfd(parent), name))
 
     def set_impure(self, rel: bytes) -> None:
         """Mark directory *rel* as holding copied-up entries, as the kernel

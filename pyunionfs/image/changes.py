@@ -7,7 +7,7 @@ the upper, done here once so that they cannot disagree:
 
 * every entry, walked beneath the upper with no-follow directory fds (a
   symlink stored in the upper is reported, never followed);
-* deletion and opacity markers recognised in every format :mod:`.whiteout`
+* deletion and opacity markers recognised in every format :mod:`..fs.markers`
   knows, read the way the union reads them: a 0/0 character device, an xattr
   whiteout in an ``overlay.opaque=x`` directory and an OCI ``.wh.NAME`` file
   are all whiteouts; ``overlay.opaque=y``, ``.wh..wh..opq`` inside a
@@ -62,8 +62,8 @@ from ..errors import MountError
 from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
 from ..fs.layers import LayerStack
+from ..fs.markers import OPAQUE, XWHITEOUTS, Markers, classify_oci_name
 from ..fs.paths import join
-from ..fs.whiteout import OCI_OPAQUE, Markers, classify_oci_name
 
 __all__ = [
     "ADDED", "CHANGED", "DELETED", "LayerError", "UpperEntry", "UpperWalk", "Warn", "changes", "display",
@@ -302,11 +302,7 @@ class UpperWalk:
             if st is None:
                 continue  # gone since the listing: the upper is not ours to freeze
             child = join(rel, n)
-            if self.markers.is_device_whiteout(st) or (
-                d.xwhiteouts
-                and self.markers.may_be_xwhiteout(st)
-                and self.markers.has_whiteout_xattr(self.stack.listxattr(0, child))
-            ):
+            if self.markers.is_whiteout(st, d.xwhiteouts, self.stack, 0, rel, n):
                 whiteouts[n] = st
                 continue
             entries.append(self._describe(child, st, n in beside_dir))
@@ -326,11 +322,11 @@ class UpperWalk:
                 )
         opaque = xwh = False
         if stat.S_ISDIR(st.st_mode):
-            value = self._opaque_value(rel, names)
-            xwh = value == b"x"
-            opaque = value == b"y" or oci_opaque
-            if not opaque and self.markers.oci:
-                opaque = self.stack.lstat(0, rel, OCI_OPAQUE) is not None
+            value = self.markers.opaque(self.stack, 0, rel, names)
+            xwh = value == XWHITEOUTS
+            opaque = value == OPAQUE or oci_opaque
+            if not opaque:
+                opaque = self.markers.oci_opaque_inside(self.stack, 0, rel)
         elif self.markers.has_record(names, b"nlink"):
             self._note_nlink(rel, st, names)
         return UpperEntry(
@@ -349,21 +345,13 @@ class UpperWalk:
         key = (st.st_dev, st.st_ino)
         if key in self.merged:
             return
-        for prefix in self.markers.prefixes:
-            if prefix + b"nlink" in names:
-                value = self.stack.getxattr(0, rel, prefix + b"nlink")
+        for xname in self.markers.nlink_names:
+            if xname in names:
+                value = self.stack.getxattr(0, rel, xname)
                 n = origin.parse_nlink(value, st.st_nlink, 0, unlinked=True) if value[:1] == b"U" else None
                 if n is not None:
                     self.merged[key] = n
                 return
-
-    def _opaque_value(self, rel: bytes, names: list[bytes]) -> bytes | None:
-        try:
-            return self.markers.opaque_value(lambda n: self.stack.getxattr(0, rel, n), names)
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-                return None
-            raise
 
     # -- contents ---------------------------------------------------------
 

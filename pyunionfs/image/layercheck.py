@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ..errors import MALFORMED_INPUT, malformed
+from ..fs.markers import Markers, classify_oci_name
 from ..fs.paths import join, split
-from ..fs.whiteout import Markers, classify_oci_name
 from .changes import LayerError, display
 from .compression import GZIP_MAGIC, ZSTD_MAGIC
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_xattrs, open_layer_stream
@@ -418,7 +418,7 @@ class Checker:
                 self.plan.opaques.append(parent)
         elif not path and kind != "dir":
             raise self.fail(info, "the layer's root must be a directory")
-        elif kind == "chr" and info.devmajor == 0 and info.devminor == 0:
+        elif kind == "chr" and Markers.is_whiteout_node(stat.S_IFCHR, os.makedev(info.devmajor, info.devminor)):
             raise self.fail(info, "character device 0/0 is an overlay whiteout; a layer says .wh.NAME")
         elif kind == "sym" and not info.linkname:
             raise self.fail(info, "symlink with an empty target")

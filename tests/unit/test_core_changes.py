@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.fs.whiteout import Markers
+from pyunionfs.fs.markers import Markers
 from pyunionfs.image.changes import LayerError, changes, path_key
 from tests.unit.conftest import mkfile, mkwhiteout, mkxwhiteout, set_opaque
 
@@ -159,8 +159,8 @@ def test_userxattr_reads_only_user_markers(tmp_path: Path) -> None:
 
 
 def test_marker_helpers() -> None:
-    """The two small additions to whiteout.py that the layer tools rely on."""
-    from pyunionfs.fs.whiteout import classify_oci_name
+    """The two small additions to markers.py (once whiteout.py) that the layer tools rely on."""
+    from pyunionfs.fs.markers import classify_oci_name
 
     assert classify_oci_name(b"name") == ("entry", b"name")
     assert classify_oci_name(b"a.wh.b") == ("entry", b"a.wh.b")

@@ -1,5 +1,11 @@
 """The only code that knows the on-disk deletion and opacity formats.
 
+Every reader of layers (the resolver, the write path, ``diff``/``commit`` of
+an upper, layer tools) asks one :class:`Markers` object per mount "is this a
+whiteout here?", "is this directory opaque?", instead of testing devices,
+xattrs or names itself; so a new format is one change here.  A unit test
+(``tests/unit/test_core_markers.py``) checks that no other module does.
+
 Formats read (any layer):
 
 * kernel overlayfs: a whiteout is a character device 0/0; a directory is opaque
@@ -27,18 +33,41 @@ Escaping (as the kernel does for nested overlays): a stored
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from collections.abc import Callable
+from typing import Protocol
+
+from .paths import join
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
 #: Names under this prefix are reserved by the OCI layer format (``.wh..wh..opq`` is the only one in use).
 OCI_RESERVED = b".wh..wh."
 
+#: :meth:`Markers.opaque` of a directory that hides the layers below it.
+OPAQUE = b"y"
+#: :meth:`Markers.opaque` of a directory that may hold xattr whiteouts
+#: (:meth:`Markers.is_whiteout`'s *in_xdir*); it is not opaque.
+XWHITEOUTS = b"x"
+
 _TRUSTED = b"trusted.overlay."
 _USER = b"user.overlay."
 _ESCAPE = b"overlay."
+
+_S_ISCHR = stat.S_ISCHR
+_S_ISREG = stat.S_ISREG
+
+
+class LayerView(Protocol):
+    """What marker checks read of a layer (a :class:`.layers.LayerStack`):
+    entries by (layer, directory, name) and xattrs by (layer, path)."""
+
+    def lstat(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None: ...
+
+    def listxattr(self, layer: int, rel: bytes, strict: bool = False) -> list[bytes]: ...
+
+    def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes: ...
 
 
 def classify_oci_name(name: bytes) -> tuple[str, bytes]:
@@ -63,7 +92,12 @@ def classify_oci_name(name: bytes) -> tuple[str, bytes]:
 
 
 class Markers:
-    """Marker rules for one mount (which namespaces, whether OCI names count)."""
+    """Marker rules for one mount (which namespaces, whether OCI names count).
+
+    The questions are asked of a :class:`LayerView` with the entry's stat
+    already in hand, so the common case (an ordinary entry) costs no
+    syscall here: xattrs are read only for the shapes that may be markers.
+    """
 
     def __init__(self, userxattr: bool = False, oci: bool = True, trusted_ok: bool = True) -> None:
         self.oci = oci
@@ -73,27 +107,48 @@ class Markers:
         self.origin_xattr = self.write_prefix + b"origin"
         self.impure_xattr = self.write_prefix + b"impure"
         self.nlink_xattr = self.write_prefix + b"nlink"
-        self.opaque_names = tuple(p + b"opaque" for p in self.prefixes)
-        self.whiteout_names = tuple(p + b"whiteout" for p in self.prefixes)
+        self.opaque_names = self.record_names(b"opaque")
+        self.whiteout_names = self.record_names(b"whiteout")
+        #: The overlay's ``origin`` / ``nlink`` records, in the order they are read.
+        self.origin_names = self.record_names(b"origin")
+        self.nlink_names = self.record_names(b"nlink")
 
     # -- whiteouts -------------------------------------------------------
 
     @staticmethod
     def is_device_whiteout(st: os.stat_result) -> bool:
         """A character device 0/0: the kernel's own whiteout."""
-        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        return _S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    @staticmethod
+    def is_whiteout_node(mode: int, rdev: int) -> bool:
+        """Whether a node made with *mode* and *rdev* (mknod, a tar member)
+        would read back as a whiteout."""
+        return _S_ISCHR(mode) and rdev == 0
+
+    def is_whiteout(
+        self, st: os.stat_result, in_xdir: bool, view: LayerView, layer: int, parent_rel: bytes, name: bytes
+    ) -> bool:
+        """Whether entry *name* (stat *st*) of directory *parent_rel* in
+        *layer* is a whiteout: a 0/0 device, or an xattr whiteout when its
+        directory is an ``overlay.opaque=x`` one (*in_xdir*)."""
+        mode = st.st_mode
+        if _S_ISCHR(mode):
+            return st.st_rdev == 0
+        if not in_xdir or not _S_ISREG(mode) or st.st_size != 0:
+            return False
+        names = view.listxattr(layer, join(parent_rel, name))
+        return any(n in self.whiteout_names for n in names)
+
+    def oci_whiteout(self, view: LayerView, layer: int, parent_rel: bytes, name: bytes) -> bool:
+        """Whether *layer* hides *name* (absent there) with a ``.wh.NAME`` beside it."""
+        wh = self.oci_whiteout_name(name)
+        return wh is not None and view.lstat(layer, parent_rel, wh) is not None
 
     @staticmethod
     def make_whiteout(dir_fd: int, name: bytes) -> None:
         """Create a whiteout *name* in directory *dir_fd* (fails if *name* exists)."""
         os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
-
-    def may_be_xwhiteout(self, st: os.stat_result) -> bool:
-        """Whether *st* has the shape of an xattr whiteout (xattr not yet read)."""
-        return stat.S_ISREG(st.st_mode) and st.st_size == 0
-
-    def has_whiteout_xattr(self, names: list[bytes]) -> bool:
-        return any(n in self.whiteout_names for n in names)
 
     def oci_whiteout_name(self, name: bytes) -> bytes | None:
         """The ``.wh.`` file that would hide *name*, if OCI markers are honoured."""
@@ -107,17 +162,48 @@ class Markers:
 
     # -- opacity ---------------------------------------------------------
 
+    def opaque(self, view: LayerView, layer: int, rel: bytes, names: list[bytes] | None = None) -> bytes | None:
+        """Directory *rel*'s ``overlay.opaque`` value in *layer*: :data:`OPAQUE`,
+        :data:`XWHITEOUTS` (holds xattr whiteouts; not opaque), another
+        value (which means nothing), or None.
+        *names*: its stored xattr names, when the caller has them already."""
+        if names is None:
+            names = view.listxattr(layer, rel)
+        for n in self.opaque_names:
+            if n in names:
+                try:
+                    return bytes(view.getxattr(layer, rel, n))
+                except OSError as exc:
+                    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                        return None
+                    raise
+        return None
+
+    def oci_opaque(self, view: LayerView, layer: int, parent_rel: bytes, name: bytes) -> bool:
+        """OCI opacity of directory *name*: ``.wh..wh..opq`` inside it, or a
+        ``.wh.NAME`` beside it (a whiteout hides only the layers below its own)."""
+        if not self.oci:
+            return False
+        return self.oci_whiteout(view, layer, parent_rel, name) or self.oci_opaque_inside(
+            view, layer, join(parent_rel, name)
+        )
+
+    def oci_opaque_inside(self, view: LayerView, layer: int, rel: bytes) -> bool:
+        """Whether directory *rel* of *layer* holds ``.wh..wh..opq``."""
+        return self.oci and view.lstat(layer, rel, OCI_OPAQUE) is not None
+
     def set_opaque(self, path: bytes, follow: bool = False) -> None:
         """Mark directory *path* (a /proc/self/fd path) opaque, the kernel's way;
         *follow* only for a bare /proc/self/fd/N magic link."""
-        os.setxattr(path, self.opaque_xattr, b"y", follow_symlinks=follow)
+        os.setxattr(path, self.opaque_xattr, OPAQUE, follow_symlinks=follow)
 
-    def opaque_value(self, getxattr: Callable[[bytes], bytes], names: list[bytes]) -> bytes | None:
-        """The directory's ``overlay.opaque`` value (``y``, ``x``) or None."""
-        for n in self.opaque_names:
-            if n in names:
-                return bytes(getxattr(n))
-        return None
+    def is_set_opaque(self, path: bytes) -> bool:
+        """Whether directory *path* (a /proc/self/fd path, not followed)
+        carries the opaque marker this mount writes (:meth:`set_opaque`)."""
+        try:
+            return os.getxattr(path, self.opaque_xattr, follow_symlinks=False) == OPAQUE
+        except OSError:
+            return False
 
     # -- the overlay's own records -------------------------------------
 
@@ -125,6 +211,11 @@ class Markers:
     #: directory contents (``redirect``) at another place in a lower layer:
     #: such an upper cannot be read on its own, e.g. into an image layer.
     LOWER_DEPENDENT = (b"redirect", b"metacopy")
+
+    def record_names(self, record: bytes) -> tuple[bytes, ...]:
+        """The stored names of the overlay's ``overlay.<record>`` xattr, in
+        each namespace this mount reads (``trusted.`` first)."""
+        return tuple(p + record for p in self.prefixes)
 
     def has_record(self, names: list[bytes], record: bytes) -> bool:
         """Whether *names* (an entry's stored xattr names) hold the overlay's
