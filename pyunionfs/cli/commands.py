@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import KNOWN_OPTIONS, build_config
-from ..errors import MountError, UsageError
+from ..errors import PyunionfsError, StoreError, UsageError
 from .dropin import HELPER_DIR, is_overlay_form
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _image_command(args: argparse.Namespace) -> int:
     try:
         return _store_command(args)
     except OSError as exc:
-        raise MountError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
+        raise StoreError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
 
 
 def _store_command(args: argparse.Namespace) -> int:
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2
-    except MountError as exc:
+    except PyunionfsError as exc:  # a mount, layer, image or store failure: one line, not a traceback
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 1
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ..errors import MALFORMED_INPUT, MountError, UsageError, malformed
+from ..errors import MALFORMED_INPUT, ImageError, UsageError, malformed
 from .digest import Hasher
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "REF_NAME",
     "CONTAINERD_NAME",
     "Descriptor",
-    "ImageError",
     "Layout",
     "LayoutWriter",
     "compression_of",
@@ -78,10 +77,6 @@ _LAYER_TYPES = {
 MAX_JSON = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class ImageError(MountError):
-    """An image, layout or store cannot be used: one line, exit status 1."""
 
 
 def digest_hex(digest: str, what: str = "digest") -> str:

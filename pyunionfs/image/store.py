@@ -47,8 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import MALFORMED_INPUT, UsageError, malformed
-from .changes import LayerError
+from ..errors import MALFORMED_INPUT, ImageError, LayerError, StoreError, UsageError, malformed
 from .compression import Compression, open_zstd
 from .digest import Hasher, HashWriter
 from .ocilayout import (
@@ -59,7 +58,6 @@ from .ocilayout import (
     MT_MANIFEST,
     REF_NAME,
     Descriptor,
-    ImageError,
     Layout,
     LayoutWriter,
     atomic_file,
@@ -204,7 +202,7 @@ class Store:
                 for sub in ("blobs/sha256", "layers", "images", "tmp"):
                     os.makedirs(os.path.join(self.root, sub), mode=0o700 if sub == "tmp" else 0o755, exist_ok=True)
             except OSError as exc:
-                raise ImageError(f"store {self.root}: {exc.strerror}") from None
+                raise StoreError(f"store {self.root}: {exc.strerror}") from None
         if os.path.isdir(os.path.join(self.root, "tmp")):
             self._clean_tmp()
 
@@ -291,7 +289,7 @@ class Store:
             with open(self.blob_path(digest), "rb") as f:
                 return load_json(f.read(), f"{what} {digest}")
         except FileNotFoundError:
-            raise ImageError(f"store {self.root}: {what} {digest} is missing (damaged store?)") from None
+            raise StoreError(f"store {self.root}: {what} {digest} is missing (damaged store?)") from None
 
     def records(self) -> dict[str, str]:
         """NAME:TAG -> manifest digest, for every image."""
@@ -327,12 +325,12 @@ class Store:
         if len(ref_hex) >= 4 and all(c in "0123456789abcdef" for c in ref_hex):
             found = [img for img in self.images() if digest_hex(img.config_digest).startswith(ref_hex)]
             if len({img.config_digest for img in found}) > 1:
-                raise ImageError(f"image id {ref} is ambiguous: {', '.join(i.name for i in found)}")
+                raise StoreError(f"image id {ref} is ambiguous: {', '.join(i.name for i in found)}")
             if found:
                 return found[0]
         if not name:
             parse_ref(ref)  # raises the usage error
-        raise ImageError(f"no image {name} in store {self.root}")
+        raise StoreError(f"no image {name} in store {self.root}")
 
     def lowers(self, ref: str) -> list[str]:
         """The image's layer directories, topmost first (the order of a lower list)."""
@@ -341,7 +339,7 @@ class Store:
             dirs = []
             for diff_id in img.diff_ids:
                 if not self.has_layer(diff_id):
-                    raise ImageError(f"image {img.name}: layer {diff_id} is missing from store {self.root}")
+                    raise StoreError(f"image {img.name}: layer {diff_id} is missing from store {self.root}")
                 dirs.append(self.layer_dir(diff_id))
         if not dirs:
             raise ImageError(f"image {img.name} has no layers to mount")
@@ -367,7 +365,7 @@ class Store:
 
             apply_layer(source, os.path.join(target, "diff"), mode=whiteout_mode())
         except LayerError as exc:
-            raise ImageError(f"layer {seen.digest}: {exc}") from None
+            raise LayerError(f"layer {seen.digest}: {exc}") from None
         meta = {"diff_id": diff_id, "size": size, "compressed": [seen.to_json()], "stored": _now()}
         with open(os.path.join(target, "meta.json"), "wb") as f:
             f.write(json.dumps(meta, indent=2).encode() + b"\n")
@@ -395,12 +393,12 @@ class Store:
                 self._note_compressed(hexid, seen)
             for diff_id in needed:
                 if not self.has_layer(diff_id):
-                    raise ImageError(f"layer {diff_id} vanished from store {self.root} while being stored")
+                    raise StoreError(f"layer {diff_id} vanished from store {self.root} while being stored")
             for name, manifest_digest in records.items():
                 img = self._load(name, manifest_digest)
                 for desc in img.layer_descriptors:
                     if not os.path.exists(self.blob_path(desc.digest)):  # an rmi of the base meanwhile
-                        raise ImageError(f"blob {desc.digest} vanished from store {self.root}; try again")
+                        raise StoreError(f"blob {desc.digest} vanished from store {self.root}; try again")
                 with atomic_file(self._record_path(name)) as f:
                     f.write(dump_json({"name": name, "manifest": manifest_digest}) + b"\n")
 
@@ -559,7 +557,7 @@ class Store:
                 with open_layer_stream(self.blob_path(desc.digest)) as src:
                     _copy(src, packed, progress.add)  # type: ignore[arg-type]
             except LayerError as exc:
-                raise ImageError(f"blob {desc.digest}: {exc}") from None
+                raise LayerError(f"blob {desc.digest}: {exc}") from None
             packed.close()
         new = Descriptor(compress.media_type, h.digest, h.size)
         out.put_file(tmp, new.digest)
@@ -591,7 +589,7 @@ class Store:
         parent = self.image(base) if base is not None else None
         if lowers is None and base is not None and parent is not None and parent.diff_ids:
             # A base whose layers are gone still commits; names only they hold are then missed (and warned of).
-            with contextlib.suppress(ImageError):
+            with contextlib.suppress(StoreError, ImageError):
                 lowers = self.lowers(base)
         progress = Progress(f"commit {name}", 1)
         try:
@@ -664,7 +662,7 @@ class Store:
             img = self.image(ref)
             tags = sorted(i.name for i in self.images() if i.config_digest == img.config_digest)
             if img.name != _maybe_ref(ref) and len(tags) > 1:
-                raise ImageError(f"image {img.id} has several tags ({', '.join(tags)}): remove them by name")
+                raise StoreError(f"image {img.id} has several tags ({', '.join(tags)}): remove them by name")
             os.unlink(self._record_path(img.name))
             keep_layers: set[str] = set()
             keep_blobs: set[str] = set()
@@ -719,20 +717,17 @@ def _hash_stream(stream: IO[bytes], digest: str) -> tuple[str, int]:
         while chunk := stream.read(_CHUNK):
             h.update(chunk)
     except OSError as exc:
-        raise ImageError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
+        raise LayerError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
     except MALFORMED_INPUT as exc:  # zlib.error from a corrupt deflate stream, EOFError when cut short
-        raise ImageError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
+        raise LayerError(f"blob {digest}: cannot be decompressed ({malformed(exc)})") from None
     return h.digest, h.size
 
 
 def _unzstd(raw: IO[bytes], dest: str, digest: str) -> tuple[str, int]:
     """Decompress a zstd layer to *dest* (apply reads plain tars), hashing it on the way."""
     h = Hasher()
-    try:
-        with open_zstd(raw, f"blob {digest}") as stream, open(dest, "wb") as out:  # type: ignore[arg-type]
-            _copy(stream, HashWriter(out, h))  # type: ignore[arg-type]
-    except LayerError as exc:
-        raise ImageError(str(exc)) from None
+    with open_zstd(raw, f"blob {digest}") as stream, open(dest, "wb") as out:  # type: ignore[arg-type]
+        _copy(stream, HashWriter(out, h))  # type: ignore[arg-type]
     return h.digest, h.size
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.errors import UsageError
+from pyunionfs.errors import ImageError, LayerError, StoreError, UsageError
 from pyunionfs.image.layerapply import apply_layer
-from pyunionfs.image.ocilayout import ImageError, split_layout_arg
+from pyunionfs.image.ocilayout import split_layout_arg
 from pyunionfs.image.store import Progress, Store, default_store, format_history, format_images, parse_ref
 from tests.support.ocigen import LayerBlob, app_tree, base_tree, make_layer, put, whiteout, write_layout
 from tests.support.treesnap import Snapshot, diff, snapshot
@@ -216,7 +216,7 @@ def test_zstd_layers_need_zstandard(tmp_path: Path, layers: dict[str, LayerBlob]
     index = json.loads((tmp_path / "lay/index.json").read_text())
     index["manifests"][0].update(digest="sha256:" + digest, size=len(data))
     (tmp_path / "lay/index.json").write_text(json.dumps(index))
-    with pytest.raises(ImageError, match="zstd-compressed layers need the Python package 'zstandard'"):
+    with pytest.raises(LayerError, match="zstd-compressed layers need the Python package 'zstandard'"):
         Store(str(tmp_path / "store")).pull(str(tmp_path / "lay"))
     assert _empty(tmp_path / "store")
 
@@ -457,7 +457,7 @@ def test_rmi_by_id_of_an_image_with_two_tags_is_refused(tmp_path: Path, layers: 
     store = Store(str(tmp_path / "store"))
     a = store.pull(str(tmp_path / "lay"), name="a")
     store.pull(str(tmp_path / "lay"), name="b")
-    with pytest.raises(ImageError, match=r"has several tags \(a:latest, b:latest\)"):
+    with pytest.raises(StoreError, match=r"has several tags \(a:latest, b:latest\)"):
         store.remove(a.id)
     assert store.remove("a")[1] == []  # b still uses every layer
     assert store.remove(a.id)[0].name == "b:latest"
@@ -487,5 +487,5 @@ def test_tag_records_the_same_image_under_another_name(tmp_path: Path) -> None:
     _, removed = store.remove("one:1")
     assert removed == []  # still used by two:latest
     assert store.lowers("two") == store.lowers(img.id[:12]) and os.path.isdir(store.lowers("two")[0])
-    with pytest.raises(ImageError):
+    with pytest.raises(StoreError, match="no image nope:latest in store"):
         store.tag("nope", "three")
