@@ -170,7 +170,8 @@ def _image_command(args: argparse.Namespace) -> int:
 
 def _store_command(args: argparse.Namespace) -> int:
     from ..image.compression import Compression
-    from ..image.store import Store, format_history, format_images
+    from ..image.listing import format_history, format_images
+    from ..image.store import Store
 
     if args.command == "commit" and args.gzip:
         raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
@@ -279,7 +280,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "mount":
         lowers = args.lowers
         if lowers.startswith("image:"):
-            from ..image.store import IMAGE_PREFIX, Store
+            from ..image.records import IMAGE_PREFIX
+            from ..image.store import Store
 
             dirs = Store(args.store, create=False).lowers(lowers[len(IMAGE_PREFIX):])
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)

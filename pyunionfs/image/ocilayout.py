@@ -46,6 +46,8 @@ __all__ = [
     "host_platform",
     "json_list",
     "load_json",
+    "normalise_layer",
+    "oci_manifest",
     "split_layout_arg",
 ]
 
@@ -137,6 +139,19 @@ class Descriptor:
         if self.platform:
             out["platform"] = self.platform
         return out
+
+
+def normalise_layer(desc: Descriptor) -> Descriptor:
+    """A layer descriptor in OCI media types (docker's name the same bytes differently)."""
+    comp = compression_of(desc.media_type)
+    mt = {"none": MT_LAYER_TAR, "gzip": MT_LAYER_GZIP}.get(comp, desc.media_type)
+    return Descriptor(mt, desc.digest, desc.size, desc.annotations)
+
+
+def oci_manifest(config: Descriptor, layers: list[Descriptor]) -> dict[str, Any]:
+    """An OCI image manifest (the JSON object) of *config* and *layers*, bottom layer first."""
+    return {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config.to_json(),
+            "layers": [d.to_json() for d in layers]}
 
 
 def split_layout_arg(arg: str, *, must_exist: bool) -> tuple[str, str | None]:

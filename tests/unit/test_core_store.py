@@ -23,7 +23,10 @@ from pyunionfs import cli
 from pyunionfs.errors import ImageError, LayerError, StoreError, UsageError
 from pyunionfs.image.layerapply import apply_layer
 from pyunionfs.image.ocilayout import split_layout_arg
-from pyunionfs.image.store import Progress, Store, default_store, format_history, format_images, parse_ref
+from pyunionfs.image.listing import format_history, format_images
+from pyunionfs.image.progress import Progress, human
+from pyunionfs.image.records import default_store, parse_ref
+from pyunionfs.image.store import Store
 from tests.support.ocigen import LayerBlob, app_tree, base_tree, make_layer, put, whiteout, write_layout
 from tests.support.treesnap import Snapshot, diff, snapshot
 
@@ -153,7 +156,6 @@ def test_two_images_share_their_base(tmp_path: Path, layers: dict[str, LayerBlob
     lines = table.splitlines()
     assert lines[0].split() == ["REPOSITORY:TAG", "IMAGE", "ID", "LAYERS", "SIZE", "SHARED", "SIZE"]
     base_size = layers["base"].tar.stat().st_size
-    from pyunionfs.image.store import human
 
     for line, app in zip(lines[1:3], ("app1", "app2"), strict=True):
         cols = line.split()
@@ -229,7 +231,7 @@ def test_crash_before_commit_leaves_nothing(tmp_path: Path, layers: dict[str, La
     def boom(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Store, "_commit", boom)
+    monkeypatch.setattr(Store, "move_in", boom)
     with pytest.raises(KeyboardInterrupt):
         store.pull(str(tmp_path / "lay"))
     assert _empty(tmp_path / "store")
@@ -421,7 +423,7 @@ def test_progress_only_on_a_terminal() -> None:
 def test_rootless_store_keeps_oci_whiteouts(tmp_path: Path, layers: dict[str, LayerBlob],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # an unprivileged user cannot mknod 0/0: the layer keeps its .wh. files, which the mount reads
-    monkeypatch.setattr("pyunionfs.image.store.whiteout_mode", lambda: "oci")
+    monkeypatch.setattr("pyunionfs.image.records.whiteout_mode", lambda: "oci")
     write_layout(tmp_path / "lay", [layers["base"], layers["app1"]])
     store = Store(str(tmp_path / "store"))
     store.pull(str(tmp_path / "lay"))
@@ -437,14 +439,14 @@ def test_rmi_during_a_pull_cannot_break_the_pulled_image(tmp_path: Path, layers:
     write_layout(tmp_path / "two", [layers["base"], layers["app2"]])
     store = Store(str(tmp_path / "store"))
     store.pull(str(tmp_path / "one"))
-    real_commit = Store._commit
+    real_move_in = Store.move_in
 
     def rmi_first(self: Store, *args: object) -> None:
         self.remove("one")
         assert not self.has_layer(layers["base"].diff_id)
-        real_commit(self, *args)  # type: ignore[arg-type]
+        real_move_in(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "_commit", rmi_first)
+    monkeypatch.setattr(Store, "move_in", rmi_first)
     store.pull(str(tmp_path / "two"))
     base = store.lowers("two")[-1]
     want = tmp_path / "want"
