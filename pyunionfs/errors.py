@@ -1,10 +1,28 @@
-"""Errors, and the one place where exceptions become errnos.
+"""Errors: every exception type pyunionfs raises, and the one place where exceptions become errnos.
 
 The union core raises plain :class:`OSError` (with ``errno`` set) exactly where
 a decision is made, so it can be tested without FUSE.  pyfuse3 accepts only
 ``FUSEError`` from a handler: anything else ends ``pyfuse3.main()`` and leaves a
 dead mount.  :func:`fuse_errors` wraps every handler once instead of pasting the
 conversion into each one.
+
+Everything else pyunionfs raises on purpose is a :class:`PyunionfsError`, of a
+type named for what failed, so a caller catches what it can handle and the
+command line catches the base for its one-line message::
+
+    PyunionfsError
+    +-- UsageError          the command line is wrong (exit status 2)
+    +-- MountError          a mount or its daemon (mount, unmount, control)
+    +-- LayerError          a layer tar, or an upper being read or applied
+    +-- ImageError          an OCI image or layout (manifest, config, blob)
+    +-- StoreError          the layer store (its directory, records, lookups)
+    +-- ProtocolError       a FUSE message that does not parse
+    |   +-- UnsupportedKernel   a kernel whose INIT cannot be served
+    +-- WouldBlock          the core would have to wait where it may not
+
+They live here, not beside their raisers, because this module is the floor
+every part may import: a type defined in one part could not be caught by a
+sibling part (``fuse`` and ``image`` do not import each other).
 """
 
 from __future__ import annotations
@@ -25,12 +43,64 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class UsageError(Exception):
+class PyunionfsError(Exception):
+    """What pyunionfs refuses or fails at on purpose, with a one-line message.
+
+    The command line prints the message (``pyunionfs: ...``) and exits with
+    status 1 (2 for a :class:`UsageError`) instead of a traceback: anything
+    that is not one of these is a bug.
+    """
+
+
+class UsageError(PyunionfsError):
     """Bad input from the command line: reported as one line, exit status 2."""
 
 
-class MountError(Exception):
-    """The mount could not be made: reported as one line, exit status 1."""
+class MountError(PyunionfsError):
+    """A mount could not be made, unmounted or controlled: one line, exit status 1."""
+
+
+class LayerError(PyunionfsError):
+    """An upper or an image layer cannot be read, written or applied safely: one line, exit status 1."""
+
+
+class ImageError(PyunionfsError):
+    """An OCI image or layout cannot be used (a manifest, config or blob is wrong): one line, exit status 1."""
+
+
+class StoreError(PyunionfsError):
+    """The layer store cannot be used, or lacks what was asked (an image, a layer): one line, exit status 1."""
+
+
+class ProtocolError(PyunionfsError):
+    """A FUSE message that does not parse as the protocol says.
+
+    ``unique`` and ``opcode`` are None when even the header was unreadable; the
+    engine then cannot answer and can only log.  ``errno`` is what to answer
+    (see :func:`to_errno`).
+    """
+
+    errno = errno.EIO
+
+    def __init__(self, message: str, unique: int | None = None, opcode: int | None = None) -> None:
+        super().__init__(message)
+        self.unique = unique
+        self.opcode = opcode
+
+
+class UnsupportedKernel(ProtocolError):
+    """The kernel's INIT cannot be served (major, minor, or a required capability).
+
+    Answered with EPROTO, which makes the mount fail instead of limping along.
+    """
+
+    errno = errno.EPROTO
+
+
+class WouldBlock(PyunionfsError):
+    """The request needs to wait (a long copy-up) in a thread that may not:
+    nothing was changed yet; run it again where blocking is allowed
+    (see :mod:`pyunionfs.fs.locking`)."""
 
 
 #: What reading untrusted input (a layer tar, gzip stream, layout JSON) can raise besides
@@ -68,10 +138,14 @@ def fs_error(code: int, what: bytes | str | None = None) -> OSError:
 def to_errno(exc: BaseException) -> int:
     """Map any exception from the core to the errno the caller should see.
 
-    OSErrors keep their errno.  Anything else is a bug in pyunionfs: the caller
-    gets EIO and the log gets a traceback, but the daemon keeps serving.
+    OSErrors keep their errno; a :class:`ProtocolError` answers its own (EIO,
+    EPROTO for a kernel that cannot be served).  Anything else is a bug in
+    pyunionfs: the caller gets EIO and the log gets a traceback, but the daemon
+    keeps serving.
     """
     if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, ProtocolError):
         return exc.errno
     return errno.EIO
 

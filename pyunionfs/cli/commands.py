@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import KNOWN_OPTIONS, build_config
-from ..errors import MountError, UsageError
+from ..errors import PyunionfsError, StoreError, UsageError
 from .dropin import HELPER_DIR, is_overlay_form
 
 if TYPE_CHECKING:
@@ -165,12 +165,13 @@ def _image_command(args: argparse.Namespace) -> int:
     try:
         return _store_command(args)
     except OSError as exc:
-        raise MountError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
+        raise StoreError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
 
 
 def _store_command(args: argparse.Namespace) -> int:
     from ..image.compression import Compression
-    from ..image.store import Store, format_history, format_images
+    from ..image.listing import format_history, format_images
+    from ..image.store import Store
 
     if args.command == "commit" and args.gzip:
         raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
@@ -279,7 +280,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "mount":
         lowers = args.lowers
         if lowers.startswith("image:"):
-            from ..image.store import IMAGE_PREFIX, Store
+            from ..image.records import IMAGE_PREFIX
+            from ..image.store import Store
 
             dirs = Store(args.store, create=False).lowers(lowers[len(IMAGE_PREFIX):])
             lowers = ":".join(d.replace("\\", "\\\\").replace(":", "\\:") for d in dirs)
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 2
-    except MountError as exc:
+    except PyunionfsError as exc:  # a mount, layer, image or store failure: one line, not a traceback
         print(f"pyunionfs: {exc}", file=sys.stderr)
         return 1
 

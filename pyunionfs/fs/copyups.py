@@ -30,11 +30,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import fs_error
+from ..errors import WouldBlock, fs_error
 from . import copyup, origin
 from .entry import Entry
 from .inodes import Node
-from .locking import WouldBlock, may_block
+from .locking import may_block
 from .paths import join, proc_path, split
 from .upper import Upper
 

@@ -14,8 +14,8 @@ The core itself lets the lock go in exactly two places, both in
 for another request's copy-up of the same object.  So one long copy does not
 stall the requests on other objects.  A thread that must not block (an event
 loop serving every request) says so with :func:`no_blocking`; there those two
-places raise :class:`WouldBlock` instead, before anything was changed, and
-the engine runs the whole request again in a worker thread.
+places raise :class:`~pyunionfs.errors.WouldBlock` instead, before anything
+was changed, and the engine runs the whole request again in a worker thread.
 
 Called without the lock (unit tests, single-threaded tools), the core works
 the same: letting go of a lock it does not hold is a no-op.
@@ -26,11 +26,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-
-
-class WouldBlock(Exception):
-    """The request needs to wait (a long copy-up) in a thread that may not:
-    nothing was changed yet; run it again where blocking is allowed."""
 
 
 class BigLock:
@@ -90,7 +85,7 @@ def may_block() -> bool:
 
 @contextlib.contextmanager
 def no_blocking() -> Iterator[None]:
-    """Within the block, the core raises :class:`WouldBlock` rather than wait."""
+    """Within the block, the core raises :class:`~pyunionfs.errors.WouldBlock` rather than wait."""
     before = may_block()
     _state.may_block = False
     try:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..config import MountConfig
-from ..errors import fs_error, to_errno
+from ..errors import UnsupportedKernel, fs_error, to_errno
 from ..fs.syscalls import fallocate, syncfs
 from ..fs.union import Attr, KernelForget
 from ..fs.writes import Caller, SetAttr, WritableUnionFS
@@ -67,7 +67,6 @@ from .requests import (
     Setxattr,
     Statx,
     Symlink,
-    UnsupportedKernel,
     Write,
 )
 

@@ -6,7 +6,7 @@ and answers with the builders below, whose bytes (or buffer lists, for
 os.writev) the transport writes back.  The kernel takes each reply in one
 write(2) whose length must equal the length in its header.
 
-A message that cannot be parsed raises :class:`~.requests.ProtocolError`,
+A message that cannot be parsed raises :class:`~pyunionfs.errors.ProtocolError`,
 carrying the request's ``unique`` and opcode when the header could be read, so
 the engine answers EIO (or nothing, for the opcodes that take no reply) and
 logs it.  The kernel never sends such messages; the checks exist so that a bug
@@ -20,10 +20,11 @@ from collections.abc import Iterable, Sequence
 from struct import error as StructError
 from typing import Protocol, overload
 
+from ..errors import ProtocolError, UnsupportedKernel
 from . import abi
 from . import structs as S
 from .abi import FopenFlag, InitFlag, NotifyCode, Opcode
-from .requests import DECODERS, DECODERS_SETXATTR_EXT, Init, ProtocolError, Request, UnsupportedKernel
+from .requests import DECODERS, DECODERS_SETXATTR_EXT, Init, Request
 
 Buffer = bytes | bytearray | memoryview
 _NS = 1_000_000_000

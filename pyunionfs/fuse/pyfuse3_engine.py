@@ -17,7 +17,7 @@ Handlers call the core on the event loop, holding the core's lock
 (:mod:`.locking`): measured on this kind of machine, sending short syscalls to
 threads made reads ~3x slower.  The requests that may copy a large file up
 go through :meth:`Operations._call`, which runs them again in a worker thread
-when the core says it would have to wait (:class:`~.locking.WouldBlock`).
+when the core says it would have to wait (:class:`~pyunionfs.errors.WouldBlock`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import trio
 from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 
 from ..config import MountConfig
-from ..errors import MountError, fs_error, fuse_errors
-from ..fs.locking import WouldBlock, no_blocking
+from ..errors import MountError, WouldBlock, fs_error, fuse_errors
+from ..fs.locking import no_blocking
 from ..fs.union import Attr, KernelForget
 from ..fs.writes import Caller, SetAttr, WritableUnionFS
 from . import control
@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the core: at once on the event loop, or, when it
-        would wait for a long copy-up (:class:`~.locking.WouldBlock`, raised
+        would wait for a long copy-up (:class:`~pyunionfs.errors.WouldBlock`, raised
         before anything changed), again in a worker thread, so that other
         requests go on meanwhile.  Always under the core's lock."""
         try:

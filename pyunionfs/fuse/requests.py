@@ -1,45 +1,21 @@
 """What each FUSE request carries, and how its argument bytes decode.
 
 Small slotted dataclasses, one per argument layout, built once per request by
-:func:`.protocol.parse_request` through :data:`DECODERS`, plus the protocol's
-two errors.  Names are ``bytes`` without their trailing NUL; WRITE (and IOCTL,
-NOTIFY_REPLY) data is a memoryview into the buffer the request was read into
-(no copy), valid only until that buffer is reused.
+:func:`.protocol.parse_request` through :data:`DECODERS` (what does not
+decode is a :class:`~pyunionfs.errors.ProtocolError`).  Names are ``bytes``
+without their trailing NUL; WRITE (and IOCTL, NOTIFY_REPLY) data is a
+memoryview into the buffer the request was read into (no copy), valid only
+until that buffer is reused.
 """
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from struct import Struct
 
 from . import structs as S
 from .abi import InitFlag, Opcode
-
-
-class ProtocolError(Exception):
-    """A message that does not parse as the protocol says.
-
-    ``unique`` and ``opcode`` are None when even the header was unreadable; the
-    engine then cannot answer and can only log.  ``errno`` is what to answer.
-    """
-
-    errno = errno.EIO
-
-    def __init__(self, message: str, unique: int | None = None, opcode: int | None = None) -> None:
-        super().__init__(message)
-        self.unique = unique
-        self.opcode = opcode
-
-
-class UnsupportedKernel(ProtocolError):
-    """The kernel's INIT cannot be served (major, minor, or a required capability).
-
-    Answered with EPROTO, which makes the mount fail instead of limping along.
-    """
-
-    errno = errno.EPROTO
 
 
 # -- argument objects ---------------------------------------------------------

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 
 from ..config import MountConfig
-from ..errors import MountError
+from ..errors import MountError, ProtocolError
 from ..fs.syscalls import has_cap_sys_admin, in_initial_user_namespace
 from ..fs.writes import WritableUnionFS
 from . import protocol as P
@@ -34,7 +34,6 @@ from .abi import NO_REPLY, InitFlag, Opcode
 from .backing import Backings
 from .engine import MAX_WRITE, Engine, name_of
 from .mountinfo import set_readahead
-from .requests import ProtocolError
 from .staffing import Staffing
 from .transport import (
     READ_ABORTED,

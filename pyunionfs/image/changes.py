@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from ..config import default_workdir
-from ..errors import MountError
+from ..errors import LayerError
 from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
 from ..fs.layers import LayerStack
@@ -66,21 +66,13 @@ from ..fs.markers import OPAQUE, XWHITEOUTS, Markers, classify_oci_name
 from ..fs.paths import join
 
 __all__ = [
-    "ADDED", "CHANGED", "DELETED", "LayerError", "UpperEntry", "UpperWalk", "Warn", "changes", "display",
+    "ADDED", "CHANGED", "DELETED", "UpperEntry", "UpperWalk", "Warn", "changes", "display",
     "graft_entries", "path_key", "visible_xattrs", "warn_stderr",
 ]
 
 ADDED = "A"
 CHANGED = "C"
 DELETED = "D"
-
-
-class LayerError(MountError):
-    """An upper or an image layer cannot be read, written or applied safely.
-
-    A MountError, so the command line reports it the same way: one line,
-    exit status 1.
-    """
 
 
 def path_key(path: bytes) -> tuple[bytes, ...]:

@@ -30,8 +30,7 @@ import gzip
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Protocol
 
-from ..errors import UsageError
-from .changes import LayerError
+from ..errors import LayerError, UsageError
 
 __all__ = [
     "DEFAULT_FORMAT",

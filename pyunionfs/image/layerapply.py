@@ -51,11 +51,11 @@ import stat
 import tarfile
 
 from ..config import trusted_xattrs_usable
-from ..errors import MALFORMED_INPUT, malformed
+from ..errors import MALFORMED_INPUT, LayerError, malformed
 from ..fs.markers import Markers
 from ..fs.paths import DirFds, join, proc_path, split
 from ..fs.syscalls import RENAME_NOREPLACE, renameat2
-from .changes import LayerError, display, path_key
+from .changes import display, path_key
 from .layercheck import Member, Plan, check_layer, header, reading, stored_xattrs
 from .layertar import from_tar_text, member_mtime_ns
 

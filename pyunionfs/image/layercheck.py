@@ -49,10 +49,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..errors import MALFORMED_INPUT, malformed
+from ..errors import MALFORMED_INPUT, LayerError, malformed
 from ..fs.markers import Markers, classify_oci_name
 from ..fs.paths import join, split
-from .changes import LayerError, display
+from .changes import display
 from .compression import GZIP_MAGIC, ZSTD_MAGIC
 from .layertar import TAR_ENCODING, TAR_ERRORS, from_tar_text, member_xattrs, open_layer_stream
 

@@ -53,9 +53,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
+from ..errors import LayerError
 from ..fs.markers import OCI_OPAQUE, Markers
 from ..fs.paths import join
-from .changes import LayerError, UpperEntry, UpperWalk, Warn, display, warn_stderr
+from .changes import UpperEntry, UpperWalk, Warn, display, warn_stderr
 from .compression import ZSTD_MAGIC, Compression, Sink, open_zstd
 from .digest import Hasher, HashWriter
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ..errors import MALFORMED_INPUT, MountError, UsageError, malformed
+from ..errors import MALFORMED_INPUT, ImageError, UsageError, malformed
 from .digest import Hasher
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "REF_NAME",
     "CONTAINERD_NAME",
     "Descriptor",
-    "ImageError",
     "Layout",
     "LayoutWriter",
     "compression_of",
@@ -47,6 +46,8 @@ __all__ = [
     "host_platform",
     "json_list",
     "load_json",
+    "normalise_layer",
+    "oci_manifest",
     "split_layout_arg",
 ]
 
@@ -78,10 +79,6 @@ _LAYER_TYPES = {
 MAX_JSON = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class ImageError(MountError):
-    """An image, layout or store cannot be used: one line, exit status 1."""
 
 
 def digest_hex(digest: str, what: str = "digest") -> str:
@@ -142,6 +139,19 @@ class Descriptor:
         if self.platform:
             out["platform"] = self.platform
         return out
+
+
+def normalise_layer(desc: Descriptor) -> Descriptor:
+    """A layer descriptor in OCI media types (docker's name the same bytes differently)."""
+    comp = compression_of(desc.media_type)
+    mt = {"none": MT_LAYER_TAR, "gzip": MT_LAYER_GZIP}.get(comp, desc.media_type)
+    return Descriptor(mt, desc.digest, desc.size, desc.annotations)
+
+
+def oci_manifest(config: Descriptor, layers: list[Descriptor]) -> dict[str, Any]:
+    """An OCI image manifest (the JSON object) of *config* and *layers*, bottom layer first."""
+    return {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config.to_json(),
+            "layers": [d.to_json() for d in layers]}
 
 
 def split_layout_arg(arg: str, *, must_exist: bool) -> tuple[str, str | None]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import IO
 
-__all__ = ["LOG_INTERVAL", "Progress", "human"]
+__all__ = ["CHUNK", "LOG_INTERVAL", "Progress", "copy_counted", "human"]
 
 #: Seconds between two progress lines when stderr is not a terminal.
 LOG_INTERVAL = 5.0
+#: Bytes read at a time from a blob or layer stream: large enough to be cheap, small enough to report often.
+CHUNK = 1024 * 1024
 
 
 def human(size: float) -> str:
@@ -77,3 +80,12 @@ class Progress:
         else:
             return
         self.stream.flush()
+
+
+def copy_counted(src: IO[bytes], dst: IO[bytes], progress: Callable[[int], None] | None = None) -> None:
+    """Copy *src* to *dst* in chunks, telling *progress* each chunk's size (``shutil.copyfileobj``
+    cannot), so a long copy shows it is moving."""
+    while chunk := src.read(CHUNK):
+        dst.write(chunk)
+        if progress is not None:
+            progress(len(chunk))

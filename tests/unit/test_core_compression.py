@@ -29,7 +29,8 @@ from pyunionfs.image.compression import Compression
 from pyunionfs.image.layerapply import apply_layer
 from pyunionfs.image.layertar import commit
 from pyunionfs.image.progress import Progress
-from pyunionfs.image.store import Store, format_history
+from pyunionfs.image.listing import format_history
+from pyunionfs.image.store import Store
 from tests.support.ocigen import app_tree, base_tree, make_layer, put, write_layout
 from tests.support.treesnap import diff, snapshot
 

@@ -1,4 +1,4 @@
-"""errors: fs_error, to_errno and the fuse_errors handler wrapper."""
+"""errors: the exception types, fs_error, to_errno and the fuse_errors handler wrapper."""
 
 from __future__ import annotations
 
@@ -117,3 +117,71 @@ async def test_cancellation_not_swallowed():
 
     with pytest.raises(KeyboardInterrupt):
         await h()
+
+
+# -- the exception types: all in errors.py, one base, named for what failed -------------------
+
+
+def _package_modules() -> list[str]:
+    import pkgutil
+
+    import pyunionfs
+
+    return [m.name for m in pkgutil.walk_packages(pyunionfs.__path__, "pyunionfs.") if not m.name.endswith("__main__")]
+
+
+def test_every_exception_type_is_defined_in_errors():
+    """A type defined beside its raiser could not be caught by a sibling part (fuse and image do not
+    import each other), and the command line would not know it: so every one lives in errors.py."""
+    import importlib
+    import inspect
+
+    elsewhere = []
+    for name in _package_modules():
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and issubclass(cls, BaseException) and name != "pyunionfs.errors":
+                elsewhere.append(f"{name}.{cls_name}")
+    assert elsewhere == []
+
+
+def test_one_base_and_a_type_for_each_thing_that_fails():
+    from pyunionfs import errors
+
+    types = {
+        errors.UsageError, errors.MountError, errors.LayerError, errors.ImageError, errors.StoreError,
+        errors.ProtocolError, errors.UnsupportedKernel, errors.WouldBlock,
+    }
+    assert all(issubclass(t, errors.PyunionfsError) for t in types)
+    assert issubclass(errors.UnsupportedKernel, errors.ProtocolError)
+    # siblings, not kinds of one another: an image error is not a mount error any more
+    for a in types - {errors.UnsupportedKernel}:
+        for b in types - {a, errors.UnsupportedKernel}:
+            assert not issubclass(a, b), (a, b)
+    defined = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)}
+    assert defined == types | {errors.PyunionfsError}
+
+
+def test_protocol_errors_map_to_their_errno():
+    from pyunionfs.errors import ProtocolError, UnsupportedKernel
+
+    assert to_errno(ProtocolError("short", unique=3, opcode=1)) == errno.EIO
+    assert to_errno(UnsupportedKernel("7.1")) == errno.EPROTO
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("UsageError", 2), ("MountError", 1), ("LayerError", 1), ("ImageError", 1), ("StoreError", 1),
+     ("ProtocolError", 1), ("WouldBlock", 1)],
+)
+def test_the_command_line_reports_each_type_in_one_line(monkeypatch, capsys, name, status):
+    from pyunionfs import errors
+    from pyunionfs.cli import commands
+
+    def fail(args):
+        raise getattr(errors, name)(f"what failed: {name}")
+
+    monkeypatch.setattr(commands, "_command", fail)
+    assert commands.main(["images"]) == status
+    captured = capsys.readouterr()
+    assert captured.err == f"pyunionfs: what failed: {name}\n" and captured.out == ""

@@ -29,7 +29,7 @@ import pytest
 
 from pyunionfs import cli
 from pyunionfs.fs.inodes import ROOT_INO
-from pyunionfs.image.changes import LayerError
+from pyunionfs.errors import LayerError
 from pyunionfs.image.layerapply import apply_layer
 from pyunionfs.image.layertar import commit
 from tests.support.treesnap import Entry, Snapshot, diff, snapshot

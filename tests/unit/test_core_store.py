@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 
 from pyunionfs import cli
-from pyunionfs.errors import UsageError
+from pyunionfs.errors import ImageError, LayerError, StoreError, UsageError
 from pyunionfs.image.layerapply import apply_layer
-from pyunionfs.image.ocilayout import ImageError, split_layout_arg
-from pyunionfs.image.store import Progress, Store, default_store, format_history, format_images, parse_ref
+from pyunionfs.image.ocilayout import split_layout_arg
+from pyunionfs.image.listing import format_history, format_images
+from pyunionfs.image.progress import Progress, human
+from pyunionfs.image.records import default_store, parse_ref
+from pyunionfs.image.store import Store
 from tests.support.ocigen import LayerBlob, app_tree, base_tree, make_layer, put, whiteout, write_layout
 from tests.support.treesnap import Snapshot, diff, snapshot
 
@@ -153,7 +156,6 @@ def test_two_images_share_their_base(tmp_path: Path, layers: dict[str, LayerBlob
     lines = table.splitlines()
     assert lines[0].split() == ["REPOSITORY:TAG", "IMAGE", "ID", "LAYERS", "SIZE", "SHARED", "SIZE"]
     base_size = layers["base"].tar.stat().st_size
-    from pyunionfs.image.store import human
 
     for line, app in zip(lines[1:3], ("app1", "app2"), strict=True):
         cols = line.split()
@@ -216,7 +218,7 @@ def test_zstd_layers_need_zstandard(tmp_path: Path, layers: dict[str, LayerBlob]
     index = json.loads((tmp_path / "lay/index.json").read_text())
     index["manifests"][0].update(digest="sha256:" + digest, size=len(data))
     (tmp_path / "lay/index.json").write_text(json.dumps(index))
-    with pytest.raises(ImageError, match="zstd-compressed layers need the Python package 'zstandard'"):
+    with pytest.raises(LayerError, match="zstd-compressed layers need the Python package 'zstandard'"):
         Store(str(tmp_path / "store")).pull(str(tmp_path / "lay"))
     assert _empty(tmp_path / "store")
 
@@ -229,7 +231,7 @@ def test_crash_before_commit_leaves_nothing(tmp_path: Path, layers: dict[str, La
     def boom(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Store, "_commit", boom)
+    monkeypatch.setattr(Store, "move_in", boom)
     with pytest.raises(KeyboardInterrupt):
         store.pull(str(tmp_path / "lay"))
     assert _empty(tmp_path / "store")
@@ -421,7 +423,7 @@ def test_progress_only_on_a_terminal() -> None:
 def test_rootless_store_keeps_oci_whiteouts(tmp_path: Path, layers: dict[str, LayerBlob],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # an unprivileged user cannot mknod 0/0: the layer keeps its .wh. files, which the mount reads
-    monkeypatch.setattr("pyunionfs.image.store.whiteout_mode", lambda: "oci")
+    monkeypatch.setattr("pyunionfs.image.records.whiteout_mode", lambda: "oci")
     write_layout(tmp_path / "lay", [layers["base"], layers["app1"]])
     store = Store(str(tmp_path / "store"))
     store.pull(str(tmp_path / "lay"))
@@ -437,14 +439,14 @@ def test_rmi_during_a_pull_cannot_break_the_pulled_image(tmp_path: Path, layers:
     write_layout(tmp_path / "two", [layers["base"], layers["app2"]])
     store = Store(str(tmp_path / "store"))
     store.pull(str(tmp_path / "one"))
-    real_commit = Store._commit
+    real_move_in = Store.move_in
 
     def rmi_first(self: Store, *args: object) -> None:
         self.remove("one")
         assert not self.has_layer(layers["base"].diff_id)
-        real_commit(self, *args)  # type: ignore[arg-type]
+        real_move_in(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "_commit", rmi_first)
+    monkeypatch.setattr(Store, "move_in", rmi_first)
     store.pull(str(tmp_path / "two"))
     base = store.lowers("two")[-1]
     want = tmp_path / "want"
@@ -457,7 +459,7 @@ def test_rmi_by_id_of_an_image_with_two_tags_is_refused(tmp_path: Path, layers: 
     store = Store(str(tmp_path / "store"))
     a = store.pull(str(tmp_path / "lay"), name="a")
     store.pull(str(tmp_path / "lay"), name="b")
-    with pytest.raises(ImageError, match=r"has several tags \(a:latest, b:latest\)"):
+    with pytest.raises(StoreError, match=r"has several tags \(a:latest, b:latest\)"):
         store.remove(a.id)
     assert store.remove("a")[1] == []  # b still uses every layer
     assert store.remove(a.id)[0].name == "b:latest"
@@ -487,5 +489,5 @@ def test_tag_records_the_same_image_under_another_name(tmp_path: Path) -> None:
     _, removed = store.remove("one:1")
     assert removed == []  # still used by two:latest
     assert store.lowers("two") == store.lowers(img.id[:12]) and os.path.isdir(store.lowers("two")[0])
-    with pytest.raises(ImageError):
+    with pytest.raises(StoreError, match="no image nope:latest in store"):
         store.tag("nope", "three")

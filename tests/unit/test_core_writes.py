@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
+from pyunionfs.errors import WouldBlock
 from pyunionfs.fs import copyup, origin
 from pyunionfs.fs.inodes import ROOT_INO
-from pyunionfs.fs.locking import WouldBlock, no_blocking
+from pyunionfs.fs.locking import no_blocking
 from pyunionfs.fs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pyunionfs.fs.writes import Caller, SetAttr, WritableUnionFS
 

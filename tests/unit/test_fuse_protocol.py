@@ -15,6 +15,7 @@ import struct
 
 import pytest
 
+from pyunionfs.errors import ProtocolError, UnsupportedKernel
 from pyunionfs.fs.union import Attr
 from pyunionfs.fuse import abi
 from pyunionfs.fuse import structs as S
@@ -70,7 +71,6 @@ from pyunionfs.fuse.requests import (
     Name,
     Open,
     Poll,
-    ProtocolError,
     Read,
     Release,
     Rename,
@@ -78,7 +78,6 @@ from pyunionfs.fuse.requests import (
     Setxattr,
     Statx,
     Symlink,
-    UnsupportedKernel,
 )
 
 # -- sizes and numbers ----------------------------------------------------------
