@@ -25,9 +25,9 @@ import pytest
 
 from pyunionfs.cli import dropin
 from pyunionfs.cli.commands import subcommands
-from pyunionfs.config import KNOWN_OPTIONS
 from pyunionfs.errors import UsageError
 from pyunionfs.fuse.mountinfo import find_mount
+from pyunionfs.options import TABLE, Form, Use, taken_by
 from tests.support.mounting import force_unmount, is_mounted, require_fuse, wait_until
 
 SUBCOMMANDS = subcommands()
@@ -173,18 +173,20 @@ def test_source_and_fsname_are_read() -> None:
     assert dropin.parse_argv(["/m", "-o", r"lowerdir=/a,fsname=a\,b"]).options == [r"fsname=a\,b"]
 
 
-def test_option_table_is_consistent_and_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Drop-in for container tools") :]
-    rows = [line for line in section[: section.index("\n\n**mount(8)")].splitlines() if line.startswith("| `")]
-    for opt in dropin.OPTIONS:
+def test_option_table_is_consistent_and_in_the_docs() -> None:
+    """docs/options.md (generated from the table) has a row for every drop-in option, saying what is done."""
+    doc = (ROOT / "docs" / "options.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    dropin_options = taken_by(Form.OVERLAY)
+    for opt in dropin_options:
         cell = "`" + opt.spelling.replace("|", "\\|") + "`"  # a | inside a table cell is escaped
-        row = [r for r in rows if cell in r.split(" | ")[0]]
-        assert len(row) == 1, f"README's drop-in table lacks {opt.spelling}"
-        assert row[0].split(" | ")[2].startswith(opt.use), (opt, row[0])
-        if opt.use == "honoured" and opt.key not in ("lowerdir", "upperdir", "workdir"):
-            assert opt.key in {k.split("=")[0] for k in KNOWN_OPTIONS}, opt  # build_config takes it
-    assert len({o.key for o in dropin.OPTIONS}) == len(dropin.OPTIONS)
+        row = [r for r in rows if r.split(" | ")[0] == "| " + cell]
+        assert len(row) == 1, f"docs/options.md lacks {opt.spelling}"
+        assert row[0].split(" | ")[3] == opt.use.value, (opt, row[0])
+        if opt.use is Use.HONOURED and opt.key not in ("lowerdir", "upperdir"):
+            assert Form.MOUNT in opt.forms, opt  # build_config takes it
+    assert len({o.key for o in dropin_options}) == len(dropin_options)
+    assert "max_files_per_uid" in {o.key for o in dropin_options}
 
 
 def test_help_and_version_of_the_overlay_form() -> None:
@@ -271,8 +273,8 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
     values = {"timeout": "5", "oci_whiteouts": "on", "engine": "native", "passthrough": "on",
               "x-": "x-systemd.requires=a.mount"}
     items = []
-    for opt in dropin.OPTIONS:
-        if opt.key in ("lowerdir", "upperdir", "workdir", "ro", "noexec", "sync") or opt.use == "refused":
+    for opt in taken_by(Form.OVERLAY):
+        if opt.key in ("lowerdir", "upperdir", "workdir", "ro", "noexec", "sync") or opt.use is Use.REFUSED:
             continue
         if opt.key == "x-":
             items.append(values["x-"])
@@ -285,7 +287,7 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
     assert res.returncode == 0, res.stderr
     warned = res.stderr.splitlines()
     assert all(line.startswith("pyunionfs: warning: ") for line in warned), res.stderr
-    assert len(warned) == sum(o.use.endswith("warning") for o in dropin.OPTIONS)
+    assert len(warned) == sum(o.use is Use.WARNED for o in TABLE)
     assert (mnt / "f").read_text() == "A"
     unmount_and_wait(mnt, ["umount", str(mnt)])
 
