@@ -155,6 +155,20 @@ def test_subcommands_still_win() -> None:
     assert dropin.is_overlay_form(["overlay", "/mnt", "-o", "upperdir=/u"], SUBCOMMANDS)  # says: no lowerdir= given
 
 
+def test_one_routing_decision_names_the_subcommand_meant() -> None:
+    """dropin.route decides once: the drop-in form, a subcommand, or a mistyped one (with the name meant)."""
+    R = dropin.Route
+    assert dropin.route(["-o", "lowerdir=/a", "/m"], SUBCOMMANDS) == R(True)
+    assert dropin.route(["src", "/m", "-o", "lowerdir=/a"], SUBCOMMANDS) == R(True)
+    assert dropin.route(["mount", "L", "U", "M"], SUBCOMMANDS) == R(False)
+    assert dropin.route(["mout", "L", "U", "M", "-o", "ro"], SUBCOMMANDS) == R(False, "mount")
+    assert dropin.route(["umonut", "M"], SUBCOMMANDS) == R(False, "umount")
+    assert dropin.route(["imgaes"], SUBCOMMANDS) == R(False, "images")
+    assert dropin.route(["zzz"], SUBCOMMANDS) == R(False)  # argparse lists the choices
+    assert dropin.route(["zzz", "/m", "-o", "ro"], SUBCOMMANDS) == R(True)  # says: no lowerdir= given
+    assert dropin.route([], SUBCOMMANDS) == R(False)
+
+
 def test_mistyped_subcommands_get_invalid_choice_with_the_closest_name(tmp_path: Path) -> None:
     for argv, meant in ((["mout", "L1:L2", "U", "M"], "mount"), (["umonut", "M"], "umount"),
                         (["comit", "U", "-o", "x.tar"], "commit")):
