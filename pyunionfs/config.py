@@ -8,64 +8,36 @@ nowhere.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import stat
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .options import (
+    DEFAULT_FSNAME,
+    DEFAULT_TIMEOUT,
+    ENGINES,
+    MAX_FSNAME,
+    Form,
+    check_fsname,
+    mount_flag_pairs,
+    option,
+    read,
+    split_items,
+    unescape,
+)
+
+__all__ = [
+    "DEFAULT_FSNAME", "DEFAULT_TIMEOUT", "ENGINES", "MAX_FSNAME", "MOUNT_FLAG_PAIRS", "VERSION", "MountConfig",
+    "build_config", "check_fsname", "default_workdir", "mount_flags", "parse_options", "split_items",
+    "split_layers", "trusted_xattrs_usable", "unescape",
+]
 
 #: The release (``pyunionfs --version``; pyproject.toml's version must match, a test checks).
 VERSION = "0.1.0"
 
-#: Seconds the kernel may cache names and attributes (``-o timeout=``).
-DEFAULT_TIMEOUT = 86400.0
-
-#: The mount's source in the mount table unless ``-o fsname=`` says otherwise.
-DEFAULT_FSNAME = "pyunionfs"
-
-#: The FUSE engines a mount can be served by (``-o engine=``).
-ENGINES = ("native", "pyfuse3")
-
-#: Options the core understands, with a one-line meaning for ``--help``.
-KNOWN_OPTIONS: dict[str, str] = {
-    "ro": "read-only mount: every write fails with EROFS (implied when UPPER is empty)",
-    "rw": "read-write mount (default when there is an upper)",
-    "userxattr": "use only user.overlay.* xattrs for markers, as overlayfs -o userxattr",
-    "workdir=DIR": "work directory for atomic copy-up (default: a hidden dir beside UPPER)",
-    "timeout=SECONDS": f"how long the kernel may cache names and attributes (default {DEFAULT_TIMEOUT:g})",
-    "allow_other": "let other users use the mount (default when run as root)",
-    "default_permissions": "the kernel checks permissions (always on)",
-    "oci_whiteouts=on|off": "honour OCI .wh. whiteout files in layers (default on)",
-    "noacl": "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)",
-    "debug": "log every request (as --debug, without implying -f)",
-    "engine=native|pyfuse3": "the FUSE engine: pyunionfs's own (default) or pyfuse3 + trio (the pyfuse3 extra)",
-    "passthrough=on|off": "let the kernel read and write upper files directly (default on where the kernel allows)",
-    "dev": "honour device files in the mount (FUSE's default is nodev; root only)",
-    "nodev": "do not honour device files (the default)",
-    "suid": "honour set-user-ID and set-group-ID bits (FUSE's default is nosuid; root only)",
-    "nosuid": "ignore set-user-ID and set-group-ID bits (the default)",
-    "exec": "allow running programs from the mount (the default)",
-    "noexec": "do not allow running programs from the mount",
-    "sync": "synchronous writes: each write also fsyncs the upper file",
-    "async": "asynchronous writes (the default)",
-    "noatime": "the kernel does not update access times",
-    "atime": "the kernel updates access times (the default)",
-    "fsname=NAME": f"the mount's source, as findmnt -S and df show it (default {DEFAULT_FSNAME})",
-    "max_files_per_uid=N": "open files and directories one user other than root may hold (default: see README)",
-}
-
-#: The longest ``fsname=`` taken, in bytes (the kernel takes a page; a table row wants less).
-MAX_FSNAME = 1024
-
-#: Mount flags passed on to the kernel, in pairs; of each pair the last one given wins.
-MOUNT_FLAG_PAIRS: tuple[tuple[str, str], ...] = (
-    ("dev", "nodev"),
-    ("suid", "nosuid"),
-    ("exec", "noexec"),
-    ("async", "sync"),
-    ("atime", "noatime"),
-)
+#: The kernel mount flags, in pairs that undo each other; of each pair the last one given wins.
+MOUNT_FLAG_PAIRS: tuple[tuple[str, str], ...] = mount_flag_pairs()
 
 
 def split_layers(spec: str) -> list[str]:
@@ -92,47 +64,11 @@ def split_layers(spec: str) -> list[str]:
     return out
 
 
-def split_items(group: str) -> list[str]:
-    r"""Split one ``-o`` argument at its commas, keeping empty items out.
-
-    As the kernel's overlayfs: a backslash escapes the next character (so
-    ``\,`` is a comma inside a value; the escapes are kept for the value's own
-    reader), and, as SELinux's ``context="a,b"``, commas inside double quotes
-    do not split.
-    """
-    items: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(group):
-        ch = group[i]
-        if ch == "\\" and i + 1 < len(group):
-            cur.append(group[i : i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    return [it for it in items if it]
-
-
-def unescape(value: str) -> str:
-    r"""Drop the backslash of every ``\X`` (the kernel's rule for upperdir= and workdir=)."""
-    out: list[str] = []
-    it = iter(value)
-    for ch in it:
-        out.append(next(it, "\\") if ch == "\\" else ch)
-    return "".join(out)
-
-
 def parse_options(items: list[str]) -> dict[str, str]:
-    """Turn ``-o a,b=c`` (possibly repeated) into a dict; empty items are skipped."""
+    """Turn ``-o a,b=c`` (possibly repeated) into a dict, unchecked; empty items are skipped.
+
+    (:func:`build_config` reads ``-o`` through :func:`pyunionfs.options.read`,
+    which checks each item against the option table.)"""
     opts: dict[str, str] = {}
     for item in items:
         for part in split_items(item):
@@ -301,19 +237,6 @@ def _initial_user_namespace() -> bool:
         return True
 
 
-def check_fsname(name: str) -> str:
-    """*name* if it can be a mount's source: not empty, no control characters
-    (the mount table escapes blanks, commas travel escaped), at most
-    :data:`MAX_FSNAME` bytes."""
-    if not name:
-        raise UsageError("empty fsname= (leave it out for the default, pyunionfs)")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise UsageError(f"fsname {name!r} holds a control character")
-    if len(os.fsencode(name)) > MAX_FSNAME:
-        raise UsageError(f"fsname is longer than {MAX_FSNAME} bytes")
-    return name
-
-
 def build_config(
     lowers: str,
     upper: str,
@@ -337,9 +260,8 @@ def build_config(
     overlayfs needs ``-o userxattr`` in a user namespace: markers are then
     written, and read, as ``user.overlay.*``.
     """
-    opts = parse_options(options)
-    if "remount" in opts:
-        raise UsageError(f"remount is not supported: unmount {mountpoint} and mount it again with the new options")
+    # Checked against the option table first: a bad option is reported before any path is looked at.
+    opts = {given.row.name: given.value for given in read(options, Form.MOUNT, mountpoint)}
     if workdir is not None:
         opts["workdir"] = workdir
     lower_paths = [_absolute(p, "lower layer") for p in split_layers(lowers)]
@@ -362,28 +284,11 @@ def build_config(
     if upper_path is not None and not readonly:
         work = _absolute(opts["workdir"], "workdir") if opts.get("workdir") else default_workdir(upper_path)
         _check_workdir(work, upper_path, lower_paths, mnt)
-    try:
-        timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
-    except ValueError:
-        raise UsageError(f"timeout must be a number of seconds, not {opts['timeout']!r}") from None
-    if not math.isfinite(timeout) or timeout < 0:
-        raise UsageError(f"timeout must be a non-negative number of seconds, not {opts['timeout']!r}")
-    oci = opts.get("oci_whiteouts", "on")
-    if oci not in ("on", "off"):
-        raise UsageError(f"oci_whiteouts must be on or off, not {oci!r}")
-    engine = opts.get("engine", "native")
-    if engine not in ENGINES:
-        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    passthrough = opts.get("passthrough", "on")
-    if passthrough not in ("on", "off"):
-        raise UsageError(f"passthrough must be on or off, not {passthrough!r}")
-    max_files = opts.get("max_files_per_uid")
-    if max_files is not None and (not max_files.isdigit() or int(max_files) < 1):
-        raise UsageError(f"max_files_per_uid must be a positive whole number, not {max_files!r}")
-    known = {k.split("=")[0] for k in KNOWN_OPTIONS}
-    unknown = sorted(k for k in opts if k not in known)
-    if unknown:
-        raise UsageError(f"unknown option {unknown[0]!r} (see pyunionfs mount --help)")
+
+    def setting(name: str) -> str:
+        """The value given for option *name*, else the table's default (valid: read() checked it)."""
+        return opts.get(name, option(name).default or "")
+
     userxattr = "userxattr" in opts
     if upper_path is not None and not readonly and not userxattr:
         userxattr = not trusted_xattrs_usable(upper_path)
@@ -394,15 +299,15 @@ def build_config(
         workdir=work,
         readonly=readonly,
         userxattr=userxattr,
-        oci_whiteouts=oci == "on",
+        oci_whiteouts=setting("oci_whiteouts") == "on",
         acl="noacl" not in opts,
-        timeout=timeout,
+        timeout=float(setting("timeout")),
         allow_other="allow_other" in opts or os.geteuid() == 0,
         foreground=foreground,
         debug=debug or "debug" in opts,
-        engine=engine,
-        passthrough=passthrough == "on",
+        engine=setting("engine"),
+        passthrough=setting("passthrough") == "on",
         mount_flags=mount_flags(options),
         fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
-        max_files_per_uid=int(max_files or 0),
+        max_files_per_uid=int(opts.get("max_files_per_uid", "0")),  # 0: the default share
     )

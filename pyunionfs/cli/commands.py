@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..config import KNOWN_OPTIONS, build_config
+from ..config import build_config
 from ..errors import PyunionfsError, StoreError, UsageError
-from .dropin import HELPER_DIR, is_overlay_form
+from ..options import Form, help_lines
+from .dropin import HELPER_DIR, route
 
 if TYPE_CHECKING:
     from ..image.layertar import CommitResult
-
-_OPTIONS_HELP = "\n".join(f"  {k:<22} {v}" for k, v in KNOWN_OPTIONS.items())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
             "with a backslash) under the writable UPPER at MNT.  An empty UPPER (\"\") "
             "or -o ro makes a read-only mount.  LOWERS may instead be image:NAME[:TAG], an image "
             "of the layer store (see pull, commit --tag): its layers, topmost first."
-            "\n\noptions for -o:\n" + _OPTIONS_HELP
+            "\n\noptions for -o (docs/options.md has them all):\n" + "\n".join(help_lines(Form.MOUNT))
         ),
     )
     m.add_argument("lowers", metavar="LOWERS")
@@ -319,32 +317,29 @@ def _command(args: argparse.Namespace) -> int:
     return 2
 
 
-def subcommands() -> frozenset[str]:
+def subcommands(parser: argparse.ArgumentParser | None = None) -> frozenset[str]:
     """The first words that name a subcommand (rather than a mount.fuse3 SOURCE), from the parser."""
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in (parser or _parser())._actions if isinstance(a, argparse._SubParsersAction))
     return frozenset(sub.choices)
 
 
-def _refuse_mistyped_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """argparse's "invalid choice" for a first word that is no subcommand, naming the
-    closest one (before Python 3.14 argparse only lists them all); exits with status 2."""
-    if not argv or argv[0].startswith("-") or argv[0] in subcommands():
-        return
-    close = difflib.get_close_matches(argv[0], sorted(subcommands()), n=1)
-    if close:
-        parser.error(f"argument COMMAND: invalid choice: {argv[0]!r} (did you mean {close[0]!r}?)")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The one entry of every command line: a subcommand, or the fuse-overlayfs /
+    mount.fuse3 form (:func:`.dropin.route` tells which, once).  A first word
+    that is no subcommand but close to one gets argparse's "invalid choice",
+    naming the closest (before Python 3.14 argparse only lists them all);
+    exit status 2, as for every bad command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if is_overlay_form(argv, subcommands()):
+        parser = _parser()
+        form = route(argv, subcommands(parser))
+        if form.dropin:
             # pyunionfs -o lowerdir=...,upperdir=...,workdir=... [SOURCE] MNT (fuse-overlayfs, mount.fuse3)
             from .dropin import run
 
             return run(argv)
-        parser = _parser()
-        _refuse_mistyped_command(parser, argv)
+        if form.meant is not None:
+            parser.error(f"argument COMMAND: invalid choice: {argv[0]!r} (did you mean {form.meant!r}?)")
         return _command(parser.parse_args(argv))
     except UsageError as exc:
         print(f"pyunionfs: {exc}", file=sys.stderr)

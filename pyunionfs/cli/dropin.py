@@ -14,8 +14,13 @@ Both become the :func:`~pyunionfs.config.build_config` call of ``pyunionfs
 mount`` and mount in the background the same way (the command returns once
 the mount is live); SOURCE, as for fuse-overlayfs, is the mount's source in
 the mount table unless ``fsname=`` names one.  Every option fuse-overlayfs, the kernel's overlayfs,
-libfuse or mount(8) may hand over is in :data:`OPTIONS`, with what pyunionfs
-does with it; anything else is refused, as ``pyunionfs mount`` refuses it.
+libfuse or mount(8) may hand over is in :data:`pyunionfs.options.TABLE`, with
+what pyunionfs does with it; anything else is refused, as ``pyunionfs mount``
+refuses it.
+
+This module also decides, for the one dispatcher
+(:func:`pyunionfs.cli.commands.main`), whether a command line is this form,
+a subcommand, or a mistyped subcommand (:func:`route`).
 """
 
 from __future__ import annotations
@@ -28,148 +33,13 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..config import split_items, unescape
 from ..errors import UsageError
+from ..options import TABLE, Form, Use, plain, read, split_items
 
 #: Where ``install-helper`` links the command by default: the first directory
 #: of the search path mount.fuse3's /bin/sh falls back to (mount(8) runs its
 #: helpers without PATH) and of systemd's PATH for fstab mounts.
 HELPER_DIR = "/usr/local/sbin"
-
-
-class Option(NamedTuple):
-    """One ``-o`` option of the drop-in form."""
-
-    spelling: str  #: as documented; a ``=`` means the option takes a value, a ``*`` ends a prefix
-    origin: str  #: who defines it
-    use: str  #: "honoured", "ignored", or "ignored, with a warning"
-    note: str  #: what pyunionfs does with it
-
-    @property
-    def key(self) -> str:
-        return self.spelling.split("=")[0].rstrip("*")
-
-    @property
-    def takes_value(self) -> bool:
-        return "=" in self.spelling
-
-
-_H, _I, _W, _R = "honoured", "ignored", "ignored, with a warning", "refused"
-_OVL, _FOVL, _FUSE, _MOUNT = "overlayfs", "fuse-overlayfs", "libfuse", "mount(8)"
-
-OPTIONS: tuple[Option, ...] = (
-    # the layers
-    Option("lowerdir=DIR[:DIR...]", f"{_OVL}, {_FOVL}", _H,
-           "the lower layers, topmost first; `\\:` and `\\\\` escape; relative to the current directory"),
-    Option("upperdir=DIR", f"{_OVL}, {_FOVL}", _H, "the upper layer; without it the mount is read-only"),
-    Option("workdir=DIR", f"{_OVL}, {_FOVL}", _H,
-           "the work directory (same layout as the kernel's); default `.UPPER.pyunionfs-work` beside the upper; "
-           "unused without upperdir"),
-    # what pyunionfs mount -o also takes
-    Option("ro", _MOUNT, _H, "read-only mount (with an upperdir, the upper is read as the top layer)"),
-    Option("rw", _MOUNT, _H, "read-write (the default with an upperdir); of ro and rw the last one wins"),
-    Option("userxattr", _OVL, _H,
-           "markers only as `user.overlay.*`; turned on by itself where `trusted.*` xattrs cannot be written "
-           "(rootless)"),
-    Option("timeout=SECONDS", _FOVL, _H, "how long the kernel caches names and attributes (default 86400)"),
-    Option("oci_whiteouts=on|off", "pyunionfs", _H, "honour OCI `.wh.` files in layers (default on)"),
-    Option("engine=native|pyfuse3", "pyunionfs", _H,
-           "the FUSE engine: pyunionfs's own (default) or pyfuse3 + trio (needs the `pyfuse3` extra)"),
-    Option("passthrough=on|off", "pyunionfs", _H,
-           "the kernel reads and writes upper files itself (FUSE passthrough; default on where allowed)"),
-    Option("default_permissions", f"{_OVL}, {_FUSE}", _H, "always on: the kernel checks permissions"),
-    Option("allow_other", _FUSE, _H, "other users may use the mount (always on as root)"),
-    Option("debug", _FUSE, _H, "log every request (to the `--log` file, or stderr with `-f`)"),
-    Option("dev", _MOUNT, _H, "device files work in the mount (FUSE's default is `nodev`); needs root"),
-    Option("nodev", _MOUNT, _H, "device files do not work (the default)"),
-    Option("suid", _MOUNT, _H, "set-user-ID bits work (FUSE's default is `nosuid`); needs root"),
-    Option("nosuid", _MOUNT, _H, "set-user-ID bits are ignored (the default)"),
-    Option("exec", _MOUNT, _H, "programs may run from the mount (the default)"),
-    Option("noexec", _MOUNT, _H, "programs may not run from the mount"),
-    Option("sync", _MOUNT, _H, "every write is also fsync'ed to the upper"),
-    Option("async", _MOUNT, _H, "the default: writes reach the upper's page cache"),
-    Option("noatime", _MOUNT, _H, "passed on to the kernel"),
-    Option("atime", _MOUNT, _H, "passed on to the kernel (the default)"),
-    # fuse-overlayfs's own
-    Option("volatile", f"{_OVL}, {_FOVL}", _I,
-           "the mount stays durable: copy-ups and fsync still reach the disk (no `work/incompat/volatile` "
-           "marker is made, so the kernel can mount the same upper later)"),
-    Option("fsync=0|1", _FOVL, _I, "fsync(2) through the mount always reaches the upper"),
-    Option("uidmapping=MAP", _FOVL, _W, "owners are shown as stored: no ID shifting"),
-    Option("gidmapping=MAP", _FOVL, _W, "groups are shown as stored: no ID shifting"),
-    Option("squash_to_root", _FOVL, _W, "owners are shown as stored"),
-    Option("squash_to_uid=UID", _FOVL, _W, "owners are shown as stored"),
-    Option("squash_to_gid=GID", _FOVL, _W, "groups are shown as stored"),
-    Option("static_nlink", _FOVL, _I,
-           "merged directories always report st_nlink 1, the others their real count"),
-    Option("noacl", _FOVL, _H, "the kernel checks mode bits only, not POSIX ACLs; ACL xattrs are kept"),
-    Option("fast_ino=0|1", _FOVL, _I, "inode numbers are always overlayfs's xino scheme"),
-    Option("writeback=0|1", _FOVL, _I, "the kernel's page cache is used as pyunionfs always does"),
-    Option("noxattrs=0|1", _FOVL, _I, "xattrs always work"),
-    Option("threaded=0|1", _FOVL, _I, "the native engine always serves from several threads"),
-    Option("plugins=LIST", _FOVL, _W, "no layer plugins"),
-    Option("xattr_permissions=0|1|2", _FOVL, _W, "modes and owners are shown as stored, not from an xattr"),
-    Option("context=LABEL", f"{_FOVL}, {_FUSE}", _W, "no SELinux label is set on the mount"),
-    # the kernel's overlayfs
-    Option("redirect_dir=on|off|follow|nofollow", _OVL, _I,
-           "pyunionfs works as `off`: renaming a directory with lower parts gives EXDEV (`mv` then copies)"),
-    Option("metacopy=on|off", _OVL, _I, "pyunionfs works as `off`: copy-up always copies the data"),
-    Option("index=on|off", _OVL, _I, "hard-linked lower files are copied up through `index/` as with `on`"),
-    Option("xino=on|off|auto", _OVL, _I, "inode numbers are always xino-style"),
-    Option("nfs_export=on|off", _OVL, _I, "not exportable over NFS"),
-    Option("uuid=on|off|null|auto", _OVL, _I, "origin records carry a null uuid (the kernel's `auto` on a new upper)"),
-    # libfuse's
-    Option("allow_root", _FUSE, _I, "as root every user has access anyway; unprivileged, only the owner"),
-    Option("auto_unmount", _FUSE, _I, "the daemon unmounts itself on SIGTERM, SIGINT, SIGHUP"),
-    Option("kernel_cache", _FUSE, _I, "file data is always cached by the kernel"),
-    Option("max_read=N", _FUSE, _I, ""),
-    Option("max_write=N", _FUSE, _I, ""),
-    Option("splice_read", _FUSE, _I, ""),
-    Option("splice_write", _FUSE, _I, ""),
-    Option("splice_move", _FUSE, _I, ""),
-    Option("clone_fd", _FUSE, _I, ""),
-    Option("max_idle_threads=N", _FUSE, _I, ""),
-    Option("max_threads=N", _FUSE, _I, ""),
-    Option("fsname=NAME", _FUSE, _H,
-           "the mount's source (`findmnt -S NAME`, `df`); default SOURCE if given, else `pyunionfs`"),
-    Option("subtype=TYPE", _FUSE, _I, "the type is always `fuse.pyunionfs`"),
-    # mount(8), fstab
-    Option("diratime", _MOUNT, _I, ""),
-    Option("nodiratime", _MOUNT, _I, ""),
-    Option("relatime", _MOUNT, _I, ""),
-    Option("norelatime", _MOUNT, _I, ""),
-    Option("strictatime", _MOUNT, _I, ""),
-    Option("nostrictatime", _MOUNT, _I, ""),
-    Option("lazytime", _MOUNT, _I, ""),
-    Option("nolazytime", _MOUNT, _I, ""),
-    Option("dirsync", _MOUNT, _I, ""),
-    Option("defaults", _MOUNT, _I, "(mount(8) and mount.fuse3 normally keep these to themselves)"),
-    Option("remount", _MOUNT, _R, "refused in one line: unmount, then mount again with the new options"),
-    Option("auto", _MOUNT, _I, ""),
-    Option("noauto", _MOUNT, _I, ""),
-    Option("user", _MOUNT, _I, ""),
-    Option("nouser", _MOUNT, _I, ""),
-    Option("users", _MOUNT, _I, ""),
-    Option("owner", _MOUNT, _I, ""),
-    Option("group", _MOUNT, _I, ""),
-    Option("_netdev", _MOUNT, _I, ""),
-    Option("nofail", _MOUNT, _I, ""),
-    Option("comment=TEXT", _MOUNT, _I, ""),
-    Option("x-*", _MOUNT, _I, "any option starting with `x-` or `X-` (systemd's `x-systemd.*` too)"),
-)
-
-_BY_KEY = {o.key: o for o in OPTIONS if not o.spelling.endswith("*")}
-_PREFIXES = tuple(o.key for o in OPTIONS if o.spelling.endswith("*"))
-
-
-def lookup(key: str) -> Option | None:
-    """The table row of option *key*, or None if pyunionfs does not take it."""
-    if key in _BY_KEY:
-        return _BY_KEY[key]
-    for prefix in _PREFIXES:
-        if key.lower().startswith(prefix.lower()):
-            return next(o for o in OPTIONS if o.key == prefix)
-    return None
 
 
 # -- reading the command line ---------------------------------------------------
@@ -184,7 +54,7 @@ class Invocation:
     lowers: str | None = None
     upper: str = ""
     workdir: str | None = None
-    options: list[str] = field(default_factory=list)  #: for build_config (KNOWN_OPTIONS only)
+    options: list[str] = field(default_factory=list)  #: for build_config (options pyunionfs mount -o takes)
     warnings: list[str] = field(default_factory=list)
     foreground: bool = False
     debug: bool = False
@@ -193,28 +63,43 @@ class Invocation:
     version: bool = False
 
 
-def is_overlay_form(argv: list[str], subcommands: Collection[str]) -> bool:
-    """Whether *argv* is the fuse-overlayfs / mount.fuse3 form, not a subcommand.
+class Route(NamedTuple):
+    """What a command line is: the drop-in form, or a subcommand's (then perhaps mistyped)."""
 
-    That form starts with an option (``-o``, ``-f``...) or with mount.fuse3's
-    SOURCE; a subcommand's name wins, unless the line has a ``lowerdir=``
-    (``mount -t fuse.pyunionfs mount MNT -o lowerdir=...``: a SOURCE that
-    happens to be a subcommand's name).  A first word that is neither, with
-    no ``lowerdir=``, is the drop-in form only if it has ``-o`` options and
-    does not look like a mistyped subcommand (``mout L U M``, ``umonut M``),
-    which argparse then refuses with the name meant.
+    dropin: bool
+    meant: str | None = None  #: a first word that is no subcommand but close to this one
+
+
+def route(argv: list[str], subcommands: Collection[str]) -> Route:
+    """Decide, once, what *argv* is: the fuse-overlayfs / mount.fuse3 form, a
+    subcommand, or a mistyped subcommand (with the name meant).
+
+    The drop-in form starts with an option (``-o``, ``-f``...) or with
+    mount.fuse3's SOURCE.  A subcommand's name wins, unless the line has a
+    ``lowerdir=`` (``mount -t fuse.pyunionfs mount MNT -o lowerdir=...``: a
+    SOURCE that happens to be a subcommand's name).  A first word that is
+    neither, with no ``lowerdir=``, is the drop-in form only if it has ``-o``
+    options and is not close to a subcommand's name: ``mout L U M`` and
+    ``umonut M`` are mistyped subcommands, which argparse refuses naming the
+    one meant (so a typo never mounts anything).
     """
     if not argv or argv[0] in ("-h", "--help", "--version"):
-        return False
+        return Route(False)
     names = sorted(subcommands)  # the parser's own list: a new subcommand is known here at once
     groups = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
     groups += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
     has_lowerdir = any(item.startswith("lowerdir=") for g in groups for item in split_items(g))
     if argv[0] in names:
-        return argv[0] != "commit" and has_lowerdir  # commit's -o names the output file
+        return Route(argv[0] != "commit" and has_lowerdir)  # commit's -o names the output file
     if argv[0].startswith("-") or has_lowerdir:
-        return True
-    return bool(groups) and not difflib.get_close_matches(argv[0], names, n=1)
+        return Route(True)
+    close = difflib.get_close_matches(argv[0], names, n=1)
+    return Route(bool(groups) and not close, close[0] if close else None)
+
+
+def is_overlay_form(argv: list[str], subcommands: Collection[str]) -> bool:
+    """Whether *argv* is the fuse-overlayfs / mount.fuse3 form, not a subcommand (see :func:`route`)."""
+    return route(argv, subcommands).dropin
 
 
 def parse_argv(argv: list[str]) -> Invocation:
@@ -266,34 +151,27 @@ def parse_argv(argv: list[str]) -> Invocation:
 
 
 def _read_options(inv: Invocation, items: list[str]) -> None:
+    """Act on each option as the table says: the layers and ro/rw here, honoured ones
+    on to build_config, a warning for those the mount will not show, nothing for the rest."""
     readonly = False
     passed: list[str] = []
-    for item in items:
-        key, eq, value = item.partition("=")
-        opt = lookup(key)
-        if opt is None:
-            raise UsageError(f"unknown option {key!r} (the README's drop-in table lists what pyunionfs takes)")
-        if opt.use == _R:
-            raise UsageError(f"remount is not supported: unmount {inv.mountpoint} and mount it again with the "
-                             "new options")
-        if opt.use == _H and opt.takes_value != bool(eq):
-            # (ignored ones are not checked: fuse-overlayfs takes max_write bare, libfuse max_write=N)
-            raise UsageError(f"option {key!r} needs a value ({opt.spelling})" if opt.takes_value
-                             else f"option {key!r} takes no value")
+    form = Form.FUSE3 if inv.source is not None else Form.OVERLAY
+    for given in read(items, form, inv.mountpoint):
+        opt, key = given.row, given.key
         if key == "lowerdir":
-            inv.lowers = value  # escapes left for split_layers
+            inv.lowers = given.raw or ""  # escapes left for split_layers
         elif key == "upperdir":
-            if not value:
+            if not given.value:
                 raise UsageError("empty upperdir= (leave it out for a read-only mount)")
-            inv.upper = unescape(value)
+            inv.upper = given.value
         elif key == "workdir":
-            inv.workdir = unescape(value) or None
+            inv.workdir = given.value or None
         elif key in ("ro", "rw"):
             readonly = key == "ro"  # the last one wins, as for mount(8)
-        elif opt.use == _H:
-            passed.append(item)
-        elif opt.use == _W and not (key == "xattr_permissions" and value == "0"):
-            inv.warnings.append(f"{key}= ignored: {opt.note}" if opt.takes_value else f"{key} ignored: {opt.note}")
+        elif opt.use is Use.HONOURED:
+            passed.append(given.item)
+        elif opt.use is Use.WARNED and given.value not in opt.quiet:
+            inv.warnings.append(f"{key}{'=' if opt.takes_value else ''} ignored: {plain(opt.help)}")
     if readonly:
         passed.append("ro")
     inv.options = passed
@@ -307,10 +185,11 @@ USAGE = "pyunionfs [-f] [-d] [--log FILE] -o lowerdir=L1:L2,upperdir=U,workdir=W
 
 
 def help_text() -> str:
-    """The drop-in form's usage and option names (details: README, "Drop-in for container tools")."""
+    """The drop-in form's usage and option names, from the option table (details: docs/options.md)."""
     by_use: dict[str, list[str]] = {}
-    for o in OPTIONS:
-        by_use.setdefault(o.use.split(",")[0], []).append(o.spelling)
+    for o in TABLE:
+        if Form.OVERLAY in o.forms:
+            by_use.setdefault(o.use.value.split(",")[0], []).append(o.spelling)
     lines = [
         "the fuse-overlayfs and mount.fuse3 form:",
         f"  {USAGE}",
@@ -320,8 +199,9 @@ def help_text() -> str:
     for use in ("honoured", "ignored"):
         lines.append(textwrap.fill(" ".join(by_use[use]), 100, initial_indent=f"  {use} options: ",
                                    subsequent_indent="    ", break_on_hyphens=False))
-    lines.append("  remount and anything else is refused.  Unmount: umount MNT, fusermount3 -u MNT or "
-                 "pyunionfs umount MNT")
+    lines.append(f"  {' '.join(by_use['refused'])} and anything else is refused (docs/options.md says what "
+                 "each option does).")
+    lines.append("  Unmount: umount MNT, fusermount3 -u MNT or pyunionfs umount MNT")
     return "\n".join(lines)
 
 

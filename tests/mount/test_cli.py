@@ -99,6 +99,8 @@ def test_relative_paths_and_escaped_colons(tmp_path) -> None:
         ("missing-mountpoint", "does not exist"),
         ("same-layer-twice", "given twice"),
         ("unknown-option", "unknown option"),
+        ("misspelt-option", "unknown option 'timout' (did you mean 'timeout'?)"),
+        ("flag-with-a-value", "option 'userxattr' takes no value"),
         ("already-mounted", "already a mount point"),
         ("upper-in-lower", "must not nest"),
         ("mountpoint-in-lower", "must not nest"),
@@ -125,6 +127,10 @@ def test_failed_mount_says_one_line_and_leaves_nothing(layers, case, expect) -> 
         args[1] = f"{lower1}:{lower1}"
     elif case == "unknown-option":
         args += ["-o", "frobnicate"]
+    elif case == "misspelt-option":
+        args += ["-o", "ro,timout=5"]
+    elif case == "flag-with-a-value":
+        args += ["-o", "userxattr=1"]
     elif case == "upper-in-lower":
         (lower1 / "sub").mkdir()
         args[2] = str(lower1 / "sub")

@@ -20,6 +20,7 @@ import pytest
 from pyunionfs import cli
 from pyunionfs.errors import LayerError
 from pyunionfs.fs.markers import Markers
+from pyunionfs.image.changes import changes, path_key
 from tests.unit.conftest import mkfile, mkwhiteout, mkxwhiteout, set_opaque
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: whiteout devices and trusted xattrs")

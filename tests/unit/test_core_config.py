@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyunionfs.config import KNOWN_OPTIONS, MountConfig, build_config, parse_options, split_layers
+from pyunionfs.config import MountConfig, build_config, parse_options, split_layers
 from pyunionfs.errors import UsageError
+from pyunionfs.options import Form, taken_by
 
 # -- split_layers ------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ def test_build_every_known_option_accepted(dirs):
     assert cfg.debug is True
     assert cfg.allow_other is True
     assert cfg.workdir is None  # read-only: nothing is ever copied up
-    assert {k.split("=")[0] for k in KNOWN_OPTIONS} >= {"ro", "rw", "timeout", "workdir"}
+    assert {o.name for o in taken_by(Form.MOUNT)} >= {"ro", "rw", "timeout", "workdir"}
 
 
 @pytest.mark.parametrize("value", ["abc", "", "1s", "-1", "-0.5"])

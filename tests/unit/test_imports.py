@@ -1,6 +1,7 @@
 """The package's architecture, checked: four parts whose imports run one way, no circles.
 
-Floors, bottom up: ``errors`` and ``config`` (used by all); ``fs`` (the union
+Floors, bottom up: ``errors``, ``options`` (the option table) and ``config``
+(used by all); ``fs`` (the union
 without FUSE); ``fuse`` and ``image`` side by side (neither imports the
 other); ``cli`` on top.  A module may import its own floor (its own
 subpackage) and the floors below; never one above, and never the package
@@ -20,7 +21,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "pyunionfs"
 
 #: The floor of each part; the parts a floor may import are those on lower floors.
-FLOORS: dict[str, int] = {"errors": 0, "config": 1, "fs": 2, "fuse": 3, "image": 3, "cli": 4}
+FLOORS: dict[str, int] = {"errors": 0, "options": 1, "config": 2, "fs": 3, "fuse": 4, "image": 4, "cli": 5}
 
 
 def modules() -> dict[str, Path]:
