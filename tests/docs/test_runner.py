@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from tests.docs.consoledoc import DocError, matches, norun_blocks, parse, run_page
@@ -81,3 +83,13 @@ def test_norun_blocks_are_listed_not_run() -> None:
     text = page("$ exit 1", fence="console norun")
     assert run_page(text, "n.md") == 0
     assert norun_blocks(text, "n.md") == ["n.md:3"]
+
+
+def test_a_failing_page_leaves_nothing_mounted() -> None:
+    """Teardown unmounts what the page mounted under its directory, however the page ended."""
+    mnt = "mnt-" + secrets.token_hex(6)
+    text = page(f"$ mkdir lower upper {mnt} && pyunionfs mount lower upper {mnt}", f"$ mountpoint -q {mnt}", "$ false")
+    with pytest.raises(DocError, match="got \\(exit 1\\)"):
+        run_page(text, "mounts.md")
+    with open("/proc/self/mounts") as f:
+        assert not [line for line in f if mnt in line]

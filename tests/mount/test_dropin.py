@@ -173,14 +173,14 @@ def test_source_and_fsname_are_read() -> None:
     assert dropin.parse_argv(["/m", "-o", r"lowerdir=/a,fsname=a\,b"]).options == [r"fsname=a\,b"]
 
 
-def test_option_table_is_consistent_and_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Drop-in for container tools") :]
-    rows = [line for line in section[: section.index("\n\n**mount(8)")].splitlines() if line.startswith("| `")]
+def test_option_table_is_consistent_and_in_the_docs() -> None:
+    page = (ROOT / "docs" / "containers.md").read_text()
+    section = page[page.index("## The fuse-overlayfs form") :]
+    rows = [line for line in section[: section.index("\n## mount(8)")].splitlines() if line.startswith("| `")]
     for opt in dropin.OPTIONS:
         cell = "`" + opt.spelling.replace("|", "\\|") + "`"  # a | inside a table cell is escaped
         row = [r for r in rows if cell in r.split(" | ")[0]]
-        assert len(row) == 1, f"README's drop-in table lacks {opt.spelling}"
+        assert len(row) == 1, f"docs/containers.md's drop-in table lacks {opt.spelling}"
         assert row[0].split(" | ")[2].startswith(opt.use), (opt, row[0])
         if opt.use == "honoured" and opt.key not in ("lowerdir", "upperdir", "workdir"):
             assert opt.key in {k.split("=")[0] for k in KNOWN_OPTIONS}, opt  # build_config takes it
