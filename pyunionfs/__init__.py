@@ -9,7 +9,8 @@ Four parts, imports running one way (``tests/unit/test_imports.py`` checks):
 - :mod:`.image`: an upper's changes, OCI layer tars, layouts and the store;
 - :mod:`.cli`: the command lines.
 
-:mod:`.errors` and :mod:`.config` sit above them all and are used by all.
+:mod:`.errors`, :mod:`.options` (the one option table) and :mod:`.config` sit above
+them all and are used by all.
 """
 
 from .config import VERSION

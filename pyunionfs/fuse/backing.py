@@ -33,7 +33,7 @@ while any open of it lasts (:class:`Backings` counts them):
   be honoured (the kernel's overlayfs and cached mode honour it).  An
   appender that joins an inode already in passthrough mode must be
   passthrough too; for that one descriptor, clearing O_APPEND later has no
-  effect (README, "Where pyunionfs differs");
+  effect (docs/semantics.md, "Where pyunionfs differs");
 * a file with a set-user-ID bit (or set-group-ID and group-execute) starts
   cached too: the kernel writes a passthrough file with the daemon's
   credentials, which keep those bits where a user's write must clear them.

@@ -19,11 +19,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Blocks shown but not run must stay rare: raise this only with a reason in the block's page.
 MAX_NORUN = 4
 
-#: Files the docs name that other branches of issue 16 are creating (the option table and its
-#: generated page, the one definition of the marker formats): they may be missing until those
-#: branches are merged; once they exist they are checked like every other path.
-PENDING = {"docs/options.md", "pyunionfs/options.py", "pyunionfs/fs/markers.py"}
-
 #: A repository path written in backticks in the docs: `pyunionfs/fs/cache.py`, `tests/mount/`.
 _PATH = re.compile(r"`((?:pyunionfs|tests|bench|contrib|docs)/[\w./-]*)`")
 
@@ -56,16 +51,14 @@ def test_relative_links_lead_to_files() -> None:
             if "://" in target:
                 continue
             path = (page.parent / target).resolve()
-            if str(path.relative_to(ROOT)) not in PENDING:
-                assert path.exists(), f"{_name(page)} links to missing {target}"
+            assert path.exists(), f"{_name(page)} links to missing {target}"
 
 
 def test_named_files_exist() -> None:
     """A module renamed or removed makes the page that names it fail here, not mislead a reader."""
     for page in PAGES:
         for path in _PATH.findall(page.read_text()):
-            if path not in PENDING:
-                assert (ROOT / path).exists(), f"{_name(page)} names missing {path}"
+            assert (ROOT / path).exists(), f"{_name(page)} names missing {path}"
 
 
 def _readme_setup() -> list[str]:
