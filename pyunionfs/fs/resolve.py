@@ -27,6 +27,7 @@ from .entry import Entry
 from .layers import LayerStack
 from .markers import OPAQUE, XWHITEOUTS, Markers
 from .paths import check_name, join, proc_path
+from .presence import LayerNames, candidates
 
 
 class IndexView(Protocol):
@@ -49,6 +50,9 @@ class Resolver:
         #: file with several links resolves to its index copy if it has one.
         self.index: IndexView | None = None
         self.cache = ResolutionCache()
+        #: The names of lower directories of merged directories spanning many
+        #: layers, so that a lookup skips the layers that lack the name.
+        self.presence = LayerNames(stack.listdir, lambda layer: stack.layers[layer].writable)
 
     def root(self) -> Entry:
         """The root merges every layer: overlayfs ignores opacity at the root."""
@@ -98,7 +102,11 @@ class Resolver:
         low: os.stat_result | None = None
         xwh: list[int] = []
         last = parent.layers[-1]
-        for layer in parent.layers:
+        layers: tuple[int, ...] | list[int] = parent.layers
+        presence = self.presence.get(parent_rel, parent.layers)
+        if presence is not None:  # skip the lower layers that hold neither name nor .wh.name
+            layers = candidates(presence, name, markers.oci_whiteout_name(name))
+        for layer in layers:
             st = stack.lstat(layer, parent_rel, name)
             if st is None:
                 if markers.oci_whiteout(stack, layer, parent_rel, name):

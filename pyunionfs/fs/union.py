@@ -149,6 +149,7 @@ class UnionFS:
             if node.ino != ROOT_INO and not node.gone and node.path:
                 entries.append((node.parent, node.path.rpartition(b"/")[2]))
         self.resolver.cache.clear()
+        self.resolver.presence.clear()
         self.stack.fds.clear()
         return KernelForget(inodes=sorted(self.inodes.nodes), entries=entries)
 
