@@ -1,7 +1,5 @@
 """``python -m pyunionfs`` is the ``pyunionfs`` command."""
 
-import sys
+from .cli import console
 
-from .cli.commands import main
-
-sys.exit(main())
+console()
