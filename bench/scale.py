@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -190,17 +191,20 @@ def run_mount(system: System, layers: Path, base: Path, rnd: int) -> list[Sample
         upper, work, mnt = base / "upper", base / "work", base / "mnt"
         for d in (upper, work, mnt):
             d.mkdir(parents=True)
-        pid = None
         try:
             t0 = time.perf_counter()
             with contextlib.chdir(layers):
                 system._start(Path(lowers), upper, work, mnt, ())
-            wait_until(lambda m=mnt: mount_fstype(m) == system.fstype, 60, f"{system.name} to mount", step=0.0005)
+            wait_until(functools.partial(_is_mounted, mnt, system.fstype), 60, f"{system.name} to mount", step=0.0005)
             out.append(Sample(system.name, "mount", rnd, time.perf_counter() - t0))
         finally:
-            system.unmount(mnt, pid)
+            system.unmount(mnt, None)  # pyunionfs's umount waits for its daemon; the others have none to wait for
             safe_rmtree(base)
     return out
+
+
+def _is_mounted(mnt: Path, fstype: str) -> bool:
+    return mount_fstype(mnt) == fstype
 
 
 # -- the report ---------------------------------------------------------------------------------
