@@ -214,9 +214,12 @@ def serve(cfg: MountConfig, fs: WritableUnionFS, on_live: Callable[[], None]) ->
                 session.unmount(lazy=True)
             session.close()
             raise
-        server.start()
+        # Live once INIT is answered: requests queue in the kernel until the
+        # workers read them, so the caller need not wait for threads to start
+        # (about 2 ms each; container tools mount once per step).
         set_readahead(cfg.mountpoint)
         on_live()
+        server.start()
         by_signal = False
         try:
             by_signal = server.wait()
