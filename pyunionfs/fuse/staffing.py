@@ -87,7 +87,10 @@ class Staffing:
             self.state[worker] = PARKED
             # A request may have got stuck since the look above, with the
             # monitor's last look still seeing this worker busy: look again.
-            if not self._needed(worker):
+            # And the connection may have ended before this worker first got
+            # here (an unmount right after mounting): end() set the event we
+            # just cleared, so look at `ending` after clearing, not before.
+            if not self.ending and not self._needed(worker):
                 wake.wait()
         self.state[worker] = READY
         return not self.ending

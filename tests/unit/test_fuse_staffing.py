@@ -129,3 +129,20 @@ def test_a_single_worker_has_no_monitor_and_never_parks() -> None:
     finally:
         p.stop()
     assert not p.threads[0].is_alive()
+
+
+def test_a_worker_that_starts_after_the_end_does_not_park_for_ever() -> None:
+    """An unmount right after mounting can end the connection before the
+    extra workers first ask whether to serve: they must stop, not wait to be
+    woken by an end that already happened (the daemon then hung in join)."""
+    staffing = Staffing(ALWAYS + 2)
+    staffing.end()
+    answers: list[bool] = []
+    late = [threading.Thread(target=lambda w=w: answers.append(staffing.next(w)), daemon=True)
+            for w in range(ALWAYS, ALWAYS + 2)]
+    for t in late:
+        t.start()
+    for t in late:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in late), "a worker parked after the end"
+    assert answers == [False, False]
