@@ -18,7 +18,6 @@ not show what was asked for) or refuses it.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import math
 import os
@@ -342,6 +341,8 @@ def mount_flag_pairs() -> tuple[tuple[str, str], ...]:
 def unknown(key: str, form: Form) -> UsageError:
     """The one-line refusal of *key*, naming the closest option *form* takes, if one is close."""
     names = [o.name for o in taken_by(form) if not o.prefix]
+    import difflib  # only for a typo: not paid by every mount
+
     close = difflib.get_close_matches(key, names, n=1)
     return UsageError(f"unknown option {key!r} (did you mean {close[0]!r}?)" if close
                       else f"unknown option {key!r} ({form.hint})")

@@ -25,7 +25,6 @@ a subcommand, or a mistyped subcommand (:func:`route`).
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 import textwrap
@@ -93,6 +92,8 @@ def route(argv: list[str], subcommands: Collection[str]) -> Route:
         return Route(argv[0] != "commit" and has_lowerdir)  # commit's -o names the output file
     if argv[0].startswith("-") or has_lowerdir:
         return Route(True)
+    import difflib  # only for a typo: not paid by every mount
+
     close = difflib.get_close_matches(argv[0], names, n=1)
     return Route(bool(groups) and not close, close[0] if close else None)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,9 +37,9 @@ MAX_HANDLE_SZ = 128
 
 def _number(name: str) -> int:
     try:
-        return _NUMBERS[platform.machine()][name]
+        return _NUMBERS[os.uname().machine][name]
     except KeyError:
-        raise OSError(38, f"{name} is not wired for {platform.machine()}") from None  # ENOSYS
+        raise OSError(38, f"{name} is not wired for {os.uname().machine}") from None  # ENOSYS
 
 
 def _check(ret: int, *names: bytes) -> int:

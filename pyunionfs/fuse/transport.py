@@ -24,10 +24,8 @@ import errno
 import fcntl
 import os
 import shutil
-import socket
 import stat
 import struct
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -268,6 +266,8 @@ class Session:
             if code == errno.EBUSY:
                 raise MountError(f"cannot unmount {name}: it is busy (a file in it is open, or a process's cwd)")
             raise MountError(f"cannot unmount {name}: {os.strerror(code)}")
+        import subprocess  # a user's mount only: root's mount pays no import for it
+
         cmd = [FUSERMOUNT.encode(), b"-u", *([b"-z"] if lazy else []), b"--", self.mountpoint]
         res = subprocess.run(
             cmd, executable=self._fusermount, stdin=subprocess.DEVNULL, capture_output=True, timeout=60
@@ -399,6 +399,9 @@ def _mount_with_fusermount(mountpoint: bytes, name: str, opts: MountOptions, fus
         if not os.access(DEVICE, os.R_OK | os.W_OK):
             code = errno.ENOENT if not os.path.exists(DEVICE) else errno.EACCES
             raise MountError(f"cannot mount {name}: {_device_problem(code)}")
+    import socket  # here only: root mounts by mount(2) and pays no import for these
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds: list[int] = []
     try:
