@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import MountError
-from .paths import DirFds, proc_path
+from .paths import DirFds, encode_names, proc_path
 from .syscalls import (
     MOUNT_ATTR__ATIME,
     MOUNT_ATTR_NOATIME,
@@ -189,7 +189,7 @@ class LayerStack:
         except PermissionError:
             fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
         try:
-            return [os.fsencode(n) for n in os.listdir(fd)]
+            return encode_names(os.listdir(fd))
         finally:
             os.close(fd)
 
@@ -236,7 +236,7 @@ class LayerStack:
             if exc.errno in (errno.ENOTSUP, errno.EPERM) and not strict:
                 return []
             raise
-        return [os.fsencode(n) for n in names]
+        return encode_names(names)
 
     def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes:
         path, follow = self.entry_path(layer, rel)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Container
 from typing import Protocol
 
 from .paths import join
@@ -140,10 +141,17 @@ class Markers:
         names = view.listxattr(layer, join(parent_rel, name))
         return any(n in self.whiteout_names for n in names)
 
-    def oci_whiteout(self, view: LayerView, layer: int, parent_rel: bytes, name: bytes) -> bool:
-        """Whether *layer* hides *name* (absent there) with a ``.wh.NAME`` beside it."""
+    def oci_whiteout(
+        self, view: LayerView, layer: int, parent_rel: bytes, name: bytes, beside: Container[bytes] | None = None
+    ) -> bool:
+        """Whether *layer* hides *name* (absent there) with a ``.wh.NAME`` beside it.
+        *beside*: the names of *parent_rel* in *layer*, when the caller has read them."""
         wh = self.oci_whiteout_name(name)
-        return wh is not None and view.lstat(layer, parent_rel, wh) is not None
+        if wh is None:
+            return False
+        if beside is not None:
+            return wh in beside
+        return view.lstat(layer, parent_rel, wh) is not None
 
     @staticmethod
     def make_whiteout(dir_fd: int, name: bytes) -> None:
@@ -179,12 +187,15 @@ class Markers:
                     raise
         return None
 
-    def oci_opaque(self, view: LayerView, layer: int, parent_rel: bytes, name: bytes) -> bool:
+    def oci_opaque(
+        self, view: LayerView, layer: int, parent_rel: bytes, name: bytes, beside: Container[bytes] | None = None
+    ) -> bool:
         """OCI opacity of directory *name*: ``.wh..wh..opq`` inside it, or a
-        ``.wh.NAME`` beside it (a whiteout hides only the layers below its own)."""
+        ``.wh.NAME`` beside it (a whiteout hides only the layers below its own).
+        *beside*: as for :meth:`oci_whiteout`."""
         if not self.oci:
             return False
-        return self.oci_whiteout(view, layer, parent_rel, name) or self.oci_opaque_inside(
+        return self.oci_whiteout(view, layer, parent_rel, name, beside) or self.oci_opaque_inside(
             view, layer, join(parent_rel, name)
         )
 

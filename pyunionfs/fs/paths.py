@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections import OrderedDict
 
 from ..errors import fs_error
@@ -45,6 +46,19 @@ def split(rel: bytes) -> tuple[bytes, bytes]:
     """Split a relative path into (parent, name); the root has no name."""
     head, _, tail = rel.rpartition(b"/")
     return head, tail
+
+
+_FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def encode_names(names: list[str]) -> list[bytes]:
+    """*names* (from ``os.listdir(fd)`` or ``os.listxattr``, which give str) as
+    the bytes they were, as :func:`os.fsencode` would give each: encoded in one
+    call, not one Python call per name (a directory of 200,000 names paid
+    0.1 s for that loop).  Names never hold NUL, so NUL joins them."""
+    if not names:
+        return []
+    return "\0".join(names).encode(*_FS_ENCODING).split(b"\0")
 
 
 def proc_path(fd: int, name: bytes | None = None) -> bytes:

@@ -26,7 +26,9 @@ Bounded, in memory and in work:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
+from itertools import compress, repeat
+from operator import contains, or_
 
 #: Layers a merged directory must span for its lower directories to be read.
 MIN_LAYERS = 4
@@ -35,9 +37,42 @@ MAX_DIR_NAMES = 20_000
 #: Names kept in all directories together (about 70 bytes each).
 MAX_NAMES = 1_000_000
 
-#: Per layer of a merged directory: the names its directory holds in that
-#: layer, or None where the layer must be asked (the upper, a huge directory).
-Presence = tuple[tuple[int, frozenset[bytes] | None], ...]
+#: One layer of a merged directory: the layer, and the names its directory
+#: holds there, or None where the layer must be asked (the upper, a huge directory).
+LayerPresence = tuple[int, frozenset[bytes] | None]
+
+
+class _Asked:
+    """Stands for a layer that must be asked: it may hold any name."""
+
+    __slots__ = ()
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+_ASKED = _Asked()
+
+
+class Presence:
+    """Per layer of a merged directory, top-down: the names it holds there.
+
+    *sets* runs beside *layers* (``_ASKED`` for None), so that :func:`candidates`
+    tests every layer in C (``map``/``compress``), not in a Python loop: at 128
+    layers that loop was the largest single cost of a lookup.
+    """
+
+    __slots__ = ("layers", "sets")
+
+    def __init__(self, layers: tuple[LayerPresence, ...]) -> None:
+        self.layers = layers
+        self.sets: tuple[Container[bytes], ...] = tuple(_ASKED if names is None else names for _, names in layers)
+
+    def __iter__(self) -> Iterator[LayerPresence]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 class LayerNames:
@@ -62,7 +97,7 @@ class LayerNames:
         if known is not None:
             self._dirs.move_to_end(key)
             return known
-        presence = tuple((layer, self._read(layer, rel)) for layer in layers)
+        presence = Presence(tuple((layer, self._read(layer, rel)) for layer in layers))
         self._dirs[key] = presence
         self._size += _count(presence)
         while self._size > self.max_names and len(self._dirs) > 1:
@@ -93,15 +128,18 @@ class LayerNames:
 
 
 def _count(presence: Presence) -> int:
-    return sum(len(names) for _, names in presence if names is not None)
+    return sum(len(names) for _, names in presence.layers if names is not None)
 
 
-def candidates(presence: Presence, name: bytes, whiteout: bytes | None) -> list[int]:
-    """The layers that may answer for *name*: those that hold it or its OCI
-    whiteout *whiteout*, and those that must be asked."""
-    if whiteout is None:
-        return [layer for layer, names in presence if names is None or name in names]
-    return [layer for layer, names in presence if names is None or name in names or whiteout in names]
+def candidates(presence: Presence, name: bytes, whiteout: bytes | None) -> list[LayerPresence]:
+    """The layers that may answer for *name*, each with its names (None: ask
+    it): those that hold *name* or its OCI whiteout *whiteout*, and those that
+    must be asked."""
+    sets = presence.sets
+    held = map(contains, sets, repeat(name))
+    if whiteout is not None:
+        held = map(or_, held, map(contains, sets, repeat(whiteout)))
+    return list(compress(presence.layers, held))
 
 
-__all__ = ["MAX_DIR_NAMES", "MAX_NAMES", "MIN_LAYERS", "LayerNames", "Presence", "candidates"]
+__all__ = ["MAX_DIR_NAMES", "MAX_NAMES", "MIN_LAYERS", "LayerNames", "LayerPresence", "Presence", "candidates"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
+from itertools import repeat
 from typing import Protocol
 
 from . import origin
@@ -27,7 +29,7 @@ from .entry import Entry
 from .layers import LayerStack
 from .markers import OPAQUE, XWHITEOUTS, Markers
 from .paths import check_name, join, proc_path
-from .presence import LayerNames, candidates
+from .presence import LayerNames, LayerPresence, candidates
 
 
 class IndexView(Protocol):
@@ -102,14 +104,19 @@ class Resolver:
         low: os.stat_result | None = None
         xwh: list[int] = []
         last = parent.layers[-1]
-        layers: tuple[int, ...] | list[int] = parent.layers
+        # Each layer to ask, with the names its directory holds when they were
+        # read (fs/presence.py): then the layers that hold neither the name nor
+        # its .wh.name are skipped, and no .wh.name is looked for with lstat.
+        layers: Iterable[LayerPresence]
         presence = self.presence.get(parent_rel, parent.layers)
-        if presence is not None:  # skip the lower layers that hold neither name nor .wh.name
+        if presence is not None:
             layers = candidates(presence, name, markers.oci_whiteout_name(name))
-        for layer in layers:
-            st = stack.lstat(layer, parent_rel, name)
+        else:
+            layers = zip(parent.layers, repeat(None))
+        for layer, held in layers:
+            st = stack.lstat(layer, parent_rel, name) if held is None or name in held else None
             if st is None:
-                if markers.oci_whiteout(stack, layer, parent_rel, name):
+                if markers.oci_whiteout(stack, layer, parent_rel, name, held):
                     break
                 continue
             if markers.is_whiteout(st, layer in parent.xwh, stack, layer, parent_rel, name):
@@ -135,7 +142,7 @@ class Resolver:
                 xwh.append(layer)
             if layer == last:
                 break
-            if opaque == OPAQUE or markers.oci_opaque(stack, layer, parent_rel, name):
+            if opaque == OPAQUE or markers.oci_opaque(stack, layer, parent_rel, name, held):
                 break
         if top is None or low is None:
             return None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.fs.inodes import ROOT_INO
-from pyunionfs.fs.paths import DirFds, check_name, join, proc_path, split
+from pyunionfs.fs.paths import DirFds, check_name, encode_names, join, proc_path, split
 
 from .conftest import (
     errno_of,
@@ -319,3 +319,15 @@ def test_reading_does_not_change_lower_atime(layer, make_fs):
     assert read_file(fs, ino) == b"content" * 100
     assert read_file(fs, ino) == b"content" * 100
     assert os.lstat(f).st_atime_ns == 1
+
+
+def test_encode_names_gives_back_the_bytes_on_disk(tmp_path):
+    """Names that are not UTF-8 come back as the bytes they are, as os.fsencode gives each."""
+    raw = [b"plain", b"caf\xc3\xa9", b"bad\xff\xfe", b"\xe2\x82", b"x" * 255]
+    for n in raw:
+        (tmp_path / os.fsdecode(n)).touch()
+    listed = os.listdir(tmp_path)
+    assert encode_names(listed) == [os.fsencode(n) for n in listed]
+    assert sorted(encode_names(listed)) == sorted(raw)
+    assert encode_names([]) == []
+    assert encode_names([""]) == [b""]

@@ -135,7 +135,7 @@ def test_memory_is_bounded():
     assert names.size == 24
     names.get(b"c", layers)  # 28 > 24: the least recently used (a) goes
     assert names.size == 16
-    assert candidates(a, b"2", None) == list(layers)
+    assert [layer for layer, _ in candidates(a, b"2", None)] == list(layers)
     assert candidates(a, b"9", None) == []
     assert candidates(a, b"9", b".wh.9") == []
     names.clear()
@@ -152,5 +152,21 @@ def test_unreadable_or_missing_layer_directories():
 
     names = LayerNames(listdir, lambda layer: layer == 0)
     got = names.get(b"d", (0, 1, 2, 3))
-    assert got == ((0, None), (1, frozenset()), (2, None), (3, frozenset({b"n"})))
-    assert candidates(got, b"n", None) == [0, 2, 3]
+    assert got is not None
+    assert tuple(got) == ((0, None), (1, frozenset()), (2, None), (3, frozenset({b"n"})))
+    assert [layer for layer, _ in candidates(got, b"n", None)] == [0, 2, 3]
+    assert [layer for layer, _ in candidates(got, b"m", b".wh.m")] == [0, 2]  # asked ones only
+
+
+def test_a_directory_merged_through_many_layers_looks_for_no_oci_whiteout_beside_it(lowers, make_fs, lstat_calls):
+    """Each layer's names beside the directory are known: ``.wh.d`` is not
+    asked for in every layer (it was, with one lstat per layer), yet a
+    ``.wh.d`` that is there still ends the merge."""
+    fs = make_fs(lowers)
+    lookup_path(fs, "d")
+    assert [c for c in lstat_calls if c[2] == b".wh.d"] == []
+    assert len([c for c in lstat_calls if c[2] == b"d"]) == N  # every layer holds d: each is merged
+    mkfile(lowers[5] / ".wh.d", b"")
+    fs2 = make_fs(lowers)
+    assert read_path(fs2, "d/own05") == b"5"
+    assert errno_of(lambda: lookup_path(fs2, "d/own06")) == errno.ENOENT  # below layer 5's .wh.d: hidden
