@@ -83,9 +83,10 @@ def test_a_plain_user_mounts_through_fusermount3_without_passthrough(tmp_path: P
         put(pub / "lower" / "f", b"users lower")
         os.chown(pub / "lower" / "f", 1000, 1000)
         m = str(pub / "mnt")
-        # The interpreter lives where uid 1000 cannot read: everything is imported before dropping to it.
+        # The interpreter lives where uid 1000 cannot read: everything is imported before dropping to it
+        # (socket too: the engine imports it only for a user's mount).
         code = f"""
-import os, subprocess, sys, time
+import os, socket, subprocess, sys, time
 import pyunionfs.cli.commands, pyunionfs.fuse.mount, pyunionfs.fuse.control, pyunionfs.fuse.server
 os.setgroups([]); os.setgid(1000); os.setuid(1000)
 m = {m!r}
