@@ -102,6 +102,8 @@ class MountConfig:
     engine: str = "native"
     #: Whether the native engine may answer opens with FUSE passthrough.
     passthrough: bool = True
+    #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
+    redirect_dir: str = "follow"
     #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
@@ -307,6 +309,7 @@ def build_config(
         debug=debug or "debug" in opts,
         engine=setting("engine"),
         passthrough=setting("passthrough") == "on",
+        redirect_dir=setting("redirect_dir"),
         mount_flags=mount_flags(options),
         fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
         max_files_per_uid=int(opts.get("max_files_per_uid", "0")),  # 0: the default share

@@ -273,8 +273,12 @@ TABLE: tuple[Option, ...] = (
     _ignored("context", f"{_FOVL}, {_FUSE}", "no SELinux label is set on the mount", kind=Kind.TEXT,
              metavar="LABEL", use=Use.WARNED),
     # -- the kernel's overlayfs -------------------------------------------------------
-    _ignored("redirect_dir", _OVL, "pyunionfs works as `off`: renaming a directory with lower parts gives EXDEV "
-             "(`mv` then copies)", kind=_V, choices=("on", "off", "follow", "nofollow")),
+    Option("redirect_dir", _OVL, "`on`: a directory with lower parts can be renamed (an `overlay.redirect` "
+           "record says where its lower parts are); `follow` and `off`: such records in the layers are followed, "
+           "none is written, and renaming such a directory gives EXDEV (`mv` then copies); `nofollow`: a lookup "
+           "that meets one gives EPERM. As the kernel's modes; `follow` is the kernel's default here, and keeps "
+           "the upper readable without its lowers (`commit`)", kind=_V, choices=("on", "follow", "off", "nofollow"),
+           default="follow"),
     _ignored("metacopy", _OVL, "pyunionfs works as `off`: copy-up always copies the data", kind=_V,
              choices=_ONOFF),
     _ignored("index", _OVL, "hard-linked lower files are copied up through `index/` as with `on`", kind=_V,

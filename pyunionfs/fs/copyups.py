@@ -93,13 +93,14 @@ class CopyUps:
             if child is None or not child.is_dir:
                 raise fs_error(errno.ENOENT, rel)
             if child.layers[0] != 0:
-                src_dir = fs.stack.fds.dup(child.layers[0], at)
+                src_fd, src_name = fs.stack.at(child.layers[0], join(at, name))
+                src_dir = os.dup(src_fd)
                 times = up.dir_times(at)
                 try:
-                    record = origin.of(src_dir, name)
+                    record = origin.of(src_dir, src_name)
                     st = copyup.copy_up(
-                        src_dir, name, up.work, up.dirfd(at), up.keep_xattr, fsync=False,
-                        extra_xattrs={fs.markers.origin_xattr: record} if record else None,
+                        src_dir, src_name, up.work, up.dirfd(at), up.keep_xattr, fsync=False,
+                        extra_xattrs={fs.markers.origin_xattr: record} if record else None, dst_name=name,
                     )
                 finally:
                     os.close(src_dir)
@@ -178,7 +179,7 @@ class CopyUps:
         an origin record."""
         fs, up = self.fs, self.up
         src, src_st = entry.layers[0], entry.st
-        fds = [fs.stack.fds.dup(src, parent_rel), os.dup(up.work), fs.stack.fds.dup(0, parent_rel)]
+        fds = [os.dup(fs.stack.dirfd(src, parent_rel)), os.dup(up.work), fs.stack.fds.dup(0, parent_rel)]
         try:
             record = origin.of(fds[0], name)
             extra = {fs.markers.origin_xattr: record} if record else None

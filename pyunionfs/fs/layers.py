@@ -131,6 +131,12 @@ class LayerStack:
             raise
         self.layers: tuple[Layer, ...] = tuple(layers)
         self.fds = DirFds([layer.fd for layer in layers])
+        #: Where merged directories reached through ``overlay.redirect``
+        #: records really are in the layers below the record: merged path ->
+        #: {layer: its path there}.  Everything under such a directory is
+        #: found by the same move (the longest recorded ancestor wins).  Set by
+        #: the resolver; empty unless a layer holds redirects.
+        self.moved: dict[bytes, dict[int, bytes]] = {}
 
     @property
     def upper(self) -> Layer | None:
@@ -147,16 +153,56 @@ class LayerStack:
 
     # -- primitives: each names a directory (layer, rel) and an entry in it --
 
+    def real(self, layer: int, rel: bytes) -> bytes:
+        """The path in *layer* of merged entry *rel* (see :attr:`moved`)."""
+        moved = self.moved
+        if not moved or not layer:
+            return rel
+        at = rel
+        while at:
+            where = moved.get(at)
+            if where is not None:
+                there = where.get(layer)
+                if there is not None:
+                    return there + rel[len(at) :]
+            at = at.rpartition(b"/")[0]
+        return rel
+
+    def at(self, layer: int, rel: bytes) -> tuple[int, bytes]:
+        """(directory fd, name) of merged entry *rel* (not the root) in *layer*."""
+        parent, _, name = self.real(layer, rel).rpartition(b"/")
+        return self.fds.get(layer, parent), name
+
+    def renamed(self, paths: dict[bytes, bytes]) -> None:
+        """Merged directories moved (old path -> new): so do the moves
+        recorded at or below them."""
+        if not self.moved:
+            return
+        moved = {}
+        for key, where in self.moved.items():
+            for old, new in paths.items():
+                if key == old or key.startswith(old + b"/"):
+                    key = new + key[len(old) :]
+                    break
+            moved[key] = where
+        self.moved = moved
+
     def dirfd(self, layer: int, rel: bytes) -> int:
-        return self.fds.get(layer, rel)
+        return self.fds.get(layer, self.real(layer, rel))
 
     def lstat(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
-        """lstat of *name* in directory *rel* of *layer*; None if absent.
+        """lstat of *name* in merged directory *rel* of *layer*; None if absent.
 
-        A directory missing from the layer (or turned into a non-directory
-        since we looked) also reads as absent: overlayfs treats layers as
-        fixed while mounted, and absent is the harmless answer.
+        The name itself is taken literally where the directory really is (a
+        name looked up in a lower, as ``ovl_lookup`` and ``ovl_lower_positive``
+        do).  A directory missing from the layer (or turned into a
+        non-directory since we looked) also reads as absent: overlayfs treats
+        layers as fixed while mounted, and absent is the harmless answer.
         """
+        return self.lstat_real(layer, self.real(layer, rel), name)
+
+    def lstat_real(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
+        """:meth:`lstat` at a path of the layer itself, not a merged one."""
         try:
             return os.stat(name, dir_fd=self.fds.get(layer, rel), follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -170,8 +216,8 @@ class LayerStack:
         """lstat of the directory or entry *rel* itself."""
         if not rel:
             return os.fstat(self.layers[layer].fd)
-        parent, _, name = rel.rpartition(b"/")
-        return os.stat(name, dir_fd=self.fds.get(layer, parent), follow_symlinks=False)
+        dfd, name = self.at(layer, rel)
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
 
     def listdir(self, layer: int, rel: bytes) -> list[bytes]:
         """Names in directory *rel* of *layer*, in on-disk order.
@@ -183,7 +229,7 @@ class LayerStack:
         late, at some unrelated request.  Deliberate difference: listing a
         directory through the mount leaves its atime alone.
         """
-        dfd = self.fds.get(layer, rel)
+        dfd = self.dirfd(layer, rel)
         try:
             fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dfd)
         except PermissionError:
@@ -199,8 +245,7 @@ class LayerStack:
         Lower files are opened with O_NOATIME where allowed, so reading through
         the mount does not even change a lower file's atime.
         """
-        parent, _, name = rel.rpartition(b"/")
-        dfd = self.fds.get(layer, parent)
+        dfd, name = self.at(layer, rel)
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not self.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):
             try:
@@ -210,27 +255,28 @@ class LayerStack:
         return os.open(name, flags, dir_fd=dfd)
 
     def readlink(self, layer: int, rel: bytes) -> bytes:
-        parent, _, name = rel.rpartition(b"/")
-        return os.readlink(name, dir_fd=self.fds.get(layer, parent))
+        dfd, name = self.at(layer, rel)
+        return os.readlink(name, dir_fd=dfd)
 
-    def entry_path(self, layer: int, rel: bytes) -> tuple[bytes, bool]:
-        """A path reaching entry *rel*, and whether to follow its last step.
+    def entry_path(self, layer: int, rel: bytes, real: bool = False) -> tuple[bytes, bool]:
+        """A path reaching entry *rel* (a merged path, or the layer's own if
+        *real*), and whether to follow its last step.
 
         The layer root is reached through its own magic link, which must be
         followed; anything else is a name inside a directory fd, never followed.
         """
         if not rel:
             return proc_path(self.layers[layer].fd), True
-        parent, _, name = rel.rpartition(b"/")
+        parent, _, name = (rel if real else self.real(layer, rel)).rpartition(b"/")
         return proc_path(self.fds.get(layer, parent), name), False
 
-    def listxattr(self, layer: int, rel: bytes, strict: bool = False) -> list[bytes]:
+    def listxattr(self, layer: int, rel: bytes, strict: bool = False, real: bool = False) -> list[bytes]:
         """Stored xattr names of entry *rel* (the entry itself, never a link target).
 
         Where xattrs are not supported the list is empty, unless *strict*.
         """
         try:
-            path, follow = self.entry_path(layer, rel)
+            path, follow = self.entry_path(layer, rel, real)
             names = os.listxattr(path, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EPERM) and not strict:
@@ -238,9 +284,26 @@ class LayerStack:
             raise
         return encode_names(names)
 
-    def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes:
-        path, follow = self.entry_path(layer, rel)
+    def getxattr(self, layer: int, rel: bytes, name: bytes, real: bool = False) -> bytes:
+        path, follow = self.entry_path(layer, rel, real)
         return os.getxattr(path, name, follow_symlinks=follow)
 
     def statvfs(self, layer: int) -> os.statvfs_result:
         return os.statvfs(self.layers[layer].fd)
+
+
+class RealPaths:
+    """The layers read at their own paths, not merged ones: what the resolver
+    reads while it follows a redirect to another place in a lower layer."""
+
+    def __init__(self, stack: LayerStack) -> None:
+        self.stack = stack
+
+    def lstat(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
+        return self.stack.lstat_real(layer, rel, name)
+
+    def listxattr(self, layer: int, rel: bytes, strict: bool = False) -> list[bytes]:
+        return self.stack.listxattr(layer, rel, strict, real=True)
+
+    def getxattr(self, layer: int, rel: bytes, name: bytes) -> bytes:
+        return self.stack.getxattr(layer, rel, name, real=True)

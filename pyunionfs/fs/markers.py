@@ -108,6 +108,7 @@ class Markers:
         self.origin_xattr = self.write_prefix + b"origin"
         self.impure_xattr = self.write_prefix + b"impure"
         self.nlink_xattr = self.write_prefix + b"nlink"
+        self.redirect_xattr = self.write_prefix + b"redirect"
         self.opaque_names = self.record_names(b"opaque")
         self.whiteout_names = self.record_names(b"whiteout")
         #: The overlay's ``origin`` / ``nlink`` records, in the order they are read.

@@ -23,6 +23,10 @@ from .upper import Upper
 from .writable import Writable
 
 
+#: The longest redirect record written (the kernel's ``redirect_max`` default).
+REDIRECT_MAX = 256
+
+
 class Removes(Writable):
     """The requests that take a name away (or move it)."""
 
@@ -106,7 +110,7 @@ class Removes(Writable):
         if entry.index is not None:
             dfd, name = self._up().index, entry.index
         else:
-            dfd = self.stack.dirfd(layer, parent)
+            dfd, name = self.stack.at(layer, path)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != entry.real:
@@ -149,11 +153,12 @@ class Removes(Writable):
                 raise fs_error(errno.ENOTDIR, new_name)
             if not src.is_dir and dst.is_dir:
                 raise fs_error(errno.EISDIR, new_name)
-        # Without redirect records, a directory with lower parts cannot move.
+        # A directory with lower parts moves only with a redirect record
+        # saying where they are (redirect_dir=on); else EXDEV, and mv copies.
         # (overlayfs checks this before whether the target is empty.)
-        if src.is_dir and src.layers != (0,):
-            raise fs_error(errno.EXDEV)
-        if exchange and dst is not None and dst.is_dir and dst.layers != (0,):
+        src_redirects = src.is_dir and src.layers != (0,)
+        dst_redirects = exchange and dst is not None and dst.is_dir and dst.layers != (0,)
+        if (src_redirects or dst_redirects) and not self.redirect_dir:
             raise fs_error(errno.EXDEV)
         # (An upper-only target's emptiness is left to rename(2) itself, after
         # the source got its opaque marker: the kernel's order.)
@@ -163,6 +168,10 @@ class Removes(Writable):
         self.copyups.settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
         if not src.is_dir:
             src = self.copyups.entry(src, src_path)
+        elif src_redirects:
+            src = self.copyups.upper_dir(src_path)
+        if dst_redirects:
+            dst = self.copyups.upper_dir(dst_path)
         if dst is not None and not dst.is_dir and (exchange or dst.st.st_nlink > 1 or dst.index is not None):
             # A name of a hard-linked lower file is copied up (linked to the
             # index) before it is replaced, so its merged link count drops.
@@ -171,13 +180,18 @@ class Removes(Writable):
         np.entry = self.copyups.upper_dir(np.path)
         if dst is not None and not exchange and dst_ino is not None:
             self._name_goes(dst_ino, dst, dst_path, _last_name(dst))
+        samedir = op.ino == np.ino
+        redirects = [(p, v) for p, on in ((src_path, src_redirects), (dst_path, dst_redirects)) if on
+                     for v in [self._redirect_for(up, p, samedir)] if v is not None]
         old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
         try:
-            if src.is_dir and np.entry.merged and not up.is_opaque(src_path):
+            for path, value in redirects:
+                up.set_redirect(path, value)
+            if src.is_dir and not src_redirects and np.entry.merged and not up.is_opaque(src_path):
                 up.set_opaque(src_path)
             if exchange:
                 assert dst is not None
-                if dst.is_dir and op.entry.merged and not up.is_opaque(dst_path):
+                if dst.is_dir and not dst_redirects and op.entry.merged and not up.is_opaque(dst_path):
                     up.set_opaque(dst_path)
                 renameat2(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE)
             else:
@@ -195,7 +209,19 @@ class Removes(Writable):
             # Paths below a directory change too: every path-keyed record is
             # rewritten (rare: only upper-only directories move).
             up.moved(src_path, dst_path)
-            self.inodes.moved({src_path: dst_path, dst_path: src_path} if exchange else {src_path: dst_path})
+            paths = {src_path: dst_path, dst_path: src_path} if exchange else {src_path: dst_path}
+            self.inodes.moved(paths)
+            if self.stack.moved:
+                self.stack.renamed(paths)
+                self.resolver.presence.clear()
+            if src_redirects or dst_redirects:
+                # Resolved again now, through the new record: so the moved
+                # directories' lower parts are found below their new names.
+                for node, name, on in ((np, new_name, src_redirects), (op, old_name, dst_redirects)):
+                    moved = self.resolver.child(node.entry, node.path, name) if on else None
+                    held = self.inodes.get(self._ino(moved, join(node.path, name))) if moved else None
+                    if held is not None and moved is not None:
+                        held.entry = moved
         else:
             # Files: just the names of the one or two objects involved.
             src_ino = self._ino(src, src_path)
@@ -205,6 +231,30 @@ class Removes(Writable):
                     self.inodes.renamed(dst_ino, dst_path, src_path)
         if src_node is not None and not src_node.gone:
             src_node.parent = np.ino
+
+    def _redirect_for(self, up: Upper, path: bytes, samedir: bool) -> bytes | None:
+        """The redirect record directory *path* needs before it moves, or None
+        to keep the one it has: the kernel's ``ovl_set_redirect``.  Within its
+        parent, its name; elsewhere, the absolute path of its lower parts,
+        built up from the records of the directory and its ancestors."""
+        have = up.redirect(path)
+        if have is not None and (samedir or have.startswith(b"/")):
+            return None
+        if samedir:
+            return path.rpartition(b"/")[2]
+        parts: list[bytes] = []
+        at = path
+        while at:
+            record = up.redirect(at)
+            if record is not None and record.startswith(b"/"):
+                parts.append(record[1:])
+                break
+            parts.append(record if record is not None else at.rpartition(b"/")[2])
+            at = at.rpartition(b"/")[0]
+        value = b"/" + b"/".join(reversed(parts))
+        if len(value) > REDIRECT_MAX:
+            raise fs_error(errno.EXDEV)  # as the kernel: too long to record, mv copies instead
+        return value
 
     def _rename_over(
         self, up: Upper, op: Node, old_name: bytes, np: Node, new_name: bytes,

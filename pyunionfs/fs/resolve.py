@@ -23,11 +23,12 @@ from collections.abc import Iterable
 from itertools import repeat
 from typing import Protocol
 
+from ..errors import fs_error
 from . import origin
 from .cache import ResolutionCache
 from .entry import Entry
-from .layers import LayerStack
-from .markers import OPAQUE, XWHITEOUTS, Markers
+from .layers import LayerStack, RealPaths
+from .markers import OPAQUE, XWHITEOUTS, LayerView, Markers
 from .paths import check_name, join, proc_path
 from .presence import LayerNames, LayerPresence, candidates
 
@@ -55,6 +56,10 @@ class Resolver:
         #: The names of lower directories of merged directories spanning many
         #: layers, so that a lookup skips the layers that lack the name.
         self.presence = LayerNames(stack.listdir, lambda layer: stack.layers[layer].writable)
+        #: Whether ``overlay.redirect`` records are followed (the kernel's
+        #: ``redirect_dir=follow``, what its default mode does here).
+        self.follow = True
+        self.real_paths = RealPaths(stack)
 
     def root(self) -> Entry:
         """The root merges every layer: overlayfs ignores opacity at the root."""
@@ -137,16 +142,94 @@ class Resolver:
             dirs.append(layer)
             top = top or st
             low = st
-            opaque = markers.opaque(stack, layer, rel)
+            xattrs = stack.listxattr(layer, rel)
+            opaque = markers.opaque(stack, layer, rel, xattrs)
             if opaque == XWHITEOUTS:
                 xwh.append(layer)
-            if layer == last:
+            if opaque == OPAQUE or (layer != last and markers.oci_opaque(stack, layer, parent_rel, name, held)):
                 break
-            if opaque == OPAQUE or markers.oci_opaque(stack, layer, parent_rel, name, held):
+            if layer + 1 < len(stack.layers) and markers.has_record(xattrs, b"redirect"):
+                if not self.follow:
+                    raise fs_error(errno.EPERM, rel)  # the kernel's "refusing to follow redirect"
+                redirect = self._redirect(stack, layer, rel, xattrs)
+                if redirect is not None:
+                    moves: dict[int, bytes] = {}
+                    low = self._follow(parent, parent_rel, layer, redirect, dirs, xwh, moves) or low
+                    stack.moved[rel] = moves
+                    return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+            if layer == last:
                 break
         if top is None or low is None:
             return None
+        if stack.moved and dirs:
+            stack.moved.pop(rel, None)  # no longer reached through a redirect
         return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+
+    def _redirect(self, view: LayerView, layer: int, rel: bytes, xattrs: list[bytes]) -> bytes | None:
+        """Directory *rel*'s ``overlay.redirect`` in *layer*, if it is one the
+        kernel follows: ``/a/b`` (from the layer root, no empty or dot
+        components) or a bare name (beside it, in its parent)."""
+        for key in self.markers.record_names(b"redirect"):
+            if key in xattrs:
+                try:
+                    value = bytes(view.getxattr(layer, rel, key))
+                except OSError:
+                    return None
+                break
+        else:
+            return None
+        parts = value[1:].split(b"/") if value.startswith(b"/") else [value]
+        if any(p in (b"", b".", b"..") or b"\0" in p for p in parts):
+            return None
+        return value
+
+    def _follow(
+        self, parent: Entry, parent_rel: bytes, layer: int, redirect: bytes,
+        dirs: list[int], xwh: list[int], moves: dict[int, bytes],
+    ) -> os.stat_result | None:
+        """Merge the directories below *layer* that its *redirect* names
+        (``ovl_lookup``'s rules): a bare name is looked up in the parent's
+        directories below, an absolute path from the root of every layer
+        below; a redirect found on the way replaces the name (or the last
+        component) again.  Appends to *dirs* and *xwh*, records where each
+        was found in *moves*, and returns the lowest one's lstat."""
+        stack, markers, real = self.stack, self.markers, self.real_paths
+        count = len(stack.layers)
+        absolute = redirect.startswith(b"/")
+        target = redirect[1:] if absolute else redirect
+        low: os.stat_result | None = None
+        above = layer
+        while True:
+            pool: Iterable[int] = range(above + 1, count) if absolute else [k for k in parent.layers if k > above]
+            for k in pool:
+                path = target if absolute else join(stack.real(k, parent_rel), target)
+                where, _, name = path.rpartition(b"/")
+                st = stack.lstat_real(k, where, name)
+                if st is None:
+                    if markers.oci_whiteout(real, k, where, name):
+                        return low
+                    continue
+                if markers.is_whiteout(st, False, real, k, where, name) or not stat.S_ISDIR(st.st_mode):
+                    return low
+                dirs.append(k)
+                moves[k] = path
+                low = st
+                xattrs = stack.listxattr(k, path, real=True)
+                opaque = markers.opaque(real, k, path, xattrs)
+                if opaque == XWHITEOUTS:
+                    xwh.append(k)
+                if k + 1 == count or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
+                    return low
+                again = self._redirect(real, k, path, xattrs) if markers.has_record(xattrs, b"redirect") else None
+                if again is not None:
+                    if again.startswith(b"/"):
+                        absolute, target = True, again[1:]
+                    else:
+                        target = join(where, again) if absolute else again
+                    above = k
+                    break
+            else:
+                return low
 
     def _indexed(self, layer: int, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry | None:
         """The index copy of lower hard link *name*, if one of its names was
@@ -154,7 +237,7 @@ class Resolver:
         Nothing is written: the name is linked into the upper only when it
         is itself copied up (overlayfs's ``ovl_link_up``)."""
         assert self.index is not None
-        record = origin.of(self.stack.dirfd(layer, parent_rel), name)
+        record = origin.of(*self.stack.at(layer, join(parent_rel, name)))
         if record is None:
             return None
         key = origin.index_name(record)
@@ -246,7 +329,9 @@ class Resolver:
             st = self.stack.lstat(lower, parent_rel, name)
             if st is None:
                 continue
-            if not stat.S_ISDIR(st.st_mode) and origin.same_object(record, self.stack.dirfd(lower, parent_rel), name):
+            if not stat.S_ISDIR(st.st_mode) and origin.same_object(
+                record, *self.stack.at(lower, join(parent_rel, name))
+            ):
                 self.origins[ident] = (st.st_dev, st.st_ino)
                 return self.origins[ident]
             break

@@ -110,6 +110,7 @@ class UnionFS:
         # Whether trusted.* can be written was decided once, by asking the kernel (config.build_config).
         self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
         self.resolver = Resolver(self.stack, self.markers)
+        self.resolver.follow = cfg.redirect_dir != "nofollow"
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]
         self.inodes = InodeTable(self.resolver.root(), devices)
@@ -258,8 +259,7 @@ class UnionFS:
             return self.resolver.index.index, entry.index
         if not node.path:
             return self.stack.layers[entry.layers[0]].fd, b""
-        parent, _, name = node.path.rpartition(b"/")
-        return self.stack.dirfd(entry.layers[0], parent), name
+        return self.stack.at(entry.layers[0], node.path)
 
     def _path(self, node: Node) -> tuple[bytes, bool]:
         """A path to *node*'s object for calls without an ``*at`` form, and

@@ -115,6 +115,27 @@ class Upper:
         parent, _, name = rel.rpartition(b"/")
         return self.markers.is_set_opaque(proc_path(self.dirfd(parent), name))
 
+    def redirect(self, rel: bytes) -> bytes | None:
+        """Upper directory *rel*'s ``overlay.redirect`` record, if it has one
+        (in any namespace this mount reads)."""
+        if not rel:
+            return None
+        parent, _, name = rel.rpartition(b"/")
+        path = proc_path(self.dirfd(parent), name)
+        for key in self.markers.record_names(b"redirect"):
+            try:
+                return os.getxattr(path, key, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+        return None
+
+    def set_redirect(self, rel: bytes, value: bytes) -> None:
+        """Record where upper directory *rel*'s lower parts are (the kernel's
+        ``ovl_set_redirect``)."""
+        parent, _, name = rel.rpartition(b"/")
+        os.setxattr(proc_path(self.dirfd(parent), name), self.markers.redirect_xattr, value, follow_symlinks=False)
+
     def set_impure(self, rel: bytes) -> None:
         """Mark directory *rel* as holding copied-up entries, as the kernel
         does, so its readdir knows to report their origin inode numbers.

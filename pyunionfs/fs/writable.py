@@ -46,6 +46,9 @@ class Writable(UnionFS):
             self.resolver.index = self.upper
             self._copyups = CopyUps(self, self.upper)
         self.attrs_changed = lambda ino: None
+        #: Whether a directory with lower parts may be renamed, leaving a
+        #: redirect record (``redirect_dir=on``); otherwise EXDEV.
+        self.redirect_dir = cfg.redirect_dir == "on"
 
     @property
     def copyups(self) -> CopyUps:

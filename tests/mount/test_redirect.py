@@ -1,0 +1,203 @@
+"""Directories the kernel renamed with ``redirect_dir=on``: pyunionfs shows them as the kernel does.
+
+Why: the kernel here follows ``overlay.redirect`` records by default (its
+``redirect_always_follow``), so an upper written by a kernel mount with
+``redirect_dir=on`` -- or such an upper rotated into the lowers -- must show
+the same tree through pyunionfs as through the kernel, where renaming a
+directory with lower parts left it.  pyunionfs itself still creates no
+redirects (renaming such a directory is EXDEV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounting import Daemon
+from tests.support.treesnap import diff, snapshot
+from tests.support.writecheck import kernel_overlay, put, upper_layout
+
+
+def _lowers(root: Path) -> tuple[Path, Path]:
+    """Two lowers with directories to move: plain, merged over both, nested, holding a link."""
+    top, bottom = root / "l1", root / "l2"
+    for d in (top, bottom):
+        d.mkdir()
+    put(bottom / "a" / "old" / "f", b"a/old/f from l2")
+    put(bottom / "a" / "old" / "gone", b"deleted after the move")
+    put(bottom / "b" / "deep" / "x" / "y", b"deep y")
+    put(bottom / "m" / "low", b"m/low from l2")
+    put(top / "m" / "high", b"m/high from l1")
+    put(top / "m" / "sub" / "s", b"m/sub/s from l1")
+    put(bottom / "n" / "inner" / "i", b"nested")
+    put(bottom / "plain" / "p", b"never moved")
+    os.link(bottom / "plain" / "p", bottom / "a" / "old" / "hard")
+    (root / "c").mkdir(exist_ok=True)
+    put(top / "c" / ".keep", b"")
+    return top, bottom
+
+
+def _kernel_moves(m: Path) -> None:
+    """The renames only ``redirect_dir=on`` allows (each directory has lower parts)."""
+    os.rename(m / "a" / "old", m / "a" / "new")  # relative: stays in its parent
+    os.rename(m / "b" / "deep", m / "c" / "moved")  # absolute: another parent
+    os.rename(m / "m", m / "m2")  # merged over both lowers
+    os.rename(m / "n" / "inner", m / "n" / "inner2")  # moved, then its parent moved too
+    os.rename(m / "n", m / "n2")
+    os.mkdir(m / "fresh")
+    os.rename(m / "a" / "new", m / "fresh" / "twice")  # an already moved directory again
+    os.unlink(m / "fresh" / "twice" / "gone")
+    (m / "fresh" / "twice" / "added").write_bytes(b"made after the moves")
+    os.rename(m / "m2" / "sub", m / "c" / "sub-of-m")
+
+
+@pytest.mark.timeout(120)
+def test_a_kernel_upper_with_redirects_shows_the_kernels_tree(tmp_path: Path) -> None:
+    top, bottom = _lowers(tmp_path)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    with kernel_overlay([top, bottom], upper, work, tmp_path / "k0", ["redirect_dir=on"]) as k:
+        _kernel_moves(k)
+        live = snapshot(k)
+    assert b"fresh/twice/f" in live and b"a/new" not in live and b"b/deep" not in live  # the script did move
+    # The upper as the kernel left it: redirect records where directories moved.
+    assert os.getxattr(upper / "fresh" / "twice", "trusted.overlay.redirect") == b"/a/old"
+    assert os.getxattr(upper / "m2", "trusted.overlay.redirect") == b"m"
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    with Daemon([top, bottom], upper, ours, [f"workdir={tmp_path / 'work2'}"]):
+        seen = snapshot(ours)
+        assert diff(live, seen) == []
+        assert (ours / "fresh" / "twice" / "hard").read_bytes() == b"never moved"
+        assert (ours / "n2" / "inner2" / "i").read_bytes() == b"nested"
+        assert sorted(os.listdir(ours / "m2")) == ["high", "low"]
+        with pytest.raises(FileNotFoundError):
+            os.stat(ours / "a" / "old")
+        # Writing below a moved directory copies up from where its data really is.
+        with open(ours / "c" / "moved" / "x" / "y", "ab") as f:
+            f.write(b" + appended")
+        (ours / "m2" / "new-file").write_bytes(b"new")
+    assert (upper / "c" / "moved" / "x" / "y").read_bytes() == b"deep y + appended"
+    assert (bottom / "b" / "deep" / "x" / "y").read_bytes() == b"deep y"  # the lower is never written
+    with kernel_overlay([top, bottom], upper, tmp_path / "work3", tmp_path / "k1") as k:
+        again = snapshot(k)
+    assert again[b"c/moved/x/y"] != live[b"c/moved/x/y"]
+    ours2 = tmp_path / "ours2"
+    ours2.mkdir()
+    with Daemon([top, bottom], upper, ours2, [f"workdir={tmp_path / 'work2'}"]):
+        assert diff(again, snapshot(ours2)) == []
+
+
+@pytest.mark.timeout(120)
+def test_redirects_in_a_lower_layer_are_followed_as_the_kernel_does(tmp_path: Path) -> None:
+    """The kernel's upper rotated into the lowers (as a container image's layers are)."""
+    top, bottom = _lowers(tmp_path)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    with kernel_overlay([top, bottom], upper, work, tmp_path / "k0", ["redirect_dir=on"]) as k:
+        _kernel_moves(k)
+    with kernel_overlay([upper, top, bottom], None, None, tmp_path / "k1") as k:
+        kernel_view = snapshot(k)
+    assert b"c/moved/x/y" in kernel_view and b"m2/low" in kernel_view
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    with Daemon([upper, top, bottom], None, ours):
+        assert diff(kernel_view, snapshot(ours)) == []
+
+
+def _redirects(upper: Path) -> dict[str, bytes]:
+    """Every ``overlay.redirect`` record of an upper, by path."""
+    out = {}
+    for dirpath, dirs, _ in os.walk(upper):
+        for name in dirs:
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):  # no record
+                out[os.path.relpath(p, upper)] = os.getxattr(p, "trusted.overlay.redirect", follow_symlinks=False)
+    return out
+
+
+def _more_moves(m: Path) -> list[tuple[str, str]]:
+    """Renames the kernel answers differently with and without redirects, with their outcome."""
+    log = []
+    for a, b in (("plain", "c/plain"), ("c/plain", "plain2"), ("m2/high", "m2/high2"),
+                 ("fresh/twice", "fresh/thrice"), ("c/moved", "m2/inside-merged"), ("n2", "plain2/n3")):
+        try:
+            os.rename(m / a, m / b)
+            log.append((a, "ok"))
+        except OSError as exc:
+            log.append((a, os.strerror(exc.errno)))
+    return log
+
+
+@pytest.mark.timeout(120)
+def test_renaming_directories_with_lower_parts_as_the_kernel_with_redirect_dir_on(tmp_path: Path) -> None:
+    """The same renames through the kernel (redirect_dir=on) and through pyunionfs (-o redirect_dir=on):
+    the same trees live, the same records and whiteouts on disk, and each reads the other's upper."""
+    uppers = {}
+    views = {}
+    logs = {}
+    for side in ("kernel", "ours"):
+        root = tmp_path / side
+        root.mkdir()
+        top, bottom = _lowers(root)
+        upper = root / "upper"
+        upper.mkdir()
+        mnt = root / "mnt"
+        mnt.mkdir()
+        if side == "kernel":
+            with kernel_overlay([top, bottom], upper, root / "work", mnt, ["redirect_dir=on"]):
+                _kernel_moves(mnt)
+                logs[side] = _more_moves(mnt)
+                views[side] = snapshot(mnt)
+        else:
+            with Daemon([top, bottom], upper, mnt, [f"workdir={root / 'work'}", "redirect_dir=on"]):
+                _kernel_moves(mnt)
+                logs[side] = _more_moves(mnt)
+                views[side] = snapshot(mnt)
+                # What moved is still found below its new name, and the old names are gone.
+                assert (mnt / "fresh" / "thrice" / "f").read_bytes() == b"a/old/f from l2"
+                assert not (mnt / "a" / "old").exists() and not (mnt / "b" / "deep").exists()
+        uppers[side] = upper
+    assert logs["ours"] == logs["kernel"]
+    assert all(outcome == "ok" for _, outcome in logs["ours"])
+    assert diff(views["kernel"], views["ours"]) == []
+    assert _redirects(uppers["ours"]) == _redirects(uppers["kernel"])
+    assert upper_layout(uppers["ours"]) == upper_layout(uppers["kernel"])
+    # Swapped: each mounts the other's upper and shows the same tree.
+    for side, other in (("kernel", "ours"), ("ours", "kernel")):
+        root = tmp_path / other
+        mnt = tmp_path / f"swap-{side}"
+        mnt.mkdir()
+        if side == "kernel":
+            with kernel_overlay([root / "l1", root / "l2"], uppers[other], tmp_path / "kwork", mnt):
+                assert diff(views[other], snapshot(mnt)) == []
+        else:
+            with Daemon([root / "l1", root / "l2"], uppers[other], mnt, [f"workdir={tmp_path / 'owork'}"]):
+                assert diff(views[other], snapshot(mnt)) == []
+
+
+@pytest.mark.timeout(120)
+def test_without_redirect_dir_on_such_a_rename_is_exdev_and_nofollow_refuses_records(tmp_path: Path) -> None:
+    top, bottom = _lowers(tmp_path)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    with kernel_overlay([top, bottom], upper, tmp_path / "work", tmp_path / "k", ["redirect_dir=on"]) as k:
+        os.rename(k / "a" / "old", k / "a" / "new")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Daemon([top, bottom], upper, mnt, [f"workdir={tmp_path / 'w2'}"]):
+        with pytest.raises(OSError) as err:
+            os.rename(mnt / "m", mnt / "m2")
+        assert err.value.errno == errno.EXDEV  # mv copies
+        assert (mnt / "a" / "new" / "f").read_bytes() == b"a/old/f from l2"  # followed by default
+    kernel = kernel_overlay([top, bottom], upper, tmp_path / "w3", tmp_path / "k2", ["redirect_dir=nofollow"])
+    with kernel as k, pytest.raises(OSError) as kerr:
+        os.stat(k / "a" / "new")
+    with Daemon([top, bottom], upper, mnt, [f"workdir={tmp_path / 'w2'}", "redirect_dir=nofollow"]), \
+            pytest.raises(OSError) as ours:
+        os.stat(mnt / "a" / "new")
+    assert ours.value.errno == kerr.value.errno == errno.EPERM
