@@ -11,8 +11,10 @@ redirects (renaming such a directory is EXDEV).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,11 @@ def _lowers(root: Path) -> tuple[Path, Path]:
     put(bottom / "n" / "inner" / "i", b"nested")
     put(bottom / "plain" / "p", b"never moved")
     os.link(bottom / "plain" / "p", bottom / "a" / "old" / "hard")
+    (bottom / "empty").mkdir()
+    put(bottom / "opq" / "o", b"hidden by the opaque copy")
+    for i in range(20):
+        put(bottom / "many" / f"d{i}" / "f", f"many {i}".encode())
+    put(top / "many" / "d5" / "top", b"d5 also in l1")
     (root / "c").mkdir(exist_ok=True)
     put(top / "c" / ".keep", b"")
     return top, bottom
@@ -121,16 +128,40 @@ def _redirects(upper: Path) -> dict[str, bytes]:
 
 
 def _more_moves(m: Path) -> list[tuple[str, str]]:
-    """Renames the kernel answers differently with and without redirects, with their outcome."""
+    """Renames the kernel answers differently with and without redirects, and what is done to the
+    moved directories afterwards, with their outcomes."""
     log = []
-    for a, b in (("plain", "c/plain"), ("c/plain", "plain2"), ("m2/high", "m2/high2"),
-                 ("fresh/twice", "fresh/thrice"), ("c/moved", "m2/inside-merged"), ("n2", "plain2/n3")):
+
+    def step(what: str, fn, *args) -> None:  # type: ignore[no-untyped-def]
         try:
-            os.rename(m / a, m / b)
-            log.append((a, "ok"))
+            fn(*args)
+            log.append((what, "ok"))
         except OSError as exc:
-            log.append((a, os.strerror(exc.errno)))
+            log.append((what, os.strerror(exc.errno)))
+
+    for a, b in (("plain", "c/plain"), ("c/plain", "plain2"), ("m2/high", "m2/high2"),
+                 ("fresh/twice", "fresh/thrice"), ("c/moved", "m2/inside-merged"), ("n2", "plain2/n3"),
+                 ("empty", "c/empty-moved"), ("c/sub-of-m", "m"), ("m", "m-back")):
+        step(f"mv {a} {b}", os.rename, m / a, m / b)
+    # Into and out of an opaque directory (a merged one removed and made again).
+    step("rm -r opq", shutil.rmtree, m / "opq")
+    step("mkdir opq", os.mkdir, m / "opq")
+    step("mv into opaque", os.rename, m / "many" / "d0", m / "opq" / "d0")
+    step("mv out of opaque", os.rename, m / "opq" / "d0", m / "d0-out")
+    # Many at once, then one of them removed and its name made again.
+    for i in range(1, 20):
+        step(f"mv many/d{i}", os.rename, m / "many" / f"d{i}", m / "c" / f"d{i}")
+    step("rm -r c/d3", shutil.rmtree, m / "c" / "d3")
+    step("mkdir c/d3", os.mkdir, m / "c" / "d3")
+    step("mv c/d4 over empty c/d3", os.rename, m / "c" / "d4", m / "c" / "d3")
+    step("exchange", _exchange, m / "c" / "d5", m / "c" / "d6")
     return log
+
+
+def _exchange(a: Path, b: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, bytes(a), -100, bytes(b), 2) != 0:  # RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 @pytest.mark.timeout(120)
@@ -178,6 +209,14 @@ def test_renaming_directories_with_lower_parts_as_the_kernel_with_redirect_dir_o
         else:
             with Daemon([root / "l1", root / "l2"], uppers[other], mnt, [f"workdir={tmp_path / 'owork'}"]):
                 assert diff(views[other], snapshot(mnt)) == []
+    # Rotated: our upper as the top lower layer, read by both.
+    root = tmp_path / "ours"
+    stack = [uppers["ours"], root / "l1", root / "l2"]
+    with kernel_overlay(stack, None, None, tmp_path / "rot-k") as k:
+        assert diff(views["ours"], snapshot(k)) == []
+    (tmp_path / "rot-o").mkdir()
+    with Daemon(stack, None, tmp_path / "rot-o"):
+        assert diff(views["ours"], snapshot(tmp_path / "rot-o")) == []
 
 
 @pytest.mark.timeout(120)
@@ -201,3 +240,37 @@ def test_without_redirect_dir_on_such_a_rename_is_exdev_and_nofollow_refuses_rec
             pytest.raises(OSError) as ours:
         os.stat(mnt / "a" / "new")
     assert ours.value.errno == kerr.value.errno == errno.EPERM
+
+
+@pytest.mark.timeout(120)
+def test_open_files_and_a_working_directory_inside_a_moved_directory_keep_working(tmp_path: Path) -> None:
+    """Identity, not paths: fds and a cwd opened before the move reach the same objects after it."""
+    top, bottom = _lowers(tmp_path)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    here = os.getcwd()
+    with Daemon([top, bottom], upper, mnt, [f"workdir={tmp_path / 'work'}", "redirect_dir=on"]):
+        reader = os.open(mnt / "b" / "deep" / "x" / "y", os.O_RDONLY)
+        writer = os.open(mnt / "a" / "old" / "f", os.O_WRONLY | os.O_APPEND)
+        os.chdir(mnt / "m")
+        try:
+            os.rename(mnt / "b" / "deep", mnt / "c" / "deep-moved")
+            os.rename(mnt / "a", mnt / "c" / "a-moved")  # the parent of a file open for writing
+            os.rename(mnt / "m", mnt / "m-moved")
+            assert os.pread(reader, 100, 0) == b"deep y"
+            os.write(writer, b" + after the move")
+            assert sorted(os.listdir(".")) == ["high", "low", "sub"]
+            with open("made-in-cwd", "wb") as f:
+                f.write(b"cwd")
+        finally:
+            os.chdir(here)
+            os.close(reader)
+            os.close(writer)
+        assert (mnt / "c" / "a-moved" / "old" / "f").read_bytes() == b"a/old/f from l2 + after the move"
+        assert (mnt / "m-moved" / "made-in-cwd").read_bytes() == b"cwd"
+        assert not (mnt / "a").exists() and not (mnt / "m").exists()
+    assert (upper / "c" / "a-moved" / "old" / "f").read_bytes() == b"a/old/f from l2 + after the move"
+    assert os.getxattr(upper / "c" / "a-moved", "trusted.overlay.redirect") == b"/a"
+    assert (bottom / "a" / "old" / "f").read_bytes() == b"a/old/f from l2"
