@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 from .options import (
     DEFAULT_FSNAME,
+    id_ranges,
     DEFAULT_TIMEOUT,
     ENGINES,
     MAX_FSNAME,
@@ -104,6 +105,13 @@ class MountConfig:
     passthrough: bool = True
     #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
     redirect_dir: str = "follow"
+    #: fuse-overlayfs's owner options (see :mod:`pyunionfs.fs.idmap`): the
+    #: ``uidmapping=``/``gidmapping=`` ranges as (stored, shown, count), and
+    #: the owner and group every file shows as (``squash_*``), if any.
+    uid_ranges: tuple[tuple[int, int, int], ...] = ()
+    gid_ranges: tuple[tuple[int, int, int], ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
     #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
@@ -310,6 +318,10 @@ def build_config(
         engine=setting("engine"),
         passthrough=setting("passthrough") == "on",
         redirect_dir=setting("redirect_dir"),
+        uid_ranges=id_ranges(opts["uidmapping"], "uidmapping") if opts.get("uidmapping") else (),
+        gid_ranges=id_ranges(opts["gidmapping"], "gidmapping") if opts.get("gidmapping") else (),
+        squash_uid=int(opts["squash_to_uid"]) if "squash_to_uid" in opts else (0 if "squash_to_root" in opts else None),
+        squash_gid=int(opts["squash_to_gid"]) if "squash_to_gid" in opts else (0 if "squash_to_root" in opts else None),
         mount_flags=mount_flags(options),
         fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
         max_files_per_uid=int(opts.get("max_files_per_uid", "0")),  # 0: the default share

@@ -82,6 +82,18 @@ ALL = frozenset(Form)
 _OVL, _FOVL, _FUSE, _MOUNT, _OURS = "overlayfs", "fuse-overlayfs", "libfuse", "mount(8)", "pyunionfs"
 
 
+def id_ranges(text: str, name: str = "uidmapping") -> tuple[tuple[int, int, int], ...]:
+    """The (stored, shown, count) ranges of a fuse-overlayfs ``uidmapping=``/``gidmapping=``
+    value (``STORED:SHOWN:COUNT``, colon-separated triples); one-line UsageError if malformed."""
+    parts = text.split(":")
+    if len(parts) % 3 or not all(p.isdigit() for p in parts):
+        raise UsageError(f"{name} must be STORED:SHOWN:COUNT triples of whole numbers joined by ':', not {text!r}")
+    ranges = tuple((int(parts[i]), int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 3))
+    if any(n == 0 or a + n > 1 << 32 or b + n > 1 << 32 for a, b, n in ranges):
+        raise UsageError(f"{name}: every range needs a count of at least 1 and must end below 2^32, not {text!r}")
+    return ranges
+
+
 def check_fsname(name: str) -> str:
     """*name* if it can be a mount's source: not empty, no control characters
     (the mount table escapes blanks, commas travel escaped), at most
@@ -254,13 +266,17 @@ TABLE: tuple[Option, ...] = (
              "(no `work/incompat/volatile` marker is made, so the kernel can mount the same upper later)"),
     _ignored("fsync", _FOVL, "fsync(2) through the mount always reaches the upper (containers/storage passes "
              "`fsync=0`)", kind=_V, choices=_01),
-    _ignored("uidmapping", _FOVL, "owners are shown as stored: no ID shifting", kind=Kind.TEXT, metavar="MAP",
-             use=Use.WARNED),
-    _ignored("gidmapping", _FOVL, "groups are shown as stored: no ID shifting", kind=Kind.TEXT, metavar="MAP",
-             use=Use.WARNED),
-    _ignored("squash_to_root", _FOVL, "owners are shown as stored", use=Use.WARNED),
-    _ignored("squash_to_uid", _FOVL, "owners are shown as stored", kind=Kind.INT, metavar="UID", use=Use.WARNED),
-    _ignored("squash_to_gid", _FOVL, "groups are shown as stored", kind=Kind.INT, metavar="GID", use=Use.WARNED),
+    Option("uidmapping", _FOVL, "owners shown other than stored: `STORED:SHOWN:COUNT` ranges joined by `:`, as "
+           "fuse-overlayfs (an owner outside them shows as 65534); chown and new files store through them",
+           kind=Kind.TEXT, metavar="MAP", check=lambda v: id_ranges(v, "uidmapping")),
+    Option("gidmapping", _FOVL, "groups shown other than stored, as `uidmapping=`", kind=Kind.TEXT, metavar="MAP",
+           check=lambda v: id_ranges(v, "gidmapping")),
+    Option("squash_to_root", _FOVL, "every owner and group shows as 0 (what is stored is unchanged; a failing chown "
+           "is not reported)"),
+    Option("squash_to_uid", _FOVL, "every owner shows as UID (as `squash_to_root`)", kind=Kind.INT, metavar="UID",
+           low=0, high=(1 << 32) - 2),
+    Option("squash_to_gid", _FOVL, "every group shows as GID (as `squash_to_root`)", kind=Kind.INT, metavar="GID",
+           low=0, high=(1 << 32) - 2),
     _ignored("static_nlink", _FOVL, "merged directories always report st_nlink 1, the others their real count"),
     _ignored("fast_ino", _FOVL, "inode numbers always follow overlayfs's xino scheme", kind=_V, choices=_01),
     _ignored("writeback", _FOVL, "the kernel's page cache is used as pyunionfs always does", kind=_V,

@@ -52,9 +52,14 @@ class Attributes(Writable):
                     raise
                 os.truncate(path, change.size)  # a handle open read-only: truncate the object it names
         if change.uid is not None or change.gid is not None:
-            uid = -1 if change.uid is None else change.uid
-            gid = -1 if change.gid is None else change.gid
-            os.chown(path, uid, gid, follow_symlinks=follow)
+            uid, gid = self.stored_owner(
+                -1 if change.uid is None else change.uid, -1 if change.gid is None else change.gid
+            )
+            try:
+                os.chown(path, uid, gid, follow_symlinks=follow)
+            except OSError:
+                if self.ids is None or not self.ids.squashes:
+                    raise  # (squashed, every file shows one owner: fuse-overlayfs reports no failure)
         if change.mode is not None and not stat.S_ISLNK(node.entry.st.st_mode):
             chmod_entry(path, follow, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:

@@ -47,11 +47,12 @@ class Creates(Writable):
         dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
         result = make(dfd, target, mode)
         try:
+            uid = self.stored_owner(caller.uid, -1)[0]
             if result is not None:  # a file we hold open: no name to resolve again
-                os.fchown(result, caller.uid, gid)
+                os.fchown(result, uid, gid)
                 os.fchmod(result, stat.S_IMODE(mode))
             else:
-                os.chown(target, caller.uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.chown(target, uid, gid, dir_fd=dfd, follow_symlinks=False)
                 if not stat.S_ISLNK(mode):
                     chmod_entry(proc_path(dfd, target), False, stat.S_IMODE(mode))
             if default is not None and not stat.S_ISLNK(mode):
@@ -83,7 +84,7 @@ class Creates(Writable):
         """Mode and group of a new entry of *caller* in *parent* (already in the
         upper), and the parent's default ACL with the access ACL it gives."""
         pst = self.stack.stat_self(0, parent.path)
-        gid = caller.gid
+        gid = self.stored_owner(-1, caller.gid)[1]
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if stat.S_ISDIR(mode):

@@ -38,6 +38,7 @@ from .cache import Listing
 from .callers import DAEMON, Caller
 from .entry import Entry
 from .handles import BACKING_FLAGS, FairShare, HandleTable
+from .idmap import id_map
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
@@ -111,6 +112,8 @@ class UnionFS:
         self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
         self.resolver = Resolver(self.stack, self.markers)
         self.resolver.follow = cfg.redirect_dir != "nofollow"
+        #: Owners shown other than stored (fuse-overlayfs's ID options), if any.
+        self.ids = id_map(cfg)
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]
         self.inodes = InodeTable(self.resolver.root(), devices)
@@ -209,8 +212,17 @@ class UnionFS:
         # what overlayfs reports and what find(1) understands.
         nlink = 1 if len(entry.layers) > 1 else (st.st_nlink if entry.nlink is None else entry.nlink)
         # Positional: the fields in Attr's order (keywords cost a third more, on every entry of every listing).
-        return Attr(ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size, st.st_blksize,
+        uid, gid = st.st_uid, st.st_gid
+        if self.ids is not None:
+            uid, gid = self.ids.shown_uid(uid), self.ids.shown_gid(gid)
+        return Attr(ino, st.st_mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
                     st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
+
+    def stored_owner(self, uid: int, gid: int) -> tuple[int, int]:
+        """The owner and group to store for (*uid*, *gid*) as seen through the mount (-1: unchanged)."""
+        if self.ids is None:
+            return uid, gid
+        return (uid if uid == -1 else self.ids.stored_uid(uid)), (gid if gid == -1 else self.ids.stored_gid(gid))
 
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
