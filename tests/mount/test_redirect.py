@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mounting import Daemon
-from tests.support.treesnap import diff, snapshot
+from tests.support.treesnap import Snapshot, diff, snapshot
 from tests.support.writecheck import kernel_overlay, put, upper_layout
 
 
@@ -62,14 +62,20 @@ def _kernel_moves(m: Path) -> None:
     os.rename(m / "m2" / "sub", m / "c" / "sub-of-m")
 
 
-@pytest.mark.timeout(120)
-def test_a_kernel_upper_with_redirects_shows_the_kernels_tree(tmp_path: Path) -> None:
-    top, bottom = _lowers(tmp_path)
-    upper, work = tmp_path / "upper", tmp_path / "work"
+def _moved_by_the_kernel(root: Path) -> tuple[Path, Path, Path, Snapshot]:
+    """The lowers, and an upper where the kernel (redirect_dir=on) made :func:`_kernel_moves`; with its live tree."""
+    top, bottom = _lowers(root)
+    upper = root / "upper"
     upper.mkdir()
-    with kernel_overlay([top, bottom], upper, work, tmp_path / "k0", ["redirect_dir=on"]) as k:
+    with kernel_overlay([top, bottom], upper, root / "work", root / "k0", ["redirect_dir=on"]) as k:
         _kernel_moves(k)
         live = snapshot(k)
+    return top, bottom, upper, live
+
+
+@pytest.mark.timeout(120)
+def test_a_kernel_upper_with_redirects_shows_the_kernels_tree(tmp_path: Path) -> None:
+    top, bottom, upper, live = _moved_by_the_kernel(tmp_path)
     assert b"fresh/twice/f" in live and b"a/new" not in live and b"b/deep" not in live  # the script did move
     # The upper as the kernel left it: redirect records where directories moved.
     assert os.getxattr(upper / "fresh" / "twice", "trusted.overlay.redirect") == b"/a/old"
@@ -102,11 +108,7 @@ def test_a_kernel_upper_with_redirects_shows_the_kernels_tree(tmp_path: Path) ->
 @pytest.mark.timeout(120)
 def test_redirects_in_a_lower_layer_are_followed_as_the_kernel_does(tmp_path: Path) -> None:
     """The kernel's upper rotated into the lowers (as a container image's layers are)."""
-    top, bottom = _lowers(tmp_path)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    with kernel_overlay([top, bottom], upper, work, tmp_path / "k0", ["redirect_dir=on"]) as k:
-        _kernel_moves(k)
+    top, bottom, upper, _ = _moved_by_the_kernel(tmp_path)
     with kernel_overlay([upper, top, bottom], None, None, tmp_path / "k1") as k:
         kernel_view = snapshot(k)
     assert b"c/moved/x/y" in kernel_view and b"m2/low" in kernel_view
