@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # pyunionfs itself is pure Python and needs only fuse3 (fusermount3, for users'
 # mounts); libfuse3-dev, pkg-config and gcc build pyfuse3, the reference
-# engine that the test extra installs.
+# engine that the test extra installs; fuse-overlayfs is the tests' oracle for
+# the options taken from it (tests/mount/test_idmap.py).
 need=()
-for pkg in libfuse3-dev fuse3 pkg-config gcc; do
+for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # Debian's own python3 needs these for a venv (and to build pyfuse3's C extension).

@@ -23,7 +23,6 @@ import pytest
 from tests.support.mounting import Daemon, force_unmount, is_mounted, require_fuse
 from tests.support.writecheck import put
 
-pytestmark = pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs is not installed")
 
 #: Stored 1000 shows as 0, stored 100000-165535 as 1-65536: a rootless user's container.
 MAPPING = "1000:0:1:100000:1:65536"
@@ -51,6 +50,7 @@ def _layers(root: Path) -> tuple[Path, Path, Path]:
 @contextmanager
 def _fuse_overlayfs(lower: Path, upper: Path, work: Path, mnt: Path, options: str) -> Iterator[Path]:
     require_fuse()
+    assert shutil.which("fuse-overlayfs"), "fuse-overlayfs is missing: contrib/install.sh installs it"
     mnt.mkdir()
     subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work},{options}", str(mnt)],
                    check=True, capture_output=True, timeout=30)
