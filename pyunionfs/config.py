@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 from .options import (
     DEFAULT_FSNAME,
-    id_ranges,
     DEFAULT_TIMEOUT,
     ENGINES,
     MAX_FSNAME,
     Form,
     check_fsname,
+    id_ranges,
     mount_flag_pairs,
     option,
     read,

@@ -52,9 +52,8 @@ class Attributes(Writable):
                     raise
                 os.truncate(path, change.size)  # a handle open read-only: truncate the object it names
         if change.uid is not None or change.gid is not None:
-            uid, gid = self.stored_owner(
-                -1 if change.uid is None else change.uid, -1 if change.gid is None else change.gid
-            )
+            uid = -1 if change.uid is None else self.stored_uid(change.uid)
+            gid = -1 if change.gid is None else self.stored_gid(change.gid)
             try:
                 os.chown(path, uid, gid, follow_symlinks=follow)
             except OSError:

@@ -47,7 +47,7 @@ class Creates(Writable):
         dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
         result = make(dfd, target, mode)
         try:
-            uid = self.stored_owner(caller.uid, -1)[0]
+            uid = self.stored_uid(caller.uid)
             if result is not None:  # a file we hold open: no name to resolve again
                 os.fchown(result, uid, gid)
                 os.fchmod(result, stat.S_IMODE(mode))
@@ -84,7 +84,7 @@ class Creates(Writable):
         """Mode and group of a new entry of *caller* in *parent* (already in the
         upper), and the parent's default ACL with the access ACL it gives."""
         pst = self.stack.stat_self(0, parent.path)
-        gid = self.stored_owner(-1, caller.gid)[1]
+        gid = self.stored_gid(caller.gid)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if stat.S_ISDIR(mode):

@@ -188,7 +188,7 @@ class LayerStack:
         self.moved = moved
 
     def dirfd(self, layer: int, rel: bytes) -> int:
-        return self.fds.get(layer, self.real(layer, rel))
+        return self.fds.get(layer, self.real(layer, rel) if self.moved else rel)
 
     def lstat(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
         """lstat of *name* in merged directory *rel* of *layer*; None if absent.
@@ -199,7 +199,7 @@ class LayerStack:
         non-directory since we looked) also reads as absent: overlayfs treats
         layers as fixed while mounted, and absent is the harmless answer.
         """
-        return self.lstat_real(layer, self.real(layer, rel), name)
+        return self.lstat_real(layer, self.real(layer, rel) if self.moved else rel, name)
 
     def lstat_real(self, layer: int, rel: bytes, name: bytes) -> os.stat_result | None:
         """:meth:`lstat` at a path of the layer itself, not a merged one."""

@@ -98,7 +98,7 @@ class OpenFiles(Creates):
         fd = os.open(".", os.O_TMPFILE | access_mode | os.O_CLOEXEC, stat.S_IMODE(mode),
                      dir_fd=self._up().dirfd(parent.path))
         try:
-            os.fchown(fd, self.stored_owner(caller.uid, -1)[0], gid)
+            os.fchown(fd, self.stored_uid(caller.uid), gid)
             os.fchmod(fd, stat.S_IMODE(mode))
             if default is not None:
                 acl.inherit(proc_path(fd), True, default, access, False)

@@ -17,7 +17,7 @@ import os
 from ..errors import fs_error
 from .entry import Entry
 from .inodes import Node
-from .paths import check_name, join, split
+from .paths import check_name, join
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .upper import Upper
 from .writable import Writable
@@ -106,7 +106,6 @@ class Removes(Writable):
         node = self.inodes.get(ino)
         if node is None or node.pin is not None or not (last or node.path == path):
             return
-        parent, name = split(path)
         if entry.index is not None:
             dfd, name = self._up().index, entry.index
         else:
@@ -243,14 +242,14 @@ class Removes(Writable):
         if samedir:
             return path.rpartition(b"/")[2]
         parts: list[bytes] = []
-        at = path
+        at, record = path, have
         while at:
-            record = up.redirect(at)
             if record is not None and record.startswith(b"/"):
                 parts.append(record[1:])
                 break
             parts.append(record if record is not None else at.rpartition(b"/")[2])
             at = at.rpartition(b"/")[0]
+            record = up.redirect(at) if at else None
         value = b"/" + b"/".join(reversed(parts))
         if len(value) > REDIRECT_MAX:
             raise fs_error(errno.EXDEV)  # as the kernel: too long to record, mv copies instead

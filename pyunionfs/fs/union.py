@@ -218,11 +218,13 @@ class UnionFS:
         return Attr(ino, st.st_mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
                     st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
 
-    def stored_owner(self, uid: int, gid: int) -> tuple[int, int]:
-        """The owner and group to store for (*uid*, *gid*) as seen through the mount (-1: unchanged)."""
-        if self.ids is None:
-            return uid, gid
-        return (uid if uid == -1 else self.ids.stored_uid(uid)), (gid if gid == -1 else self.ids.stored_gid(gid))
+    def stored_uid(self, uid: int) -> int:
+        """The owner to store for *uid* as seen through the mount."""
+        return uid if self.ids is None else self.ids.stored_uid(uid)
+
+    def stored_gid(self, gid: int) -> int:
+        """The group to store for *gid* as seen through the mount."""
+        return gid if self.ids is None else self.ids.stored_gid(gid)
 
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""

@@ -120,11 +120,9 @@ class Upper:
         (in any namespace this mount reads)."""
         if not rel:
             return None
-        parent, _, name = rel.rpartition(b"/")
-        path = proc_path(self.dirfd(parent), name)
         for key in self.markers.record_names(b"redirect"):
             try:
-                return os.getxattr(path, key, follow_symlinks=False)
+                return self.stack.getxattr(0, rel, key)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                     raise

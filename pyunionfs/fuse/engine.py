@@ -396,7 +396,7 @@ class Engine:
         and TMPFILE); the handle is released again if the reply cannot be made."""
         try:
             if open_flags & OPEN_KILL_SUIDGID:
-                kill_suidgid(fh, self.fs.stored_owner(-1, req.gid)[1])
+                kill_suidgid(fh, self.fs.stored_gid(req.gid))
             return entry + self._opened(ino, fh, flags)
         except BaseException:
             with self.fs.lock:
@@ -410,7 +410,7 @@ class Engine:
     def write(self, req: Request) -> bytes:
         a = _arg(req, Write)
         if a.write_flags & WRITE_KILL_SUIDGID:
-            kill_suidgid(a.fh, self.fs.stored_owner(-1, req.gid)[1])
+            kill_suidgid(a.fh, self.fs.stored_gid(req.gid))
         return P.write_out(os.pwrite(a.fh, a.data, a.offset))
 
     def release(self, req: Request) -> bytes:
