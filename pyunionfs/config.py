@@ -105,6 +105,9 @@ class MountConfig:
     passthrough: bool = True
     #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
     redirect_dir: str = "follow"
+    #: The kernel's ``metacopy``: metadata changes of a lower file copy up
+    #: only the metadata, and such copies in the layers are followed to their data.
+    metacopy: bool = False
     #: fuse-overlayfs's owner options (see :mod:`pyunionfs.fs.idmap`): the
     #: ``uidmapping=``/``gidmapping=`` ranges as (stored, shown, count), and
     #: the owner and group every file shows as (``squash_*``), if any.
@@ -195,6 +198,17 @@ def _check_workdir(workdir: bytes, upper: bytes, lowers: list[bytes], mountpoint
         raise UsageError(
             f"work directory {os.fsdecode(workdir)} is not on the upper's filesystem (choose one with -o workdir=DIR)"
         )
+
+
+def _redirect_dir(opts: dict[str, str], mode: str) -> str:
+    """The ``redirect_dir`` mode, as the kernel settles it: ``metacopy=on``
+    needs ``on`` (its renamed copies carry redirects), implies it when none
+    is given, and refuses any other given one."""
+    if opts.get("metacopy") != "on":
+        return mode
+    if "redirect_dir" in opts and mode != "on":
+        raise UsageError(f"conflicting options: metacopy=on,redirect_dir={mode} (metacopy=on needs redirect_dir=on)")
+    return "on"
 
 
 def mount_flags(items: list[str]) -> tuple[str, ...]:
@@ -317,7 +331,8 @@ def build_config(
         debug=debug or "debug" in opts,
         engine=setting("engine"),
         passthrough=setting("passthrough") == "on",
-        redirect_dir=setting("redirect_dir"),
+        redirect_dir=_redirect_dir(opts, setting("redirect_dir")),
+        metacopy=setting("metacopy") == "on",
         uid_ranges=id_ranges(opts["uidmapping"], "uidmapping") if opts.get("uidmapping") else (),
         gid_ranges=id_ranges(opts["gidmapping"], "gidmapping") if opts.get("gidmapping") else (),
         squash_uid=int(opts["squash_to_uid"]) if "squash_to_uid" in opts else (0 if "squash_to_root" in opts else None),

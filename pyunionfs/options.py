@@ -295,8 +295,11 @@ TABLE: tuple[Option, ...] = (
            "that meets one gives EPERM. As the kernel's modes; `follow` is the kernel's default here, and keeps "
            "the upper readable without its lowers (`commit`)", kind=_V, choices=("on", "follow", "off", "nofollow"),
            default="follow"),
-    _ignored("metacopy", _OVL, "pyunionfs works as `off`: copy-up always copies the data", kind=_V,
-             choices=_ONOFF),
+    Option("metacopy", _OVL, "`on`: changing a lower file's owner, mode, times or xattrs (and renaming or "
+           "linking it) copies up only its metadata, with an `overlay.metacopy` record; the data follows at the first "
+           "write or truncate, and reads go to the lower file until then. Such copies in the layers are followed; "
+           "with `off` a lookup that meets one gives EPERM, as the kernel's. `on` implies `redirect_dir=on`",
+           kind=_V, choices=_ONOFF, default="off"),
     _ignored("index", _OVL, "hard-linked lower files are copied up through `index/` as with `on`", kind=_V,
              choices=_ONOFF),
     _ignored("xino", _OVL, "inode numbers are always xino-style", kind=_V, choices=("on", "off", "auto")),

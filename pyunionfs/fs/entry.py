@@ -10,6 +10,17 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class DataRef(NamedTuple):
+    """Where a metadata-only copy finds its data (the kernel's "lowerdata"):
+    a regular file at *path* (its own path in that layer, not a merged one)
+    of lower *layer*, with *blocks* its st_blocks, which the copy shows."""
+
+    layer: int
+    path: bytes
+    blocks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +47,10 @@ class Entry:
     #: object is that index copy (``layers == (0,)``, ``st`` is its lstat),
     #: but this name has no upper link yet.  None: the object is at the name.
     index: bytes | None = None
+    #: The data of a metadata-only copy (an ``overlay.metacopy`` record on
+    #: the object in ``layers[0]``, whose own content is a hole): reads go
+    #: there until the first write copies it in.  None: the object holds its data.
+    data: DataRef | None = None
 
     @property
     def real(self) -> tuple[int, int]:

@@ -39,6 +39,7 @@ import stat
 from collections.abc import Container
 from typing import Protocol
 
+from ..errors import fs_error
 from .paths import join
 
 OCI_PREFIX = b".wh."
@@ -57,6 +58,9 @@ _USER = b"user.overlay."
 _ESCAPE = b"overlay."
 
 _S_ISCHR = stat.S_ISCHR
+#: The sizes a non-empty ``overlay.metacopy`` record may have (``struct
+#: ovl_metacopy``: 4 bytes of header and up to a 64-byte digest).
+_METACOPY_MIN, _METACOPY_MAX = 4, 68
 _S_ISREG = stat.S_ISREG
 
 
@@ -109,6 +113,8 @@ class Markers:
         self.impure_xattr = self.write_prefix + b"impure"
         self.nlink_xattr = self.write_prefix + b"nlink"
         self.redirect_xattr = self.write_prefix + b"redirect"
+        self.metacopy_xattr = self.write_prefix + b"metacopy"
+        self.metacopy_names = self.record_names(b"metacopy")
         self.opaque_names = self.record_names(b"opaque")
         self.whiteout_names = self.record_names(b"whiteout")
         #: The overlay's ``origin`` / ``nlink`` records, in the order they are read.
@@ -223,6 +229,42 @@ class Markers:
     #: directory contents (``redirect``) at another place in a lower layer:
     #: such an upper cannot be read on its own, e.g. into an image layer.
     LOWER_DEPENDENT = (b"redirect", b"metacopy")
+
+    def metacopy(self, view: LayerView, layer: int, rel: bytes, st: os.stat_result, exact: bool = True) -> bool:
+        """Whether entry *rel* of *layer* (lstat *st*) is a metadata-only copy:
+        a regular file with an ``overlay.metacopy`` record, whose data is in a
+        layer below (the kernel's ``ovl_check_metacopy_xattr``).  EIO for a
+        malformed record, as the kernel answers.
+
+        Not *exact*: only a file that holds less space than its size, or at
+        most one block, is asked (as the kernel leaves one: a hole, with its
+        records in at most one block), so most files cost no getxattr (about
+        6 µs each on a cold lookup); a copy whose hole was filled with zeros
+        since (``cp`` of the upper) then reads as those zeros.
+        """
+        if not _S_ISREG(st.st_mode):
+            return False
+        held = st.st_blocks * 512
+        if not exact and held >= st.st_size and held > st.st_blksize:
+            return False
+        # One listxattr, not a getxattr per namespace: most files have no record.
+        names = view.listxattr(layer, rel)
+        for key in self.metacopy_names:
+            if key not in names:
+                continue
+            try:
+                value = view.getxattr(layer, rel, key)
+            except OSError as exc:
+                if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    continue
+                raise
+            # Empty, or the kernel's struct ovl_metacopy (version 0, its own
+            # length, then flags, digest algorithm and an fs-verity digest).
+            if value and not (_METACOPY_MIN <= len(value) <= _METACOPY_MAX and value[0] == 0
+                              and value[1] == len(value)):
+                raise fs_error(errno.EIO, rel)
+            return True
+        return False
 
     def record_names(self, record: bytes) -> tuple[bytes, ...]:
         """The stored names of the overlay's ``overlay.<record>`` xattr, in

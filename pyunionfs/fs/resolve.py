@@ -26,7 +26,7 @@ from typing import Protocol
 from ..errors import fs_error
 from . import origin
 from .cache import ResolutionCache
-from .entry import Entry
+from .entry import DataRef, Entry
 from .layers import LayerStack, RealPaths
 from .markers import OPAQUE, XWHITEOUTS, LayerView, Markers
 from .paths import check_name, join, proc_path
@@ -59,6 +59,9 @@ class Resolver:
         #: Whether ``overlay.redirect`` records are followed (the kernel's
         #: ``redirect_dir=follow``, what its default mode does here).
         self.follow = True
+        #: Whether metadata-only copies are followed to their data (the
+        #: kernel's ``metacopy=on``); else a lookup that meets one gives EPERM.
+        self.metacopy = False
         self.real_paths = RealPaths(stack)
 
     def root(self) -> Entry:
@@ -86,7 +89,8 @@ class Resolver:
             if not self.stack.layers[layer].writable:
                 return cached  # a lower object: its attributes cannot change under the mount
             st = self.stack.lstat(layer, parent_rel, name)
-            if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode):
+            # (A metadata-only copy is resolved afresh: its data may have come up.)
+            if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode) and cached.data is None:
                 nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
                     self.stack.layers[layer].writable and st.st_nlink > 1) else None
                 return Entry(cached.layers, st, cached.ident, cached.xwh, nlink)
@@ -130,15 +134,18 @@ class Resolver:
                 if dirs:
                     break  # a non-directory below a directory ends the merge
                 ident = (st.st_dev, st.st_ino)
+                # (Exact where the mount follows them: there a missed one would read as zeros.)
+                data = self._lowerdata(parent, parent_rel, name, layer) if markers.metacopy(
+                    stack, layer, rel, st, self.metacopy) else None
                 if stack.layers[layer].writable:
                     if layer + 1 < len(stack.layers):
                         ident = self._origin(parent, parent_rel, name, layer, ident)
-                    return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st))
+                    return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st), data=data)
                 if st.st_nlink > 1 and self.index is not None and self.index.index_keys:
                     indexed = self._indexed(layer, parent_rel, name, ident)
                     if indexed is not None:
                         return indexed
-                return Entry((layer,), st, ident)
+                return Entry((layer,), st, ident, data=data)
             dirs.append(layer)
             top = top or st
             low = st
@@ -230,6 +237,48 @@ class Resolver:
                     break
             else:
                 return low
+
+    def _lowerdata(self, parent: Entry, parent_rel: bytes, name: bytes, layer: int) -> DataRef:
+        """Where the data of metadata-only copy *name* in *layer* is: the
+        first regular file below under its name, or under its redirect (a
+        bare name beside it, ``/a/b`` from the root of every layer below),
+        passing through further metadata-only copies and their redirects, as
+        ``ovl_lookup`` finds "lowerdata".  EPERM when the mount does not
+        follow them (``metacopy=off``, the kernel's "refusing to follow
+        metacopy origin"); EIO when no data is found, or something else is."""
+        rel = join(parent_rel, name)
+        if not self.metacopy:
+            raise fs_error(errno.EPERM, rel)
+        stack, markers, real = self.stack, self.markers, self.real_paths
+        count = len(stack.layers)
+        redirect = self._redirect(stack, layer, rel, stack.listxattr(layer, rel))
+        absolute = redirect is not None and redirect.startswith(b"/")
+        target = redirect[1:] if redirect is not None and absolute else (redirect or name)
+        above = layer
+        while True:
+            pool: Iterable[int] = range(above + 1, count) if absolute else [k for k in parent.layers if k > above]
+            for k in pool:
+                path = target if absolute else join(stack.real(k, parent_rel), target)
+                where, _, base = path.rpartition(b"/")
+                st = stack.lstat_real(k, where, base)
+                if st is None:
+                    if markers.oci_whiteout(real, k, where, base):
+                        raise fs_error(errno.EIO, rel)
+                    continue
+                if markers.is_whiteout(st, False, real, k, where, base) or not stat.S_ISREG(st.st_mode):
+                    raise fs_error(errno.EIO, rel)
+                if not markers.metacopy(real, k, path, st):
+                    return DataRef(k, path, st.st_blocks)
+                again = self._redirect(real, k, path, real.listxattr(k, path))
+                if again is not None:
+                    if again.startswith(b"/"):
+                        absolute, target = True, again[1:]
+                    else:
+                        target = join(where, again) if absolute else again
+                    above = k
+                    break
+            else:
+                raise fs_error(errno.EIO, rel)
 
     def _indexed(self, layer: int, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry | None:
         """The index copy of lower hard link *name*, if one of its names was

@@ -112,6 +112,7 @@ class UnionFS:
         self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
         self.resolver = Resolver(self.stack, self.markers)
         self.resolver.follow = cfg.redirect_dir != "nofollow"
+        self.resolver.metacopy = cfg.metacopy
         #: Owners shown other than stored (fuse-overlayfs's ID options), if any.
         self.ids = id_map(cfg)
         # Bottom layer first: the image layers' filesystem gets index 0.
@@ -215,8 +216,10 @@ class UnionFS:
         uid, gid = st.st_uid, st.st_gid
         if self.ids is not None:
             uid, gid = self.ids.shown_uid(uid), self.ids.shown_gid(gid)
+        # A metadata-only copy shows its data's blocks, as the kernel does.
+        blocks = st.st_blocks if entry.data is None else entry.data.blocks
         return Attr(ino, st.st_mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
-                    st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
+                    blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
 
     def stored_uid(self, uid: int) -> int:
         """The owner to store for *uid* as seen through the mount."""
@@ -242,7 +245,7 @@ class UnionFS:
             path, follow = self._path(node)
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
         e = node.entry
-        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index)
+        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index, e.data)
         return self.attr_of(ino, node.entry)
 
     def birth_time(self, ino: int) -> int | None:
@@ -309,8 +312,13 @@ class UnionFS:
 
     def open_object(self, node: Node, flags: int) -> int:
         """An fd on *node*'s own object opened with *flags* (a final symlink
-        is never followed), or ENOENT.  Lower files are opened O_NOATIME."""
+        is never followed), or ENOENT.  Lower files are opened O_NOATIME.
+        A metadata-only copy opened to read is its data's file (the kernel's
+        ``ovl_path_realdata``): its own content is a hole until written."""
         flags |= os.O_CLOEXEC
+        data = node.entry.data
+        if data is not None and not flags & (os.O_WRONLY | os.O_RDWR | os.O_PATH):
+            return self._open_data(data.layer, data.path, flags)
         pin = _pin(node)
         if pin is not None:
             # Reopening the pin's magic link opens the pinned object itself.
@@ -332,6 +340,14 @@ class UnionFS:
             os.close(fd)
             raise
         return fd
+
+    def _open_data(self, layer: int, path: bytes, flags: int) -> int:
+        """Lower file *path* (its own path in *layer*) opened to read, O_NOATIME where allowed."""
+        where, _, name = path.rpartition(b"/")
+        dfd = self.stack.fds.get(layer, where)
+        with contextlib.suppress(PermissionError):
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_NOATIME, dir_fd=dfd)
+        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dfd)
 
     # -- directories ---------------------------------------------------------
 
@@ -381,7 +397,8 @@ class UnionFS:
         """Entries from offset *start*: (next offset, name, node-to-be, attributes).
 
         ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
-        kernel takes no reference on them.  For the others the caller must call
+        kernel takes no reference on them; another name with node None is
+        one that cannot be looked up (EPERM, EIO), listed with its type only.  For the others the caller must call
         :meth:`remember` once the kernel accepted the entry.  Offset 0 means
         "from the start" and re-reads the directory, like overlayfs on rewind.
         """
@@ -403,10 +420,22 @@ class UnionFS:
             yield 2, b"..", None, self._dotdot_attr(node)
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
-            entry = self.resolver.child(d.entry, node.path, name)
+            path = node.path + b"/" + name if node.path else name
+            try:
+                entry = self.resolver.child(d.entry, node.path, name)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EIO):
+                    raise
+                # A name whose lookup fails (a metadata-only copy not
+                # followed, or without data) is still listed, as the kernel
+                # lists it: with no node, so the kernel makes no entry of it.
+                st = next(filter(None, (self.stack.lstat(k, node.path, name) for k in d.entry.layers)), None)
+                if st is not None:
+                    yield i + 3, name, None, Attr(self.inodes.number((st.st_dev, st.st_ino), path), st.st_mode,
+                                                  *(0,) * 10)  # fmt: skip
+                continue
             if entry is None:
                 continue
-            path = node.path + b"/" + name if node.path else name
             ino = self.inodes.number(entry.ident, path)
             yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry)
 

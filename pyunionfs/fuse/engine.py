@@ -352,6 +352,8 @@ class Engine:
             and node is not None
             and stat.S_ISREG(node.entry.st.st_mode)
             and self.fs.stack.layers[node.entry.layers[0]].writable
+            # (A metadata-only copy reads from a lower file: as lower files, cached.)
+            and node.entry.data is None
             # The kernel opens each passthrough file's backing file with the
             # open's flags and never updates them: a later F_SETFL clearing
             # O_APPEND would not be honoured, so appenders start cached.
@@ -470,21 +472,22 @@ class Engine:
         plus = req.opcode == Opcode.READDIRPLUS
         # Entries are taken while they fit: each one READDIRPLUS answers counts
         # a lookup the kernel will FORGET, so only those are remembered.
-        taken: list[tuple[int, bytes, Attr]] = []
+        taken: list[tuple[int, bytes, Attr, bool]] = []
         used = 0
         with self.fs.lock:
             for off, name, node, attr in self.fs.readdir(a.fh, a.offset):
                 used += P.dirent_size(len(name), plus)
                 if used > a.size:
                     break
-                taken.append((off, name, attr))
+                # (A name without a node and not a dot cannot be looked up: no entry for the kernel.)
+                taken.append((off, name, attr, node is None and off > 2))
                 if plus and node is not None:
                     self.fs.remember(node)
             if plus:
                 gen = self.fs.inodes.generation
-                return P.pack_direntplus(((attr, gen(attr.ino), off, name) for off, name, attr in taken), a.size,
-                                         self.timeout, self.timeout)[0]  # fmt: skip
-        return P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name) for off, name, attr in taken), a.size)[0]
+                return P.pack_direntplus(((attr, None if bare else gen(attr.ino), off, name)
+                                          for off, name, attr, bare in taken), a.size, self.timeout, self.timeout)[0]
+        return P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name) for off, name, attr, _ in taken), a.size)[0]
 
     def releasedir(self, req: Request) -> bytes:
         with self.fs.lock:

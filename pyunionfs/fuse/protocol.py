@@ -409,7 +409,7 @@ def pack_dirents(entries: Iterable[tuple[int, int, int, bytes]], size: int) -> t
 
 
 def pack_direntplus(
-    entries: Iterable[tuple[AttrLike, int, int, bytes]],
+    entries: Iterable[tuple[AttrLike, int | None, int, bytes]],
     size: int,
     entry_timeout: float = 0.0,
     attr_timeout: float = 0.0,
@@ -418,8 +418,10 @@ def pack_direntplus(
 
     Each record is an entry_out and a dirent, so the kernel fills its dentry
     and inode caches as a LOOKUP would: every packed entry counts one lookup
-    of ``attr.ino``, except ``.`` and ``..``, which the kernel skips.  Returns
-    the bytes and how many fit, as :func:`pack_dirents`.
+    of ``attr.ino``, except ``.`` and ``..``, which the kernel skips, and
+    entries whose generation is None: their node ID is 0, which tells the
+    kernel to make no entry (a name listed that cannot be looked up).
+    Returns the bytes and how many fit, as :func:`pack_dirents`.
     """
     es, ens = _split(entry_timeout)
     at, atns = _split(attr_timeout)
@@ -431,8 +433,9 @@ def pack_direntplus(
         pad = -rec & 7
         if used + rec + pad > size:
             break
+        nodeid = 0 if generation is None else attr.ino
         head = _DIRENTPLUS.pack(
-            attr.ino, generation, es, at, ens, atns, *_attr_fields(attr), attr.ino, off, namelen, dtype(attr.mode)
+            nodeid, generation or 0, es, at, ens, atns, *_attr_fields(attr), attr.ino, off, namelen, dtype(attr.mode)
         )
         parts += (head, name, _PADS[pad])
         used += rec + pad

@@ -167,6 +167,8 @@ class Operations(pyfuse3.Operations):
         # pass.  The kernel holds a reference on each entry it accepts.
         with self.fs.lock:
             for next_id, name, node, attr in self.fs.readdir(fh, start_id):
+                if node is None and next_id > 2:
+                    continue  # a name that cannot be looked up: pyfuse3 cannot list it without an entry
                 if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
                     return
                 if node is not None:

@@ -513,7 +513,7 @@ def test_listxattr_hides_private_and_unescapes(layer, make_fs):
     os.setxattr(f, b"user.plain", b"p")
     os.setxattr(f, b"trusted.overlay.origin", b"o")
     os.setxattr(f, b"trusted.overlay.whiteout", b"")  # not an xwhiteout: no x parent, and not here anyway
-    os.setxattr(f, b"user.overlay.metacopy", b"m")
+    os.setxattr(f, b"user.overlay.impure", b"y")
     os.setxattr(f, b"trusted.overlay.overlay.foo", b"escaped-t")
     os.setxattr(f, b"user.overlay.overlay.bar", b"escaped-u")
     os.setxattr(f, b"trusted.other", b"t")
@@ -529,7 +529,7 @@ def test_listxattr_hides_private_and_unescapes(layer, make_fs):
     assert fs.getxattr(ino, b"user.overlay.bar") == b"escaped-u"
     assert fs.getxattr(ino, b"trusted.other") == b"t"
     # The private ones cannot be read through the mount.
-    for private in (b"trusted.overlay.origin", b"trusted.overlay.whiteout", b"user.overlay.metacopy"):
+    for private in (b"trusted.overlay.origin", b"trusted.overlay.whiteout", b"user.overlay.impure"):
         assert errno_of(lambda p=private: fs.getxattr(ino, p)) == errno.ENODATA
     assert errno_of(lambda: fs.getxattr(ino, b"user.missing")) == errno.ENODATA
 
