@@ -40,9 +40,13 @@ class Attributes(Writable):
     def setattr(self, ino: int, change: SetAttr, fh: int | None) -> Attr:
         node = self.node(ino)
         self._up()
-        self.copyups.node(node)
-        # The kernel's handle, where it sent one, is the object itself.
+        # Only a size change needs the data up (metacopy=on: the rest is metadata).
+        self.copyups.node(node, meta=change.size is None)
+        # The kernel's handle, where it sent one, is the object itself --
+        # unless it reads a metadata-only copy's data, a lower file.
         fd = fh if fh is not None and fh in self.handles else None
+        if fd is not None and node.entry.data is not None:
+            fd = None
         path, follow = (proc_path(fd), True) if fd is not None else self.object_path(node)
         if change.size is not None:
             try:
@@ -76,7 +80,7 @@ class Attributes(Writable):
         node = self.node(ino)
         self._up()
         _may_change_xattr(name, caller)
-        self.copyups.node(node)
+        self.copyups.node(node, meta=True)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.setxattr(path, self.markers.stored_xattr(name), value, flags, follow_symlinks=follow)
@@ -89,7 +93,7 @@ class Attributes(Writable):
         stored = self.markers.stored_xattr(name)
         if not node.entry.linked_up:
             self.getxattr(ino, name)  # ENODATA without a copy-up, as overlayfs does
-        self.copyups.node(node)
+        self.copyups.node(node, meta=True)
         path, follow = self.object_path(node)
         node.xattrs = None
         os.removexattr(path, stored, follow_symlinks=follow)

@@ -92,6 +92,8 @@ def copy_up(
     extra_xattrs: dict[bytes, bytes] | None = None,
     dst_name: bytes | None = None,
     data: bool = True,
+    sparse: bool = False,
+    data_from: tuple[int, bytes] | None = None,
 ) -> os.stat_result:
     """Copy entry *name* of directory fd *src_dir* to *dst_name* (default: the
     same name) in *dst_dir*.
@@ -100,7 +102,11 @@ def copy_up(
     target name must not exist in *dst_dir* except as a whiteout, which the
     rename replaces.  *extra_xattrs* (the overlay records, e.g. origin) are
     set on the copy before it appears.  ``data=False`` copies a regular file
-    empty (for an open with O_TRUNC).  Returns the lstat of the new object.
+    empty (for an open with O_TRUNC); ``sparse=True`` gives it its size but
+    no data (a metadata-only copy: the caller's records say where the data
+    is).  *data_from* (directory fd, name) is the file whose content to copy
+    where that is not *name* itself (a metadata-only copy's data).  Returns
+    the lstat of the new object.
     """
     target = name if dst_name is None else dst_name
     st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
@@ -108,7 +114,8 @@ def copy_up(
     mode = st.st_mode
     try:
         if stat.S_ISREG(mode):
-            _build_file(src_dir, name, work, tmp, st.st_size if data else 0, fsync)
+            source = data_from or (src_dir, name)
+            _build_file(*source, work, tmp, st.st_size if data else 0, fsync, sparse)
         elif stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700, dir_fd=work)
         elif stat.S_ISLNK(mode):
@@ -158,7 +165,16 @@ def fsync_dir(dir_fd: int) -> None:
         os.close(fd)
 
 
-def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, fsync: bool) -> None:
+def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, fsync: bool, sparse: bool) -> None:
+    if sparse:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+        try:
+            os.ftruncate(dst, size)
+            if fsync:
+                os.fsync(dst)
+        finally:
+            os.close(dst)
+        return
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:  # reading a lower file never changes it, not even its atime
         src = os.open(name, flags | os.O_NOATIME, dir_fd=src_dir)

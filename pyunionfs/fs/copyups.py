@@ -26,13 +26,14 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import WouldBlock, fs_error
 from . import copyup, origin
-from .entry import Entry
+from .entry import DataRef, Entry
 from .inodes import Node
 from .locking import may_block
 from .paths import join, proc_path, split
@@ -122,30 +123,39 @@ class CopyUps:
 
     # -- non-directories --------------------------------------------------------
 
-    def node(self, node: Node, data: bool = True) -> None:
+    def node(self, node: Node, data: bool = True, meta: bool = False) -> None:
         """Make sure *node*'s object has an upper copy; directories copy up empty.
 
-        ``data=False`` copies a file empty, for an open that truncates it anyway.
+        ``data=False`` copies a file empty, for an open that truncates it
+        anyway.  ``meta=True``: the change at hand is to metadata only, so
+        with ``metacopy=on`` a regular file's data may stay below
+        (overlayfs's ``ovl_need_meta_copy_up``); otherwise a metadata-only
+        copy gets its data now (:meth:`fill`).
         """
         self.settle(node.ino)
         if node.entry.linked_up:
+            if node.entry.data is not None and not meta:
+                self.fill(node, data)
             return
         if node.gone:
             raise fs_error(errno.EEXIST)  # its name is whited out: do not bring it back (overlayfs: EEXIST)
         if node.entry.is_dir:
             node.entry = self.upper_dir(node.path)
             return
-        self.entry(node.entry, node.path, data)
+        self.entry(node.entry, node.path, data, meta)
 
-    def entry(self, entry: Entry, path: bytes, data: bool = True) -> Entry:
+    def entry(self, entry: Entry, path: bytes, data: bool = True, meta: bool = False) -> Entry:
         """Non-directory *entry*, found at merged *path*, with an upper link at
         *path*: copied up, or linked to its index copy.  The node the kernel
-        holds for it (if any) is now known by *path*, with the new entry."""
+        holds for it (if any) is now known by *path*, with the new entry.
+        *meta* as for :meth:`node` (a metadata-only copy stays one)."""
         ino = self.fs.inodes.number(entry.ident, path)
         self.settle(ino)
         if entry.linked_up:
             return entry
-        if data and entry.index is None and entry.st.st_size >= LONG_COPY and not may_block():
+        meta = meta and self.fs.resolver.metacopy and stat.S_ISREG(entry.st.st_mode) and entry.index is None and (
+            entry.st.st_nlink < 2)
+        if data and not meta and entry.index is None and entry.st.st_size >= LONG_COPY and not may_block():
             raise WouldBlock  # (before anything changed)
         done = self._busy[ino] = threading.Event()
         try:
@@ -156,7 +166,7 @@ class CopyUps:
                 new = self.link_up(entry.index, parent_rel, name, entry.ident)
                 record = True
             else:
-                new, record = self._copy(entry, parent_rel, name, data)
+                new, record = self._copy(entry, parent_rel, name, data, meta)
             if record:
                 self.up.set_impure(parent_rel)
             self.up.restore_times(parent_rel, times)
@@ -174,29 +184,90 @@ class CopyUps:
             del self._busy[ino]
             done.set()
 
-    def _copy(self, entry: Entry, parent_rel: bytes, name: bytes, data: bool) -> tuple[Entry, bool]:
-        """Copy lower *entry* up to *name*; the new entry, and whether it has
-        an origin record."""
+    def fill(self, node: Node, data: bool = True) -> None:
+        """Copy the data of metadata-only copy *node* into it, in place, and
+        then drop its ``overlay.metacopy`` record (the kernel's
+        ``ovl_copy_up_meta_inode_data``): until the record goes, reads still
+        go to the lower data, so a crash, a full disk or a kill -9 midway
+        loses nothing.  ``data=False`` (an open that truncates) copies none.
+        ``security.capability``, which the write drops, is put back; the
+        redirect record stays, as the kernel leaves it.  Read-only handles
+        move onto the upper file, so they see the writes that follow."""
+        ref = node.entry.data
+        assert ref is not None
+        size = node.entry.st.st_size if data else 0
+        if size >= LONG_COPY and not may_block():
+            raise WouldBlock  # (before anything changed)
+        fs = self.fs
+        done = self._busy[node.ino] = threading.Event()
+        try:
+            path, follow = fs.object_path(node)
+            dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+            try:
+                src = fs.open_object(node, os.O_RDONLY)  # the data's file (see UnionFS.open_object)
+                try:
+                    try:
+                        caps: bytes | None = os.getxattr(dst, CAPS)
+                    except OSError:
+                        caps = None
+                    job = functools.partial(_fill_data, src, dst, size)
+                    if size >= LONG_COPY:
+                        with fs.lock.released():  # owned fds only: other requests may run
+                            job()
+                    else:
+                        job()
+                    if caps is not None:
+                        os.setxattr(dst, CAPS, caps)
+                    for key in fs.markers.metacopy_names:
+                        try:
+                            os.removexattr(dst, key)
+                        except OSError as exc:
+                            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                                raise
+                finally:
+                    os.close(src)
+                e = node.entry
+                node.entry = Entry(e.layers, os.fstat(dst), e.ident, e.xwh, e.nlink, e.index)
+            finally:
+                os.close(dst)
+            self._repoint(node)
+        finally:
+            del self._busy[node.ino]
+            done.set()
+
+    def _copy(self, entry: Entry, parent_rel: bytes, name: bytes, data: bool, meta: bool) -> tuple[Entry, bool]:
+        """Copy lower *entry* up to *name* (only its metadata if *meta*); the
+        new entry, and whether it has an origin record."""
         fs, up = self.fs, self.up
         src, src_st = entry.layers[0], entry.st
         fds = [os.dup(fs.stack.dirfd(src, parent_rel)), os.dup(up.work), fs.stack.fds.dup(0, parent_rel)]
+        lowerdata = entry.data
+        if meta and lowerdata is None:
+            lowerdata = DataRef(src, fs.stack.real(src, join(parent_rel, name)), src_st.st_blocks)
+        data_from = None
+        if entry.data is not None and not meta:  # a metadata-only copy below: its data is elsewhere
+            where, _, base = entry.data.path.rpartition(b"/")
+            fds.append(fs.stack.fds.dup(entry.data.layer, where))
+            data_from = (fds[-1], base)
         try:
             record = origin.of(fds[0], name)
-            extra = {fs.markers.origin_xattr: record} if record else None
+            extra = {fs.markers.origin_xattr: record} if record else {}
+            if meta:
+                extra[fs.markers.metacopy_xattr] = b""
             key = origin.index_name(record) if record and src_st.st_nlink > 1 else None
             dst, dst_name = fds[2], None
             if key is not None:
                 # A hard-linked lower file is copied once, to the index, and
                 # the name linked there (overlayfs's index=on).
-                assert extra is not None
                 extra[fs.markers.nlink_xattr] = origin.nlink_record(src_st.st_nlink, 1)
                 fds.append(os.dup(up.index))
-                dst, dst_name = fds[3], key
+                dst, dst_name = fds[-1], key
             if key is None or key not in up.index_keys:
                 job = functools.partial(
-                    copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, True, extra, dst_name, data=data
+                    copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, True, extra, dst_name, data=data,
+                    sparse=meta, data_from=data_from,
                 )
-                if data and src_st.st_size >= LONG_COPY:
+                if data and not meta and src_st.st_size >= LONG_COPY:
                     # Owned fds and no shared state: other requests may run.
                     with fs.lock.released():
                         job()
@@ -210,7 +281,7 @@ class CopyUps:
             return self.link_up(key, parent_rel, name, entry.ident), True
         st = fs.stack.stat_self(0, join(parent_rel, name))
         fs.resolver.origins[(st.st_dev, st.st_ino)] = entry.ident
-        return Entry((0,), st, entry.ident), record is not None
+        return Entry((0,), st, entry.ident, data=lowerdata if meta else None), record is not None
 
     def link_up(self, key: bytes, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry:
         """Link index entry *key* to *name*: one more upper link, the same
@@ -245,3 +316,13 @@ class CopyUps:
                     os.dup2(fd, fh, inheritable=False)
         finally:
             os.close(fd)
+
+
+#: The xattr a write drops and a data copy-in must keep (file capabilities).
+CAPS = b"security.capability"
+
+
+def _fill_data(src: int, dst: int, size: int) -> None:
+    """The data copy of :meth:`CopyUps.fill`, synced before the record goes."""
+    copyup.copy_data(src, dst, size)
+    os.fsync(dst)

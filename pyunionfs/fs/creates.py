@@ -150,7 +150,13 @@ class Creates(Writable):
         if self.resolver.child(parent.entry, parent.path, new_name) is not None:
             raise fs_error(errno.EEXIST, new_name)
         if not nameless:
-            self.copyups.node(node)
+            self.copyups.node(node, meta=True)
+            if node.entry.data is not None:
+                # A metadata-only copy's other names find its data through
+                # an absolute redirect (the kernel's ovl_set_link_redirect).
+                value = up.redirect_for(node.path, False)
+                if value is not None:
+                    up.set_redirect(node.path, value)
         parent.entry = self.copyups.parent_up(parent)
         # The source is the node's own object (its pin's magic link, followed,
         # links that very inode; a checked name otherwise).

@@ -23,10 +23,6 @@ from .upper import Upper
 from .writable import Writable
 
 
-#: The longest redirect record written (the kernel's ``redirect_max`` default).
-REDIRECT_MAX = 256
-
-
 class Removes(Writable):
     """The requests that take a name away (or move it)."""
 
@@ -165,8 +161,10 @@ class Removes(Writable):
         if merged_target and dst is not None and self.resolver.listing(dst, dst_path):
             raise fs_error(errno.ENOTEMPTY, new_name)
         self.copyups.settle(*(i for i in (src_node.ino if src_node else None, dst_ino) if i is not None))
+        # (A file moving copies up only its metadata with metacopy=on; a
+        # metadata-only copy then records where its data is, as a directory does.)
         if not src.is_dir:
-            src = self.copyups.entry(src, src_path)
+            src = self.copyups.entry(src, src_path, meta=True)
         elif src_redirects:
             src = self.copyups.upper_dir(src_path)
         if dst_redirects:
@@ -174,14 +172,16 @@ class Removes(Writable):
         if dst is not None and not dst.is_dir and (exchange or dst.st.st_nlink > 1 or dst.index is not None):
             # A name of a hard-linked lower file is copied up (linked to the
             # index) before it is replaced, so its merged link count drops.
-            dst = self.copyups.entry(dst, dst_path)
+            dst = self.copyups.entry(dst, dst_path, meta=exchange)
+        src_redirects = src_redirects or src.data is not None
+        dst_redirects = dst_redirects or (exchange and dst is not None and dst.data is not None)
         op.entry = self.copyups.upper_dir(op.path)
         np.entry = self.copyups.upper_dir(np.path)
         if dst is not None and not exchange and dst_ino is not None:
             self._name_goes(dst_ino, dst, dst_path, _last_name(dst))
         samedir = op.ino == np.ino
         redirects = [(p, v) for p, on in ((src_path, src_redirects), (dst_path, dst_redirects)) if on
-                     for v in [self._redirect_for(up, p, samedir)] if v is not None]
+                     for v in [up.redirect_for(p, samedir)] if v is not None]
         old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
         try:
             for path, value in redirects:
@@ -230,30 +230,6 @@ class Removes(Writable):
                     self.inodes.renamed(dst_ino, dst_path, src_path)
         if src_node is not None and not src_node.gone:
             src_node.parent = np.ino
-
-    def _redirect_for(self, up: Upper, path: bytes, samedir: bool) -> bytes | None:
-        """The redirect record directory *path* needs before it moves, or None
-        to keep the one it has: the kernel's ``ovl_set_redirect``.  Within its
-        parent, its name; elsewhere, the absolute path of its lower parts,
-        built up from the records of the directory and its ancestors."""
-        have = up.redirect(path)
-        if have is not None and (samedir or have.startswith(b"/")):
-            return None
-        if samedir:
-            return path.rpartition(b"/")[2]
-        parts: list[bytes] = []
-        at, record = path, have
-        while at:
-            if record is not None and record.startswith(b"/"):
-                parts.append(record[1:])
-                break
-            parts.append(record if record is not None else at.rpartition(b"/")[2])
-            at = at.rpartition(b"/")[0]
-            record = up.redirect(at) if at else None
-        value = b"/" + b"/".join(reversed(parts))
-        if len(value) > REDIRECT_MAX:
-            raise fs_error(errno.EXDEV)  # as the kernel: too long to record, mv copies instead
-        return value
 
     def _rename_over(
         self, up: Upper, op: Node, old_name: bytes, np: Node, new_name: bytes,

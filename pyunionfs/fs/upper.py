@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 
+from ..errors import fs_error
 from . import copyup
 from .layers import LayerStack
 from .markers import Markers
@@ -26,6 +27,8 @@ from .paths import join, proc_path
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 WORK = b"work"
+#: The longest redirect record written (the kernel's ``redirect_max`` default).
+REDIRECT_MAX = 256
 INDEX = b"index"
 
 
@@ -116,7 +119,7 @@ class Upper:
         return self.markers.is_set_opaque(proc_path(self.dirfd(parent), name))
 
     def redirect(self, rel: bytes) -> bytes | None:
-        """Upper directory *rel*'s ``overlay.redirect`` record, if it has one
+        """Upper entry *rel*'s ``overlay.redirect`` record, if it has one
         (in any namespace this mount reads)."""
         if not rel:
             return None
@@ -128,9 +131,34 @@ class Upper:
                     raise
         return None
 
+    def redirect_for(self, path: bytes, samedir: bool) -> bytes | None:
+        """The redirect record upper entry *path* (a directory with lower
+        parts, or a metadata-only copy) needs before it moves, or None to
+        keep the one it has: the kernel's ``ovl_set_redirect``.  Within its
+        parent, its name; elsewhere, the absolute path of its lower parts,
+        built up from the records of the directory and its ancestors."""
+        have = self.redirect(path)
+        if have is not None and (samedir or have.startswith(b"/")):
+            return None
+        if samedir:
+            return path.rpartition(b"/")[2]
+        parts: list[bytes] = []
+        at, record = path, have
+        while at:
+            if record is not None and record.startswith(b"/"):
+                parts.append(record[1:])
+                break
+            parts.append(record if record is not None else at.rpartition(b"/")[2])
+            at = at.rpartition(b"/")[0]
+            record = self.redirect(at) if at else None
+        value = b"/" + b"/".join(reversed(parts))
+        if len(value) > REDIRECT_MAX:
+            raise fs_error(errno.EXDEV)  # as the kernel: too long to record, mv copies instead
+        return value
+
     def set_redirect(self, rel: bytes, value: bytes) -> None:
-        """Record where upper directory *rel*'s lower parts are (the kernel's
-        ``ovl_set_redirect``)."""
+        """Record where upper entry *rel*'s lower parts (or data) are (the
+        kernel's ``ovl_set_redirect``)."""
         parent, _, name = rel.rpartition(b"/")
         os.setxattr(proc_path(self.dirfd(parent), name), self.markers.redirect_xattr, value, follow_symlinks=False)
 
