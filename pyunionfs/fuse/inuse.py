@@ -24,10 +24,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 from ..errors import MountError
 from .mountinfo import unescape_mountinfo
+
+#: How long a claim waits for a holder to let go (a daemon whose mount just ended).
+GRACE = 2.0
 
 #: What each command says it needs a directory for, in the refusal.
 HINTS = {
@@ -75,14 +79,32 @@ def claim(dirs: Sequence[tuple[str, bytes]], purpose: str, *, shared: bool = Fal
             if kernel is not None:
                 raise MountError(f"{what} {os.fsdecode(path)} is in use by the kernel's overlayfs mounted at "
                                  f"{os.fsdecode(kernel)}: {HINTS[purpose]}")
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise MountError(f"{what} {os.fsdecode(path)} is in use by {_holder(st)}: {HINTS[purpose]}") from None
+            if not _lock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+                raise MountError(f"{what} {os.fsdecode(path)} is in use by {_holder(st)}: {HINTS[purpose]}")
     except BaseException:
         Claim(fds).release()
         raise
     return Claim(fds)
+
+
+def _lock(fd: int, how: int) -> bool:
+    """flock *fd*; whether it was had within :data:`GRACE` seconds.
+
+    Why wait at all: ``umount`` of a FUSE mount returns before its daemon has
+    seen the connection end and let go of its claim (tens of milliseconds,
+    more under load), so ``umount M && pyunionfs mount ... M`` with the same
+    upper -- what the kernel's synchronous unmount lets scripts do -- would
+    be refused now and then.  A mount really in use is refused after the grace.
+    """
+    deadline = time.monotonic() + GRACE
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -142,6 +142,27 @@ def test_a_commit_holds_the_upper_shared(tree: Path) -> None:
         os.close(upper)
 
 
+def test_a_mount_waits_for_a_daemon_that_is_letting_go(tree: Path) -> None:
+    """``umount M && pyunionfs mount ... M``: plain umount returns before the old daemon has let
+    go of the upper (found by the kernel's unionmount-testsuite, which remounts so). Here a holder
+    lets go 0.3 s after the mount starts, as such a daemon does: the mount waits, then goes on."""
+    require_fuse()
+    t = tree
+    held = os.open(t / "U", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    proc = subprocess.Popen(PYUNIONFS + ["mount", str(t / "L"), str(t / "U"), str(t / "m1"), "-o",
+                                         f"workdir={t / 'W'}"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.3)  # still waiting for the upper
+    finally:
+        os.close(held)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (t / "m1/f").read_text() == "lower f\n"
+
+
 def test_the_lock_ends_with_the_unmount(tree: Path) -> None:
     """``pyunionfs umount`` returns once the daemon let go: the next mount of the upper works at once."""
     require_fuse()
