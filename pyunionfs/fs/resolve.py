@@ -211,9 +211,12 @@ class Resolver:
             for k in pool:
                 path = target if absolute else join(stack.real(k, parent_rel), target)
                 where, _, name = path.rpartition(b"/")
-                st = stack.lstat_real(k, where, name)
+                there, prefix, cut = self._walk(k, where) if absolute else (True, where, False)
+                if absolute:
+                    target = join(prefix, name)  # what the layers below look up
+                st = stack.lstat_real(k, where, name) if there else None
                 if st is None:
-                    if markers.oci_whiteout(real, k, where, name):
+                    if cut or (there and markers.oci_whiteout(real, k, where, name)):
                         return low
                     continue
                 if markers.is_whiteout(st, False, real, k, where, name) or not stat.S_ISDIR(st.st_mode):
@@ -225,18 +228,47 @@ class Resolver:
                 opaque = markers.opaque(real, k, path, xattrs)
                 if opaque == XWHITEOUTS:
                     xwh.append(k)
-                if k + 1 == count or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
+                if k + 1 == count or cut or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
                     return low
                 again = self._redirect(real, k, path, xattrs) if markers.has_record(xattrs, b"redirect") else None
                 if again is not None:
                     if again.startswith(b"/"):
                         absolute, target = True, again[1:]
                     else:
-                        target = join(where, again) if absolute else again
+                        target = join(prefix, again) if absolute else again
                     above = k
                     break
             else:
                 return low
+
+    def _walk(self, k: int, where: bytes) -> tuple[bool, bytes, bool]:
+        """Directory path *where* walked from layer *k*'s root, one component
+        at a time, as ``ovl_lookup_layer`` walks an absolute redirect:
+        whether it is all there; the path the layers below look up instead,
+        where a directory on the way carries a redirect of its own (the
+        kernel's prefix replacement, so a directory moved out of a moved
+        one is still found); and whether the layers below are cut off (a
+        whiteout, a non-directory or an opaque directory on the way)."""
+        real, markers = self.real_paths, self.markers
+        parts = where.split(b"/") if where else []
+        at = prefix = b""
+        cut = False
+        for i, part in enumerate(parts):
+            st = real.lstat(k, at, part)
+            if st is None or not stat.S_ISDIR(st.st_mode) or markers.is_whiteout(st, False, real, k, at, part):
+                return False, join(prefix, b"/".join(parts[i:])), st is not None
+            at, above, prefix = join(at, part), prefix, join(prefix, part)
+            xattrs = real.listxattr(k, at)
+            if markers.opaque(real, k, at, xattrs) == OPAQUE:
+                cut = True  # (this layer goes on; an opaque directory's own redirect is not read)
+                continue
+            redirect = self._redirect(real, k, at, xattrs) if markers.has_record(xattrs, b"redirect") else None
+            if redirect is not None:
+                if redirect.startswith(b"/"):
+                    prefix, cut = redirect[1:], False
+                else:
+                    prefix = join(above, redirect)
+        return True, prefix, cut
 
     def _lowerdata(self, parent: Entry, parent_rel: bytes, name: bytes, layer: int) -> DataRef:
         """Where the data of metadata-only copy *name* in *layer* is: the
@@ -260,9 +292,12 @@ class Resolver:
             for k in pool:
                 path = target if absolute else join(stack.real(k, parent_rel), target)
                 where, _, base = path.rpartition(b"/")
-                st = stack.lstat_real(k, where, base)
+                there, prefix, cut = self._walk(k, where) if absolute else (True, where, False)
+                if absolute:
+                    target = join(prefix, base)
+                st = stack.lstat_real(k, where, base) if there else None
                 if st is None:
-                    if markers.oci_whiteout(real, k, where, base):
+                    if cut or (there and markers.oci_whiteout(real, k, where, base)):
                         raise fs_error(errno.EIO, rel)
                     continue
                 if markers.is_whiteout(st, False, real, k, where, base) or not stat.S_ISREG(st.st_mode):
@@ -274,7 +309,7 @@ class Resolver:
                     if again.startswith(b"/"):
                         absolute, target = True, again[1:]
                     else:
-                        target = join(where, again) if absolute else again
+                        target = join(prefix, again) if absolute else again
                     above = k
                     break
             else:

@@ -276,3 +276,47 @@ def test_open_files_and_a_working_directory_inside_a_moved_directory_keep_workin
     assert (upper / "c" / "a-moved" / "old" / "f").read_bytes() == b"a/old/f from l2 + after the move"
     assert os.getxattr(upper / "c" / "a-moved", "trusted.overlay.redirect") == b"/a"
     assert (bottom / "a" / "old" / "f").read_bytes() == b"a/old/f from l2"
+
+
+def _move_out_of_a_moved_directory(root: Path, mount) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """Two mounts, the upper rotated between them: a/d moves to e/d, then e/d/pop out to e/pop
+    (its record, /a/d... or /e/d/pop, names a path that only the moved parent's record leads to)."""
+    low = root / "l"
+    put(low / "a" / "d" / "pop" / "b", b"b in pop")
+    put(low / "a" / "d" / "x", b"x in d")
+    u1, u2 = root / "u1", root / "u2"
+    u1.mkdir()
+    u2.mkdir()
+    with mount([low], u1, root / "w1", root / "m1") as m:
+        os.mkdir(m / "e")
+        os.rename(m / "a" / "d", m / "e" / "d")
+    with mount([u1, low], u2, root / "w2", root / "m2") as m:
+        os.rename(m / "e" / "d" / "pop", m / "e" / "pop")
+        first = (m / "e" / "pop" / "b").read_bytes()
+    with mount([u2, u1, low], None, None, root / "m3") as m:
+        return {"first": first, "rotated": (m / "e" / "pop" / "b").read_bytes(),
+                "d": b" ".join(sorted(os.fsencode(n) for n in os.listdir(m / "e" / "d"))),
+                "records": _redirects(u2).get("e/pop", b"")}
+
+
+@pytest.mark.timeout(120)
+def test_a_directory_moved_out_of_a_moved_directory_is_found_through_both_records(tmp_path: Path) -> None:
+    """Found by the kernel's unionmount-testsuite (rename-move-dir, rotated layers): an absolute
+    redirect is looked up component by component, and a directory on the way that carries a
+    record of its own replaces the path's prefix, as ovl_lookup_layer does."""
+
+    @contextlib.contextmanager
+    def ours(lowers, upper, work, mnt):  # type: ignore[no-untyped-def]
+        mnt.mkdir()
+        opts = [f"workdir={work}", "redirect_dir=on"] if upper is not None else []
+        with Daemon(lowers, upper, mnt, opts):
+            yield mnt
+
+    def kernel(lowers, upper, work, mnt):  # type: ignore[no-untyped-def]
+        return kernel_overlay(lowers, upper, work, mnt, ["redirect_dir=on"] if upper is not None else [])
+
+    seen = {side: _move_out_of_a_moved_directory(tmp_path / side, how)
+            for side, how in (("kernel", kernel), ("ours", ours))}
+    assert seen["ours"] == seen["kernel"]
+    assert seen["ours"]["first"] == seen["ours"]["rotated"] == b"b in pop"
+    assert seen["ours"]["d"] == b"x"
