@@ -108,7 +108,7 @@ class CopyUps:
                 if record:
                     up.set_impure(at)
                 up.restore_times(at, times)
-                child = Entry((0, *child.layers), st, child.ident, child.xwh)
+                child = Entry((0, *child.layers), st, child.ident, child.xwh, impure=child.impure)
                 fs.resolver.cache.changed(entry.ident, name)
                 self._update(join(at, name), child)
             entry, at = child, join(at, name)
@@ -227,7 +227,7 @@ class CopyUps:
                 finally:
                     os.close(src)
                 e = node.entry
-                node.entry = Entry(e.layers, os.fstat(dst), e.ident, e.xwh, e.nlink, e.index)
+                node.entry = Entry(e.layers, os.fstat(dst), e.ident, e.xwh, e.nlink, e.index, None, e.impure)
             finally:
                 os.close(dst)
             self._repoint(node)

@@ -51,6 +51,10 @@ class Entry:
     #: the object in ``layers[0]``, whose own content is a hole): reads go
     #: there until the first write copies it in.  None: the object holds its data.
     data: DataRef | None = None
+    #: Layers in which this directory carries the overlay's ``impure``
+    #: record (entries in it were copied up or moved there by an overlay):
+    #: only there can a file be a metadata-only copy the kernel made.
+    impure: tuple[int, ...] = ()
 
     @property
     def real(self) -> tuple[int, int]:

@@ -238,9 +238,10 @@ class Markers:
 
         Not *exact*: only a file that holds less space than its size, or at
         most one block, is asked (as the kernel leaves one: a hole, with its
-        records in at most one block), so most files cost no getxattr (about
-        6 µs each on a cold lookup); a copy whose hole was filled with zeros
-        since (``cp`` of the upper) then reads as those zeros.
+        records in at most one block), so most large files cost no
+        listxattr (about 6 µs on a cold lookup); a copy whose hole was
+        filled with zeros since (``cp`` of the upper) then reads as those
+        zeros.  (The resolver asks only in directories marked impure.)
         """
         if not _S_ISREG(st.st_mode):
             return False

@@ -186,6 +186,13 @@ class Removes(Writable):
         try:
             for path, value in redirects:
                 up.set_redirect(path, value)
+            if not samedir:
+                # A directory that receives a copied-up entry (one with an
+                # origin) is marked impure, as the kernel's ovl_rename does.
+                if src.ident != src.real:
+                    up.set_impure(np.path)
+                if exchange and dst is not None and dst.ident != dst.real:
+                    up.set_impure(op.path)
             if src.is_dir and not src_redirects and np.entry.merged and not up.is_opaque(src_path):
                 up.set_opaque(src_path)
             if exchange:

@@ -68,8 +68,10 @@ class Resolver:
         """The root merges every layer: overlayfs ignores opacity at the root."""
         layers = tuple(range(len(self.stack.layers)))
         sts = [self.stack.stat_self(i, b"") for i in layers]
-        xwh = tuple(i for i in layers if self.markers.opaque(self.stack, i, b"") == XWHITEOUTS)
-        return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh)
+        names = [self.stack.listxattr(i, b"") for i in layers]
+        xwh = tuple(i for i in layers if self.markers.opaque(self.stack, i, b"", names[i]) == XWHITEOUTS)
+        impure = tuple(i for i in layers if self.markers.has_record(names[i], b"impure"))
+        return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh, impure=impure)
 
     def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         """Resolve *name* in the merged directory *parent*; None if it is not there.
@@ -93,7 +95,7 @@ class Resolver:
             if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode) and cached.data is None:
                 nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
                     self.stack.layers[layer].writable and st.st_nlink > 1) else None
-                return Entry(cached.layers, st, cached.ident, cached.xwh, nlink)
+                return Entry(cached.layers, st, cached.ident, cached.xwh, nlink, impure=cached.impure)
         entry = self._resolve(parent, parent_rel, name)
         if entry is None or entry.is_dir or entry.linked_up or (entry.st.st_nlink < 2 and entry.index is None) or (
             self.index is None
@@ -112,6 +114,7 @@ class Resolver:
         top: os.stat_result | None = None
         low: os.stat_result | None = None
         xwh: list[int] = []
+        impure: list[int] = []
         last = parent.layers[-1]
         # Each layer to ask, with the names its directory holds when they were
         # read (fs/presence.py): then the layers that hold neither the name nor
@@ -134,8 +137,10 @@ class Resolver:
                 if dirs:
                     break  # a non-directory below a directory ends the merge
                 ident = (st.st_dev, st.st_ino)
-                # (Exact where the mount follows them: there a missed one would read as zeros.)
-                data = self._lowerdata(parent, parent_rel, name, layer) if markers.metacopy(
+                # Exact where the mount follows them (there a missed one would
+                # read as zeros); else only where the kernel may have left one.
+                data = self._lowerdata(parent, parent_rel, name, layer) if (
+                    self.metacopy or layer in parent.impure) and markers.metacopy(
                     stack, layer, rel, st, self.metacopy) else None
                 if stack.layers[layer].writable:
                     if layer + 1 < len(stack.layers):
@@ -153,6 +158,8 @@ class Resolver:
             opaque = markers.opaque(stack, layer, rel, xattrs)
             if opaque == XWHITEOUTS:
                 xwh.append(layer)
+            if markers.has_record(xattrs, b"impure"):
+                impure.append(layer)
             if opaque == OPAQUE or (layer != last and markers.oci_opaque(stack, layer, parent_rel, name, held)):
                 break
             if layer + 1 < len(stack.layers) and markers.has_record(xattrs, b"redirect"):
@@ -161,16 +168,16 @@ class Resolver:
                 redirect = self._redirect(stack, layer, rel, xattrs)
                 if redirect is not None:
                     moves: dict[int, bytes] = {}
-                    low = self._follow(parent, parent_rel, layer, redirect, dirs, xwh, moves) or low
+                    low = self._follow(parent, parent_rel, layer, redirect, dirs, xwh, moves, impure) or low
                     stack.moved[rel] = moves
-                    return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+                    return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
             if layer == last:
                 break
         if top is None or low is None:
             return None
         if stack.moved and dirs:
             stack.moved.pop(rel, None)  # no longer reached through a redirect
-        return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh))
+        return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
 
     def _redirect(self, view: LayerView, layer: int, rel: bytes, xattrs: list[bytes]) -> bytes | None:
         """Directory *rel*'s ``overlay.redirect`` in *layer*, if it is one the
@@ -192,14 +199,14 @@ class Resolver:
 
     def _follow(
         self, parent: Entry, parent_rel: bytes, layer: int, redirect: bytes,
-        dirs: list[int], xwh: list[int], moves: dict[int, bytes],
+        dirs: list[int], xwh: list[int], moves: dict[int, bytes], impure: list[int],
     ) -> os.stat_result | None:
         """Merge the directories below *layer* that its *redirect* names
         (``ovl_lookup``'s rules): a bare name is looked up in the parent's
         directories below, an absolute path from the root of every layer
         below; a redirect found on the way replaces the name (or the last
-        component) again.  Appends to *dirs* and *xwh*, records where each
-        was found in *moves*, and returns the lowest one's lstat."""
+        component) again.  Appends to *dirs*, *xwh* and *impure*, records
+        where each was found in *moves*, and returns the lowest one's lstat."""
         stack, markers, real = self.stack, self.markers, self.real_paths
         count = len(stack.layers)
         absolute = redirect.startswith(b"/")
@@ -228,6 +235,8 @@ class Resolver:
                 opaque = markers.opaque(real, k, path, xattrs)
                 if opaque == XWHITEOUTS:
                     xwh.append(k)
+                if markers.has_record(xattrs, b"impure"):
+                    impure.append(k)
                 if k + 1 == count or cut or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
                     return low
                 again = self._redirect(real, k, path, xattrs) if markers.has_record(xattrs, b"redirect") else None

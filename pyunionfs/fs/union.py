@@ -245,7 +245,7 @@ class UnionFS:
             path, follow = self._path(node)
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
         e = node.entry
-        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index, e.data)
+        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index, e.data, e.impure)
         return self.attr_of(ino, node.entry)
 
     def birth_time(self, ino: int) -> int | None:

@@ -95,6 +95,12 @@ def _records(upper: Path) -> dict[str, tuple[bytes | None, bytes | None, bool]]:
     return out
 
 
+def _impure(upper: Path) -> list[str]:
+    """The directories of an upper that carry the overlay's impure record."""
+    return sorted(os.path.relpath(d, upper) for d, _, _ in os.walk(upper)
+                  if "trusted.overlay.impure" in os.listxattr(d))
+
+
 def _blocks(m: Path) -> dict[str, int]:
     return {str(p.relative_to(m)): os.lstat(p).st_blocks for p in sorted(m.rglob("*")) if p.is_file()}
 
@@ -130,6 +136,7 @@ def test_metadata_changes_copy_up_only_metadata_as_the_kernel_with_metacopy_on(t
     assert records["g"] == records["g2"] == (b"", b"/g", True)
     assert records["d/w"][0] is None and records["t"][0] is None  # written: data in, record gone
     assert upper_layout(uppers["ours"]) == upper_layout(uppers["kernel"])
+    assert _impure(uppers["ours"]) == _impure(uppers["kernel"])  # where metadata-only copies may be
     assert (uppers["ours"] / "d" / "w").read_bytes() == b"written later + more"
     assert (tmp_path / "ours" / "l2" / "big").read_bytes() == BIG  # the lower is never written
     # Swapped: each side mounts the other's upper (metacopy=on) and shows the same tree.
