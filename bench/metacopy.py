@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants[k:] + variants[:k]:
                 got, error = run_variant(v, ds, base, rnd, expected)
                 samples += got
+                done = ", ".join(_cell(x.row, x.value) + f" {x.row}" for x in got if x.row in ROWS)
+                print(f"bench.metacopy: round {rnd + 1}, {v.label}: {done}", file=sys.stderr, flush=True)
                 if error:
                     notes.append(f"{v.label} round {rnd}: {error}")
                     print(f"bench.metacopy: {notes[-1]}", file=sys.stderr, flush=True)
