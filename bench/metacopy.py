@@ -41,6 +41,7 @@ from . import dataset as datasets
 from .cli import DEFAULT_WORKDIR, HERE, _terminate
 from .osutil import BenchError, cpu_seconds, drop_caches, peak_rss_mib, reset_peak_rss, safe_rmtree
 from .profile import FULL, QUICK, MiB
+from .report import machine_info
 from .systems import BY_NAME, KERNEL, REFERENCE_FUSE, SUBJECT
 
 OWNER = "1234:1234"
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": ["python", "-m", "bench.metacopy", *(argv if argv is not None else sys.argv[1:])],
         "profile": profile.name, "rounds": rounds, "entries": ds.meta["entries"], "lower_bytes": ds.meta["bytes"],
-        "regular_bytes": expected, "kernel": os.uname().release,
+        "regular_bytes": expected, "machine": machine_info(),
         "versions": {v.system: BY_NAME[v.system].version() for v in variants},
         "load": [load0, os.getloadavg()[0]], "notes": notes, "interrupted": interrupted,
     }  # fmt: skip
