@@ -58,3 +58,34 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
         for line in left:
             subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
     assert not left, f"the bench left mounts behind: {left}"
+
+
+@pytest.mark.timeout(300)
+def test_metacopy_bench_measures_every_row(tmp_path: Path) -> None:
+    """`python -m bench.metacopy --quick --rounds 1`: every row for every system and mode, nothing left mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("the bench mounts overlayfs and drops caches: it needs root")
+    from bench.metacopy import DAEMON_ROWS, ROWS, VARIANTS
+    from bench.systems import BY_NAME
+
+    out = tmp_path / "results"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.metacopy", "--quick", "--rounds", "1", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        doc = json.loads((out / "metacopy.json").read_text())
+        assert not doc["meta"]["notes"], doc["meta"]["notes"]
+        got = {(s["column"], s["row"]) for s in doc["samples"]}
+        for v in VARIANTS:
+            rows = ROWS + (DAEMON_ROWS if BY_NAME[v.system].fuse else ())
+            assert {(v.label, row) for row in rows} <= got, f"{v.label}: {sorted(got)}"
+        md = (out / "metacopy.md").read_text()
+        assert all(f"| `{row}` |" in md for row in ROWS + DAEMON_ROWS), md
+    finally:
+        left = [line for line in _mount_lines() if str(tmp_path) in line]
+        for line in left:
+            subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
+    assert not left, f"the bench left mounts behind: {left}"
