@@ -263,9 +263,12 @@ class CopyUps:
                 fds.append(os.dup(up.index))
                 dst, dst_name = fds[-1], key
             if key is None or key not in up.index_keys:
+                # A metadata-only copy is not synced, as the kernel does not
+                # (its "ovl: fsync after metadata copy-up": `chown -R` would
+                # pay two fsyncs a file); its data copy is (:meth:`fill`).
                 job = functools.partial(
-                    copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, True, extra, dst_name, data=data,
-                    sparse=meta, data_from=data_from,
+                    copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, not meta, extra, dst_name,
+                    data=data, sparse=meta, data_from=data_from,
                 )
                 if data and not meta and src_st.st_size >= LONG_COPY:
                     # Owned fds and no shared state: other requests may run.
