@@ -88,7 +88,7 @@ class OpenFiles(Creates):
         with self.handles.share.admitted(caller.uid):
             fd, ino = self._tmpfile(parent, mode, flags, caller)
             self.handles.add(fd, ino, caller.uid)
-        return fd, self.inodes.nodes[ino], self.attr_of(ino, self.inodes.nodes[ino].entry)
+        return fd, self.inodes.nodes[ino], self.attr_of(ino, self.inodes.nodes[ino].entry, b"")
 
     def _tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[int, int]:
         """(fd, inode) of a new nameless file (the handle is counted by the caller)."""
