@@ -98,6 +98,7 @@ class Attributes(Writable):
             # An ID not changed is written as -1, as fuse-overlayfs writes it.
             uid = -1 if change.uid is None else self.stored_uid(change.uid)
             gid = -1 if change.gid is None else self.stored_gid(change.gid)
+        node.xattrs = None  # (the security. record is listed through the mount)
         try:
             self.overrides.write(path, follow, uid, gid, mode, st.st_mode)
         except OSError:

@@ -19,8 +19,8 @@ OR-ed into the real type).  pyunionfs follows fuse-overlayfs 1.10 (its
   ``security.containers.override_stat`` is read by no version we follow.
 * **Shown.**  The record replaces the stored owner and permission bits;
   uidmapping and squash apply after it, to the recorded IDs.  A record that
-  does not parse (``sscanf("%d:%d:%o")`` short of three fields) is EINVAL,
-  as fuse-overlayfs answers.  Symlinks and special files are never read.
+  does not parse (``sscanf("%d:%d:%o")`` short of three fields) is EINVAL
+  for the lookup and any listing holding it, as fuse-overlayfs answers.  Symlinks and special files are never read.
 * **Written** (only with the option): chown writes the record instead of
   chowning (an ID left unchanged is written as ``-1``, as fuse-overlayfs
   does), chmod writes it instead of chmodding, and new and copied-up objects

@@ -195,13 +195,8 @@ class UnionFS:
             if found is None:
                 raise fs_error(errno.ENOENT, name)
             entry = found
-        if self.overrides is not None:
-            try:
-                attr = self.attr_of(self.inodes.number(entry.ident, path), entry, path)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:  # a record that does not parse: fuse-overlayfs finds no entry
-                    raise fs_error(errno.ENOENT, name) from None
-                raise
+        if self.overrides is not None:  # a record that does not parse fails the lookup, with no reference taken
+            attr = self.attr_of(self.inodes.number(entry.ident, path), entry, path)
             return self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino), attr
         node = self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino)
         return node, self.attr_of(node.ino, entry, path)
