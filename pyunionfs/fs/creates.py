@@ -43,15 +43,9 @@ class Creates(Writable):
         if self.resolver.child(parent.entry, parent.path, name) is not None:
             raise fs_error(errno.EEXIST, name)
         parent.entry = self.copyups.parent_up(parent)
-        recorded = self.overrides is not None and self.overrides.written is not None
+        recorded = self._recorded()
         if recorded:
-            # Owner and mode go to a record (see .override); the object is the
-            # daemon's, readable by it whatever the mode (no set-group-ID
-            # parent or default ACL: fuse-overlayfs makes it in its work dir).
-            default = access = None
-            gid = self.stored_gid(caller.gid)
-            if not stat.S_ISLNK(mode):
-                mode = (mode & ~(caller.umask & 0o777)) | REAL_BITS
+            mode, gid, default, access = *self._recorded_mode(mode, caller), None, None
         else:
             mode, gid, default, access = self._new_mode(parent, mode, caller)
         over = up.lstat(parent.path, name) is not None  # a whiteout: nothing visible is there
@@ -92,6 +86,19 @@ class Creates(Writable):
         else:
             self.resolver.cache.store(parent.entry.ident, name, entry)  # what a lookup would find
         return entry, result
+
+    def _recorded(self) -> bool:
+        """Whether owners and modes of new objects go to a record (``xattr_permissions=1|2``)."""
+        return self.overrides is not None and self.overrides.written is not None
+
+    def _recorded_mode(self, mode: int, caller: Caller) -> tuple[int, int]:
+        """Real mode and recorded group of a new object whose owner and mode go
+        to a record (see :mod:`.override`): the object is the daemon's, with
+        0755 added so it can always reach it, and no set-group-ID parent or
+        default ACL counts (fuse-overlayfs makes it in its work dir)."""
+        if not stat.S_ISLNK(mode):
+            mode = (mode & ~(caller.umask & 0o777)) | REAL_BITS
+        return mode, self.stored_gid(caller.gid)
 
     def _record_new(self, dfd: int, target: bytes, fd: int | None, uid: int, gid: int, mode: int) -> None:
         """A new object's record; its real mode is *mode* (0755 included).  A

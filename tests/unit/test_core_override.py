@@ -110,6 +110,10 @@ def test_chown_chmod_and_new_files_go_to_the_record(tmp_path: Path, make_wfs: Ma
     _, attr = fs.mkdir(1, b"d", 0o700, Caller(42, 43, umask=0o022))
     assert (attr.uid, attr.gid, stat.S_IMODE(attr.mode)) == (42, 43, 0o755)  # 0755 added to what is asked
     assert os.getxattr(upper / "d", name) == b"42:43:755"
+    fd, node, attr = fs.tmpfile(1, 0o600, os.O_RDWR, Caller(3, 4))  # (fuse-overlayfs has no O_TMPFILE: as a create)
+    assert (attr.uid, attr.gid, oct(attr.mode)) == (3, 4, oct(0o100755))
+    assert os.getxattr(f"/proc/self/fd/{fd}", name) == b"3:4:100755"
+    fs.release(fd)
     assert fs.listxattr(ino) == ([name] if name == PRIVILEGED else [])  # user.fuseoverlayfs.* is hidden
     assert errno_of(lambda: fs.setxattr(ino, CONTAINERS, b"1:1:777")) == errno.EPERM
 
