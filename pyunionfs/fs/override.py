@@ -50,7 +50,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from ..errors import fs_error
+from ..errors import MountError, fs_error
 
 PRIVILEGED = b"security.fuseoverlayfs.override_stat"
 USER = b"user.fuseoverlayfs.override_stat"
@@ -175,10 +175,13 @@ def mark_root(fd: int, name: bytes) -> None:
     none, as fuse-overlayfs does at mount: so the root shows as before."""
     path = b"/proc/self/fd/%d" % fd
     try:
-        os.getxattr(path, name)
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENODATA:
-            raise
-    st = os.fstat(fd)
-    os.setxattr(path, name, format_record(st.st_uid, st.st_gid, st.st_mode))
+        try:
+            os.getxattr(path, name)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+        st = os.fstat(fd)
+        os.setxattr(path, name, format_record(st.st_uid, st.st_gid, st.st_mode))
+    except OSError as exc:  # (fuse-overlayfs refuses to mount too)
+        raise MountError(f"xattr_permissions: the upper's root cannot hold {name.decode()}: {exc.strerror}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
+from pyunionfs.errors import MountError
 from pyunionfs.fs import override
 from pyunionfs.fs.override import CONTAINERS, PRIVILEGED, USER, Record, format_record, parse
 from pyunionfs.fs.writes import Caller, SetAttr, WritableUnionFS
@@ -63,6 +64,16 @@ def test_the_option_costs_nothing_where_no_layer_has_records(tmp_path: Path) -> 
         os.setxattr(tmp_path / "l", CONTAINERS, b"0:0:755")
         over = override.overrides(0, [fd], writable=False)
         assert over is not None and over.names == (CONTAINERS,) and over.written is None
+    finally:
+        os.close(fd)
+
+
+def test_an_upper_that_cannot_hold_the_record_is_one_line_mount_error() -> None:
+    fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)  # no xattrs at all
+    try:
+        with pytest.raises(MountError, match=r"^xattr_permissions: the upper's root cannot hold "
+                                             r"user.fuseoverlayfs.override_stat: "):
+            override.overrides(2, [fd], writable=True)
     finally:
         os.close(fd)
 
