@@ -309,3 +309,39 @@ def test_malformed_records_fail_as_in_fuse_overlayfs(tmp_path: Path) -> None:
             seen[side]["."] = _errno_or(lambda: sorted(os.listdir(m)))
     assert seen["pyunionfs"] == seen["fuse-overlayfs"]
     assert seen["pyunionfs"]["garbage"] == errno.EINVAL and seen["pyunionfs"]["loose"] == "0o100644 12"
+
+
+def _write_as(uid: int, fd: int, data: bytes) -> None:
+    """write(2) *data* to *fd* from a child process that is *uid* (no CAP_FSETID)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = 0 if os.write(fd, data) == len(data) else 1
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_write_by_another_user_drops_the_recorded_set_id_bits_as_fuse_overlayfs(tmp_path: Path) -> None:
+    """The stored file has no set-ID bits (0755 is what a new object gets), its
+    record has: a write by a caller without CAP_FSETID must drop them there."""
+    seen = {}
+    for side, mount in (("fuse-overlayfs", _fuse_overlayfs), ("pyunionfs", _ours)):
+        lower, upper, work = _record_layers(tmp_path / side, None)
+        with mount(lower, upper, work, tmp_path / side / "mnt", "xattr_permissions=2") as m:
+            fd = os.open(m / "set-id", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o777)
+            try:
+                os.chmod(m / "set-id", 0o6777)
+                before = oct(os.lstat(m / "set-id").st_mode)
+                _write_as(1000, fd, b"more")
+            finally:
+                os.close(fd)
+            seen[side] = (before, oct(os.lstat(m / "set-id").st_mode))
+        seen[side] += (os.getxattr(upper / "set-id", USER), oct(os.lstat(upper / "set-id").st_mode))
+    assert seen["pyunionfs"] == seen["fuse-overlayfs"]
+    assert seen["pyunionfs"][1] == oct(0o100777)
