@@ -115,6 +115,9 @@ class MountConfig:
     gid_ranges: tuple[tuple[int, int, int], ...] = ()
     squash_uid: int | None = None
     squash_gid: int | None = None
+    #: fuse-overlayfs's ``xattr_permissions=``: 0, or 1/2 to keep owners and
+    #: modes of the upper in a ``security.``/``user.`` record (:mod:`pyunionfs.fs.override`).
+    xattr_permissions: int = 0
     #: Kernel mount flags asked for (``dev``, ``nosuid``...); FUSE's defaults
     #: (nodev, nosuid, exec) apply to the ones not given.
     mount_flags: tuple[str, ...] = ()
@@ -337,6 +340,7 @@ def build_config(
         gid_ranges=id_ranges(opts["gidmapping"], "gidmapping") if opts.get("gidmapping") else (),
         squash_uid=int(opts["squash_to_uid"]) if "squash_to_uid" in opts else (0 if "squash_to_root" in opts else None),
         squash_gid=int(opts["squash_to_gid"]) if "squash_to_gid" in opts else (0 if "squash_to_root" in opts else None),
+        xattr_permissions=int(setting("xattr_permissions")),
         mount_flags=mount_flags(options),
         fsname=check_fsname(opts.get("fsname", fsname or DEFAULT_FSNAME)),
         max_files_per_uid=int(opts.get("max_files_per_uid", "0")),  # 0: the default share

@@ -284,8 +284,10 @@ TABLE: tuple[Option, ...] = (
     _ignored("noxattrs", _FOVL, "xattrs always work", kind=_V, choices=_01),
     _ignored("threaded", _FOVL, "the native engine always serves from several threads", kind=_V, choices=_01),
     _ignored("plugins", _FOVL, "no layer plugins", kind=Kind.TEXT, metavar="LIST", use=Use.WARNED),
-    _ignored("xattr_permissions", _FOVL, "modes and owners are shown as stored, not from an xattr", kind=_V,
-             choices=("0", "1", "2"), use=Use.WARNED, quiet=("0",)),
+    Option("xattr_permissions", _FOVL, "`1` or `2`: owners and modes in the upper are kept in a "
+           "`security.` (`1`) or `user.` (`2`) `fuseoverlayfs.override_stat` record instead of chown/chmod, as "
+           "fuse-overlayfs; lowers whose root has such a record (or `user.containers.override_stat`) are shown "
+           "from theirs whatever the value", kind=_V, choices=("0", "1", "2"), default="0"),
     _ignored("context", f"{_FOVL}, {_FUSE}", "no SELinux label is set on the mount", kind=Kind.TEXT,
              metavar="LABEL", use=Use.WARNED),
     # -- the kernel's overlayfs -------------------------------------------------------

@@ -94,6 +94,9 @@ def copy_up(
     data: bool = True,
     sparse: bool = False,
     data_from: tuple[int, bytes] | None = None,
+    record: tuple[bytes, bytes] | None = None,
+    owned: bool = True,
+    shown: tuple[int, int, int] | None = None,
 ) -> os.stat_result:
     """Copy entry *name* of directory fd *src_dir* to *dst_name* (default: the
     same name) in *dst_dir*.
@@ -107,11 +110,20 @@ def copy_up(
     is).  *data_from* (directory fd, name) is the file whose content to copy
     where that is not *name* itself (a metadata-only copy's data).  Returns
     the lstat of the new object.
+
+    ``owned=False`` (``xattr_permissions=``, see :mod:`.override`) leaves the
+    copy the daemon's, with 0755 added to its mode, and sets *record* (name,
+    value) before the lower's xattrs are copied (so a lower's record of the
+    same name wins, as in fuse-overlayfs).  *shown* (uid, gid, mode) is
+    given to the copy instead of the source's: a lower's record made real.
     """
     target = name if dst_name is None else dst_name
     st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
     tmp = tmp_name()
     mode = st.st_mode
+    uid, gid = st.st_uid, st.st_gid
+    if shown is not None:
+        uid, gid, mode = shown[0], shown[1], stat.S_IFMT(mode) | stat.S_IMODE(shown[2])
     try:
         if stat.S_ISREG(mode):
             source = data_from or (src_dir, name)
@@ -123,9 +135,12 @@ def copy_up(
         else:  # fifo, socket, device
             os.mknod(tmp, mode, st.st_rdev, dir_fd=work)
         # Owner first: chown clears set-user-ID bits and security.capability.
-        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work, follow_symlinks=False)
+        if owned:
+            os.chown(tmp, uid, gid, dir_fd=work, follow_symlinks=False)
         src_path = b"/proc/self/fd/%d/%s" % (src_dir, name)
         tmp_path = b"/proc/self/fd/%d/%s" % (work, tmp)
+        if record is not None:
+            os.setxattr(tmp_path, record[0], record[1], follow_symlinks=False)
         copy_xattrs(
             lambda: [os.fsencode(n) for n in os.listxattr(src_path, follow_symlinks=False)],
             lambda n: os.getxattr(src_path, n, follow_symlinks=False),
@@ -137,7 +152,7 @@ def copy_up(
             # symlink cannot hold user.* xattrs, for instance.
             _set_record(tmp_path, xname, value)
         if not stat.S_ISLNK(mode):
-            os.chmod(tmp, stat.S_IMODE(mode), dir_fd=work)
+            os.chmod(tmp, stat.S_IMODE(mode) | (0 if owned else 0o755), dir_fd=work)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
         os.rename(tmp, target, src_dir_fd=work, dst_dir_fd=dst_dir)
     except BaseException:

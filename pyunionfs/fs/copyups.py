@@ -29,10 +29,10 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WouldBlock, fs_error
-from . import copyup, origin
+from . import copyup, origin, override
 from .entry import DataRef, Entry
 from .inodes import Node
 from .locking import may_block
@@ -102,6 +102,7 @@ class CopyUps:
                     st = copyup.copy_up(
                         src_dir, src_name, up.work, up.dirfd(at), up.keep_xattr, fsync=False,
                         extra_xattrs={fs.markers.origin_xattr: record} if record else None, dst_name=name,
+                        **self._stamp(child, join(at, name)),
                     )
                 finally:
                     os.close(src_dir)
@@ -269,6 +270,7 @@ class CopyUps:
                 job = functools.partial(
                     copyup.copy_up, fds[0], name, fds[1], dst, up.keep_xattr, not meta, extra, dst_name,
                     data=data, sparse=meta, data_from=data_from,
+                    **self._stamp(entry, join(parent_rel, name)),
                 )
                 if data and not meta and src_st.st_size >= LONG_COPY:
                     # Owned fds and no shared state: other requests may run.
@@ -285,6 +287,29 @@ class CopyUps:
         st = fs.stack.stat_self(0, join(parent_rel, name))
         fs.resolver.origins[(st.st_dev, st.st_ino)] = entry.ident
         return Entry((0,), st, entry.ident, data=lowerdata if meta else None), record is not None
+
+    def _stamp(self, entry: Entry, path: bytes) -> dict[str, Any]:
+        """copy_up's arguments for a copy whose owner and mode go to a record
+        (``xattr_permissions=``, see :mod:`.override`); none otherwise.
+
+        As fuse-overlayfs: a file's record is the owner and mode it shows (its
+        lower's record applied), a directory's its stored ones; 0755 added."""
+        over = self.fs.overrides
+        if over is None:
+            return {}
+        st = entry.st
+        uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
+        if stat.S_ISREG(st.st_mode):
+            rec = self.fs.record(self.fs.inodes.number(entry.ident, path), entry, path)
+            if rec is not None:
+                uid, gid, mode = rec.uid, rec.gid, override.apply(mode, rec)
+        if over.written is None:
+            # Without the option a file of a layer with records is copied
+            # owned as it showed (fuse-overlayfs chowns the copy to its record).
+            return {} if (uid, gid, mode) == (st.st_uid, st.st_gid, st.st_mode) else {"shown": (uid, gid, mode)}
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return {"owned": False}
+        return {"owned": False, "record": (over.written, override.format_record(uid, gid, mode | override.REAL_BITS))}
 
     def link_up(self, key: bytes, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry:
         """Link index entry *key* to *name*: one more upper link, the same

@@ -19,6 +19,7 @@ from . import acl, copyup
 from .callers import Caller
 from .entry import Entry
 from .inodes import Node
+from .override import REAL_BITS
 from .paths import check_name, join, proc_path
 from .union import Attr
 from .writable import Writable, chmod_entry
@@ -42,13 +43,19 @@ class Creates(Writable):
         if self.resolver.child(parent.entry, parent.path, name) is not None:
             raise fs_error(errno.EEXIST, name)
         parent.entry = self.copyups.parent_up(parent)
-        mode, gid, default, access = self._new_mode(parent, mode, caller)
+        recorded = self._recorded()
+        if recorded:
+            mode, gid, default, access = *self._recorded_mode(mode, caller), None, None
+        else:
+            mode, gid, default, access = self._new_mode(parent, mode, caller)
         over = up.lstat(parent.path, name) is not None  # a whiteout: nothing visible is there
         dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
         result = make(dfd, target, mode)
         try:
             uid = self.stored_uid(caller.uid)
-            if result is not None:  # a file we hold open: no name to resolve again
+            if recorded:
+                self._record_new(dfd, target, result, uid, gid, mode)
+            elif result is not None:  # a file we hold open: no name to resolve again
                 os.fchown(result, uid, gid)
                 os.fchmod(result, stat.S_IMODE(mode))
             else:
@@ -80,6 +87,31 @@ class Creates(Writable):
             self.resolver.cache.store(parent.entry.ident, name, entry)  # what a lookup would find
         return entry, result
 
+    def _recorded(self) -> bool:
+        """Whether owners and modes of new objects go to a record (``xattr_permissions=1|2``)."""
+        return self.overrides is not None and self.overrides.written is not None
+
+    def _recorded_mode(self, mode: int, caller: Caller) -> tuple[int, int]:
+        """Real mode and recorded group of a new object whose owner and mode go
+        to a record (see :mod:`.override`): the object is the daemon's, with
+        0755 added so it can always reach it, and no set-group-ID parent or
+        default ACL counts (fuse-overlayfs makes it in its work dir)."""
+        if not stat.S_ISLNK(mode):
+            mode = (mode & ~(caller.umask & 0o777)) | REAL_BITS
+        return mode, self.stored_gid(caller.gid)
+
+    def _record_new(self, dfd: int, target: bytes, fd: int | None, uid: int, gid: int, mode: int) -> None:
+        """A new object's record; its real mode is *mode* (0755 included).  A
+        directory's record has no file-type bits, a file's has (as the kernel
+        sends the modes to fuse-overlayfs)."""
+        assert self.overrides is not None
+        where, follow = (proc_path(fd), True) if fd is not None else (proc_path(dfd, target), False)
+        if fd is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        elif not stat.S_ISLNK(mode):
+            chmod_entry(where, False, stat.S_IMODE(mode))
+        self.overrides.write(where, follow, uid, gid, stat.S_IMODE(mode) if stat.S_ISDIR(mode) else mode, mode)
+
     def _new_mode(self, parent: Node, mode: int, caller: Caller) -> tuple[int, int, bytes | None, bytes | None]:
         """Mode and group of a new entry of *caller* in *parent* (already in the
         upper), and the parent's default ACL with the access ACL it gives."""
@@ -100,8 +132,9 @@ class Creates(Writable):
         return mode, gid, default, access
 
     def _new_node(self, parent: Node, name: bytes, entry: Entry) -> tuple[Node, Attr]:
-        node = self.inodes.remember(join(parent.path, name), entry, parent.ino)
-        return node, self.attr_of(node.ino, entry)
+        path = join(parent.path, name)
+        node = self.inodes.remember(path, entry, parent.ino)
+        return node, self.attr_of(node.ino, entry, path)
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> tuple[Node, Attr]:
         parent = self._dir_node(parent_ino)

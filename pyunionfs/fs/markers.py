@@ -120,6 +120,9 @@ class Markers:
         #: The overlay's ``origin`` / ``nlink`` records, in the order they are read.
         self.origin_names = self.record_names(b"origin")
         self.nlink_names = self.record_names(b"nlink")
+        #: A prefix of names hidden through the mount besides the overlay's
+        #: own (fuse-overlayfs's ``user.fuseoverlayfs.``, where records are kept).
+        self.hidden: bytes | None = None
 
     # -- whiteouts -------------------------------------------------------
 
@@ -281,6 +284,8 @@ class Markers:
 
     def visible_xattr(self, real: bytes) -> bytes | None:
         """The name a stored xattr has through the mount; None if private."""
+        if self.hidden is not None and real.startswith(self.hidden):
+            return None
         for prefix in self.prefixes:
             if real.startswith(prefix):
                 rest = real[len(prefix) :]

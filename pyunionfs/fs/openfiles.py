@@ -88,18 +88,25 @@ class OpenFiles(Creates):
         with self.handles.share.admitted(caller.uid):
             fd, ino = self._tmpfile(parent, mode, flags, caller)
             self.handles.add(fd, ino, caller.uid)
-        return fd, self.inodes.nodes[ino], self.attr_of(ino, self.inodes.nodes[ino].entry)
+        return fd, self.inodes.nodes[ino], self.attr_of(ino, self.inodes.nodes[ino].entry, b"")
 
     def _tmpfile(self, parent: Node, mode: int, flags: int, caller: Caller) -> tuple[int, int]:
         """(fd, inode) of a new nameless file (the handle is counted by the caller)."""
         parent.entry = self.copyups.parent_up(parent)
-        mode, gid, default, access = self._new_mode(parent, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        recorded = self._recorded()
+        if recorded:
+            mode, gid, default, access = *self._recorded_mode(stat.S_IFREG | stat.S_IMODE(mode), caller), None, None
+        else:
+            mode, gid, default, access = self._new_mode(parent, stat.S_IFREG | stat.S_IMODE(mode), caller)
         access_mode = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
         fd = os.open(".", os.O_TMPFILE | access_mode | os.O_CLOEXEC, stat.S_IMODE(mode),
                      dir_fd=self._up().dirfd(parent.path))
         try:
-            os.fchown(fd, self.stored_uid(caller.uid), gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
+            if recorded:
+                self._record_new(-1, b"", fd, self.stored_uid(caller.uid), gid, mode)
+            else:
+                os.fchown(fd, self.stored_uid(caller.uid), gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
             if default is not None:
                 acl.inherit(proc_path(fd), True, default, access, False)
             st = os.fstat(fd)

@@ -43,6 +43,7 @@ from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
 from .markers import Markers
+from .override import HIDDEN_PREFIX, Overrides, Record, apply, overrides
 from .paths import proc_path, split
 from .resolve import Resolver
 from .syscalls import birth_time_ns
@@ -110,6 +111,12 @@ class UnionFS:
         self.stack = LayerStack(cfg.layers, writable_top=writable, workdir=workdir)
         # Whether trusted.* can be written was decided once, by asking the kernel (config.build_config).
         self.markers = Markers(userxattr=cfg.userxattr, oci=cfg.oci_whiteouts)
+        #: Owners and modes kept in records (fuse-overlayfs's ``xattr_permissions=``), if any layer has them.
+        self.overrides: Overrides | None = overrides(
+            cfg.xattr_permissions, [layer.fd for layer in self.stack.layers], writable
+        )
+        if self.overrides is not None:
+            self.markers.hidden = HIDDEN_PREFIX
         self.resolver = Resolver(self.stack, self.markers)
         self.resolver.follow = cfg.redirect_dir != "nofollow"
         self.resolver.metacopy = cfg.metacopy
@@ -188,8 +195,11 @@ class UnionFS:
             if found is None:
                 raise fs_error(errno.ENOENT, name)
             entry = found
+        if self.overrides is not None:  # a record that does not parse fails the lookup, with no reference taken
+            attr = self.attr_of(self.inodes.number(entry.ident, path), entry, path)
+            return self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino), attr
         node = self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino)
-        return node, self.attr_of(node.ino, entry)
+        return node, self.attr_of(node.ino, entry, path)
 
     def _resolve_path(self, path: bytes) -> Entry:
         """Resolve a whole relative path from the root (rare: only for ``..``)."""
@@ -207,19 +217,43 @@ class UnionFS:
 
     # -- attributes ----------------------------------------------------------
 
-    def attr_of(self, ino: int, entry: Entry) -> Attr:
+    def attr_of(self, ino: int, entry: Entry, path: bytes) -> Attr:
+        """What stat shows for *entry*, found at merged *path* (which only
+        records, see :mod:`.override`, need)."""
         st = entry.st
         # Counting subdirectories of every merged layer is not worth it; 1 is
         # what overlayfs reports and what find(1) understands.
         nlink = 1 if len(entry.layers) > 1 else (st.st_nlink if entry.nlink is None else entry.nlink)
         # Positional: the fields in Attr's order (keywords cost a third more, on every entry of every listing).
-        uid, gid = st.st_uid, st.st_gid
+        uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
+        if self.overrides is not None:
+            record = self.record(ino, entry, path)
+            if record is not None:
+                uid, gid, mode = record.uid, record.gid, apply(mode, record)
         if self.ids is not None:
             uid, gid = self.ids.shown_uid(uid), self.ids.shown_gid(gid)
         # A metadata-only copy shows its data's blocks, as the kernel does.
         blocks = st.st_blocks if entry.data is None else entry.data.blocks
-        return Attr(ino, st.st_mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
+        return Attr(ino, mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
                     blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
+
+    def record(self, ino: int, entry: Entry, path: bytes) -> Record | None:
+        """The owner/mode record of node *ino*'s *entry* at merged *path*,
+        where its layer keeps them (a pinned object is read through its pin)."""
+        assert self.overrides is not None
+        layer = entry.layers[0]
+        node = self.inodes.get(ino)
+        pin = _pin(node) if node is not None and node.entry is entry else None
+        if pin is not None:
+            where, follow = proc_path(pin), True
+        elif entry.index is not None:
+            assert self.resolver.index is not None
+            where, follow = proc_path(self.resolver.index.index, entry.index), False
+        elif path:
+            where, follow = proc_path(*self.stack.at(layer, path)), False
+        else:
+            where, follow = proc_path(self.stack.layers[layer].fd), True
+        return self.overrides.read(layer, where, follow, entry.st)
 
     def stored_uid(self, uid: int) -> int:
         """The owner to store for *uid* as seen through the mount."""
@@ -246,7 +280,7 @@ class UnionFS:
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
         e = node.entry
         node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index, e.data, e.impure)
-        return self.attr_of(ino, node.entry)
+        return self.attr_of(ino, node.entry, node.path)
 
     def birth_time(self, ino: int) -> int | None:
         """The birth time (ns) of the node's own object, as statx shows it on
@@ -415,7 +449,7 @@ class UnionFS:
                 self._relist(d, node.path)
         names = d.listing.names if d.listing is not None else []
         if start < 1:
-            yield 1, b".", None, self.attr_of(d.ino, d.entry)
+            yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         for i in range(max(start, 2) - 2, len(names)):
@@ -437,19 +471,19 @@ class UnionFS:
             if entry is None:
                 continue
             ino = self.inodes.number(entry.ident, path)
-            yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry)
+            yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry, path)
 
     def _dotdot_attr(self, node: Node) -> Attr:
         """Attributes of an open directory's parent: the node the kernel holds
         (it keeps a cached child's parent), else a walk from the root."""
         if node.ino == ROOT_INO:
-            return self.attr_of(node.ino, node.entry)
+            return self.attr_of(node.ino, node.entry, node.path)
         above = self.inodes.get(node.parent)
         if above is not None:
-            return self.attr_of(above.ino, above.entry)
+            return self.attr_of(above.ino, above.entry, above.path)
         parent_path = split(node.path)[0]
         parent_entry = self._resolve_path(parent_path)
-        return self.attr_of(self.inodes.number(parent_entry.ident, parent_path), parent_entry)
+        return self.attr_of(self.inodes.number(parent_entry.ident, parent_path), parent_entry, parent_path)
 
     def remember(self, node: Node) -> None:
         """The kernel accepted a readdir entry and holds a reference now."""

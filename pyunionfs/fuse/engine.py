@@ -347,6 +347,10 @@ class Engine:
     def _opened(self, ino: int, fh: int, flags: int) -> bytes:
         """fuse_open_out for handle *fh* of *ino*: passthrough or cached (see :mod:`.backing`)."""
         node = self.fs.inodes.get(ino)
+        mode = node.entry.st.st_mode if node is not None else 0
+        if node is not None and self.fs.overrides is not None:
+            with self.fs.lock:  # the mode shown is the record's (a set-ID bit may be only there)
+                mode = self.fs.attr_of(ino, node.entry, node.path).mode
         upper = (
             self.backings.enabled
             and node is not None
@@ -362,7 +366,7 @@ class Engine:
             # keep set-ID bits a caller's write must clear (we clear them
             # on WRITE, see .killpriv): such files start cached.  (Modes change
             # only through us, and every change refreshes the node's entry.)
-            and not node.entry.st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+            and not mode & (stat.S_ISUID | stat.S_ISGID)
         )
 
         def open_backing() -> int:
@@ -399,6 +403,8 @@ class Engine:
         try:
             if open_flags & OPEN_KILL_SUIDGID:
                 kill_suidgid(fh, self.fs.stored_gid(req.gid))
+                if self.fs.overrides is not None:
+                    self._kill_recorded(req, ino, fh)
             return entry + self._opened(ino, fh, flags)
         except BaseException:
             with self.fs.lock:
@@ -413,7 +419,19 @@ class Engine:
         a = _arg(req, Write)
         if a.write_flags & WRITE_KILL_SUIDGID:
             kill_suidgid(a.fh, self.fs.stored_gid(req.gid))
+            if self.fs.overrides is not None:
+                self._kill_recorded(req, req.nodeid, a.fh)
         return P.write_out(os.pwrite(a.fh, a.data, a.offset))
+
+    def _kill_recorded(self, req: Request, ino: int, fh: int) -> None:
+        """The set-ID bits of a mode kept in a record (``xattr_permissions=``,
+        see :mod:`pyunionfs.fs.override`) go as a stored mode's do: the stored
+        mode no longer says them.  (fuse-overlayfs gets a SETATTR for it.)"""
+        with self.fs.lock:
+            attr = self.fs.getattr(ino)
+            in_group = attr.gid == req.gid
+            if stat.S_ISREG(attr.mode) and killable(attr.mode, in_group):
+                self.fs.setattr(ino, SetAttr(mode=killed(attr.mode, in_group)), fh)
 
     def release(self, req: Request) -> bytes:
         a = _arg(req, Release)

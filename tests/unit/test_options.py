@@ -129,7 +129,7 @@ def bad_values(o: Option) -> list[str | None]:
         return ["1", ""]
     bad: list[str | None] = [None]
     if o.kind is Kind.CHOICE:
-        bad += ["bogus", o.choices[0].upper()]
+        bad += ["bogus", *sorted({o.choices[0].upper(), "9"} - set(o.choices))]  # (digits have no upper case)
     elif o.kind in (Kind.INT, Kind.NUMBER):
         bad += ["many", "", "-1", "nan" if o.kind is Kind.NUMBER else "1.5"]
     elif o.check is not None:
@@ -200,10 +200,12 @@ def test_the_drop_in_forms_take_every_option_and_do_what_the_table_says(source: 
             assert inv.warnings[0].startswith(f"{o.name}") and plain(o.help) in inv.warnings[0]
 
 
-def test_a_quiet_value_draws_no_warning() -> None:
-    assert dropin.parse_argv(["/m", "-o", "lowerdir=/a,xattr_permissions=0"]).warnings == []
-    assert dropin.parse_argv(["/m", "-o", "lowerdir=/a,xattr_permissions=2"]).warnings == [
-        "xattr_permissions= ignored: modes and owners are shown as stored, not from an xattr"]
+def test_xattr_permissions_is_honoured_and_checked() -> None:
+    for value in ("0", "1", "2"):
+        inv = dropin.parse_argv(["/m", "-o", f"lowerdir=/a,xattr_permissions={value}"])
+        assert inv.warnings == [] and f"xattr_permissions={value}" in inv.options
+    with pytest.raises(UsageError, match=r"^xattr_permissions must be one of 0, 1, 2, not '3'$"):
+        dropin.parse_argv(["/m", "-o", "lowerdir=/a,xattr_permissions=3"])
 
 
 # -- help and docs ---------------------------------------------------------------------------
