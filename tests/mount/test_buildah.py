@@ -23,9 +23,11 @@ namespace of the test, never for the machine: /dev/fuse may be closed to users
 (a 0666 node of the same device is bound over it, Debian's default mode), and
 the venv's interpreter may live under a directory users cannot enter, such as
 /root/.pyenv (that directory is covered with a tmpfs showing only the path to
-the interpreter).  ``buildah run`` uses chroot isolation: crun refuses hybrid
-cgroup hierarchies.  What the machine must allow (user namespaces, newuidmap)
-is checked first, and the test fails saying which one is missing.
+the interpreter).  ``buildah run`` runs runc (OCI isolation, no network):
+crun 1.8 refuses hybrid cgroup hierarchies, and buildah 1.28's chroot isolation
+cannot run a container with an ID mapping of its own.  What the machine must
+allow (user namespaces, newuidmap) is checked first, and the test fails saying
+which one is missing.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ $B mv /keep/k /keep/k2 && $B touch /keep/t
 $B ls -ln /d /x /gd/n
 """
 
+#: In the container with an ID mapping of its own (its 0-1999 are the user namespace's 1000-2999).
+MAPPED_STEP = r"""
+B=/bin/busybox
+$B ls -ln /x /d/f /mapped
+echo m > /m && $B chown 7:8 /m && $B mkdir /md && $B chown 1999:1998 /md
+"""
+#: ``buildah run`` with runc, without a network (netavark cannot join a rootless network namespace here).
+RUN = ("run", "--runtime", "runc", "--network", "none")
+
 
 @dataclass
 class User:
@@ -117,11 +128,11 @@ def user() -> Iterator[User]:
     """A throwaway user with subordinate IDs; removed with its ranges and processes."""
     if os.geteuid() != 0:
         pytest.skip("needs root: it adds a user with subordinate IDs")
-    missing = [p for p in ("buildah", "newuidmap", "newgidmap", "useradd", "setpriv", "unshare")
+    missing = [p for p in ("buildah", "runc", "newuidmap", "newgidmap", "useradd", "setpriv", "unshare")
                if shutil.which(p) is None]
     missing += [p for p in (BUSYBOX, FUSE_OVERLAYFS, str(PYUNIONFS)) if not os.path.exists(p)]
     if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run contrib/install.sh (buildah, uidmap, busybox-static, "
+        pytest.fail(f"missing {', '.join(missing)}: run contrib/install.sh (buildah, runc, uidmap, busybox-static, "
                     "fuse-overlayfs)")
     require_fuse()
     name = f"pyufs-bld{os.getpid()}"
@@ -199,7 +210,7 @@ class Builder:
                           f"mount --bind {shlex.quote(str(stage / name))} {at}"]
             lines.append(f"umount {stage}")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": f"{top}/home", "XDG_RUNTIME_DIR": f"{top}/run",
-               "CONTAINERS_STORAGE_CONF": f"{top}/storage.conf", "BUILDAH_ISOLATION": "chroot", "LC_ALL": "C"}
+               "CONTAINERS_STORAGE_CONF": f"{top}/storage.conf", "LC_ALL": "C"}
         lines.append(f"exec setpriv --reuid {user.uid} --regid {user.gid} --clear-groups env -i "
                      + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + ' "$@"')
         self.prelude = "\n".join(lines)
@@ -278,12 +289,12 @@ def _build(user: User, program: str) -> Build:
         uppers = {}
         c = b.buildah("from", "scratch")
         b.buildah("copy", c, BUSYBOX, "/bin/busybox")
-        b.buildah("run", c, "--", "/bin/busybox", "sh", "-ec", BASE_STEP)
+        b.buildah(*RUN, c, "--", "/bin/busybox", "sh", "-ec", BASE_STEP)
         uppers["base"] = _on_disk(b.upper(c))
         b.buildah("commit", "-q", c, "localhost/base")
         b.buildah("rm", c)
         c = b.buildah("from", "localhost/base")
-        shown = b.buildah("run", c, "--", "/bin/busybox", "sh", "-ec", TOP_STEP)
+        shown = b.buildah(*RUN, c, "--", "/bin/busybox", "sh", "-ec", TOP_STEP)
         uppers["top"] = _on_disk(b.upper(c))
         b.buildah("commit", "-q", c, "localhost/top")
         # a container with an ID mapping of its own: containers/storage passes uidmapping=/gidmapping=
@@ -291,6 +302,7 @@ def _build(user: User, program: str) -> Build:
                       "localhost/base")
         b.buildah("copy", "--chown", "321:654", c, BUSYBOX, "/mapped")
         b.buildah("copy", c, "/etc/hostname", "/mapped-root")
+        shown += b.buildah(*RUN, c, "--", "/bin/busybox", "sh", "-ec", MAPPED_STEP)
         uppers["mapped"] = _on_disk(b.upper(c))
         b.buildah("commit", "-q", c, "localhost/mapped")
         layers = {image: b.layers(f"localhost/{image}") for image in ("base", "top", "mapped")}
@@ -356,6 +368,10 @@ def test_committed_layers_match_fuse_overlayfs(builds: dict[str, Build]) -> None
     assert last["d/sub"][1] == oct(0o4755) and last["gd/n"][2:4] == (65536, 65535)
     assert ".wh.g" in last and "keep/.wh.k" in last and last["new/sub/s"][2:4] == (1000, 1000)
     assert mapped["mapped"][2:4] == (321, 654) and mapped["mapped-root"][2:4] == (0, 0)
+    assert mapped["m"][2:4] == (7, 8) and mapped["md"][2:4] == (1999, 1998)
+    # shown through uidmapping=/gidmapping= to the container, as stored
+    assert "-rw----r--    2 123      456" in ours.shown and "-rw-r-----    1 7        8" in ours.shown
+    assert "-rwxr-xr-x    1 321      654" in ours.shown
     assert "-rw-------    1 9        10" in ours.shown  # ls -ln inside the container
     # the image: the layers applied, as a runtime unpacks them
     tree = _apply(ours.layers["top"])
@@ -388,3 +404,5 @@ def test_uppers_store_subordinate_ids_as_fuse_overlayfs(builds: dict[str, Build]
     assert top["gd/n"][1:3] == (user.subuid + 65535, user.subgid + 65534)
     assert mapped["mapped"][1:3] == (user.subuid + 320, user.subgid + 653)
     assert mapped["mapped-root"][1:3] == (user.uid, user.gid)
+    assert mapped["m"][1:3] == (user.subuid + 6, user.subgid + 7)
+    assert mapped["md"][1:3] == (user.subuid + 1998, user.subgid + 1997)
