@@ -186,6 +186,7 @@ class Builder:
 
     def __init__(self, user: User, top: Path, program: str) -> None:
         self.user, self.top, self.program = user, top, program
+        self.complaints: list[str] = []  #: errors and warnings of containers/storage, and pyunionfs's
         for d in ("home", "run", "graph", "out"):
             (top / d).mkdir(mode=0o700)
             os.chown(top / d, user.uid, user.gid)
@@ -222,6 +223,8 @@ class Builder:
         if check and res.returncode != 0:
             pytest.fail(f"{' '.join(args)} with mount program {self.program} exited {res.returncode}:\n"
                         f"{res.stdout}{res.stderr}")
+        self.complaints += [line for line in res.stderr.splitlines() if "level=error" in line
+                            or "level=warning" in line or line.startswith("pyunionfs")]
         return res
 
     def buildah(self, *args: str) -> str:
@@ -271,6 +274,7 @@ class Build:
     layers: dict[str, list[dict[str, tuple]]]
     uppers: dict[str, dict[str, tuple[str, int, int, str]]]
     shown: str
+    complaints: list[str]  #: containers/storage's error and warning lines, pyunionfs's own
 
 
 def _build(user: User, program: str) -> Build:
@@ -313,10 +317,9 @@ def _build(user: User, program: str) -> Build:
             time.sleep(0.1)
         left = {pid: _cmdline(pid) for pid in _processes_of(user.uid)}
         assert not left, f"processes left after the containers were removed: {left}"
-        return Build(layers, uppers, shown)
+        return Build(layers, uppers, shown, b.complaints)
     finally:
         b.run("buildah", "rm", "--all", check=False)
-        b.run("buildah", "unshare", "rm", "-rf", f"{top}/graph", f"{top}/run", check=False)
         for pid in _processes_of(user.uid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -373,6 +376,7 @@ def test_committed_layers_match_fuse_overlayfs(builds: dict[str, Build]) -> None
     assert "-rw----r--    2 123      456" in ours.shown and "-rw-r-----    1 7        8" in ours.shown
     assert "-rwxr-xr-x    1 321      654" in ours.shown
     assert "-rw-------    1 9        10" in ours.shown  # ls -ln inside the container
+    assert ours.complaints == []  # no failed unmount, no option pyunionfs warned about
     # the image: the layers applied, as a runtime unpacks them
     tree = _apply(ours.layers["top"])
     assert sorted(k for k in tree if k.startswith("gd")) == ["gd", "gd/n"]
