@@ -195,9 +195,11 @@ class Builder:
             f'rootless_storage_path = "{top}/graph"\n'
             f'[storage.options.overlay]\nmount_program = "{program}"\n')
         lines = ["set -e"]
-        if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        fuse = os.stat("/dev/fuse")
+        if fuse.st_mode & 0o006 != 0o006:
             (top / "dev").mkdir()
-            lines += [f"mount -t tmpfs -o mode=0755 tmpfs {top}/dev", f"mknod -m 0666 {top}/dev/fuse c 10 229",
+            lines += [f"mount -t tmpfs -o mode=0755 tmpfs {top}/dev",
+                      f"mknod -m 0666 {top}/dev/fuse c {os.major(fuse.st_rdev)} {os.minor(fuse.st_rdev)}",
                       f"mount --bind {top}/dev/fuse /dev/fuse"]
         needed = [sys.executable, sys.prefix, sys.base_prefix, str(ROOT)]
         for n, (parent, names) in enumerate(_blocked_parents(needed).items()):
