@@ -12,6 +12,12 @@ need=()
 for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+# buildah, runc (crun 1.8 refuses hybrid cgroups), uidmap (newuidmap) and busybox-static (the image's
+# only program) build an image rootless with pyunionfs as mount_program in
+# tests/mount/test_buildah.py.
+for pkg in buildah runc uidmap busybox-static; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
 # Debian's own python3 needs these for a venv (and to build pyfuse3's C extension).
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 python3 - <<'PY' 2>/dev/null || need+=(python3-dev)

@@ -84,9 +84,13 @@ _OVL, _FOVL, _FUSE, _MOUNT, _OURS = "overlayfs", "fuse-overlayfs", "libfuse", "m
 
 def id_ranges(text: str, name: str = "uidmapping") -> tuple[tuple[int, int, int], ...]:
     """The (stored, shown, count) ranges of a fuse-overlayfs ``uidmapping=``/``gidmapping=``
-    value (``STORED:SHOWN:COUNT``, colon-separated triples); one-line UsageError if malformed."""
-    parts = text.split(":")
-    if len(parts) % 3 or not all(p.isdigit() for p in parts):
+    value (``STORED:SHOWN:COUNT``, colon-separated triples); one-line UsageError if malformed.
+
+    Empty items are skipped, as fuse-overlayfs's strtok() does: containers/storage
+    writes ``uidmapping=:0:1000:2000`` (a colon before every triple).  A value with
+    no triple at all is refused (fuse-overlayfs would map nothing)."""
+    parts = [p for p in text.split(":") if p]
+    if not parts or len(parts) % 3 or not all(p.isdigit() for p in parts):
         raise UsageError(f"{name} must be STORED:SHOWN:COUNT triples of whole numbers joined by ':', not {text!r}")
     ranges = tuple((int(parts[i]), int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 3))
     if any(n == 0 or a + n > 1 << 32 or b + n > 1 << 32 for a, b, n in ranges):

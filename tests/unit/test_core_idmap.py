@@ -30,9 +30,16 @@ def test_squashing_changes_only_what_is_shown() -> None:
     assert ids.squashes and not IdMap().squashes
 
 
+@pytest.mark.parametrize("text", [":0:1000:2000", ":0:1000:2000:2000:5000:1", "0::1000:2000:", "0:1000:2000::"])
+def test_empty_items_are_skipped_as_fuse_overlayfs_does(text: str) -> None:
+    """containers/storage writes a colon before every triple (``uidmapping=:0:1000:2000``);
+    fuse-overlayfs splits with strtok(), which skips empty items."""
+    assert id_ranges(text)[0] == (0, 1000, 2000)
+
+
 @pytest.mark.parametrize("text, says", [
-    ("0:1000", "triples"), ("a:b:c", "triples"), ("0:0:1:", "triples"), ("-1:0:1", "triples"),
-    ("0:0:0", "count of at least 1"), ("4294967295:0:2", "below 2^32"),
+    ("0:1000", "triples"), ("a:b:c", "triples"), ("0:0:1:2", "triples"), ("-1:0:1", "triples"),
+    (":", "triples"), ("", "triples"), ("0:0:0", "count of at least 1"), ("4294967295:0:2", "below 2^32"),
 ])
 def test_malformed_mappings_are_refused_in_one_line(text: str, says: str) -> None:
     with pytest.raises(UsageError) as err:
