@@ -91,7 +91,8 @@ def _layer_parsers(sub: argparse._SubParsersAction) -> None:
                    help="with --tag: the history's CREATED BY (default: pyunionfs commit)")
     c.add_argument("--lowers", metavar="L1:L2:...",
                    help="the layers UPPER was mounted on, topmost first (default with --from: that image's); "
-                        "needed for the names copied-up hard links have only in the lowers")
+                        "needed for the names copied-up hard links have only in the lowers and for the data "
+                        "of metadata-only copies (metacopy=on)")
     _workdir_option(c)
     c.add_argument("--userxattr", action="store_true", help="markers are user.overlay.* only")
     _store_option(c)

@@ -246,6 +246,15 @@ class LayerStack:
         the mount does not even change a lower file's atime.
         """
         dfd, name = self.at(layer, rel)
+        return self._open(layer, dfd, name, flags)
+
+    def open_real(self, layer: int, path: bytes, flags: int = os.O_RDONLY) -> int:
+        """:meth:`open_file` of *path*, the layer's own path (not a merged
+        one): where a metadata-only copy's data is."""
+        where, _, name = path.rpartition(b"/")
+        return self._open(layer, self.fds.get(layer, where), name, flags)
+
+    def _open(self, layer: int, dfd: int, name: bytes, flags: int) -> int:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not self.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):
             try:

@@ -352,7 +352,7 @@ class UnionFS:
         flags |= os.O_CLOEXEC
         data = node.entry.data
         if data is not None and not flags & (os.O_WRONLY | os.O_RDWR | os.O_PATH):
-            return self._open_data(data.layer, data.path, flags)
+            return self.stack.open_real(data.layer, data.path, flags)
         pin = _pin(node)
         if pin is not None:
             # Reopening the pin's magic link opens the pinned object itself.
@@ -374,14 +374,6 @@ class UnionFS:
             os.close(fd)
             raise
         return fd
-
-    def _open_data(self, layer: int, path: bytes, flags: int) -> int:
-        """Lower file *path* (its own path in *layer*) opened to read, O_NOATIME where allowed."""
-        where, _, name = path.rpartition(b"/")
-        dfd = self.stack.fds.get(layer, where)
-        with contextlib.suppress(PermissionError):
-            return os.open(name, flags | os.O_NOFOLLOW | os.O_NOATIME, dir_fd=dfd)
-        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dfd)
 
     # -- directories ---------------------------------------------------------
 

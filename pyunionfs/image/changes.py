@@ -61,7 +61,9 @@ from ..config import default_workdir
 from ..errors import LayerError
 from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
+from ..fs.entry import DataRef, Entry
 from ..fs.layers import LayerStack
+from ..fs.resolve import Resolver
 from ..fs.markers import OPAQUE, XWHITEOUTS, Markers, classify_oci_name
 from ..fs.paths import join
 
@@ -139,6 +141,9 @@ class UpperEntry:
     grafted: bool = False
     #: The work dir's ``index/`` entry whose content this grafted name shows.
     index: bytes | None = None
+    #: Where a metadata-only copy's data is (in the walk's union of the
+    #: upper and its lowers, see :meth:`UpperWalk.open`).
+    data: DataRef | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -168,6 +173,10 @@ class UpperWalk:
         self.merged: dict[tuple[int, int], int] = {}
         self.index: IndexDir | None = None
         self.stack = LayerStack((upper,), writable_top=False)
+        self.upper = upper
+        #: The upper over its lowers, read as the mount reads them: made at
+        #: the first metadata-only copy met, to find its data.
+        self._union: Resolver | None = None
         try:
             self.index = self._open_index(given=workdir is not None)
             if self.index is not None:
@@ -209,6 +218,8 @@ class UpperWalk:
 
     def close(self) -> None:
         self.stack.close()
+        if self._union is not None:
+            self._union.stack.close()
         if self.index is not None:
             self.index.close()
             self.index = None
@@ -306,12 +317,16 @@ class UpperWalk:
 
     def _describe(self, rel: bytes, st: os.stat_result, oci_opaque: bool) -> UpperEntry:
         names = self.stack.listxattr(0, rel)
-        for record in Markers.LOWER_DEPENDENT:
-            if self.markers.has_record(names, record):
-                raise LayerError(
-                    f"{display(rel)}: has an overlay.{record.decode()} record, so part of it lives in a "
-                    "lower layer (written with redirect_dir=on or metacopy=on); it cannot be read on its own"
-                )
+        data = None
+        if stat.S_ISREG(st.st_mode) and self.markers.metacopy(self.stack, 0, rel, st):
+            data = self._lowerdata(rel)  # (a redirect beside it says only where that data is)
+        else:
+            for record in Markers.LOWER_DEPENDENT:
+                if self.markers.has_record(names, record):
+                    raise LayerError(
+                        f"{display(rel)}: has an overlay.{record.decode()} record, so part of it lives in a "
+                        "lower layer (written with redirect_dir=on); it cannot be read on its own"
+                    )
         opaque = xwh = False
         if stat.S_ISDIR(st.st_mode):
             value = self.markers.opaque(self.stack, 0, rel, names)
@@ -328,7 +343,35 @@ class UpperWalk:
             copied_up=self.markers.has_record(names, b"origin"),
             xattrs=visible_xattrs(self.markers, names, lambda n: self.stack.getxattr(0, rel, n)),
             xwhiteouts=xwh,
+            data=data,
         )
+
+    def _lowerdata(self, rel: bytes) -> DataRef:
+        """Where metadata-only copy *rel* (``metacopy=on``) has its data: it
+        is looked up through the upper over the lowers as the mount does
+        (:meth:`.resolve.Resolver._lowerdata`); without the lowers, or with
+        its data nowhere in them, a one-line refusal."""
+        if not self.lowers:
+            raise LayerError(f"{display(rel)}: is a metadata-only copy (metacopy=on) whose data is in a lower "
+                             "layer: give the lowers (--lowers) to read it from them")
+        if self._union is None:
+            self._union = Resolver(LayerStack((self.upper, *self.lowers), writable_top=False), self.markers)
+            self._union.metacopy = True
+        union = self._union
+        entry: Entry | None = union.root()
+        at = b""
+        try:
+            for name in rel.split(b"/"):
+                assert entry is not None
+                entry = union.child(entry, at, name)
+                if entry is None:
+                    break
+                at = join(at, name)
+        except OSError as exc:
+            raise LayerError(f"{display(rel)}: its data cannot be found in the lowers: {exc.strerror}") from None
+        if entry is None or entry.data is None:
+            raise LayerError(f"{display(rel)}: its data cannot be found in the lowers given")
+        return entry.data
 
     def _note_nlink(self, rel: bytes, st: os.stat_result, names: list[bytes]) -> None:
         """Learn a copied-up hard link's merged link count from its upper
@@ -354,6 +397,9 @@ class UpperWalk:
         if e.index is not None:
             assert self.index is not None, "grafted names come from the index"
             return self.index.open_copy(e.index)
+        if e.data is not None:  # a metadata-only copy: its data's file, below
+            assert self._union is not None, "data is found through the union"
+            return self._union.stack.open_real(e.data.layer, e.data.path)
         return self.stack.open_file(0, e.path, os.O_RDONLY)
 
     def readlink(self, e: UpperEntry) -> bytes:

@@ -253,3 +253,38 @@ def test_metacopy_on_with_another_redirect_dir_is_refused_in_one_line(tmp_path: 
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "conflicting options: metacopy=on,redirect_dir=follow" in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_commit_of_a_metacopy_upper_reads_the_data_from_the_lowers(tmp_path: Path) -> None:
+    """A layer holds what the container saw: a metadata-only copy's data comes from the lowers
+    given (and without them the commit is refused in one line, naming what to pass)."""
+    import tarfile
+
+    top, bottom = _lowers(tmp_path)
+    upper, mnt = tmp_path / "upper", tmp_path / "mnt"
+    upper.mkdir()
+    mnt.mkdir()
+    with Daemon([top, bottom], upper, mnt, [f"workdir={tmp_path / 'work'}", "metacopy=on"]):
+        os.chown(mnt / "f", 1000, 1001)
+        os.rename(mnt / "big", mnt / "e" / "big")
+        os.chmod(mnt / "d" / "x", 0o600)
+    assert os.getxattr(upper / "e" / "big", META) == b""
+    cmd = [sys.executable, "-m", "pyunionfs", "commit", str(upper), "-o"]
+    refused = subprocess.run([*cmd, str(tmp_path / "no.tar")], capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1 and "--lowers" in refused.stderr
+    assert not (tmp_path / "no.tar").exists()
+    done = subprocess.run([*cmd, str(tmp_path / "layer.tar"), "--lowers", f"{top}:{bottom}",
+                           "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "layer.tar") as tar:
+        members = {m.name.rstrip("/"): m for m in tar.getmembers()}
+        assert (members["f"].uid, members["f"].gid) == (1000, 1001)
+        assert tar.extractfile(members["f"]).read() == b"hello"  # type: ignore[union-attr]
+        assert tar.extractfile(members["e/big"]).read() == BIG  # type: ignore[union-attr]
+        assert members["d/x"].mode & 0o777 == 0o600
+        assert tar.extractfile(members["d/x"]).read() == b"x in d"  # type: ignore[union-attr]
+        assert "big" not in members or members["big"].name.startswith(".wh.")
+        assert ".wh.big" in members  # the old name is deleted in the layer
