@@ -232,6 +232,8 @@ class Registry:
         detail = msgs.removeprefix(": ") or f"HTTP {resp.status} {resp.reason or ''}".strip()
         if resp.status == 401 and self.creds is None:
             detail += f" (pyunionfs login {self.host}, or --creds USER:PASSWORD)"
+        elif resp.status in (401, 403) and self.creds is not None:
+            detail = f"access denied as {self.creds.username} ({detail})"
         return ImageError(f"registry {self.host}: {what}: {detail}")
 
     def backoff(self, attempt: int, exc: TransferError, cancel: threading.Event | None = None) -> None:
