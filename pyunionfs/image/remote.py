@@ -90,12 +90,14 @@ class RegistrySource:
             failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
             if failed:
                 cancel.set()
+                self.reg.abort()
                 concurrent.futures.wait(futures)
                 first = failed[0].exception()
                 assert first is not None
                 raise first
-        except BaseException:  # Ctrl-C included: the others stop at their next chunk
+        except BaseException:  # Ctrl-C included: the others stop now
             cancel.set()
+            self.reg.abort()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

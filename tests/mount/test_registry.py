@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +283,51 @@ def test_interrupted_download_resumes(tmp_path: Path, home: Path, registry: Regi
     assert got[1] == image_id
     assert len(gets) == 2 and gets[0][3] == "" and gets[1][3].startswith("bytes=") and gets[1][2] == 206
     assert _listing(tmp_path / "s" / "tmp") == []
+
+
+def test_server_errors_are_retried(tmp_path: Path, home: Path, registry: Registry, source: tuple[Path, str]) -> None:
+    """A 503 on a manifest and a 500 on a blob are tried again (after a backoff), and the pull succeeds."""
+    store, image_id = source
+    layer = Store(str(store)).image("app:1").layer_descriptors[0].digest
+    with proxy(registry) as (host, seen):
+        _run(home, "push", "app:1", f"docker://{host}/retry/app:1", "--store", str(store))
+        seen.fail_once.update({"/manifests/1": 503, f"/blobs/{layer}": 500})
+        got = _run(home, "pull", f"docker://{host}/retry/app:1", "--store", str(tmp_path / "s")).stdout.split()
+        statuses = [r[2] for r in seen.requests("GET", "/manifests/1")], [r[2] for r in seen.requests("GET", layer)]
+    assert got[1] == image_id
+    assert statuses == ([503, 200], [500, 200])
+
+
+def test_ctrl_c_leaves_the_store_as_it_was(tmp_path: Path, home: Path, registry: Registry,
+                                          source: tuple[Path, str]) -> None:
+    """SIGINT while a layer is half downloaded: one line, exit 130, soon, and the store unchanged."""
+    store, _ = source
+    layer = Store(str(store)).image("app:1").layer_descriptors[0].digest
+    mine = tmp_path / "store"
+    _run(home, "commit", str(base_tree(tmp_path / "other")), "--tag", "other:1", "--store", str(mine))
+    before = _listing(mine)
+    with proxy(registry) as (host, seen):
+        _run(home, "push", "app:1", f"docker://{host}/intr/app:1", "--store", str(store))
+        seen.stall.add(layer)
+        proc = subprocess.Popen([sys.executable, "-m", "pyunionfs", "pull", f"docker://{host}/intr/app:1",
+                                 "--store", str(mine)], env=_env(home), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not seen.requests("GET", layer) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            assert seen.requests("GET", layer), "the pull never asked for the layer"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "pyunionfs: pull: interrupted\n")
+    assert took < 5
+    assert _listing(mine) == before
 
 
 def test_unknown_manifest_and_unreachable_registry_are_one_line(tmp_path: Path, home: Path,

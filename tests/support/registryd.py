@@ -122,7 +122,10 @@ class ProxyState:
     seen: list[tuple[str, str, int, str]] = field(default_factory=list)  # method, path, status, Range
     damage: set[str] = field(default_factory=set)  # blob digests served with one byte flipped
     cut_once: set[str] = field(default_factory=set)  # blob digests whose next GET is cut halfway
+    stall: set[str] = field(default_factory=set)  # blob digests served halfway, then nothing until shutdown
+    fail_once: dict[str, int] = field(default_factory=dict)  # path part -> status answered once, unforwarded
     lock: threading.Lock = field(default_factory=threading.Lock)
+    released: threading.Event = field(default_factory=threading.Event)
 
     def requests(self, method: str | None = None, contains: str = "") -> list[tuple[str, str, int, str]]:
         with self.lock:
@@ -140,6 +143,16 @@ class _Forward(BaseHTTPRequestHandler):
         state = self.server.state
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        with state.lock:
+            failing = next((k for k in state.fail_once if k in self.path), None)
+            status = state.fail_once.pop(failing) if failing is not None else 0
+            if status:
+                state.seen.append((self.command, self.path, status, self.headers.get("Range", "")))
+        if status:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         conn = http.client.HTTPConnection("127.0.0.1", state.upstream, timeout=30)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
         conn.request(self.command, self.path, body=body, headers=headers)
@@ -155,6 +168,7 @@ class _Forward(BaseHTTPRequestHandler):
             if cut:
                 state.cut_once.discard(digest)
             damaged = resp.status in (200, 206) and digest in state.damage
+            stalled = resp.status in (200, 206) and digest in state.stall
         if damaged and data:
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
@@ -166,6 +180,12 @@ class _Forward(BaseHTTPRequestHandler):
                          else str(len(data)))
         self.end_headers()
         if self.command == "HEAD":
+            return
+        if stalled:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            state.released.wait(60)
+            self.close_connection = True
             return
         if cut:
             self.wfile.write(data[: len(data) // 2])
@@ -197,6 +217,7 @@ def proxy(upstream: Registry) -> Iterator[tuple[str, ProxyState]]:
     try:
         yield f"127.0.0.1:{server.server_address[1]}", state
     finally:
+        state.released.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
