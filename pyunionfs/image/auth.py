@@ -96,7 +96,9 @@ def login_file(authfile: str | None = None) -> str:
         return authfile
     if os.environ.get("REGISTRY_AUTH_FILE"):
         return os.environ["REGISTRY_AUTH_FILE"]
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        return f"/run/containers/{os.geteuid()}/auth.json"  # podman's choice without a session directory
     return os.path.join(runtime, "containers", "auth.json")
 
 

@@ -71,7 +71,7 @@ class RegistryRef:
     @property
     def hostname(self) -> str:
         """The host without its port or IPv6 brackets."""
-        host = self.registry
+        host = self.registry.lower()
         if host.startswith("["):
             return host[1:host.index("]")]
         return host.rpartition(":")[0] if ":" in host else host
