@@ -50,8 +50,9 @@ def options(args: argparse.Namespace, remote: bool) -> RegistryOptions:
     given = [f"--{n.replace('_', '-')}" for n in ("tls_verify", "authfile", "creds", "platform")
              if getattr(args, n, None) is not None]
     if not remote:
-        if [g for g in given if g != "--platform"]:
-            raise UsageError(f"{', '.join(g for g in given if g != '--platform')} go with docker:// references, "
+        wrong = [g for g in given if g != "--platform"]
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with docker:// references, "
                              "not a layout directory")
         return RegistryOptions()
     creds = _parse_creds(args.creds) if getattr(args, "creds", None) is not None else None

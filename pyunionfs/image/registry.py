@@ -107,22 +107,31 @@ class Registry:
     # -- connecting and authenticating ------------------------------------------
 
     def connect(self) -> None:
-        """The version check: ``GET /v2/`` over https (then http where allowed); a 401 sets up auth."""
+        """The version check: ``GET /v2/`` over https (then http where allowed); a 401 sets up auth.
+
+        A certificate that fails verification is never a reason to fall back to plain HTTP:
+        that is what an impostor would arrange.  Only a server that does not speak TLS at all
+        (on the loopback, or with ``--tls-verify=false``) is asked again over http.
+        """
         u3 = _urllib3()
-        schemes = ["https", "http"] if self.plain_http else ["https"]
         failure = ""
-        for scheme in schemes:
+        for scheme in ["https", "http"] if self.plain_http else ["https"]:
             try:
                 resp = self.pool.request("GET", f"{scheme}://{self.host}/v2/", retries=self._no_retries(),
                                          preload_content=True)
             except u3.exceptions.HTTPError as exc:
                 failure = _reason(exc)
+                if "CERTIFICATE_VERIFY_FAILED" in failure or "certificate verify failed" in failure:
+                    raise ImageError(f"registry {self.host}: cannot connect: {failure} (to accept it: "
+                                     "--tls-verify=false)") from None
                 continue
             self.base = f"{scheme}://{self.host}"
             break
         else:
             hint = "" if self.plain_http else " (a registry without TLS: --tls-verify=false)"
             raise ImageError(f"registry {self.host}: cannot connect: {failure}{hint}")
+        if resp.status in _RETRY_STATUS:
+            resp = self.call("GET", "/v2/")
         if resp.status == 401:
             self._answer(resp, None)
         elif resp.status != 200:

@@ -30,6 +30,7 @@ from tests.support.registryd import (
     htpasswd_line,
     proxy,
     running_registry,
+    self_signed,
     token_server,
 )
 from tests.support.treesnap import Snapshot, diff, snapshot
@@ -271,18 +272,60 @@ def test_damaged_blob_is_refused_and_nothing_stored(tmp_path: Path, home: Path, 
     assert _listing(mine) == before
 
 
-def test_interrupted_download_resumes(tmp_path: Path, home: Path, registry: Registry,
-                                      source: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("how", ["resume", "restart"])
+def test_interrupted_download_resumes_or_restarts(tmp_path: Path, home: Path, registry: Registry,
+                                                  source: tuple[Path, str], how: str) -> None:
+    """A connection cut mid-layer: the download goes on with a Range request (206), or starts the
+    layer again when the registry sends it whole (200); either way the right image is stored."""
     store, image_id = source
     layer = Store(str(store)).image("app:1").layer_descriptors[0].digest
     with proxy(registry) as (host, seen):
         _run(home, "push", "app:1", f"docker://{host}/cut/app:1", "--store", str(store))
         seen.cut_once.add(layer)
+        seen.ignore_range = how == "restart"
         got = _run(home, "pull", f"docker://{host}/cut/app:1", "--store", str(tmp_path / "s")).stdout.split()
         gets = seen.requests("GET", f"/blobs/{layer}")
     assert got[1] == image_id
-    assert len(gets) == 2 and gets[0][3] == "" and gets[1][3].startswith("bytes=") and gets[1][2] == 206
+    assert len(gets) == 2 and gets[0][3] == "" and gets[1][3].startswith("bytes=")
+    assert gets[1][2] == (206 if how == "resume" else 200)
     assert _listing(tmp_path / "s" / "tmp") == []
+
+
+def test_plain_layers_are_compressed_on_the_way(tmp_path: Path, home: Path, registry: Registry) -> None:
+    """An image whose layers are stored as plain tars goes out gzipped (as to a layout): same IMAGE ID."""
+    out = tmp_path / "tars"
+    layers = [make_layer(base_tree(tmp_path / "base"), out), make_layer(app_tree(tmp_path / "app"), out)]
+    write_layout(tmp_path / "lay", layers, "1", gzip=False)
+    store = tmp_path / "store"
+    image_id = _run(home, "pull", f"{tmp_path}/lay:1", "--tag", "plain:1", "--store", str(store)).stdout.split()[1]
+    manifest = _run(home, "push", "plain:1", f"docker://{registry.host}/plain/app:1", "--store",
+                    str(store)).stdout.split()[1]
+    _run(home, "push", "plain:1", f"{tmp_path}/out:1", "--store", str(store))
+    assert (tmp_path / "out" / "blobs" / "sha256" / manifest[7:]).exists()  # the same manifest as a layout gets
+    got = _run(home, "pull", f"docker://{registry.host}/plain/app:1", "--store", str(tmp_path / "s")).stdout.split()
+    assert got[1:] == [image_id, manifest]
+    assert not list(Path("/tmp").glob("pyunionfs-push-*/layer-*"))
+
+
+def test_tls_is_verified_unless_told_otherwise(tmp_path: Path, home: Path, source: tuple[Path, str]) -> None:
+    """A registry with a self-signed certificate on 127.0.0.1: refused in one line (never retried over
+    plain HTTP), accepted with --tls-verify=false, and trusted when the system trusts it (SSL_CERT_FILE)."""
+    store, image_id = source
+    cert, key = self_signed(tmp_path / "tls")
+    with running_registry(tmp_path / "reg", tls=(cert, key)) as reg:
+        ref = f"docker://{reg.host}/tls/app:1"
+        line = _one_line(_run(home, "push", "app:1", ref, "--store", str(store), ok=False))
+        assert line.startswith(f"pyunionfs: registry {reg.host}: cannot connect: ") and "certificate verify failed" \
+            in line and line.endswith("(to accept it: --tls-verify=false)")
+        _run(home, "push", "app:1", ref, "--tls-verify=false", "--store", str(store))
+        env = _env(home) | {"SSL_CERT_FILE": str(cert)}
+        res = subprocess.run([sys.executable, "-m", "pyunionfs", "pull", ref, "--store", str(tmp_path / "s")],
+                             capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split()[1] == image_id
+    line = _one_line(_run(home, "pull", f"{tmp_path}/x:1", "--tls-verify=false", "--store", str(store), ok=False),
+                     status=2)
+    assert line == "pyunionfs: --tls-verify goes with docker:// references, not a layout directory"
 
 
 def test_server_errors_are_retried(tmp_path: Path, home: Path, registry: Registry, source: tuple[Path, str]) -> None:

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -44,8 +45,9 @@ def free_port() -> int:
 
 
 def _status(url: str) -> int | None:
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -76,8 +78,10 @@ class Registry:
                 self.proc.wait(timeout=5)
 
 
-def start_registry(root: Path, auth: str = "", deadline: float = 20.0) -> Registry:
-    """Start a registry storing under *root*; *auth* is the YAML of its ``auth:`` section, if any."""
+def start_registry(root: Path, auth: str = "", deadline: float = 20.0, tls: tuple[Path, Path] | None = None
+                   ) -> Registry:
+    """Start a registry storing under *root*; *auth* is the YAML of its ``auth:`` section, if any;
+    *tls* (certificate, key) makes it serve HTTPS only."""
     require_registry()
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -87,6 +91,7 @@ def start_registry(root: Path, auth: str = "", deadline: float = 20.0) -> Regist
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: {secrets.token_hex(16)}\n"
+        + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "")
         + (f"auth:\n{auth}" if auth else "")
     )
     log = root / "registry.log"
@@ -94,7 +99,7 @@ def start_registry(root: Path, auth: str = "", deadline: float = 20.0) -> Regist
         proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     reg = Registry(port, root, proc, log)
     end = time.monotonic() + deadline
-    while _status(f"http://{reg.host}/v2/") not in (200, 401):
+    while _status(f"{'https' if tls else 'http'}://{reg.host}/v2/") not in (200, 401):
         if proc.poll() is not None or time.monotonic() > end:
             reg.stop()
             pytest.fail(f"docker-registry did not answer on {reg.host}:\n{log.read_text(errors='replace')}")
@@ -103,8 +108,8 @@ def start_registry(root: Path, auth: str = "", deadline: float = 20.0) -> Regist
 
 
 @contextlib.contextmanager
-def running_registry(root: Path, auth: str = "") -> Iterator[Registry]:
-    reg = start_registry(root, auth)
+def running_registry(root: Path, auth: str = "", tls: tuple[Path, Path] | None = None) -> Iterator[Registry]:
+    reg = start_registry(root, auth, tls=tls)
     try:
         yield reg
     finally:
@@ -124,6 +129,7 @@ class ProxyState:
     cut_once: set[str] = field(default_factory=set)  # blob digests whose next GET is cut halfway
     stall: set[str] = field(default_factory=set)  # blob digests served halfway, then nothing until shutdown
     fail_once: dict[str, int] = field(default_factory=dict)  # path part -> status answered once, unforwarded
+    ignore_range: bool = False  # forward without Range: the registry answers a resumption with the whole blob
     lock: threading.Lock = field(default_factory=threading.Lock)
     released: threading.Event = field(default_factory=threading.Event)
 
@@ -154,7 +160,8 @@ class _Forward(BaseHTTPRequestHandler):
             self.end_headers()
             return
         conn = http.client.HTTPConnection("127.0.0.1", state.upstream, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        dropped = ("connection", "keep-alive") + (("range",) if state.ignore_range else ())
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
@@ -334,3 +341,13 @@ def htpasswd_line(user: str, password: str) -> str:
         pytest.fail("htpasswd is missing: bash contrib/install.sh installs it (apt-get install apache2-utils)")
     res = subprocess.run([exe, "-nbB", user, password], check=True, capture_output=True, text=True, timeout=30)
     return res.stdout.strip() + "\n"
+
+
+def self_signed(root: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for *name* (an IP address) and its key, made with the openssl command."""
+    root.mkdir(parents=True, exist_ok=True)
+    cert, key = root / "tls.crt", root / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=IP:{name}"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
