@@ -17,6 +17,7 @@ from ..errors import UsageError
 
 if TYPE_CHECKING:
     from ..image.auth import Credentials
+    from ..image.compression import Compression
     from ..image.remote import RegistryOptions
     from ..image.store import Store
 
@@ -132,13 +133,11 @@ def pull(store: Store, args: argparse.Namespace) -> None:
     print(f"{img.name}  {img.id}  {img.manifest_digest}")
 
 
-def push(store: Store, args: argparse.Namespace, compress: object) -> None:
+def push(store: Store, args: argparse.Namespace, compress: Compression | None) -> None:
     """``push IMAGE docker://...``: one line, the image, its manifest digest and where it went."""
-    from ..image.compression import Compression
     from ..image.remote import push_remote
 
-    assert compress is None or isinstance(compress, Compression)
     img, tag, desc, _ = push_remote(store, args.image, args.dest, compress, convert=args.compress is not None,
                                     options=options(args, True))
-    dest = args.dest.rpartition("@")[0] or args.dest
-    print(f"{img.name}  {desc.digest}  {dest if dest.endswith(':' + tag) else dest + ':' + tag}")
+    dest = args.dest if args.dest.endswith(":" + tag) else f"{args.dest}:{tag}"
+    print(f"{img.name}  {desc.digest}  {dest}")

@@ -255,3 +255,34 @@ def test_the_command_line_imports_no_http_library() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+# -- progress of parallel downloads -------------------------------------------------------------
+
+
+def test_progress_shows_each_layer_under_way_on_a_terminal() -> None:
+    import io
+
+    from pyunionfs.image.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    p = Progress("pull x:1", 3, stream=out)
+    p.start_layer("a" * 12, 100)
+    p.start_layer("b" * 12, 1000)
+    p.add(50, "a" * 12)
+    p.add(250, "b" * 12)
+    p.layer_done("a" * 12)
+    assert out.getvalue().endswith("\rpull x:1: 1/3 layers, 300B | bbbbbbbbbbbb 25%\x1b[K")
+    p.close()
+    assert out.getvalue().endswith("\r\x1b[K")
+    quiet = io.StringIO()
+    q = Progress("pull x:1", 1, stream=quiet)
+    q.start_layer("a" * 12, 10)
+    q.add(10, "a" * 12)
+    q.layer_done("a" * 12)
+    q.close()
+    assert quiet.getvalue() == ""  # a log gets lines only every few seconds, none for a quick command
