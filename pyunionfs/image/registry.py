@@ -71,8 +71,12 @@ def cancelled() -> InterruptedError:
 
 
 def _urllib3() -> Any:
-    import urllib3
-
+    """urllib3, imported on first use; without it (a copy run from source) one line says how to get it."""
+    try:
+        import urllib3
+    except ImportError:
+        raise ImageError("registries need the urllib3 package (pip install 'urllib3>=2.3'; "
+                         "bash contrib/install.sh installs it)") from None
     return urllib3
 
 

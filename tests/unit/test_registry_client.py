@@ -286,3 +286,11 @@ def test_progress_shows_each_layer_under_way_on_a_terminal() -> None:
     q.layer_done("a" * 12)
     q.close()
     assert quiet.getvalue() == ""  # a log gets lines only every few seconds, none for a quick command
+
+
+def test_without_urllib3_a_registry_command_is_one_line(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['urllib3'] = None; from pyunionfs.cli import main; "
+            f"sys.exit(main(['pull', 'docker://127.0.0.1:9/x:1', '--store', '{tmp_path}/store']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (1, "pyunionfs: registries need the urllib3 package (pip install "
+                                               "'urllib3>=2.3'; bash contrib/install.sh installs it)\n")
