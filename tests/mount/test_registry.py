@@ -198,6 +198,29 @@ def test_index_picks_the_platform(tmp_path: Path, home: Path, registry: Registry
     assert "no manifest for linux/s390x" in line and "linux/riscv64" in line
 
 
+def test_platform_chooses_from_a_layouts_index_too(tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "tars"
+    lay = tmp_path / "lay"
+    digests = write_layout(lay, [make_layer(base_tree(tmp_path / "base"), out)], "1")
+    manifest = lay / "blobs" / "sha256" / digests["manifest"][7:]
+    entry = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digests["manifest"],
+             "size": manifest.stat().st_size}
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {**entry, "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}}]}).encode()
+    import hashlib
+
+    index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
+    (lay / "blobs" / "sha256" / index_digest[7:]).write_bytes(index)
+    (lay / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest, "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
+    store = tmp_path / "s"
+    line = _one_line(_run(home, "pull", f"{lay}:1", "--platform", "linux/arm/v6", "--store", str(store), ok=False))
+    assert line.endswith("no manifest for linux/arm/v6 in this image index (it has linux/arm/v7)")
+    got = _run(home, "pull", f"{lay}:1", "--platform", "linux/arm/v7", "--store", str(store)).stdout.split()
+    assert got[1:] == [digests["config"][7:19], digests["manifest"]]
+
+
 # --------------------------------------------------------------------------
 # What a push sends: HEAD skips, cross-repository mounts, chunks
 # --------------------------------------------------------------------------
