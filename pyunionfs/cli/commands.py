@@ -185,19 +185,19 @@ def _store_command(args: argparse.Namespace) -> int:
     from ..image.references import check_transport, is_registry
     from . import registry
 
-    remote = False
+    remote, opts = False, None
     if args.command in ("pull", "push"):
         target = args.source if args.command == "pull" else args.dest
         check_transport(target)
         remote = is_registry(target)
-        registry.options(args, remote)  # registry options with a layout: a usage error
+        opts = registry.options(args, remote)  # registry options with a layout: a usage error
     if args.command == "commit" and args.gzip:
         raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
     compress = Compression.choose(args.compress, args.compress_level) if args.command in ("push", "commit") else None
     # A read (images, history, push) creates no store; the others make it on first use.
     store = Store(args.store, create=args.command not in ("images", "history", "push"))
-    if args.command == "pull" and remote:
-        registry.pull(store, args)
+    if args.command == "pull" and remote and opts is not None:
+        registry.pull(store, args, opts)
     elif args.command == "pull":
         platform = None
         if args.platform:
@@ -206,8 +206,8 @@ def _store_command(args: argparse.Namespace) -> int:
             platform = Platform.parse(args.platform)
         img = store.pull(args.source, args.tag, platform)
         print(f"{img.name}  {img.id}  {img.manifest_digest}")
-    elif args.command == "push" and remote:
-        registry.push(store, args, compress)
+    elif args.command == "push" and remote and opts is not None:
+        registry.push(store, args, compress, opts)
     elif args.command == "push":
         img, tag, desc = store.push(args.image, args.dest, compress, convert=args.compress is not None)
         print(f"{img.name}  {desc.digest}  {args.dest.removesuffix(':' + tag)}:{tag}")

@@ -123,21 +123,21 @@ def login_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def pull(store: Store, args: argparse.Namespace) -> None:
+def pull(store: Store, args: argparse.Namespace, opts: RegistryOptions) -> None:
     """``pull docker://...``: the image, recorded under --tag or HOST[:PORT]/REPO:TAG."""
     from ..image.references import Platform
     from ..image.remote import pull_remote
 
     platform = Platform.parse(args.platform) if args.platform else None
-    img = pull_remote(store, args.source, args.tag, platform, options(args, True))
+    img = pull_remote(store, args.source, args.tag, platform, opts)
     print(f"{img.name}  {img.id}  {img.manifest_digest}")
 
 
-def push(store: Store, args: argparse.Namespace, compress: Compression | None) -> None:
+def push(store: Store, args: argparse.Namespace, compress: Compression | None, opts: RegistryOptions) -> None:
     """``push IMAGE docker://...``: one line, the image, its manifest digest and where it went."""
     from ..image.remote import push_remote
 
     img, tag, desc, _ = push_remote(store, args.image, args.dest, compress, convert=args.compress is not None,
-                                    options=options(args, True))
+                                    options=opts)
     dest = args.dest if args.dest.endswith(":" + tag) else f"{args.dest}:{tag}"
     print(f"{img.name}  {desc.digest}  {dest}")
