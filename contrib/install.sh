@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 # pyunionfs itself is pure Python and needs only fuse3 (fusermount3, for users'
 # mounts); libfuse3-dev, pkg-config and gcc build pyfuse3, the reference
 # engine that the test extra installs; fuse-overlayfs is the tests' oracle for
-# the options taken from it (tests/mount/test_idmap.py).
+# the options taken from it (tests/mount/test_idmap.py); docker-registry (the
+# CNCF distribution registry), skopeo and htpasswd (apache2-utils, the bcrypt
+# lines the registry's basic auth reads) serve tests/mount/test_registry.py.
 need=()
-for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs; do
+for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs docker-registry skopeo apache2-utils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # buildah, runc (crun 1.8 refuses hybrid cgroups), uidmap (newuidmap) and busybox-static (the image's
@@ -27,7 +29,17 @@ PY
 if [ ${#need[@]} -gt 0 ]; then
     echo "install.sh: apt-get install ${need[*]}" >&2
     apt-get update -q
+    # docker-registry's postinst starts a registry on :5000 through invoke-rc.d
+    # (and fails the install where it cannot): the tests start their own, so
+    # packages start no service here, as in a container build.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

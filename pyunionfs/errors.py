@@ -14,7 +14,8 @@ command line catches the base for its one-line message::
     +-- UsageError          the command line is wrong (exit status 2)
     +-- MountError          a mount or its daemon (mount, unmount, control)
     +-- LayerError          a layer tar, or an upper being read or applied
-    +-- ImageError          an OCI image or layout (manifest, config, blob)
+    +-- ImageError          an OCI image or layout (manifest, config, blob), or a registry
+    |   +-- TransferError       a registry transfer cut short or refused for now: worth another attempt
     +-- StoreError          the layer store (its directory, records, lookups)
     +-- ProtocolError       a FUSE message that does not parse
     |   +-- UnsupportedKernel   a kernel whose INIT cannot be served
@@ -66,6 +67,16 @@ class LayerError(PyunionfsError):
 
 class ImageError(PyunionfsError):
     """An OCI image or layout cannot be used (a manifest, config or blob is wrong): one line, exit status 1."""
+
+
+class TransferError(ImageError):
+    """A registry request that may succeed if made again (a 5xx or 429, a connection refused or cut
+    short).  The registry client retries these with backoff; once it gives up, this is the one line.
+    ``retry_after`` is the wait the registry asked for, if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StoreError(PyunionfsError):

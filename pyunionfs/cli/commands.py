@@ -12,6 +12,7 @@ from ..config import build_config
 from ..errors import PyunionfsError, StoreError, UsageError
 from ..options import Form, help_lines
 from .dropin import HELPER_DIR, route
+from .registry import add_connection_options, add_login_parsers
 
 if TYPE_CHECKING:
     from ..image.layertar import CommitResult
@@ -134,15 +135,20 @@ def _store_option(p: argparse.ArgumentParser) -> None:
 
 def _image_parsers(sub: argparse._SubParsersAction) -> None:
     """``pull``, ``push``, ``images``, ``history``, ``rmi``: whole images and the layer store."""
-    p = sub.add_parser("pull", help="import an image from an OCI layout directory into the store")
-    p.add_argument("layout", metavar="LAYOUT[:TAG]")
-    p.add_argument("--tag", metavar="NAME[:TAG]", help="store it under this name (default: the layout's name for it)")
+    p = sub.add_parser("pull", help="import an image from an OCI layout directory or a registry into the store")
+    p.add_argument("source", metavar="LAYOUT[:TAG]|docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    p.add_argument("--tag", metavar="NAME[:TAG]",
+                   help="store it under this name (default: the layout's name for it; HOST[:PORT]/REPO:TAG)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the image to take from a multi-platform index (default: this machine's)")
+    add_connection_options(p)
     _store_option(p)
-    q = sub.add_parser("push", help="export an image of the store as an OCI layout directory")
+    q = sub.add_parser("push", help="export an image of the store as an OCI layout directory or to a registry")
     q.add_argument("image", metavar="IMAGE")
-    q.add_argument("layout", metavar="LAYOUT[:TAG]")
+    q.add_argument("dest", metavar="LAYOUT[:TAG]|docker://HOST[:PORT]/REPO[:TAG]")
     _compress_options(q, "compress plain layers so, and recompress layers compressed otherwise "
                          "(default: plain layers gzipped, compressed ones copied as they are)")
+    add_connection_options(q)
     _store_option(q)
     i = sub.add_parser("images", help="list the images of the store")
     _store_option(i)
@@ -157,14 +163,19 @@ def _image_parsers(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("rmi", help="remove an image, and the layers no other image uses")
     r.add_argument("images", metavar="IMAGE", nargs="+")
     _store_option(r)
+    add_login_parsers(sub)
 
 
 def _image_command(args: argparse.Namespace) -> int:
-    """Store commands; an I/O error (full disk, permissions) is one line too, not a traceback."""
+    """Store commands; an I/O error (full disk, permissions) is one line too, not a traceback, and
+    so is Ctrl-C (the store is as it was: nothing is moved in before everything is checked)."""
     try:
         return _store_command(args)
     except OSError as exc:
         raise StoreError(f"{exc.filename or args.command}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        print(f"pyunionfs: {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _store_command(args: argparse.Namespace) -> int:
@@ -172,17 +183,35 @@ def _store_command(args: argparse.Namespace) -> int:
     from ..image.listing import format_history, format_images
     from ..image.store import Store
 
+    from ..image.references import check_transport, is_registry
+    from . import registry
+
+    remote, opts = False, None
+    if args.command in ("pull", "push"):
+        target = args.source if args.command == "pull" else args.dest
+        check_transport(target)
+        remote = is_registry(target)
+        opts = registry.options(args, remote)  # registry options with a layout: a usage error
     if args.command == "commit" and args.gzip:
         raise UsageError("--gzip goes with -o; with --tag, --compress chooses how the layer is stored")
     compress = Compression.choose(args.compress, args.compress_level) if args.command in ("push", "commit") else None
     # A read (images, history, push) creates no store; the others make it on first use.
     store = Store(args.store, create=args.command not in ("images", "history", "push"))
-    if args.command == "pull":
-        img = store.pull(args.layout, args.tag)
+    if args.command == "pull" and remote and opts is not None:
+        registry.pull(store, args, opts)
+    elif args.command == "pull":
+        platform = None
+        if args.platform:
+            from ..image.references import Platform
+
+            platform = Platform.parse(args.platform)
+        img = store.pull(args.source, args.tag, platform)
         print(f"{img.name}  {img.id}  {img.manifest_digest}")
+    elif args.command == "push" and remote and opts is not None:
+        registry.push(store, args, compress, opts)
     elif args.command == "push":
-        img, tag, desc = store.push(args.image, args.layout, compress, convert=args.compress is not None)
-        print(f"{img.name}  {desc.digest}  {args.layout.removesuffix(':' + tag)}:{tag}")
+        img, tag, desc = store.push(args.image, args.dest, compress, convert=args.compress is not None)
+        print(f"{img.name}  {desc.digest}  {args.dest.removesuffix(':' + tag)}:{tag}")
     elif args.command == "images":
         print(format_images(store))
     elif args.command == "history":
@@ -315,6 +344,10 @@ def _command(args: argparse.Namespace) -> int:
         return _layer_command(args)
     if args.command in ("pull", "push", "images", "history", "tag", "rmi"):
         return _image_command(args)
+    if args.command in ("login", "logout"):
+        from .registry import login_command
+
+        return login_command(args)
     return 2
 
 

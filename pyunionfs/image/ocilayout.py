@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from ..errors import MALFORMED_INPUT, ImageError, UsageError, malformed
 from .digest import Hasher
+from .references import Platform
 
 __all__ = [
     "MT_CONFIG",
@@ -39,6 +40,7 @@ __all__ = [
     "REF_NAME",
     "CONTAINERD_NAME",
     "Descriptor",
+    "choose_platform",
     "Layout",
     "LayoutWriter",
     "compression_of",
@@ -106,6 +108,21 @@ def host_platform() -> tuple[str, str]:
     machine = platform.machine().lower()
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}.get(machine, machine)
     return "linux", arch
+
+
+def choose_platform(index: dict[str, Any], want: Platform | None, what: str) -> Descriptor:
+    """The descriptor of *index* (an image index or docker manifest list) for platform *want*
+    (default: this host, any variant).  Entries without a platform (attestations, say) never match;
+    of several that do, the first, as docker and containerd take it."""
+    if want is None:
+        os_name, arch = host_platform()
+        want = Platform(os_name, arch)
+    subs = [Descriptor.parse(m, what) for m in json_list(index, "manifests", what)]
+    for sub in subs:
+        if sub.platform and want.matches(sub.platform):
+            return sub
+    seen = sorted({Platform.of(s.platform).text for s in subs if s.platform})
+    raise ImageError(f"{what}: no manifest for {want.text} in this image index (it has {', '.join(seen) or 'none'})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +263,11 @@ class Layout:
                     break
         check_blob(desc, h.size, h.digest)
 
-    def select(self, tag: str | None) -> tuple[Descriptor, dict[str, Any], str | None]:
+    def select(self, tag: str | None, want: Platform | None = None) -> tuple[Descriptor, dict[str, Any], str | None]:
         """(manifest descriptor, manifest, name it was found under) for *tag*.
 
         Without a tag the layout must hold exactly one image.  An image index
-        (multi-platform image) is followed to the manifest for this host.
+        (multi-platform image) is followed to the manifest for *want* (default: this host).
         """
         if tag is None:
             if len(self.manifests) != 1:
@@ -273,13 +290,7 @@ class Layout:
                 return desc, data, name
             if mt not in (MT_INDEX, DOCKER_LIST):
                 raise ImageError(f"blob {desc.digest}: media type {mt!r} is not an image manifest or index")
-            want = host_platform()
-            subs = [Descriptor.parse(m, f"blob {desc.digest}") for m in json_list(data, "manifests",
-                                                                                  f"blob {desc.digest}")]
-            match = [s for s in subs if s.platform and (s.platform.get("os"), s.platform.get("architecture")) == want]
-            if not match:
-                raise ImageError(f"blob {desc.digest}: no manifest for {want[0]}/{want[1]} in this image index")
-            desc = match[0]
+            desc = choose_platform(data, want, f"blob {desc.digest}")
         raise ImageError(f"{self.root}: image indexes nested too deep")
 
 

@@ -6,11 +6,16 @@ rewritten lines are noise, but total silence for minutes looks like a hang
 (a 1 GB layer takes a while to compress), so a plain line is written every
 few seconds instead.  A command that ends before the first of those lines
 prints nothing, so quick commands stay quiet in scripts.
+
+A registry pull downloads several layers at once, from worker threads: the
+counts are kept under a lock, and on a terminal the line also shows each
+layer under way (``3f4e5d6c7b8a 42%``).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO
@@ -47,17 +52,33 @@ class Progress:
         self.bytes = 0
         self.lines = 0  # plain lines written
         self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._active: dict[str, list[int]] = {}  # layer shown -> [bytes done, size]
 
-    def add(self, n: int) -> None:
-        self.bytes += n
-        self._show()
+    def add(self, n: int, layer: str | None = None) -> None:
+        with self._lock:
+            self.bytes += n
+            if layer is not None and layer in self._active:
+                self._active[layer][0] += n
+            self._show()
 
-    def layer_done(self) -> None:
-        self.done_layers += 1
-        self._show(force=self.tty)
+    def start_layer(self, layer: str, size: int) -> None:
+        """A layer transfer began (shown on a terminal until :meth:`layer_done` names it)."""
+        with self._lock:
+            self._active[layer] = [0, size]
+
+    def layer_done(self, layer: str | None = None) -> None:
+        with self._lock:
+            self.done_layers += 1
+            self._active.pop(layer or "", None)
+            self._show(force=self.tty)
 
     def _text(self) -> str:
-        return f"{self.what}: {self.done_layers}/{self.layers} layers, {human(self.bytes)}"
+        text = f"{self.what}: {self.done_layers}/{self.layers} layers, {human(self.bytes)}"
+        if self.tty and self._active:
+            text += "".join(f" | {name[:12]} {100 * done // max(size, 1)}%"
+                            for name, (done, size) in list(self._active.items())[:4])
+        return text
 
     def _show(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -73,6 +94,7 @@ class Progress:
 
     def close(self) -> None:
         """Clear the terminal line; in a log, the final count if it said anything before."""
+        self._active.clear()
         if self.tty:
             self.stream.write("\r\x1b[K")
         elif self.lines:

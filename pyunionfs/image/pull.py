@@ -1,8 +1,10 @@
-"""Pull: an image of an OCI layout into the store, every blob checked before anything is kept.
+"""Pull: an image of an OCI layout (or, through :mod:`.remote`, a registry) into the store,
+every blob checked before anything is kept.
 
 Why everything is checked first: a layout is untrusted input (a download, a
-tarball from elsewhere).  Each blob is copied into a private workspace and
-checked against its digest as it is copied (:meth:`.ocilayout.Layout.copy_blob`);
+tarball from elsewhere), and so is a registry.  Each blob is copied into a
+private workspace and checked against its digest as it is copied
+(:meth:`.ocilayout.Layout.copy_blob`, :meth:`.registry.Registry.download_blob`);
 each layer's uncompressed content against the DiffID the config names; and
 each layer is unpacked there (:func:`.layerapply.apply_layer` refuses an
 unsafe one) before :meth:`.records.StoreRecords.move_in` moves anything into
@@ -13,32 +15,77 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..errors import MALFORMED_INPUT, ImageError, LayerError, malformed
 from .compression import open_zstd
 from .digest import Hasher, HashWriter
 from .ocilayout import Descriptor, Layout, compression_of, digest_hex, json_list, load_json, split_layout_arg
 from .progress import CHUNK, Progress, copy_counted
+from .references import Platform
 from .records import Image, Staged, StoreRecords, parse_ref
 
-__all__ = ["pull"]
+__all__ = ["BlobSource", "import_image", "pull"]
 
 
-def pull(store: StoreRecords, arg: str, name: str | None = None) -> Image:
+class BlobSource(Protocol):
+    """Where an image's blobs come from: an OCI layout here, a registry in :mod:`.remote`.
+
+    Why a seam at exactly these two calls: everything else about a pull
+    (the config's DiffIDs, unpacking, moving in under the lock) must be the
+    same whatever the source, so that the same image from a layout or a
+    registry ends as the same store state.
+    """
+
+    def read_blob(self, desc: Descriptor) -> bytes:
+        """A small (JSON) blob, its size and digest checked."""
+        ...
+
+    def fetch_blobs(self, descs: list[Descriptor], dest: str, progress: Progress) -> None:
+        """Each blob of *descs* as ``dest/<hex>``, its size and digest checked before it gets that
+        name; ``progress.layer_done()`` after each."""
+        ...
+
+
+class LayoutSource:
+    """An OCI layout directory as a :class:`BlobSource`: blobs copied one after the other."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def read_blob(self, desc: Descriptor) -> bytes:
+        return self.layout.read_blob(desc)
+
+    def fetch_blobs(self, descs: list[Descriptor], dest: str, progress: Progress) -> None:
+        for desc in descs:
+            path = os.path.join(dest, digest_hex(desc.digest))
+            if not os.path.exists(path):
+                self.layout.copy_blob(desc, path + ".part", progress.add)
+                os.rename(path + ".part", path)
+            progress.layer_done()
+
+
+def pull(store: StoreRecords, arg: str, name: str | None = None, platform: Platform | None = None) -> Image:
     """Import the image LAYOUT[:TAG] (an OCI layout directory); every blob is checked first."""
     root, tag = split_layout_arg(arg, must_exist=True)
     layout = Layout(root)
-    mdesc, manifest, found_name = layout.select(tag)
+    mdesc, manifest, found_name = layout.select(tag, platform)
     if name is None:
         if found_name and (":" in found_name or "/" in found_name):
             name = found_name
         else:
             base = os.path.basename(os.path.normpath(os.path.abspath(root))).lower()
             name = f"{base}:{found_name or tag or 'latest'}"
-    name = parse_ref(name)
+    return import_image(store, LayoutSource(layout), mdesc, manifest, layout.read_blob(mdesc), parse_ref(name))
+
+
+def import_image(store: StoreRecords, source: BlobSource, mdesc: Descriptor, manifest: dict[str, Any],
+                 manifest_bytes: bytes, name: str) -> Image:
+    """Store the image of *manifest* (whose bytes are *manifest_bytes*, already checked against
+    *mdesc*) as *name*: config and layers read from *source* into a workspace, every DiffID checked
+    and every layer unpacked there, then all moved in at once; a refusal leaves the store as it was."""
     cdesc = Descriptor.parse(manifest.get("config"), f"manifest {mdesc.digest}")
-    config_bytes = layout.read_blob(cdesc)
+    config_bytes = source.read_blob(cdesc)
     config = load_json(config_bytes, f"config {cdesc.digest}")
     rootfs = config.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" \
@@ -52,16 +99,18 @@ def pull(store: StoreRecords, arg: str, name: str | None = None) -> Image:
                          f"lists {len(diff_ids)} diff_ids")
     for d in diff_ids:
         digest_hex(d, f"config {cdesc.digest}: DiffID")
-    manifest_bytes = layout.read_blob(mdesc)
-    progress = Progress(f"pull {name}", len(layers))
+    for desc in layers:
+        compression_of(desc.media_type)  # an unreadable layer type refused before anything is fetched
+    unique = list({d.digest: d for d in layers}.values())
+    progress = Progress(f"pull {name}", len(unique))
     try:
         with store.workspace() as ws:
             staged = Staged()
             os.makedirs(os.path.join(ws, "blobs"))
             os.makedirs(os.path.join(ws, "layers"))
+            source.fetch_blobs(unique, os.path.join(ws, "blobs"), progress)
             for desc, diff_id in zip(layers, diff_ids, strict=True):
-                _pull_layer(store, layout, ws, staged, desc, diff_id, progress)
-                progress.layer_done()
+                _pull_layer(store, ws, staged, desc, diff_id)
             for digest, data in ((mdesc.digest, manifest_bytes), (cdesc.digest, config_bytes)):
                 tmp = os.path.join(ws, "blobs", digest_hex(digest))
                 with open(tmp, "wb") as f:
@@ -73,15 +122,12 @@ def pull(store: StoreRecords, arg: str, name: str | None = None) -> Image:
     return store.load(name, mdesc.digest)
 
 
-def _pull_layer(store: StoreRecords, layout: Layout, ws: str, staged: Staged, desc: Descriptor, diff_id: str,
-                progress: Progress) -> None:
-    """One layer into the workspace: its blob copied (size and digest checked), its uncompressed
-    content hashed against *diff_id*, and unpacked unless the store has it already."""
+def _pull_layer(store: StoreRecords, ws: str, staged: Staged, desc: Descriptor, diff_id: str) -> None:
+    """One layer in the workspace: its blob (fetched, size and digest checked) hashed uncompressed
+    against *diff_id*, and unpacked unless the store has it already."""
     hexid = digest_hex(diff_id, "DiffID")
     comp = compression_of(desc.media_type)
     tmp = os.path.join(ws, "blobs", digest_hex(desc.digest))
-    if desc.digest not in staged.blobs:
-        layout.copy_blob(desc, tmp, progress.add)
     staged.blobs[desc.digest] = tmp
     if hexid in staged.sources:
         return  # the same layer twice in one image

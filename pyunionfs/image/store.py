@@ -19,6 +19,7 @@ from .ocilayout import Descriptor
 from .pull import pull
 from .push import push
 from .records import Image, StoreRecords
+from .references import Platform
 
 __all__ = ["Store"]
 
@@ -26,9 +27,9 @@ __all__ = ["Store"]
 class Store(StoreRecords):
     """A store directory (see :class:`.records.StoreRecords`) with the commands that fill and empty it."""
 
-    def pull(self, arg: str, name: str | None = None) -> Image:
+    def pull(self, arg: str, name: str | None = None, platform: Platform | None = None) -> Image:
         """Import the image LAYOUT[:TAG] (see :func:`.pull.pull`)."""
-        return pull(self, arg, name)
+        return pull(self, arg, name, platform)
 
     def push(self, ref: str, arg: str, compress: Compression | None = None,
              convert: bool = False) -> tuple[Image, str, Descriptor]:

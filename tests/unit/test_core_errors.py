@@ -150,13 +150,15 @@ def test_one_base_and_a_type_for_each_thing_that_fails():
 
     types = {
         errors.UsageError, errors.MountError, errors.LayerError, errors.ImageError, errors.StoreError,
-        errors.ProtocolError, errors.UnsupportedKernel, errors.WouldBlock,
+        errors.ProtocolError, errors.UnsupportedKernel, errors.WouldBlock, errors.TransferError,
     }
+    kinds = {errors.UnsupportedKernel, errors.TransferError}
     assert all(issubclass(t, errors.PyunionfsError) for t in types)
     assert issubclass(errors.UnsupportedKernel, errors.ProtocolError)
+    assert issubclass(errors.TransferError, errors.ImageError)
     # siblings, not kinds of one another: an image error is not a mount error any more
-    for a in types - {errors.UnsupportedKernel}:
-        for b in types - {a, errors.UnsupportedKernel}:
+    for a in types - kinds:
+        for b in types - kinds - {a}:
             assert not issubclass(a, b), (a, b)
     defined = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)}
     assert defined == types | {errors.PyunionfsError}
