@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import Protocol
 
@@ -202,53 +202,65 @@ class Resolver:
         dirs: list[int], xwh: list[int], moves: dict[int, bytes], impure: list[int],
     ) -> os.stat_result | None:
         """Merge the directories below *layer* that its *redirect* names
-        (``ovl_lookup``'s rules): a bare name is looked up in the parent's
-        directories below, an absolute path from the root of every layer
-        below; a redirect found on the way replaces the name (or the last
-        component) again.  Appends to *dirs*, *xwh* and *impure*, records
-        where each was found in *moves*, and returns the lowest one's lstat."""
+        (``ovl_lookup``'s rules, see :meth:`_trail`).  Appends to *dirs*,
+        *xwh* and *impure*, records where each was found in *moves*, and
+        returns the lowest one's lstat."""
         stack, markers, real = self.stack, self.markers, self.real_paths
         count = len(stack.layers)
-        absolute = redirect.startswith(b"/")
-        target = redirect[1:] if absolute else redirect
+        trail = _Trail(redirect, layer)
         low: os.stat_result | None = None
-        above = layer
-        while True:
-            pool: Iterable[int] = range(above + 1, count) if absolute else [k for k in parent.layers if k > above]
-            for k in pool:
-                path = target if absolute else join(stack.real(k, parent_rel), target)
-                where, _, name = path.rpartition(b"/")
-                there, prefix, cut = self._walk(k, where) if absolute else (True, where, False)
-                if absolute:
-                    target = join(prefix, name)  # what the layers below look up
-                st = stack.lstat_real(k, where, name) if there else None
-                if st is None:
-                    if cut or (there and markers.oci_whiteout(real, k, where, name)):
-                        return low
-                    continue
-                if markers.is_whiteout(st, False, real, k, where, name) or not stat.S_ISDIR(st.st_mode):
-                    return low
-                dirs.append(k)
-                moves[k] = path
-                low = st
-                xattrs = stack.listxattr(k, path, real=True)
-                opaque = markers.opaque(real, k, path, xattrs)
-                if opaque == XWHITEOUTS:
-                    xwh.append(k)
-                if markers.has_record(xattrs, b"impure"):
-                    impure.append(k)
-                if k + 1 == count or cut or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
-                    return low
-                again = self._redirect(real, k, path, xattrs) if markers.has_record(xattrs, b"redirect") else None
-                if again is not None:
-                    if again.startswith(b"/"):
-                        absolute, target = True, again[1:]
-                    else:
-                        target = join(prefix, again) if absolute else again
-                    above = k
-                    break
-            else:
+        for k, path, st, cut, prefix in self._trail(parent, parent_rel, trail):
+            where, _, name = path.rpartition(b"/")
+            if st is None or markers.is_whiteout(st, False, real, k, where, name) or not stat.S_ISDIR(st.st_mode):
                 return low
+            dirs.append(k)
+            moves[k] = path
+            low = st
+            xattrs = stack.listxattr(k, path, real=True)
+            opaque = markers.opaque(real, k, path, xattrs)
+            if opaque == XWHITEOUTS:
+                xwh.append(k)
+            if markers.has_record(xattrs, b"impure"):
+                impure.append(k)
+            if k + 1 == count or cut or opaque == OPAQUE or markers.oci_opaque(real, k, where, name):
+                return low
+            again = self._redirect(real, k, path, xattrs) if markers.has_record(xattrs, b"redirect") else None
+            if again is not None:
+                trail.turn(again, prefix, k)
+        return low
+
+    def _trail(self, parent: Entry, parent_rel: bytes, trail: _Trail) -> Iterator[
+            tuple[int, bytes, os.stat_result | None, bool, bytes]]:
+        """What each layer below holds where *trail* leads, as ``ovl_lookup``
+        follows a redirect: a bare name in the parent's directories below, an
+        absolute path from the root of every layer below (walked a component
+        at a time, :meth:`_walk`).  Yields (layer, path there, its lstat,
+        whether the layers below are cut off, the path's directory as the
+        layers below look it up); an lstat of None means the trail ends
+        there (a whiteout or an opaque directory on the way).  Layers with
+        nothing there are passed over.  The consumer may :meth:`_Trail.turn`
+        the trail at the layer just yielded (a redirect found there): the
+        next layers are then those below it, on the new trail."""
+        stack, markers, real = self.stack, self.markers, self.real_paths
+        count = len(stack.layers)
+        while True:
+            above = trail.above
+            pool: Iterable[int] = (
+                range(above + 1, count) if trail.absolute else [k for k in parent.layers if k > above])
+            for k in pool:
+                path = trail.target if trail.absolute else join(stack.real(k, parent_rel), trail.target)
+                where, _, name = path.rpartition(b"/")
+                there, prefix, cut = self._walk(k, where) if trail.absolute else (True, where, False)
+                if trail.absolute:
+                    trail.target = join(prefix, name)  # what the layers below look up
+                st = stack.lstat_real(k, where, name) if there else None
+                if st is None and not cut and not (there and markers.oci_whiteout(real, k, where, name)):
+                    continue
+                yield k, path, st, cut, prefix
+                if trail.above != above:
+                    break  # turned here: start again below this layer
+            else:
+                return
 
     def _walk(self, k: int, where: bytes) -> tuple[bool, bytes, bool]:
         """Directory path *where* walked from layer *k*'s root, one component
@@ -281,48 +293,28 @@ class Resolver:
 
     def _lowerdata(self, parent: Entry, parent_rel: bytes, name: bytes, layer: int) -> DataRef:
         """Where the data of metadata-only copy *name* in *layer* is: the
-        first regular file below under its name, or under its redirect (a
-        bare name beside it, ``/a/b`` from the root of every layer below),
-        passing through further metadata-only copies and their redirects, as
-        ``ovl_lookup`` finds "lowerdata".  EPERM when the mount does not
-        follow them (``metacopy=off``, the kernel's "refusing to follow
-        metacopy origin"); EIO when no data is found, or something else is."""
+        first regular file below under its name, or under its redirect (see
+        :meth:`_trail`), passing through further metadata-only copies and
+        their redirects, as ``ovl_lookup`` finds "lowerdata".  EPERM when the
+        mount does not follow them (``metacopy=off``, the kernel's "refusing
+        to follow metacopy origin"); EIO when no data is found, or something
+        else is."""
         rel = join(parent_rel, name)
         if not self.metacopy:
             raise fs_error(errno.EPERM, rel)
-        stack, markers, real = self.stack, self.markers, self.real_paths
-        count = len(stack.layers)
-        redirect = self._redirect(stack, layer, rel, stack.listxattr(layer, rel))
-        absolute = redirect is not None and redirect.startswith(b"/")
-        target = redirect[1:] if redirect is not None and absolute else (redirect or name)
-        above = layer
-        while True:
-            pool: Iterable[int] = range(above + 1, count) if absolute else [k for k in parent.layers if k > above]
-            for k in pool:
-                path = target if absolute else join(stack.real(k, parent_rel), target)
-                where, _, base = path.rpartition(b"/")
-                there, prefix, cut = self._walk(k, where) if absolute else (True, where, False)
-                if absolute:
-                    target = join(prefix, base)
-                st = stack.lstat_real(k, where, base) if there else None
-                if st is None:
-                    if cut or (there and markers.oci_whiteout(real, k, where, base)):
-                        raise fs_error(errno.EIO, rel)
-                    continue
-                if markers.is_whiteout(st, False, real, k, where, base) or not stat.S_ISREG(st.st_mode):
-                    raise fs_error(errno.EIO, rel)
-                if not markers.metacopy(real, k, path, st):
-                    return DataRef(k, path, st.st_blocks)
-                again = self._redirect(real, k, path, real.listxattr(k, path))
-                if again is not None:
-                    if again.startswith(b"/"):
-                        absolute, target = True, again[1:]
-                    else:
-                        target = join(prefix, again) if absolute else again
-                    above = k
-                    break
-            else:
-                raise fs_error(errno.EIO, rel)
+        markers, real = self.markers, self.real_paths
+        redirect = self._redirect(self.stack, layer, rel, self.stack.listxattr(layer, rel))
+        trail = _Trail(redirect or name, layer)
+        for k, path, st, _, prefix in self._trail(parent, parent_rel, trail):
+            where, _, base = path.rpartition(b"/")
+            if st is None or markers.is_whiteout(st, False, real, k, where, base) or not stat.S_ISREG(st.st_mode):
+                break
+            if not markers.metacopy(real, k, path, st):
+                return DataRef(k, path, st.st_blocks)
+            again = self._redirect(real, k, path, real.listxattr(k, path))
+            if again is not None:
+                trail.turn(again, prefix, k)
+        raise fs_error(errno.EIO, rel)
 
     def _indexed(self, layer: int, parent_rel: bytes, name: bytes, ident: tuple[int, int]) -> Entry | None:
         """The index copy of lower hard link *name*, if one of its names was
@@ -433,3 +425,27 @@ class Resolver:
             self.origins[ident] = found
             return found
         return ident
+
+
+class _Trail:
+    """Where a redirect leads, as it changes on the way (see :meth:`Resolver._trail`)."""
+
+    __slots__ = ("absolute", "target", "above")
+
+    def __init__(self, redirect: bytes, above: int) -> None:
+        self.absolute = redirect.startswith(b"/")
+        #: The path looked up: from each layer's root if absolute, else in
+        #: the parent's directories.
+        self.target = redirect[1:] if self.absolute else redirect
+        #: The layer below which the trail is followed.
+        self.above = above
+
+    def turn(self, again: bytes, prefix: bytes, layer: int) -> None:
+        """Another redirect, found in *layer*: absolute, it replaces the
+        path; a bare name replaces its last component (*prefix* is the
+        path's directory as the layers below look it up)."""
+        if again.startswith(b"/"):
+            self.absolute, self.target = True, again[1:]
+        else:
+            self.target = join(prefix, again) if self.absolute else again
+        self.above = layer
