@@ -73,6 +73,13 @@ def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+def _store_with_another_image(tmp_path: Path, home: Path) -> tuple[Path, list[str]]:
+    """A second store holding one image of its own, and its listing: what a failed pull must not change."""
+    mine = tmp_path / "store"
+    _run(home, "commit", str(base_tree(tmp_path / "other")), "--tag", "other:1", "--store", str(mine))
+    return mine, _listing(mine)
+
+
 def _tree(root: Path) -> Snapshot:
     return snapshot(root).subset(lambda path, _: path != b".")
 
@@ -284,9 +291,7 @@ def test_damaged_blob_is_refused_and_nothing_stored(tmp_path: Path, home: Path, 
                                                     source: tuple[Path, str]) -> None:
     store, _ = source
     layer = Store(str(store)).image("app:1").layer_descriptors[1].digest
-    mine = tmp_path / "store"
-    _run(home, "commit", str(base_tree(tmp_path / "other")), "--tag", "other:1", "--store", str(mine))
-    before = _listing(mine)
+    mine, before = _store_with_another_image(tmp_path, home)
     with proxy(registry) as (host, seen):
         _run(home, "push", "app:1", f"docker://{host}/damaged/app:1", "--store", str(store))
         seen.damage.add(layer)
@@ -369,9 +374,7 @@ def test_ctrl_c_leaves_the_store_as_it_was(tmp_path: Path, home: Path, registry:
     """SIGINT while a layer is half downloaded: one line, exit 130, soon, and the store unchanged."""
     store, _ = source
     layer = Store(str(store)).image("app:1").layer_descriptors[0].digest
-    mine = tmp_path / "store"
-    _run(home, "commit", str(base_tree(tmp_path / "other")), "--tag", "other:1", "--store", str(mine))
-    before = _listing(mine)
+    mine, before = _store_with_another_image(tmp_path, home)
     with proxy(registry) as (host, seen):
         _run(home, "push", "app:1", f"docker://{host}/intr/app:1", "--store", str(store))
         seen.stall.add(layer)
