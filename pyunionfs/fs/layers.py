@@ -254,6 +254,11 @@ class LayerStack:
         where, _, name = path.rpartition(b"/")
         return self._open(layer, self.fds.get(layer, where), name, flags)
 
+    def readlink_real(self, layer: int, path: bytes) -> bytes:
+        """The target of symlink *path*, the layer's own path (not a merged one)."""
+        where, _, name = path.rpartition(b"/")
+        return os.readlink(name, dir_fd=self.fds.get(layer, where))
+
     def _open(self, layer: int, dfd: int, name: bytes, flags: int) -> int:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not self.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):

@@ -228,11 +228,6 @@ class Markers:
 
     # -- the overlay's own records -------------------------------------
 
-    #: Records that leave an upper entry's data (``metacopy``) or its
-    #: directory contents (``redirect``) at another place in a lower layer:
-    #: such an upper cannot be read on its own, e.g. into an image layer.
-    LOWER_DEPENDENT = (b"redirect", b"metacopy")
-
     def metacopy(self, view: LayerView, layer: int, rel: bytes, st: os.stat_result, exact: bool = True) -> bool:
         """Whether entry *rel* of *layer* (lstat *st*) is a metadata-only copy:
         a regular file with an ``overlay.metacopy`` record, whose data is in a

@@ -23,8 +23,10 @@ each group sorted by name.
 
 An upper that uses ``overlay.redirect`` (renamed directories, kernel
 ``redirect_dir=on``) or ``overlay.metacopy`` (metadata-only copy-up) keeps
-part of its meaning in a lower layer; it is refused with :class:`LayerError`
-rather than read wrongly.
+part of its meaning in a lower layer: with the lowers given, those entries
+are read through them as the mount reads them (:mod:`.unionview`: a moved
+directory comes out opaque with its whole merged subtree); without them,
+the walk refuses with :class:`LayerError` rather than read wrongly.
 
 Hard links of a lower file live partly outside the upper: with ``index=on``
 (the kernel's option, pyunionfs's only way) a copied-up lower file with
@@ -54,18 +56,18 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 from ..config import default_workdir
 from ..errors import LayerError
 from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
-from ..fs.entry import DataRef, Entry
+from ..fs.entry import DataRef
 from ..fs.layers import LayerStack
-from ..fs.resolve import Resolver
 from ..fs.markers import OPAQUE, XWHITEOUTS, Markers, classify_oci_name
-from ..fs.paths import join
+from ..fs.paths import join, split as _split
+from .unionview import UnionView
 
 __all__ = [
     "ADDED", "CHANGED", "DELETED", "UpperEntry", "UpperWalk", "Warn", "changes", "display",
@@ -141,9 +143,13 @@ class UpperEntry:
     grafted: bool = False
     #: The work dir's ``index/`` entry whose content this grafted name shows.
     index: bytes | None = None
-    #: Where a metadata-only copy's data is (in the walk's union of the
-    #: upper and its lowers, see :meth:`UpperWalk.open`).
+    #: Where this entry's content is when it is not the upper's own: a
+    #: metadata-only copy's data, or a lower entry shown in a moved
+    #: directory (a real path of the walk's :class:`.unionview.UnionView`).
     data: DataRef | None = None
+    #: A directory whose children are the merged ones (read through the
+    #: union): one renamed with ``redirect_dir=on``, and everything below it.
+    moved: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -175,8 +181,8 @@ class UpperWalk:
         self.stack = LayerStack((upper,), writable_top=False)
         self.upper = upper
         #: The upper over its lowers, read as the mount reads them: made at
-        #: the first metadata-only copy met, to find its data.
-        self._union: Resolver | None = None
+        #: the first entry that keeps part of itself below (see :mod:`.unionview`).
+        self._view: UnionView | None = None
         try:
             self.index = self._open_index(given=workdir is not None)
             if self.index is not None:
@@ -218,8 +224,8 @@ class UpperWalk:
 
     def close(self) -> None:
         self.stack.close()
-        if self._union is not None:
-            self._union.stack.close()
+        if self._view is not None:
+            self._view.close()
         if self.index is not None:
             self.index.close()
             self.index = None
@@ -276,6 +282,8 @@ class UpperWalk:
                       "the ones the upper was mounted with?")
 
     def _children(self, d: UpperEntry) -> Iterator[UpperEntry]:
+        if d.moved:
+            return self._merged_children(d)
         rel = d.path
         grafted = self.grafts.get(rel, [])
         if d.grafted:
@@ -318,17 +326,16 @@ class UpperWalk:
     def _describe(self, rel: bytes, st: os.stat_result, oci_opaque: bool) -> UpperEntry:
         names = self.stack.listxattr(0, rel)
         data = None
+        moved = False
         if stat.S_ISREG(st.st_mode) and self.markers.metacopy(self.stack, 0, rel, st):
-            data = self._lowerdata(rel)  # (a redirect beside it says only where that data is)
-        else:
-            for record in Markers.LOWER_DEPENDENT:
-                if self.markers.has_record(names, record):
-                    raise LayerError(
-                        f"{display(rel)}: has an overlay.{record.decode()} record, so part of it lives in a "
-                        "lower layer (written with redirect_dir=on); it cannot be read on its own"
-                    )
+            data = self.union(rel, "a metadata-only copy (metacopy=on)").lowerdata(rel)
+        elif stat.S_ISDIR(st.st_mode) and rel and self.markers.has_record(names, b"redirect"):
+            self.union(rel, "a directory renamed with redirect_dir=on")
+            moved = True
         opaque = xwh = False
-        if stat.S_ISDIR(st.st_mode):
+        if moved:
+            opaque = True  # whatever the lowers hold at its new name is not its content
+        elif stat.S_ISDIR(st.st_mode):
             value = self.markers.opaque(self.stack, 0, rel, names)
             xwh = value == XWHITEOUTS
             opaque = value == OPAQUE or oci_opaque
@@ -344,34 +351,35 @@ class UpperWalk:
             xattrs=visible_xattrs(self.markers, names, lambda n: self.stack.getxattr(0, rel, n)),
             xwhiteouts=xwh,
             data=data,
+            moved=moved,
         )
 
-    def _lowerdata(self, rel: bytes) -> DataRef:
-        """Where metadata-only copy *rel* (``metacopy=on``) has its data: it
-        is looked up through the upper over the lowers as the mount does
-        (:meth:`.resolve.Resolver._lowerdata`); without the lowers, or with
-        its data nowhere in them, a one-line refusal."""
+    def union(self, rel: bytes, what: str) -> UnionView:
+        """The upper over its lowers, for entry *rel*, which is *what* and so
+        keeps part of itself in a lower layer; without the lowers, a one-line refusal."""
         if not self.lowers:
-            raise LayerError(f"{display(rel)}: is a metadata-only copy (metacopy=on) whose data is in a lower "
-                             "layer: give the lowers (--lowers) to read it from them")
-        if self._union is None:
-            self._union = Resolver(LayerStack((self.upper, *self.lowers), writable_top=False), self.markers)
-            self._union.metacopy = True
-        union = self._union
-        entry: Entry | None = union.root()
-        at = b""
-        try:
-            for name in rel.split(b"/"):
-                assert entry is not None
-                entry = union.child(entry, at, name)
-                if entry is None:
-                    break
-                at = join(at, name)
-        except OSError as exc:
-            raise LayerError(f"{display(rel)}: its data cannot be found in the lowers: {exc.strerror}") from None
-        if entry is None or entry.data is None:
-            raise LayerError(f"{display(rel)}: its data cannot be found in the lowers given")
-        return entry.data
+            raise LayerError(f"{display(rel)}: is {what}, which keeps part of itself in a lower layer: "
+                             "give the lowers (--lowers) to read it from them")
+        if self._view is None:
+            self._view = UnionView(self.upper, self.lowers, self.markers)
+        return self._view
+
+    def _merged_children(self, d: UpperEntry) -> Iterator[UpperEntry]:
+        """The children of moved directory *d*: its merged entries, each
+        with its own metadata, the upper's where it has them (every
+        directory below moved too: the layer holds the whole subtree)."""
+        view = self.union(d.path, "in a directory renamed with redirect_dir=on")
+
+        def visible(layer: int, real: bytes) -> XattrList:
+            names = view.stack.listxattr(layer, real, real=True)
+            return visible_xattrs(self.markers, names, lambda n: view.stack.getxattr(layer, real, n, real=True))
+
+        for path, st, xattrs, data, in_upper in view.children(d.path, visible):
+            if in_upper and data is None:
+                own = self._describe(path, self.stack.lstat(0, *_split(path)) or st, False)
+                yield replace(own, moved=own.is_dir, opaque=False) if own.is_dir else own
+            else:
+                yield UpperEntry(path, st, copied_up=True, xattrs=xattrs, data=data, moved=stat.S_ISDIR(st.st_mode))
 
     def _note_nlink(self, rel: bytes, st: os.stat_result, names: list[bytes]) -> None:
         """Learn a copied-up hard link's merged link count from its upper
@@ -397,15 +405,18 @@ class UpperWalk:
         if e.index is not None:
             assert self.index is not None, "grafted names come from the index"
             return self.index.open_copy(e.index)
-        if e.data is not None:  # a metadata-only copy: its data's file, below
-            assert self._union is not None, "data is found through the union"
-            return self._union.stack.open_real(e.data.layer, e.data.path)
+        if e.data is not None:  # content below: a metadata-only copy's data, or a moved directory's file
+            assert self._view is not None, "found through the union"
+            return self._view.stack.open_real(e.data.layer, e.data.path)
         return self.stack.open_file(0, e.path, os.O_RDONLY)
 
     def readlink(self, e: UpperEntry) -> bytes:
         if e.index is not None:
             assert self.index is not None, "grafted names come from the index"
             return self.index.readlink(e.index)
+        if e.data is not None:
+            assert self._view is not None, "found through the union"
+            return self._view.stack.readlink_real(e.data.layer, e.data.path)
         return self.stack.readlink(0, e.path)
 
 

@@ -320,3 +320,47 @@ def test_a_directory_moved_out_of_a_moved_directory_is_found_through_both_record
     assert seen["ours"] == seen["kernel"]
     assert seen["ours"]["first"] == seen["ours"]["rotated"] == b"b in pop"
     assert seen["ours"]["d"] == b"x"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("who", ["kernel", "ours"])
+def test_commit_of_moved_directories_gives_the_merged_tree(tmp_path: Path, who: str) -> None:
+    """A layer cannot say "moved": a directory renamed with redirect_dir=on goes into it opaque
+    with its whole merged subtree (read through the lowers given), its old name whited out.
+    Flattened over the lowers (each committed as a layer), the layer gives the tree the mount
+    showed; without --lowers the commit is refused in one line."""
+    import subprocess
+    import sys
+
+    if who == "kernel":
+        top, bottom, upper, live = _moved_by_the_kernel(tmp_path)
+    else:
+        top, bottom = _lowers(tmp_path)
+        upper, mnt = tmp_path / "upper", tmp_path / "mnt"
+        upper.mkdir()
+        mnt.mkdir()
+        with Daemon([top, bottom], upper, mnt, [f"workdir={tmp_path / 'work'}", "redirect_dir=on"]):
+            _kernel_moves(mnt)
+            live = snapshot(mnt)
+
+    def pyunionfs(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "pyunionfs", *args], capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL)
+        assert (res.returncode == 0) == ok, res.stderr
+        return res
+
+    refused = pyunionfs("commit", str(upper), "-o", str(tmp_path / "no.tar"), ok=False)
+    assert refused.stderr.count("\n") == 1 and "--lowers" in refused.stderr
+    pyunionfs("commit", str(upper), "-o", str(tmp_path / "step.tar"), "--lowers", f"{top}:{bottom}")
+    flat = tmp_path / "flat"
+    for layer, src in (("l2.tar", bottom), ("l1.tar", top)):
+        pyunionfs("commit", str(src), "-o", str(tmp_path / layer))
+        pyunionfs("apply", "--flatten", str(tmp_path / layer), str(flat))
+    pyunionfs("apply", "--flatten", str(tmp_path / "step.tar"), str(flat))
+    # Everything as the mount showed it -- but a lower hard link with a name inside a moved
+    # directory and one outside: the layer holds the inside one as a file of its own (a layer
+    # cannot link to a file of another layer).
+    outside = (b"fresh/twice/hard", b"plain/p")
+    shown, flattened = (t.subset(lambda p, _: p not in (b".", *outside)) for t in (live, snapshot(flat)))
+    assert diff(shown, flattened, limit=None) == []
+    assert all((flat / os.fsdecode(p)).read_bytes() == b"never moved" for p in outside)

@@ -142,7 +142,8 @@ def test_cli_output_and_errors(tmp_path: Path, capsysbinary) -> None:
     os.setxattr(up / "opt", "trusted.overlay.redirect", b"/moved")
     assert cli.main(["diff", str(up)]) == 1
     err = capsysbinary.readouterr().err
-    assert err.startswith(b"pyunionfs: opt: has an overlay.redirect record") and err.count(b"\n") == 1
+    assert err.startswith(b"pyunionfs: opt: is a directory renamed with redirect_dir=on") and err.count(b"\n") == 1
+    assert b"--lowers" in err
     with pytest.raises(LayerError, match="metacopy"):
         os.setxattr(up / "newfile", "user.overlay.metacopy", b"")
         os.removexattr(up / "opt", "trusted.overlay.redirect")
