@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # engine that the test extra installs; fuse-overlayfs is the tests' oracle for
 # the options taken from it (tests/mount/test_idmap.py); docker-registry (the
 # CNCF distribution registry), skopeo and htpasswd (apache2-utils, the bcrypt
-# lines the registry's basic auth reads) serve tests/mount/test_registry.py.
+# lines the registry's basic auth reads) serve tests/mount/test_registry.py, with openssl for its
+# certificates and signed tokens.
 need=()
-for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs docker-registry skopeo apache2-utils; do
+for pkg in libfuse3-dev fuse3 pkg-config gcc fuse-overlayfs docker-registry skopeo apache2-utils openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # buildah, runc (crun 1.8 refuses hybrid cgroups), uidmap (newuidmap) and busybox-static (the image's
