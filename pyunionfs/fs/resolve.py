@@ -106,6 +106,19 @@ class Resolver:
             self.cache.store(parent.ident, name, entry)
         return entry
 
+    def walk(self, root: Entry, rel: bytes) -> Entry | None:
+        """The entry at merged path *rel*, resolved a name at a time from the
+        *root* entry; None if some name on the way is not there."""
+        entry: Entry | None = root
+        at = b""
+        for name in rel.split(b"/") if rel else []:
+            assert entry is not None
+            entry = self.child(entry, at, name)
+            if entry is None:
+                return None
+            at = join(at, name)
+        return entry
+
     def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         stack = self.stack
         markers = self.markers

@@ -203,13 +203,9 @@ class UnionFS:
 
     def _resolve_path(self, path: bytes) -> Entry:
         """Resolve a whole relative path from the root (rare: only for ``..``)."""
-        entry = self.inodes[ROOT_INO].entry
-        at = b""
-        for name in path.split(b"/") if path else []:
-            found = self.resolver.child(entry, at, name)
-            if found is None:
-                raise fs_error(errno.ENOENT, path)
-            entry, at = found, (at + b"/" + name if at else name)
+        entry = self.resolver.walk(self.inodes[ROOT_INO].entry, path)
+        if entry is None:
+            raise fs_error(errno.ENOENT, path)
         return entry
 
     def forget(self, ino: int, count: int) -> None:

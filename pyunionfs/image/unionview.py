@@ -50,16 +50,8 @@ class UnionView:
 
     def entry(self, rel: bytes) -> Entry:
         """The merged entry at *rel*; LayerError when it is not there or cannot be read."""
-        resolver = self.resolver
-        found: Entry | None = resolver.root()
-        at = b""
         try:
-            for name in rel.split(b"/") if rel else []:
-                assert found is not None
-                found = resolver.child(found, at, name)
-                if found is None:
-                    break
-                at = join(at, name)
+            found = self.resolver.walk(self.resolver.root(), rel)
         except OSError as exc:
             raise LayerError(f"{_show(rel)}: cannot be read through the lowers: {exc.strerror}") from None
         if found is None:
