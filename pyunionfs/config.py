@@ -103,6 +103,8 @@ class MountConfig:
     engine: str = "native"
     #: Whether the native engine may answer opens with FUSE passthrough.
     passthrough: bool = True
+    #: ``passthrough=all``: lower files opened to read go passthrough too.
+    lower_passthrough: bool = False
     #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
     redirect_dir: str = "follow"
     #: The kernel's ``metacopy``: metadata changes of a lower file copy up
@@ -333,7 +335,8 @@ def build_config(
         foreground=foreground,
         debug=debug or "debug" in opts,
         engine=setting("engine"),
-        passthrough=setting("passthrough") == "on",
+        passthrough=setting("passthrough") != "off",
+        lower_passthrough=setting("passthrough") == "all",
         redirect_dir=_redirect_dir(opts, setting("redirect_dir")),
         metacopy=setting("metacopy") == "on",
         uid_ranges=id_ranges(opts["uidmapping"], "uidmapping") if opts.get("uidmapping") else (),

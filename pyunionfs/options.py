@@ -243,7 +243,9 @@ TABLE: tuple[Option, ...] = (
     Option("engine", _OURS, "the FUSE engine: pyunionfs's own, or pyfuse3 + trio (the `pyfuse3` extra)",
            kind=_V, choices=ENGINES, default=ENGINES[0]),
     Option("passthrough", _OURS, "let the kernel read and write upper files itself (FUSE passthrough, where the "
-           "kernel allows it)", kind=_V, choices=_ONOFF, default="on"),
+           "kernel allows it); `all`: lower files of 64 KiB or more opened to read too, where a descriptor opened "
+           "before a copy-up keeps reading the lower file (docs/semantics.md)", kind=_V,
+           choices=("on", "off", "all"), default="on"),
     Option("max_files_per_uid", _OURS, "open files and directories one user other than root may hold (default: a "
            "quarter of what the daemon's open-file limit leaves for them)", kind=Kind.INT, metavar="N", low=1),
     Option("noacl", _FOVL, "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)"),

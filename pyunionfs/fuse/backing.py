@@ -16,15 +16,24 @@ while any open of it lasts (:class:`Backings` counts them):
 * **upper files** go passthrough, on one backing per inode opened read-write,
   so read-only and read-write opens share it and see each other's writes at
   once, as one kernel inode does;
-* **lower files** are served in cached mode.  A lower file may be copied up
-  while it is open (a write open of it): the new open must then reach the
-  copy, which cannot be the backing the earlier opens hold, and a read-only
-  open made before the copy-up must see the copy's data afterwards, as on the
-  kernel's overlayfs (its files re-open the real file after a copy-up; ours
-  re-point the daemon's handle, :meth:`~pyunionfs.copyups.CopyUps._repoint`).
-  In cached mode both hold; in passthrough neither could.  Lower files are
-  read-only and the kernel caches their pages across opens, so only the
-  first read of each page goes through the daemon;
+* **lower files** are served in cached mode by default.  A lower file may be
+  copied up while it is open (a write open of it): the new open must then
+  reach the copy, which cannot be the backing the earlier opens hold, and a
+  read-only open made before the copy-up must see the copy's data
+  afterwards, as on the kernel's overlayfs (its files re-open the real file
+  after a copy-up; ours re-point the daemon's handle,
+  :meth:`~pyunionfs.copyups.CopyUps._repoint`).  In cached mode both hold;
+  in passthrough neither could.  Lower files are read-only and the kernel
+  caches their pages across opens, so only the first read of each page goes
+  through the daemon;
+* with ``passthrough=all``, **lower files of at least** :data:`LOWER_MIN`
+  **bytes opened to read** go passthrough on the lower file itself, and the
+  first rule is met another way: an open that must reach the copy while the
+  inode is pinned to the lower file (a write open, or any open once the
+  object is copied up) is refused by :meth:`Backings.open`, and answered ESTALE after
+  the object gets a new node id (:mod:`.nodeids`); the kernel's retry then opens
+  a new inode.  The second rule is given up: opens made before the copy-up
+  keep reading the lower file (docs/semantics.md);
 * an inode still open cached after its copy-up stays cached until its last
   close; its next open goes passthrough;
 * an open with O_APPEND starts cached mode: the kernel gives each
@@ -67,6 +76,15 @@ log = logging.getLogger(__name__)
 _Opener = Callable[[], int]
 
 
+#: What an open asks for: cached mode, or passthrough on the upper or a lower file.
+CACHED, UPPER, LOWER = 0, 1, 2
+
+#: The smallest lower file that ``passthrough=all`` serves in passthrough: a
+#: backing costs two ioctls per open, more than the page cache of a small
+#: file read warm, where cached mode asks the daemon nothing.
+LOWER_MIN = 64 * 1024
+
+
 @dataclass(slots=True)
 class _Mode:
     """The mode of one inode while it has opens: its backing, or cached."""
@@ -74,6 +92,7 @@ class _Mode:
     opens: int
     backing_id: int  # 0: cached mode
     fd: int = -1  # our fd of the backing file (passthrough mode)
+    lower: bool = False  # the backing is a lower file
 
 
 class Backings:
@@ -89,22 +108,26 @@ class Backings:
         #: Opens answered with passthrough (tests and the bench read it).
         self.passthrough_opens = 0
 
-    def open(self, ino: int, upper: bool, open_backing: _Opener) -> tuple[int, int]:
+    def open(self, ino: int, want: int, open_backing: _Opener) -> tuple[int, int] | None:
         """The mode of a new open of *ino* (already opened by the core).
 
-        Returns ``(backing_id, keep_cache)``: a nonzero id means answer with
-        FOPEN_PASSTHROUGH and that id; 0 means cached mode, with
-        FOPEN_KEEP_CACHE when *keep_cache*.  *open_backing* opens the
-        object read-write for a new backing (an OSError: cached mode).
+        *want* is :data:`CACHED`, :data:`UPPER` or :data:`LOWER`: the mode
+        this open would start.  Returns ``(backing_id, keep_cache)``: a
+        nonzero id means answer with FOPEN_PASSTHROUGH and that id; 0 means
+        cached mode, with FOPEN_KEEP_CACHE when *keep_cache*.  *open_backing*
+        opens the file for a new backing (an OSError: cached mode).  None:
+        the inode is pinned to a lower file that this open must not read.
         """
         with self._lock:
             mode = self._modes.get(ino)
             if mode is not None:
+                if mode.lower and want != LOWER:
+                    return None
                 mode.opens += 1
                 if mode.backing_id:
                     self.passthrough_opens += 1
                 return mode.backing_id, 1
-            if not (self.enabled and upper):
+            if not (self.enabled and want):
                 self._modes[ino] = _Mode(1, 0)
                 keep = ino not in self._stale
                 self._stale.discard(ino)
@@ -114,10 +137,16 @@ class Backings:
                 self._modes[ino] = _Mode(1, 0)
                 self._stale.discard(ino)
                 return 0, 0
-            self._modes[ino] = _Mode(1, backing[0], backing[1])
-            self._stale.add(ino)
+            self._modes[ino] = _Mode(1, backing[0], backing[1], want == LOWER)
+            if want == UPPER:
+                self._stale.add(ino)
             self.passthrough_opens += 1
             return backing[0], 1
+
+    def pinned(self, ino: int) -> bool:
+        """Whether *ino* is open in passthrough on a lower file now."""
+        mode = self._modes.get(ino)
+        return mode is not None and mode.lower
 
     def _register(self, open_backing: _Opener) -> tuple[int, int] | None:
         try:

@@ -43,6 +43,8 @@ from .abi import (
 )
 from .backing import Backings
 from .killpriv import kill_suidgid, killable, killed
+from .nodeids import NodeIds
+from .openmodes import WRITES, OpenModes
 from .requests import (
     Access,
     BatchForget,
@@ -119,6 +121,9 @@ class Engine:
         self.timeout = cfg.timeout
         self.notify = notify
         self.backings = backings
+        #: Second node ids of objects whose inode was pinned to a lower file.
+        self.ids = NodeIds()
+        self.modes = OpenModes(fs, cfg, backings, self.ids)
         self.agreed = InitFlag(0)
         self.ended = False
         #: Requests answered, by opcode (the bench and tests read them).
@@ -177,6 +182,10 @@ class Engine:
         """The reply to *req* (None for the requests that take none)."""
         op = req.opcode
         self.counts[op] = self.counts.get(op, 0) + 1
+        if self.ids.core:
+            ino = self.ids.core.get(req.nodeid)
+            if ino is not None:
+                req.alias, req.nodeid = req.nodeid, ino
         fn = self._table.get(op)
         if fn is None:
             # FLUSH, locks, IOCTL, POLL, BMAP...: ENOSYS makes
@@ -228,7 +237,10 @@ class Engine:
     # -- names and attributes ---------------------------------------------------
 
     def _entry(self, attr: Attr) -> bytes:
-        return P.entry_out(attr, self.fs.inodes.generation(attr.ino), self.timeout, self.timeout)
+        nodeid = self.ids.kernel(attr.ino)
+        if nodeid != attr.ino:
+            self.ids.answered(nodeid)
+        return P.entry_out(attr, self.fs.inodes.generation(attr.ino), self.timeout, self.timeout, nodeid)
 
     def lookup(self, req: Request) -> bytes:
         name = _arg(req, Name).name
@@ -243,12 +255,21 @@ class Engine:
 
     def forget(self, req: Request) -> None:
         with self.fs.lock:
-            self.fs.forget(req.nodeid, _arg(req, Forget).nlookup)
+            self._forget(req.kernel_nodeid, _arg(req, Forget).nlookup)
 
     def batch_forget(self, req: Request) -> None:
         with self.fs.lock:
-            for ino, count in _arg(req, BatchForget).forgets:
-                self.fs.forget(ino, count)
+            for nodeid, count in _arg(req, BatchForget).forgets:
+                self._forget(nodeid, count)
+
+    def _forget(self, nodeid: int, count: int) -> None:
+        ids = self.ids
+        ino = ids.core.get(nodeid, nodeid) if ids.core else nodeid
+        if ino != nodeid:
+            ids.forgot(nodeid, count)
+        self.fs.forget(ino, count)
+        if ids.core and self.fs.inodes.get(ino) is None:
+            ids.dropped(ino)
 
     def getattr(self, req: Request) -> bytes:
         # fstat and stat answer alike (GETATTR_FH or not): the node is the object.
@@ -278,6 +299,8 @@ class Engine:
             mtime_ns=now if v & FattrFlag.MTIME_NOW else (a.mtime_ns if v & FattrFlag.MTIME else None),
         )
         fh = a.fh if v & FattrFlag.FH else None
+        if change.size is not None:
+            self.modes.unpin(req.nodeid, req.kernel_nodeid)
         with self.fs.lock:
             attr = self.fs.setattr(req.nodeid, change, fh)
             in_group = attr.gid == req.gid
@@ -323,7 +346,7 @@ class Engine:
     def link(self, req: Request) -> bytes:
         a = _arg(req, Link)
         with self.fs.lock:
-            _, attr = self.fs.link(a.oldnodeid, req.nodeid, a.newname)
+            _, attr = self.fs.link(self.ids.core.get(a.oldnodeid, a.oldnodeid), req.nodeid, a.newname)
         return self._entry(attr)
 
     def unlink(self, req: Request) -> bytes:
@@ -344,43 +367,10 @@ class Engine:
 
     # -- files ----------------------------------------------------------------------
 
-    def _opened(self, ino: int, fh: int, flags: int) -> bytes:
-        """fuse_open_out for handle *fh* of *ino*: passthrough or cached (see :mod:`.backing`)."""
-        node = self.fs.inodes.get(ino)
-        mode = node.entry.st.st_mode if node is not None else 0
-        if node is not None and self.fs.overrides is not None:
-            with self.fs.lock:  # the mode shown is the record's (a set-ID bit may be only there)
-                mode = self.fs.attr_of(ino, node.entry, node.path).mode
-        upper = (
-            self.backings.enabled
-            and node is not None
-            and stat.S_ISREG(node.entry.st.st_mode)
-            and self.fs.stack.layers[node.entry.layers[0]].writable
-            # (A metadata-only copy reads from a lower file: as lower files, cached.)
-            and node.entry.data is None
-            # The kernel opens each passthrough file's backing file with the
-            # open's flags and never updates them: a later F_SETFL clearing
-            # O_APPEND would not be honoured, so appenders start cached.
-            and not flags & os.O_APPEND
-            # Passthrough writes run with the daemon's credentials, which
-            # keep set-ID bits a caller's write must clear (we clear them
-            # on WRITE, see .killpriv): such files start cached.  (Modes change
-            # only through us, and every change refreshes the node's entry.)
-            and not mode & (stat.S_ISUID | stat.S_ISGID)
-        )
-
-        def open_backing() -> int:
-            assert node is not None
-            with self.fs.lock:
-                return self.fs.open_object(node, os.O_RDWR)
-
-        backing_id, keep = self.backings.open(ino, upper, open_backing)
-        if backing_id:
-            return P.open_out(fh, FopenFlag.PASSTHROUGH, backing_id)
-        return P.open_out(fh, FopenFlag.KEEP_CACHE if keep else 0)
-
     def open(self, req: Request) -> bytes:
         a = _arg(req, Open)
+        if a.flags & WRITES:
+            self.modes.unpin(req.nodeid, req.kernel_nodeid)
         with self.fs.lock:
             fh = self.fs.open_file(req.nodeid, a.flags, self._caller(req))
         return self._answer_open(req, req.nodeid, fh, a.flags, a.open_flags)
@@ -405,7 +395,7 @@ class Engine:
                 kill_suidgid(fh, self.fs.stored_gid(req.gid))
                 if self.fs.overrides is not None:
                     self._kill_recorded(req, ino, fh)
-            return entry + self._opened(ino, fh, flags)
+            return entry + self.modes.answer(ino, req.kernel_nodeid if ino == req.nodeid else ino, fh, flags)
         except BaseException:
             with self.fs.lock:
                 self.fs.release(fh)
@@ -437,7 +427,7 @@ class Engine:
         a = _arg(req, Release)
         with self.fs.lock:
             self.fs.release(a.fh)
-        self.backings.release(req.nodeid)
+        self.backings.release(req.kernel_nodeid)
         return b""
 
     def fsync(self, req: Request) -> bytes:
@@ -501,10 +491,13 @@ class Engine:
                 taken.append((off, name, attr, node is None and off > 2))
                 if plus and node is not None:
                     self.fs.remember(node)
+                    if self.ids.core:
+                        self.ids.answered(self.ids.kernel(attr.ino))
             if plus:
                 gen = self.fs.inodes.generation
                 return P.pack_direntplus(((attr, None if bare else gen(attr.ino), off, name)
-                                          for off, name, attr, bare in taken), a.size, self.timeout, self.timeout)[0]
+                                          for off, name, attr, bare in taken), a.size, self.timeout, self.timeout,
+                                         self.ids.current)[0]
         return P.pack_dirents(((attr.ino, off, P.dtype(attr.mode), name) for off, name, attr, _ in taken), a.size)[0]
 
     def releasedir(self, req: Request) -> bytes:
@@ -575,7 +568,8 @@ class Engine:
     def _kernel_forget(self, forget: KernelForget) -> int:
         gone = 0
         for ino in forget.inodes:
-            gone += not self.notify(P.notify_inval_inode(ino, 0, 0))
+            for nodeid in self.ids.all_of(ino):
+                gone += not self.notify(P.notify_inval_inode(nodeid, 0, 0))
         for parent, name in forget.entries:
             gone += not self.notify(P.notify_inval_entry(parent, name))
         return gone
@@ -583,7 +577,8 @@ class Engine:
     def _attrs_changed(self, ino: int) -> None:
         """Drop the kernel's cached attributes of *ino* (takes no lock in the
         kernel: safe in the middle of a request)."""
-        self.notify(P.notify_inval_inode(ino, -1, 0))
+        for nodeid in self.ids.all_of(ino):
+            self.notify(P.notify_inval_inode(nodeid, -1, 0))
 
 
 def name_of(op: int) -> str:

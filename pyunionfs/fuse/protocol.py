@@ -16,7 +16,7 @@ on either side costs one request, not the daemon.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from struct import error as StructError
 from typing import Protocol, overload
 
@@ -176,19 +176,24 @@ _NO_ATTR = (0,) * 16
 
 
 def entry_out(
-    attr: AttrLike | None, generation: int = 0, entry_timeout: float = 0.0, attr_timeout: float = 0.0
+    attr: AttrLike | None,
+    generation: int = 0,
+    entry_timeout: float = 0.0,
+    attr_timeout: float = 0.0,
+    nodeid: int = 0,
 ) -> bytes:
     """fuse_entry_out (128 bytes): LOOKUP, MKNOD, MKDIR, SYMLINK, LINK answers.
 
     Every entry answered with a nonzero node id counts one lookup the kernel
     will FORGET later.  ``attr=None`` is a negative entry: "no such name",
-    cached for *entry_timeout* (an ENOENT error is not cached).
+    cached for *entry_timeout* (an ENOENT error is not cached).  The node id
+    is ``attr.ino`` unless *nodeid* is given (a second id, see :mod:`.nodeids`).
     """
     es, ens = _split(entry_timeout)
     if attr is None:
         return S.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_NO_ATTR)
     at, atns = _split(attr_timeout)
-    return S.ENTRY_OUT.pack(attr.ino, generation, es, at, ens, atns, *_attr_fields(attr))
+    return S.ENTRY_OUT.pack(nodeid or attr.ino, generation, es, at, ens, atns, *_attr_fields(attr))
 
 
 def attr_out(attr: AttrLike, timeout: float = 0.0) -> bytes:
@@ -413,6 +418,7 @@ def pack_direntplus(
     size: int,
     entry_timeout: float = 0.0,
     attr_timeout: float = 0.0,
+    nodeids: Mapping[int, int] | None = None,
 ) -> tuple[bytes, int]:
     """A READDIRPLUS answer from (attr, generation, off, name) entries, at most *size* bytes.
 
@@ -421,7 +427,8 @@ def pack_direntplus(
     of ``attr.ino``, except ``.`` and ``..``, which the kernel skips, and
     entries whose generation is None: their node ID is 0, which tells the
     kernel to make no entry (a name listed that cannot be looked up).
-    Returns the bytes and how many fit, as :func:`pack_dirents`.
+    Returns the bytes and how many fit, as :func:`pack_dirents`.  *nodeids*
+    maps inode numbers that the kernel now knows by a second node id to it.
     """
     es, ens = _split(entry_timeout)
     at, atns = _split(attr_timeout)
@@ -433,7 +440,7 @@ def pack_direntplus(
         pad = -rec & 7
         if used + rec + pad > size:
             break
-        nodeid = 0 if generation is None else attr.ino
+        nodeid = 0 if generation is None else nodeids.get(attr.ino, attr.ino) if nodeids else attr.ino
         head = _DIRENTPLUS.pack(
             nodeid, generation or 0, es, at, ens, atns, *_attr_fields(attr), attr.ino, off, namelen, dtype(attr.mode)
         )

@@ -350,6 +350,14 @@ class Request:
     args: Args | None
     raw: memoryview
     ext: memoryview
+    #: The node id the kernel sent, where it was a second id of the object
+    #: ``nodeid`` now names (see :mod:`.nodeids`); 0 otherwise.
+    alias: int = 0
+
+    @property
+    def kernel_nodeid(self) -> int:
+        """The node id the kernel named (its inode's: what passthrough keys on)."""
+        return self.alias or self.nodeid
 
     @property
     def known(self) -> bool:

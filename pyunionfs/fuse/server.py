@@ -65,7 +65,8 @@ class Server:
         self.fs = fs
         self.cfg = cfg
         self.session = session
-        self.backings = Backings(session.fd, cfg.passthrough and not cfg.readonly and _may_passthrough())
+        may = cfg.passthrough and (cfg.lower_passthrough or not cfg.readonly)
+        self.backings = Backings(session.fd, may and _may_passthrough())
         self.engine = Engine(fs, cfg, self._notify, self.backings)
         self._setxattr_ext = False
         self._threads: list[threading.Thread] = []

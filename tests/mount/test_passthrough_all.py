@@ -1,0 +1,154 @@
+"""``-o passthrough=all``: lower files served by the kernel itself, through real mounts.
+
+What is checked (design: pyunionfs/fuse/backing.py and nodeids.py):
+
+* a lower file of 64 KiB or more opened to read goes passthrough on the
+  lower file: the daemon sees no READ, the data is right, nothing is copied
+  up; a smaller one is served by the daemon as by default;
+* a write open, a truncate, or any open after a copy-up, while the inode is
+  pinned to the lower file by a read-only open, works as on the kernel's
+  overlayfs: the kernel's path walk retries on a new inode (ESTALE once) and
+  reaches the copy, whose inode number is the file's own;
+* the one documented difference: a descriptor opened before the copy-up
+  keeps reading the lower file's data (the kernel shows the copy's), and
+  reopening such a descriptor through /proc/self/fd for writing fails with
+  ESTALE;
+* a chmod (a copy-up of metadata) leaves the pinned inode as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyunionfs.fuse import control
+from tests.support.mounting import Daemon
+from tests.support.writecheck import on_kernel_and_ours, put
+
+Mount = Callable[..., Daemon]
+
+BIG = bytes(range(256)) * 1024  # 256 KiB: above the 64 KiB threshold
+
+
+def counts(mnt: Path) -> dict[str, int]:
+    return control.stats(os.fsencode(str(mnt)))
+
+
+def all_mount(mount: Mount) -> Mount:
+    return lambda lowers, upper, *options, **kw: mount(lowers, upper, "passthrough=all", *options, **kw)
+
+
+def test_big_lower_files_are_read_by_the_kernel_small_ones_by_the_daemon(tmp_path: Path, mount: Mount) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "big", BIG)
+    put(lower / "small", b"small data")
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    if not _passthrough_possible(m):
+        pytest.skip("the kernel refused passthrough here")
+    before = counts(m)
+    assert (m / "big").read_bytes() == BIG
+    with open(m / "big", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        assert mm[1000:1010] == BIG[1000:1010]
+        mm.close()
+    after = counts(m)
+    assert after.get("READ", 0) == before.get("READ", 0), "the daemon served reads of a big lower file"
+    assert after["passthrough_opens"] == before["passthrough_opens"] + 2
+    assert (m / "small").read_bytes() == b"small data"
+    assert counts(m).get("READ", 0) >= 1 + after.get("READ", 0)
+    assert sorted(os.listdir(upper)) == [], "a read copied a file up"
+    assert (lower / "big").read_bytes() == BIG
+
+
+def _passthrough_possible(m: Path) -> bool:
+    """Whether an upper file goes passthrough on this mount (root in the initial namespace)."""
+    (m / "probe").write_bytes(b"p")
+    (m / "probe").unlink()
+    return counts(m)["passthrough_opens"] > 0
+
+
+def _pinned_then_written(m: Path) -> list[object]:
+    """A read-only fd pins a big lower file; then a write open, new opens, old fd reads."""
+    seen: list[object] = []
+    ino = os.stat(m / "f").st_ino
+    r = os.open(m / "f", os.O_RDONLY)
+    try:
+        seen.append(os.pread(r, 8, 0))
+        w = os.open(m / "f", os.O_WRONLY)
+        try:
+            os.pwrite(w, b"NEW", 0)
+            r2 = os.open(m / "f", os.O_RDONLY)
+            seen.append(os.pread(r2, 8, 0))
+            seen.append(os.fstat(r2).st_ino == ino)
+            os.close(r2)
+            seen.append(("old fd", os.pread(r, 8, 0)))
+        finally:
+            os.close(w)
+        os.truncate(m / "f", 5)  # a path truncate while the old fd lasts
+        seen.append(os.stat(m / "f").st_size)
+        seen.append(("old fd", os.pread(r, 8, 0)))
+    finally:
+        os.close(r)
+    seen.append((m / "f").read_bytes())
+    seen.append(os.stat(m / "f").st_ino == ino)
+    return seen
+
+
+def test_a_copy_up_while_pinned_matches_the_kernel_but_for_the_old_fd(tmp_path: Path, mount: Mount) -> None:
+    results = on_kernel_and_ours(tmp_path, all_mount(mount), lambda low: put(low / "f", BIG), _pinned_then_written)
+    kernel, ours = results["kernel"], results["pyunionfs"]
+    assert kernel == [BIG[:8], b"NEW" + BIG[3:8], True, ("old fd", b"NEW" + BIG[3:8]), 5,
+                      ("old fd", b"NEW" + BIG[3:5]), b"NEW" + BIG[3:5], True]
+    # The documented difference: the fd opened before the copy-up reads the lower file.
+    assert ours == [*kernel[:3], ("old fd", BIG[:8]), 5, ("old fd", BIG[:8]), *kernel[6:]]
+    assert (tmp_path / "pyunionfs/up/f").read_bytes() == b"NEW" + BIG[3:5]
+    assert (tmp_path / "pyunionfs/low/f").read_bytes() == BIG
+
+
+def test_a_chmod_while_pinned_keeps_the_inode(tmp_path: Path, mount: Mount) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", BIG)
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    r = os.open(m / "f", os.O_RDONLY)
+    try:
+        os.chmod(m / "f", 0o600)
+        assert os.stat(m / "f").st_mode & 0o777 == 0o600
+        assert os.fstat(r).st_mode & 0o777 == 0o600
+        assert (m / "f").read_bytes() == BIG  # a new open of the copy (same bytes)
+        assert os.pread(r, 4, 4) == BIG[4:8]
+        with open(m / "f", "r+b") as w:
+            w.write(b"W")
+        assert (m / "f").read_bytes()[:2] == b"W" + BIG[1:2]
+    finally:
+        os.close(r)
+    assert (upper / "f").read_bytes()[:2] == b"W" + BIG[1:2]
+
+
+def test_reopening_a_pinned_fd_for_writing_through_proc_is_refused(tmp_path: Path, mount: Mount) -> None:
+    """The kernel's retry walks the magic link back to the pinned inode: ESTALE (documented)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", BIG)
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    if not _passthrough_possible(m):
+        pytest.skip("the kernel refused passthrough here")
+    r = os.open(m / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.open(f"/proc/self/fd/{r}", os.O_RDWR)
+        assert exc.value.errno == errno.ESTALE
+        # Through its name it works, and reaches the copy.
+        fd = os.open(m / "f", os.O_RDWR)
+        os.pwrite(fd, b"Z", 0)
+        os.close(fd)
+    finally:
+        os.close(r)
+    assert (m / "f").read_bytes()[:1] == b"Z"
+    assert (upper / "f").read_bytes()[:1] == b"Z"
