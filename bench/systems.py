@@ -219,9 +219,18 @@ class PyunionfsPyfuse3(Pyunionfs):
         return super().missing()
 
 
-ALL: list[System] = [Plain(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunionfs(), PyunionfsPyfuse3()]
+class PyunionfsAll(Pyunionfs):
+    """pyunionfs with ``-o passthrough=all``: big lower files read by the kernel itself."""
+
+    name = "pyunionfs-all"
+    engine_options = ("passthrough=all",)
+
+
+ALL: list[System] = [
+    Plain(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunionfs(), PyunionfsPyfuse3(), PyunionfsAll(),
+]
 BY_NAME = {s.name: s for s in ALL}
 KERNEL = "overlay"
 REFERENCE_FUSE = "fuse-overlayfs"
 SUBJECT = "pyunionfs"  # the system the bench is about: pyunionfs as it mounts by default
-SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3")  # every pyunionfs engine: each gets ratio columns in the report
+SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3", "pyunionfs-all")  # every pyunionfs engine: each gets ratio columns in the report
