@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,3 +153,57 @@ def test_reopening_a_pinned_fd_for_writing_through_proc_is_refused(tmp_path: Pat
         os.close(r)
     assert (m / "f").read_bytes()[:1] == b"Z"
     assert (upper / "f").read_bytes()[:1] == b"Z"
+
+
+def test_readers_and_writers_racing_on_a_pinned_file_never_see_estale(tmp_path: Path, mount: Mount) -> None:
+    """Opens by name from several threads while others hold the file pinned: every call succeeds."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for i in range(4):
+        put(lower / f"f{i}", BIG)
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    errors: list[BaseException] = []
+    pinned = [os.open(m / f"f{i}", os.O_RDONLY) for i in range(4)]
+
+    def reader(i: int) -> None:
+        for _ in range(60):
+            fd = os.open(m / f"f{i % 4}", os.O_RDONLY)
+            try:
+                head = os.pread(fd, 4, 0)
+                assert head in (BIG[:4], b"W%03d" % (i % 4)), head
+            finally:
+                os.close(fd)
+
+    def writer(i: int) -> None:
+        for n in range(20):
+            fd = os.open(m / f"f{i}", os.O_RDWR)
+            try:
+                os.pwrite(fd, b"W%03d" % i, 0)
+            finally:
+                os.close(fd)
+            if n % 5 == 4:
+                os.truncate(m / f"f{i}", len(BIG))
+
+    def guarded(fn: Callable[[int], None], i: int) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn(i)
+            except BaseException as exc:  # reported below, with the thread's failure
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=guarded(reader, i)) for i in range(6)]
+    threads += [threading.Thread(target=guarded(writer, i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for fd in pinned:
+        os.close(fd)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert errors == []
+    for i in range(4):
+        data = (m / f"f{i}").read_bytes()
+        assert data == b"W%03d" % i + BIG[4:]
+        assert (upper / f"f{i}").read_bytes() == data
+        assert (lower / f"f{i}").read_bytes() == BIG
