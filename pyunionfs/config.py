@@ -103,7 +103,7 @@ class MountConfig:
     engine: str = "native"
     #: Whether the native engine may answer opens with FUSE passthrough.
     passthrough: bool = True
-    #: ``passthrough=all``: lower files opened to read go passthrough too.
+    #: ``passthrough=all`` (or a read-only mount): lower files opened to read go passthrough too.
     lower_passthrough: bool = False
     #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
     redirect_dir: str = "follow"
@@ -336,7 +336,8 @@ def build_config(
         debug=debug or "debug" in opts,
         engine=setting("engine"),
         passthrough=setting("passthrough") != "off",
-        lower_passthrough=setting("passthrough") == "all",
+        # Read-only, nothing is ever copied up: lower passthrough changes nothing one can see.
+        lower_passthrough=setting("passthrough") == "all" or (readonly and setting("passthrough") == "on"),
         redirect_dir=_redirect_dir(opts, setting("redirect_dir")),
         metacopy=setting("metacopy") == "on",
         uid_ranges=id_ranges(opts["uidmapping"], "uidmapping") if opts.get("uidmapping") else (),

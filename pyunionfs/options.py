@@ -244,7 +244,8 @@ TABLE: tuple[Option, ...] = (
            kind=_V, choices=ENGINES, default=ENGINES[0]),
     Option("passthrough", _OURS, "let the kernel read and write upper files itself (FUSE passthrough, where the "
            "kernel allows it); `all`: lower files of 64 KiB or more opened to read too, where a descriptor opened "
-           "before a copy-up keeps reading the lower file (docs/semantics.md)", kind=_V,
+           "before a copy-up keeps reading the lower file (docs/semantics.md); a read-only mount does that with "
+           "`on`, as nothing is copied up there", kind=_V,
            choices=("on", "off", "all"), default="on"),
     Option("max_files_per_uid", _OURS, "open files and directories one user other than root may hold (default: a "
            "quarter of what the daemon's open-file limit leaves for them)", kind=Kind.INT, metavar="N", low=1),

@@ -67,7 +67,8 @@ class OpenModes:
             if fs.overrides is not None:
                 with fs.lock:  # the mode shown is the record's (a set-ID bit may be only there)
                     mode = fs.attr_of(ino, entry, node.path).mode
-            upper = fs.stack.layers[entry.layers[0]].writable
+            # (On a read-only mount the upper is one more layer nothing writes.)
+            upper = fs.stack.layers[entry.layers[0]].writable and not fs.readonly
             want = wanted(mode, upper, entry.data is not None, entry.st.st_size, flags, self.lower_too)
 
         def open_backing() -> int:

@@ -209,3 +209,23 @@ def test_readers_and_writers_racing_on_a_pinned_file_never_see_estale(tmp_path: 
         assert data == b"W%03d" % i + BIG[4:]
         assert (upper / f"f{i}").read_bytes() == data
         assert (lower / f"f{i}").read_bytes() == BIG
+
+
+def test_a_read_only_mount_reads_big_lower_files_by_passthrough_by_default(tmp_path: Path, mount: Mount) -> None:
+    """Nothing is copied up on a read-only mount, so lower passthrough changes nothing one can see."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "big", BIG)
+    put(upper / "up", BIG)
+    m = mount([lower], upper, "ro").mnt
+    before = counts(m)
+    assert (m / "big").read_bytes() == BIG
+    assert (m / "up").read_bytes() == BIG
+    with pytest.raises(OSError) as exc:
+        os.open(m / "big", os.O_RDWR)
+    assert exc.value.errno == errno.EROFS
+    after = counts(m)
+    assert after.get("READ", 0) == before.get("READ", 0)
+    assert after["passthrough_opens"] == before["passthrough_opens"] + 2
+    off = mount([lower], upper, "ro", "passthrough=off").mnt
+    assert (off / "big").read_bytes() == BIG
+    assert counts(off)["passthrough_opens"] == 0
