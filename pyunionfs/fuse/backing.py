@@ -26,8 +26,9 @@ while any open of it lasts (:class:`Backings` counts them):
   in passthrough neither could.  Lower files are read-only and the kernel
   caches their pages across opens, so only the first read of each page goes
   through the daemon;
-* with ``passthrough=all``, **lower files of at least** :data:`LOWER_MIN`
-  **bytes opened to read** go passthrough on the lower file itself, and the
+* with ``passthrough=all`` (and on a read-only mount), **lower files of at
+  least** :data:`LOWER_MIN` **bytes opened to read** go passthrough on the
+  lower file itself (a metadata-only copy's on its data's), and the
   first rule is met another way: an open that must reach the copy while the
   inode is pinned to the lower file (a write open, or any open once the
   object is copied up) is refused by :meth:`Backings.open`, and answered ESTALE after

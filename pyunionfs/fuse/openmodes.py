@@ -28,10 +28,9 @@ def wanted(st_mode: int, upper: bool, metacopy: bool, size: int, flags: int, low
     """The mode an open with *flags* starts for a file shown with *st_mode*
     (the mode shown, set-ID bits included), whose object is in the upper (or
     a lower, or a metadata-only copy); *lower_too*: ``passthrough=all``."""
-    if not stat.S_ISREG(st_mode) or metacopy:
-        # (A metadata-only copy reads from a lower file: as lower files, cached.)
+    if not stat.S_ISREG(st_mode):
         return CACHED
-    if upper:
+    if upper and not metacopy:  # (a metadata-only copy reads from a lower file: as lower files)
         # The kernel opens each passthrough file's backing file with the
         # open's flags and never updates them: a later F_SETFL clearing
         # O_APPEND would not be honoured, so appenders start cached.

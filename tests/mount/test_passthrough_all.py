@@ -229,3 +229,26 @@ def test_a_read_only_mount_reads_big_lower_files_by_passthrough_by_default(tmp_p
     off = mount([lower], upper, "ro", "passthrough=off").mnt
     assert (off / "big").read_bytes() == BIG
     assert counts(off)["passthrough_opens"] == 0
+
+
+def test_a_metadata_only_copy_reads_its_lower_data_by_passthrough(tmp_path: Path, mount: Mount) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", BIG)
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper, "metacopy=on").mnt
+    os.chown(m / "f", 1000, 1000)  # a metadata-only copy-up: the data stays below
+    os.getxattr(upper / "f", "trusted.overlay.metacopy")  # (ENODATA: the data was copied)
+    before = counts(m)
+    r = os.open(m / "f", os.O_RDONLY)
+    try:
+        assert os.pread(r, 8, 0) == BIG[:8]
+        assert counts(m).get("READ", 0) == before.get("READ", 0)
+        assert counts(m)["passthrough_opens"] == before["passthrough_opens"] + 1
+        with open(m / "f", "r+b") as w:  # the data copy, on a new inode
+            w.write(b"DATA")
+        assert (m / "f").read_bytes() == b"DATA" + BIG[4:]
+        assert os.stat(m / "f").st_uid == 1000
+    finally:
+        os.close(r)
+    assert (upper / "f").read_bytes() == b"DATA" + BIG[4:]
+    assert (lower / "f").read_bytes() == BIG

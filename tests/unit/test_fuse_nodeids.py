@@ -64,7 +64,8 @@ def test_which_opens_go_passthrough() -> None:
     assert wanted(REG, True, False, 0, os.O_RDWR, False) == UPPER
     assert wanted(REG, True, False, 0, os.O_WRONLY | os.O_APPEND, True) == CACHED
     assert wanted(REG | stat.S_ISUID, True, False, 0, os.O_RDONLY, True) == CACHED
-    assert wanted(REG, True, True, big, os.O_RDONLY, True) == CACHED  # a metadata-only copy
+    assert wanted(REG, True, True, big, os.O_RDONLY, False) == CACHED  # a metadata-only copy: as lower files
+    assert wanted(REG, True, True, big, os.O_RDONLY, True) == LOWER
     assert wanted(REG, False, False, big, os.O_RDONLY, False) == CACHED  # passthrough=on
     assert wanted(REG, False, False, big, os.O_RDONLY, True) == LOWER
     assert wanted(REG, False, False, big - 1, os.O_RDONLY, True) == CACHED
