@@ -189,3 +189,38 @@ def test_statx_carries_the_basic_fields_and_the_objects_birth_time(h: Harness) -
     btime = birth_time_ns(os.fsencode(h.lower / "f"), False)
     if btime is not None:
         assert mask & 0x800 and fields[16] * 1_000_000_000 + fields[17] == btime
+
+
+def test_a_second_node_id_names_the_object_until_the_kernel_forgets_both(h: Harness) -> None:
+    """What happens after an inode pinned to a lower file is let go (fuse/nodeids.py):
+    lookups answer a new node id with the object's own inode number, requests on
+    either id reach the object, and forgetting both drops the object."""
+    ino = h.lookup(b"f")
+    h.engine.ids.renew(ino, ino)
+    err, out = h.ask(Opcode.LOOKUP, b"f\0")
+    entry = S.ENTRY_OUT.unpack_from(out)
+    new = entry[0]
+    assert err == 0 and new != ino and entry[6] == ino  # node id, then fuse_attr's ino
+    for nodeid in (ino, new):
+        err, out = h.ask(Opcode.GETATTR, S.GETATTR_IN.pack(0, 0), nodeid)
+        assert err == 0 and S.ATTR_OUT.unpack(out)[2] == ino
+    # A link made through the new id, and a listing, name the object by the new id too.
+    err, out = h.ask(Opcode.LINK, S.LINK_IN.pack(new) + b"g\0")
+    assert err == 0 and S.ENTRY_OUT.unpack_from(out)[:1] == (new,) and S.ENTRY_OUT.unpack_from(out)[6] == ino
+    err, out = h.ask(Opcode.OPENDIR, S.OPEN_IN.pack(os.O_RDONLY, 0))
+    fh = S.OPEN_OUT.unpack(out)[0]
+    err, out = h.ask(Opcode.READDIRPLUS, S.READ_IN.pack(fh, 0, 4096, 0, 0, 0))
+    pos, seen = 0, {}
+    while pos < len(out):
+        rec = S.DIRENTPLUS.unpack_from(out, pos)
+        name = out[pos + S.DIRENTPLUS.size : pos + S.DIRENTPLUS.size + rec[-2]]
+        seen[name] = rec[0]
+        pos += (S.DIRENTPLUS.size + rec[-2] + 7) & ~7
+    assert seen[b"f"] == seen[b"g"] == new
+    h.ask(Opcode.RELEASEDIR, S.RELEASE_IN.pack(fh, 0, 0, 0))
+    # The kernel forgets the new id's lookups (LOOKUP, LINK, two listed names), then the first id's.
+    h.engine.handle(parse_request(msg(Opcode.FORGET, S.FORGET_IN.pack(4), nodeid=new)))
+    assert h.engine.ids.kernel(ino) == new and h.fs.inodes.get(ino) is not None
+    h.engine.handle(parse_request(msg(Opcode.BATCH_FORGET, S.BATCH_FORGET_IN.pack(1) + S.FORGET_ONE.pack(ino, 1))))
+    assert h.fs.inodes.get(ino) is None
+    assert h.engine.ids.kernel(ino) == ino and not h.engine.ids.core
