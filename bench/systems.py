@@ -233,4 +233,5 @@ BY_NAME = {s.name: s for s in ALL}
 KERNEL = "overlay"
 REFERENCE_FUSE = "fuse-overlayfs"
 SUBJECT = "pyunionfs"  # the system the bench is about: pyunionfs as it mounts by default
-SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3", "pyunionfs-all")  # every pyunionfs engine: each gets ratio columns in the report
+#: Every pyunionfs engine and mode: each gets ratio columns in the report.
+SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3", "pyunionfs-all")

@@ -123,7 +123,7 @@ class Engine:
         self.backings = backings
         #: Second node ids of objects whose inode was pinned to a lower file.
         self.ids = NodeIds()
-        self.modes = OpenModes(fs, cfg, backings, self.ids)
+        self.modes = OpenModes(fs, cfg, backings, self.ids, notify)
         self.agreed = InitFlag(0)
         self.ended = False
         #: Requests answered, by opcode (the bench and tests read them).
@@ -242,6 +242,14 @@ class Engine:
             self.ids.answered(nodeid)
         return P.entry_out(attr, self.fs.inodes.generation(attr.ino), self.timeout, self.timeout, nodeid)
 
+    def _attr_timeout(self, req: Request) -> float:
+        """How long the kernel may keep the attributes answered to *req*: not
+        at all on an inode that was let go of (:mod:`.nodeids`), since the
+        file's data changes through another inode then, the daemon unaware."""
+        if self.ids.core and self.ids.kernel(req.nodeid) != req.kernel_nodeid:
+            return 0.0
+        return self.timeout
+
     def lookup(self, req: Request) -> bytes:
         name = _arg(req, Name).name
         try:
@@ -275,7 +283,7 @@ class Engine:
         # fstat and stat answer alike (GETATTR_FH or not): the node is the object.
         with self.fs.lock:
             attr = self.fs.getattr(req.nodeid)
-        return P.attr_out(attr, self.timeout)
+        return P.attr_out(attr, self._attr_timeout(req))
 
     def statx(self, req: Request) -> bytes:
         # Asked for when a caller wants more than GETATTR carries (the birth
@@ -284,7 +292,7 @@ class Engine:
         with self.fs.lock:
             attr = self.fs.getattr(req.nodeid)
             btime = self.fs.birth_time(req.nodeid)
-        return P.statx_out(attr, btime, self.timeout)
+        return P.statx_out(attr, btime, self._attr_timeout(req))
 
     def setattr(self, req: Request) -> bytes:
         a = _arg(req, Setattr)
@@ -306,7 +314,7 @@ class Engine:
             in_group = attr.gid == req.gid
             if v & FattrFlag.KILL_SUIDGID and killable(attr.mode, in_group):
                 attr = self.fs.setattr(req.nodeid, SetAttr(mode=killed(attr.mode, in_group)), fh)
-        return P.attr_out(attr, self.timeout)
+        return P.attr_out(attr, self._attr_timeout(req))
 
     def readlink(self, req: Request) -> bytes:
         with self.fs.lock:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
+from typing import NoReturn
 
 from ..config import MountConfig
 from ..errors import fs_error
@@ -47,11 +49,14 @@ def wanted(st_mode: int, upper: bool, metacopy: bool, size: int, flags: int, low
 class OpenModes:
     """The open answers of one mount (thread-safe: the core under its lock)."""
 
-    def __init__(self, fs: WritableUnionFS, cfg: MountConfig, backings: Backings, ids: NodeIds) -> None:
+    def __init__(
+        self, fs: WritableUnionFS, cfg: MountConfig, backings: Backings, ids: NodeIds, notify: Callable[[bytes], bool]
+    ) -> None:
         self.fs = fs
         self.lower_too = cfg.lower_passthrough
         self.backings = backings
         self.ids = ids
+        self.notify = notify
 
     def answer(self, ino: int, nodeid: int, fh: int, flags: int) -> bytes:
         """fuse_open_out for handle *fh* of *ino*, which the kernel names
@@ -79,8 +84,7 @@ class OpenModes:
 
         answer = self.backings.open(nodeid, want, open_backing)
         if answer is None:
-            self.ids.renew(ino, nodeid)
-            raise fs_error(errno.ESTALE)
+            self._let_go(ino, nodeid)
         backing_id, keep = answer
         if backing_id:
             return P.open_out(fh, FopenFlag.PASSTHROUGH, backing_id)
@@ -97,5 +101,13 @@ class OpenModes:
             return
         with self.fs.lock:
             self.fs.copyups.node(self.fs.node(ino))
+        self._let_go(ino, nodeid)
+
+    def _let_go(self, ino: int, nodeid: int) -> NoReturn:
+        """Give *ino* a new node id and answer ESTALE.  The attributes the
+        kernel keeps for the old inode are dropped: from now on it gets them
+        uncached (the engine answers them with timeout 0), as the file
+        changes through the new inode without the daemon (passthrough)."""
         self.ids.renew(ino, nodeid)
+        self.notify(P.notify_inval_inode(nodeid, -1, 0))
         raise fs_error(errno.ESTALE)

@@ -252,3 +252,25 @@ def test_a_metadata_only_copy_reads_its_lower_data_by_passthrough(tmp_path: Path
         os.close(r)
     assert (upper / "f").read_bytes() == b"DATA" + BIG[4:]
     assert (lower / "f").read_bytes() == BIG
+
+
+def test_the_old_fd_stats_what_the_new_inode_wrote(tmp_path: Path, mount: Mount) -> None:
+    """fstat of a descriptor opened before the copy-up shows the size written since, as on the kernel."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", BIG)
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    fds = [os.open(m / "f", os.O_RDONLY)]
+    try:
+        r = fds[0]
+        assert os.fstat(r).st_size == len(BIG)
+        fds.append(w := os.open(m / "f", os.O_WRONLY | os.O_APPEND))
+        os.write(w, b"x" * 5000)
+        assert os.fstat(r).st_size == len(BIG) + 5000
+        fds.append(w2 := os.open(m / "f", os.O_RDWR))
+        os.pwrite(w2, b"y", 2 * len(BIG))
+        assert os.fstat(r).st_size == os.fstat(w).st_size == 2 * len(BIG) + 1
+        assert os.lseek(r, 0, os.SEEK_END) == 2 * len(BIG) + 1
+    finally:
+        for fd in fds:
+            os.close(fd)
