@@ -403,7 +403,9 @@ class Engine:
                 kill_suidgid(fh, self.fs.stored_gid(req.gid))
                 if self.fs.overrides is not None:
                     self._kill_recorded(req, ino, fh)
-            return entry + self.modes.answer(ino, req.kernel_nodeid if ino == req.nodeid else ino, fh, flags)
+            # (The inode of an OPEN is the one the kernel named; CREATE's is in its entry.)
+            nodeid = req.kernel_nodeid if ino == req.nodeid else self.ids.kernel(ino)
+            return entry + self.modes.answer(ino, nodeid, fh, flags)
         except BaseException:
             with self.fs.lock:
                 self.fs.release(fh)
