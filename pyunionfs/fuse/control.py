@@ -14,9 +14,18 @@ may send them.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..errors import MountError
+from ..errors import MountError, fs_error
+
+if TYPE_CHECKING:  # (the command-line side imports this module, not the core)
+    from ..fs.union import KernelForget
+    from ..fs.writes import WritableUnionFS
+
+log = logging.getLogger(__name__)
 
 PREFIX = b"user.pyunionfs."
 #: Drop the daemon's caches and make the kernel forget what it cached of the
@@ -50,3 +59,25 @@ def drop_caches(mountpoint: bytes) -> str:
         if exc.errno == errno.EPERM:
             raise MountError(f"{os.fsdecode(mountpoint)}: only root or the mount's owner may drop its caches") from None
         raise MountError(f"{os.fsdecode(mountpoint)}: {exc.strerror}") from None
+
+
+def answer(
+    name: bytes, fs: WritableUnionFS, counts: list[str], kernel_forget: Callable[[KernelForget], int]
+) -> bytes:
+    """The native engine's answer to command *name* (its caller checked),
+    with *counts* the engine's own ``name=N`` words; *kernel_forget* makes
+    the kernel forget what :meth:`~pyunionfs.fs.union.UnionFS.drop_caches`
+    dropped and returns how many of those it no longer had."""
+    if name == STATS:
+        with fs.lock:
+            usage = [f"{k}={v}" for k, v in fs.usage().items()]
+        return " ".join(counts + usage).encode()
+    if name != DROP_CACHES:
+        raise fs_error(errno.ENODATA)
+    with fs.lock:
+        forget = fs.drop_caches()
+    # Without the lock: an invalidation waits for requests on the same
+    # names to finish, which other workers answer meanwhile.
+    failed = kernel_forget(forget)
+    log.info("caches dropped: %d inodes, %d names (%d already gone)", len(forget.inodes), len(forget.entries), failed)
+    return b"dropped the caches of %d inodes and %d names" % (len(forget.inodes), len(forget.entries))

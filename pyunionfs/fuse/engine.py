@@ -555,25 +555,12 @@ class Engine:
         return b""
 
     def _control(self, req: Request, name: bytes) -> bytes:
-        """A command to the daemon (see :mod:`pyunionfs.control`)."""
+        """A command to the daemon (see :mod:`.control`)."""
         if req.uid not in (0, os.geteuid()):
             raise fs_error(errno.EPERM)
-        if name == control.STATS:
-            words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
-            words += (f"{name}={gauge()}" for name, gauge in self.gauges.items())
-            with self.fs.lock:
-                words += [f"{k}={v}" for k, v in self.fs.usage().items()]
-            return " ".join(words).encode()
-        if name != control.DROP_CACHES:
-            raise fs_error(errno.ENODATA)
-        with self.fs.lock:
-            forget = self.fs.drop_caches()
-        # Without the lock: an invalidation waits for requests on the same
-        # names to finish, which other workers answer meanwhile.
-        failed = self._kernel_forget(forget)
-        log.info("caches dropped: %d inodes, %d names (%d already gone)",
-                 len(forget.inodes), len(forget.entries), failed)  # fmt: skip
-        return b"dropped the caches of %d inodes and %d names" % (len(forget.inodes), len(forget.entries))
+        words = [f"{name_of(op)}={n}" for op, n in sorted(self.counts.items())]
+        words += (f"{name}={gauge()}" for name, gauge in self.gauges.items())
+        return control.answer(name, self.fs, words, self._kernel_forget)
 
     def _kernel_forget(self, forget: KernelForget) -> int:
         gone = 0
