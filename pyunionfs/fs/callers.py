@@ -36,9 +36,12 @@ from dataclasses import dataclass
 CAP_SYS_ADMIN = 21
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Caller:
-    """Who asks: new entries belong to them (the kernel checked permissions)."""
+    """Who asks: new entries belong to them (the kernel checked permissions).
+
+    Not frozen: one is made for most requests, and a frozen dataclass's
+    ``__init__`` costs three times as much.  Nothing changes one."""
 
     uid: int
     gid: int

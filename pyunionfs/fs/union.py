@@ -336,8 +336,12 @@ class UnionFS:
 
     def object_path(self, node: Node) -> tuple[bytes, bool]:
         """:meth:`_path` of *node*'s object, checked to be that object now
-        (nothing runs between the check and the caller's use of the path)."""
-        self.stat_object(node)
+        (nothing runs between the check and the caller's use of the path).
+        An object in a lower layer needs no check: lowers do not change,
+        and a lower name the union lost is reached by its pin."""
+        entry = node.entry
+        if entry.index is not None or node.pin is not None or self.stack.layers[entry.layers[0]].writable:
+            self.stat_object(node)
         return self._path(node)
 
     def open_object(self, node: Node, flags: int) -> int:
