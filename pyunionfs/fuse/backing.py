@@ -13,8 +13,10 @@ the daemon.  Its rules (fs/fuse/iomode.c, backing.c) decide the design:
 So each inode is in one mode at a time, decided at its first open and kept
 while any open of it lasts (:class:`Backings` counts them):
 
-* **upper files** go passthrough, on one backing per inode opened read-write,
-  so read-only and read-write opens share it and see each other's writes at
+* **upper files** go passthrough, on one backing per inode (registered from
+  the first open's fd: the kernel gives every passthrough open a backing
+  file of its own, opened from the registered file's path with that open's
+  flags), so read-only and read-write opens share it and see each other's writes at
   once, as one kernel inode does;
 * **lower files** are served in cached mode by default.  A lower file may be
   copied up while it is open (a write open of it): the new open must then
@@ -73,7 +75,7 @@ from .abi import DEV_IOC_BACKING_CLOSE, DEV_IOC_BACKING_OPEN
 
 log = logging.getLogger(__name__)
 
-#: Opens the object read-write for a new backing (an OSError: cached mode).
+#: Gives an fd of the object for a new backing (an OSError: cached mode).
 _Opener = Callable[[], int]
 
 
@@ -116,7 +118,7 @@ class Backings:
         this open would start.  Returns ``(backing_id, keep_cache)``: a
         nonzero id means answer with FOPEN_PASSTHROUGH and that id; 0 means
         cached mode, with FOPEN_KEEP_CACHE when *keep_cache*.  *open_backing*
-        opens the file for a new backing (an OSError: cached mode).  None:
+        gives an fd of the file for a new backing (an OSError: cached mode).  None:
         the inode is pinned to a lower file that this open must not read.
         """
         with self._lock:

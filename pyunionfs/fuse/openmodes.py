@@ -76,11 +76,10 @@ class OpenModes:
             want = wanted(mode, upper, entry.data is not None, entry.st.st_size, flags, self.lower_too)
 
         def open_backing() -> int:
-            if want == LOWER:
-                return os.dup(fh)  # read-only, as every open of it is
-            assert node is not None
-            with fs.lock:
-                return fs.open_object(node, os.O_RDWR)
+            # The kernel opens each passthrough open's own backing file from
+            # the registered file's path, with that open's flags: the handle's
+            # fd serves opens of every mode, read-only or not.
+            return os.dup(fh)
 
         answer = self.backings.open(nodeid, want, open_backing)
         if answer is None:
