@@ -44,6 +44,14 @@ def all_mount(mount: Mount) -> Mount:
     return lambda lowers, upper, *options, **kw: mount(lowers, upper, "passthrough=all", *options, **kw)
 
 
+def big_file_mount(tmp_path: Path, mount: Mount, *options: str) -> tuple[Path, Path, Path]:
+    """A ``passthrough=all`` mount over a lower with one big file ``f``: (mountpoint, lower, upper)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "f", BIG)
+    upper.mkdir()
+    return all_mount(mount)([lower], upper, *options).mnt, lower, upper
+
+
 def test_big_lower_files_are_read_by_the_kernel_small_ones_by_the_daemon(tmp_path: Path, mount: Mount) -> None:
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     put(lower / "big", BIG)
@@ -115,10 +123,7 @@ def test_a_copy_up_while_pinned_matches_the_kernel_but_for_the_old_fd(tmp_path: 
 
 
 def test_a_chmod_while_pinned_keeps_the_inode(tmp_path: Path, mount: Mount) -> None:
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    put(lower / "f", BIG)
-    upper.mkdir()
-    m = all_mount(mount)([lower], upper).mnt
+    m, lower, upper = big_file_mount(tmp_path, mount)
     r = os.open(m / "f", os.O_RDONLY)
     try:
         os.chmod(m / "f", 0o600)
@@ -136,10 +141,7 @@ def test_a_chmod_while_pinned_keeps_the_inode(tmp_path: Path, mount: Mount) -> N
 
 def test_reopening_a_pinned_fd_for_writing_through_proc_is_refused(tmp_path: Path, mount: Mount) -> None:
     """The kernel's retry walks the magic link back to the pinned inode: ESTALE (documented)."""
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    put(lower / "f", BIG)
-    upper.mkdir()
-    m = all_mount(mount)([lower], upper).mnt
+    m, lower, upper = big_file_mount(tmp_path, mount)
     if not _passthrough_possible(m):
         pytest.skip("the kernel refused passthrough here")
     r = os.open(m / "f", os.O_RDONLY)
@@ -232,10 +234,7 @@ def test_a_read_only_mount_reads_big_lower_files_by_passthrough_by_default(tmp_p
 
 
 def test_a_metadata_only_copy_reads_its_lower_data_by_passthrough(tmp_path: Path, mount: Mount) -> None:
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    put(lower / "f", BIG)
-    upper.mkdir()
-    m = all_mount(mount)([lower], upper, "metacopy=on").mnt
+    m, lower, upper = big_file_mount(tmp_path, mount, "metacopy=on")
     os.chown(m / "f", 1000, 1000)  # a metadata-only copy-up: the data stays below
     os.getxattr(upper / "f", "trusted.overlay.metacopy")  # (ENODATA: the data was copied)
     before = counts(m)
@@ -256,10 +255,7 @@ def test_a_metadata_only_copy_reads_its_lower_data_by_passthrough(tmp_path: Path
 
 def test_the_old_fd_stats_what_the_new_inode_wrote(tmp_path: Path, mount: Mount) -> None:
     """fstat of a descriptor opened before the copy-up shows the size written since, as on the kernel."""
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    put(lower / "f", BIG)
-    upper.mkdir()
-    m = all_mount(mount)([lower], upper).mnt
+    m, lower, upper = big_file_mount(tmp_path, mount)
     fds = [os.open(m / "f", os.O_RDONLY)]
     try:
         r = fds[0]
