@@ -32,8 +32,10 @@ PREFIX = b"user.pyunionfs."
 #: mount; the answer says how much was dropped.
 DROP_CACHES = PREFIX + b"drop_caches"
 #: What the native engine has answered: ``OPCODE=count`` words for every
-#: request kind seen, and ``passthrough_opens=N`` (tests and the bench read
-#: it to see which requests a workload costs); and what open handles hold
+#: request kind seen, ``passthrough_opens=N`` (tests and the bench read
+#: it to see which requests a workload costs) and ``second_node_ids=N``
+#: (second node ids the kernel holds now, see
+#: :mod:`.nodeids`); and what open handles hold
 #: now (``UnionFS.usage``): ``open_files``, ``open_dirs``, the bounds
 #: ``handles_max`` and ``handles_per_uid_max``, and the directory listings
 #: they share, ``listings`` and ``listed_names``.

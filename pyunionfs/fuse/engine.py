@@ -129,7 +129,10 @@ class Engine:
         #: Requests answered, by opcode (the bench and tests read them).
         self.counts: dict[int, int] = {}
         #: More numbers for the stats, by name (the server adds its own).
-        self.gauges: dict[str, Callable[[], int]] = {"passthrough_opens": lambda: backings.passthrough_opens}
+        self.gauges: dict[str, Callable[[], int]] = {
+            "passthrough_opens": lambda: backings.passthrough_opens,
+            "second_node_ids": self.ids.held,
+        }
         fs.attrs_changed = self._attrs_changed
         self._table: dict[int, Callable[[Request], Reply]] = {
             Opcode.LOOKUP: self.lookup,

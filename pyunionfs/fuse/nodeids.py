@@ -96,6 +96,11 @@ class NodeIds:
                 self.core.pop(nodeid, None)
                 self._lookups.pop(nodeid, None)
 
+    def held(self) -> int:
+        """How many second node ids the kernel holds now (for the stats)."""
+        with self._lock:
+            return sum(1 for n in self._lookups.values() if n > 0)
+
     def all_of(self, ino: int) -> list[int]:
         """Every node id the kernel may hold for object *ino* (for invalidations)."""
         if not self.core:

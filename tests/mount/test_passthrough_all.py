@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -270,3 +271,28 @@ def test_the_old_fd_stats_what_the_new_inode_wrote(tmp_path: Path, mount: Mount)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_second_node_ids_go_when_the_kernel_forgets_them(tmp_path: Path, mount: Mount) -> None:
+    """Every inode let go of, and the new one, is forgotten by the kernel in the end: no id stays."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for i in range(5):
+        put(lower / f"f{i}", BIG)
+        os.link(lower / f"f{i}", lower / f"link{i}")
+    upper.mkdir()
+    m = all_mount(mount)([lower], upper).mnt
+    for i in range(5):
+        r = os.open(m / f"f{i}", os.O_RDONLY)
+        with open(m / f"link{i}", "r+b") as w:  # through the other name of the pinned inode
+            w.write(b"W")
+        assert os.pread(r, 1, 0) == BIG[:1]  # (the documented difference)
+        os.close(r)
+    assert counts(m)["second_node_ids"] == 5
+    assert (m / "f0").read_bytes()[:2] == b"W" + BIG[1:2]
+    control.drop_caches(os.fsencode(str(m)))
+    # The kernel sends its FORGETs after the invalidations, on its own time.
+    deadline = time.monotonic() + 10
+    while counts(m)["second_node_ids"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counts(m)["second_node_ids"] == 0
+    assert [(m / f"f{i}").read_bytes()[:1] for i in range(5)] == [b"W"] * 5

@@ -45,8 +45,10 @@ def test_forgetting_drops_old_ids_and_keeps_the_current_one() -> None:
     assert first in ids.core
     ids.forgot(first, 1)
     assert first not in ids.core, "an id the kernel forgot is kept"
+    assert ids.held() == 1
     ids.forgot(second, 1)
     assert ids.core == {second: 7}, "the id lookups answer went with the kernel's inode"
+    assert ids.held() == 0
     ids.dropped(7)
     assert not ids.core and ids.kernel(7) == 7
 
