@@ -187,17 +187,24 @@ class InodeTable:
             node.aliases.discard(old)
             node.aliases.add(new)
 
-    def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped *count* references; drop the node at zero."""
+    def forget(self, ino: int, count: int) -> int | None:
+        """The kernel dropped *count* references; drop the node at zero.
+
+        Returns the node's pin, if it had one, for the caller to close once
+        it has let go of the core's lock: the pin is often the last
+        reference of an unlinked file, whose close frees it on disk (an
+        orphan's eviction, a journal transaction), which must not hold up
+        every other request.
+        """
         node = self.nodes.get(ino)
         if node is None or ino == ROOT_INO:
-            return
+            return None
         node.lookups -= count
-        if node.lookups <= 0:
-            del self.nodes[ino]
-            if node.pin is not None:
-                os.close(node.pin)
-                node.pin = None
+        if node.lookups > 0:
+            return None
+        del self.nodes[ino]
+        pin, node.pin = node.pin, None
+        return pin
 
     def pin(self, ino: int, fd: int) -> bool:
         """Hold *fd* (an O_PATH fd on node *ino*'s object) as its pin; False

@@ -208,8 +208,10 @@ class UnionFS:
             raise fs_error(errno.ENOENT, path)
         return entry
 
-    def forget(self, ino: int, count: int) -> None:
-        self.inodes.forget(ino, count)
+    def forget(self, ino: int, count: int) -> int | None:
+        """The kernel forgot *count* lookups of *ino*; an fd for the caller to
+        close after letting go of the lock (see :meth:`.InodeTable.forget`)."""
+        return self.inodes.forget(ino, count)
 
     # -- attributes ----------------------------------------------------------
 

@@ -266,21 +266,26 @@ class Engine:
 
     def forget(self, req: Request) -> None:
         with self.fs.lock:
-            self._forget(req.kernel_nodeid, _arg(req, Forget).nlookup)
+            pin = self._forget(req.kernel_nodeid, _arg(req, Forget).nlookup)
+        if pin is not None:
+            os.close(pin)  # without the lock: it may free an unlinked file
 
     def batch_forget(self, req: Request) -> None:
         with self.fs.lock:
-            for nodeid, count in _arg(req, BatchForget).forgets:
-                self._forget(nodeid, count)
+            pins = [self._forget(nodeid, count) for nodeid, count in _arg(req, BatchForget).forgets]
+        for pin in pins:
+            if pin is not None:
+                os.close(pin)
 
-    def _forget(self, nodeid: int, count: int) -> None:
+    def _forget(self, nodeid: int, count: int) -> int | None:
         ids = self.ids
         ino = ids.core.get(nodeid, nodeid) if ids.core else nodeid
         if ino != nodeid:
             ids.forgot(nodeid, count)
-        self.fs.forget(ino, count)
+        pin = self.fs.forget(ino, count)
         if ids.core and self.fs.inodes.get(ino) is None:
             ids.dropped(ino)
+        return pin
 
     def getattr(self, req: Request) -> bytes:
         # fstat and stat answer alike (GETATTR_FH or not): the node is the object.

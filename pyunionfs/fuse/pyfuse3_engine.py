@@ -119,7 +119,9 @@ class Operations(pyfuse3.Operations):
         try:
             for ino, count in inode_list:
                 with self.fs.lock:
-                    self.fs.forget(ino, count)
+                    pin = self.fs.forget(ino, count)
+                if pin is not None:
+                    os.close(pin)  # without the lock: it may free an unlinked file
         except Exception:
             log.exception("forget failed")
 
