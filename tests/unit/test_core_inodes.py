@@ -125,6 +125,20 @@ def test_remember_counts_and_forget():
     t.forget(300, 1)  # already gone: ignored
 
 
+def test_forgetting_a_pinned_node_hands_its_pin_to_the_caller(tmp_path):
+    """The caller closes the pin once it let go of the core lock (its close may free a file)."""
+    t = make_table()
+    t.remember(b"p", entry((5, 302)))
+    (tmp_path / "f").write_bytes(b"")
+    fd = os.open(tmp_path / "f", os.O_PATH)
+    assert t.pin(302, fd)
+    assert t.forget(302, 1) == fd
+    os.fstat(fd)  # still open: the table did not close it
+    os.close(fd)
+    assert t.get(302) is None
+    assert t.forget(302, 1) is None
+
+
 def test_forget_over_count_drops():
     t = make_table()
     t.remember(b"x", entry((5, 301)))
