@@ -175,15 +175,24 @@ class HandleTable:
 
     def release(self, fh: int) -> None:
         """Close handle *fh*; one the table does not hold is ignored."""
+        if self.detach(fh) is not None:
+            os.close(fh)
+
+    def detach(self, fh: int) -> int | None:
+        """Take handle *fh* out of the table and return its fd for the caller
+        to close (None: not held).  An engine closes it after letting go of
+        the core's lock: the last close of an unlinked file frees it on disk,
+        and ext4 may write data back at a close, neither of which should
+        hold up every other request."""
         ino = self._ino.pop(fh, None)
         if ino is None:
-            return
+            return None
         self.share.give(self._uid.pop(fh))
         fhs = self._of[ino]
         fhs.discard(fh)
         if not fhs:
             del self._of[ino]
-        os.close(fh)
+        return fh
 
     def close(self) -> None:
         """Close every handle (at unmount, after the kernel let go)."""

@@ -511,6 +511,11 @@ class UnionFS:
     def release(self, fh: int) -> None:
         self.handles.release(fh)
 
+    def detach(self, fh: int) -> int | None:
+        """RELEASE of handle *fh*: its fd, for the caller to close after
+        letting go of the lock (see :meth:`.HandleTable.detach`)."""
+        return self.handles.detach(fh)
+
     # -- xattrs and the rest ---------------------------------------------------
 
     def listxattr(self, ino: int, caller: Caller = DAEMON) -> list[bytes]:

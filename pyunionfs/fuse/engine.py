@@ -444,7 +444,9 @@ class Engine:
     def release(self, req: Request) -> bytes:
         a = _arg(req, Release)
         with self.fs.lock:
-            self.fs.release(a.fh)
+            fd = self.fs.detach(a.fh)
+        if fd is not None:
+            os.close(fd)  # without the lock: see HandleTable.detach
         self.backings.release(req.kernel_nodeid)
         return b""
 

@@ -209,7 +209,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         with self.fs.lock:
-            self.fs.release(fh)
+            fd = self.fs.detach(fh)
+        if fd is not None:
+            os.close(fd)  # without the lock: see HandleTable.detach
 
     # No flush handler: data reaches the upper at each write, so close has
     # nothing to do; pyfuse3's default answers ENOSYS, after which the kernel
