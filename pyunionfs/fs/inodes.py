@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from .entry import Entry
 
 ROOT_INO = 1
+#: The xattr names of an object with none, shared by every such node.
+NO_XATTRS: frozenset[bytes] = frozenset()
 _DEV_SHIFT = 48
 _REAL_MASK = (1 << _DEV_SHIFT) - 1
 _PRIVATE_BASE = 1 << 63

@@ -120,6 +120,41 @@ def test_bytes_per_cached_entry(env, capsys):  # noqa: F811
     assert per_entry < 600
 
 
+def test_bytes_per_entry_the_kernel_holds(env, capsys):  # noqa: F811
+    """What ``ls -l`` of a big directory leaves in memory per entry: its
+    cached resolution, the node the kernel holds after readdirplus, and the
+    answer "no xattrs" (the kernel asks each entry for its label and ACL).
+    Entries with no xattrs share one empty set."""
+    n = 2000
+    mkdir(env.l1 / "big")
+    for i in range(n):
+        (env.l1 / "big" / f"file-{i:05d}").write_bytes(b"")
+    fs = env.mount()
+    big = ino_of(fs, "big")
+    fs.resolver.cache.clear()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    handle = fs.opendir(big)
+    inos = []
+    for _, _, node, _ in fs.readdir(handle, 0):
+        if node is not None:
+            fs.remember(node)
+            inos.append(node.ino)
+    fs.releasedir(handle)
+    for ino in inos:
+        with pytest.raises(OSError) as info:
+            fs.getxattr(ino, b"security.selinux")
+        assert info.value.errno == errno.ENODATA
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert len(inos) == n
+    assert len({id(fs.inodes[ino].xattrs) for ino in inos}) == 1 and not fs.inodes[inos[0]].xattrs
+    per_entry = sum(s.size_diff for s in after.compare_to(before, "filename")) / n
+    with capsys.disabled():
+        print(f"\nlisted, held and asked for xattrs: {per_entry:.0f} bytes per entry")
+    assert per_entry < 1200
+
+
 async def test_missing_xattrs_answered_from_memory_until_set(env):  # noqa: F811
     mkfile(env.l1 / "f", b"lower")
     os.setxattr(env.l1 / "f", b"user.a", b"1")
