@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import WouldBlock, fs_error
 from . import copyup, origin, override
-from .entry import DataRef, Entry
+from .entry import DataRef, Entry, Stat
 from .inodes import Node
 from .locking import may_block
 from .paths import join, proc_path, split
@@ -109,7 +109,7 @@ class CopyUps:
                 if record:
                     up.set_impure(at)
                 up.restore_times(at, times)
-                child = Entry((0, *child.layers), st, child.ident, child.xwh, impure=child.impure)
+                child = Entry((0, *child.layers), Stat.of(st), child.ident, child.xwh, impure=child.impure)
                 fs.resolver.cache.changed(entry.ident, name)
                 self._update(join(at, name), child)
             entry, at = child, join(at, name)
@@ -228,7 +228,7 @@ class CopyUps:
                 finally:
                     os.close(src)
                 e = node.entry
-                node.entry = Entry(e.layers, os.fstat(dst), e.ident, e.xwh, e.nlink, e.index, None, e.impure)
+                node.entry = Entry(e.layers, Stat.of(os.fstat(dst)), e.ident, e.xwh, e.nlink, e.index, None, e.impure)
             finally:
                 os.close(dst)
             self._repoint(node)
@@ -286,7 +286,7 @@ class CopyUps:
             return self.link_up(key, parent_rel, name, entry.ident), True
         st = fs.stack.stat_self(0, join(parent_rel, name))
         fs.resolver.origins[(st.st_dev, st.st_ino)] = entry.ident
-        return Entry((0,), st, entry.ident, data=lowerdata if meta else None), record is not None
+        return Entry((0,), Stat.of(st), entry.ident, data=lowerdata if meta else None), record is not None
 
     def _stamp(self, entry: Entry, path: bytes) -> dict[str, Any]:
         """copy_up's arguments for a copy whose owner and mode go to a record
@@ -328,7 +328,7 @@ class CopyUps:
         st = os.stat(name, dir_fd=up.dirfd(parent_rel), follow_symlinks=False)
         os.setxattr(path, fs.markers.nlink_xattr, origin.nlink_record(merged, st.st_nlink), follow_symlinks=False)
         fs.resolver.origins[(st.st_dev, st.st_ino)] = ident
-        return Entry((0,), st, ident, nlink=merged)
+        return Entry((0,), Stat.of(st), ident, nlink=merged)
 
     def _repoint(self, node: Node) -> None:
         """Re-open read-only handles of a just copied-up file on the copy, in

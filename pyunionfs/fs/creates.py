@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ..errors import fs_error
 from . import acl, copyup
 from .callers import Caller
-from .entry import Entry
+from .entry import Entry, Stat
 from .inodes import Node
 from .override import REAL_BITS
 from .paths import check_name, join, proc_path
@@ -79,7 +79,7 @@ class Creates(Writable):
             raise
         st = up.lstat(parent.path, name)
         assert st is not None
-        entry = Entry((0,), st, (st.st_dev, st.st_ino))
+        entry = Entry((0,), Stat.of(st), (st.st_dev, st.st_ino))
         self.resolver.cache.changed(parent.entry.ident, name)
         if stat.S_ISDIR(mode):
             entry = self.resolver.child(parent.entry, parent.path, name) or entry

@@ -7,10 +7,141 @@ and the cache must not import the resolver.
 
 from __future__ import annotations
 
-import os
 import stat
+import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+#: How :class:`Stat` packs an lstat: mode, uid, gid; ino, dev, nlink, rdev;
+#: size, blksize, blocks and the three times in ns.
+_LAYOUT = struct.Struct("<3I4Q6q")
+_U32, _U64, _S64 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<q")
+
+
+#: One shared ``(layer,)`` per layer: most entries live in one layer, and a
+#: tuple each would cost 48 bytes of every entry the kernel holds.
+_ONLY: dict[int, tuple[int, ...]] = {}
+
+
+def only(layer: int) -> tuple[int, ...]:
+    """The layers tuple of an entry that lives in *layer* alone."""
+    layers = _ONLY.get(layer)
+    if layers is None:
+        layers = _ONLY.setdefault(layer, (layer,))
+    return layers
+
+
+class StatLike(Protocol):
+    """The lstat fields the union reads: an ``os.stat_result`` or a :class:`Stat`."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_dev(self) -> int: ...
+    @property
+    def st_nlink(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_blksize(self) -> int: ...
+    @property
+    def st_blocks(self) -> int: ...
+    @property
+    def st_atime_ns(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
+class Stat(bytes):
+    """An lstat kept compactly: the fields a stat reply needs, packed in
+    92 bytes (128 allocated, against 600 for an ``os.stat_result`` with the
+    int and float objects it holds), and not tracked by the cyclic garbage
+    collector.  Every entry the kernel holds keeps one, so a directory of a
+    million files keeps a million.  Read a field as on ``os.stat_result``,
+    or all of them at once with :meth:`fields` where many are needed."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, st: StatLike) -> Stat:
+        if isinstance(st, Stat):
+            return st
+        return cls(_LAYOUT.pack(st.st_mode, st.st_uid, st.st_gid, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev,
+                                st.st_size, st.st_blksize, st.st_blocks,
+                                st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns))  # fmt: skip
+
+    def fields(self) -> tuple[int, ...]:
+        """(mode, uid, gid, ino, dev, nlink, rdev, size, blksize, blocks, atime_ns, mtime_ns, ctime_ns)."""
+        return _LAYOUT.unpack(self)
+
+    @property
+    def st_mode(self) -> int:
+        return int(_U32.unpack_from(self, 0)[0])
+
+    @property
+    def st_uid(self) -> int:
+        return int(_U32.unpack_from(self, 4)[0])
+
+    @property
+    def st_gid(self) -> int:
+        return int(_U32.unpack_from(self, 8)[0])
+
+    @property
+    def st_ino(self) -> int:
+        return int(_U64.unpack_from(self, 12)[0])
+
+    @property
+    def st_dev(self) -> int:
+        return int(_U64.unpack_from(self, 20)[0])
+
+    @property
+    def st_nlink(self) -> int:
+        return int(_U64.unpack_from(self, 28)[0])
+
+    @property
+    def st_rdev(self) -> int:
+        return int(_U64.unpack_from(self, 36)[0])
+
+    @property
+    def st_size(self) -> int:
+        return int(_S64.unpack_from(self, 44)[0])
+
+    @property
+    def st_blksize(self) -> int:
+        return int(_S64.unpack_from(self, 52)[0])
+
+    @property
+    def st_blocks(self) -> int:
+        return int(_S64.unpack_from(self, 60)[0])
+
+    @property
+    def st_atime_ns(self) -> int:
+        return int(_S64.unpack_from(self, 68)[0])
+
+    @property
+    def st_mtime_ns(self) -> int:
+        return int(_S64.unpack_from(self, 76)[0])
+
+    @property
+    def st_ctime_ns(self) -> int:
+        return int(_S64.unpack_from(self, 84)[0])
+
+    def __repr__(self) -> str:
+        names = ("mode", "uid", "gid", "ino", "dev", "nlink", "rdev", "size", "blksize", "blocks",
+                 "atime_ns", "mtime_ns", "ctime_ns")  # fmt: skip
+        return "Stat(" + ", ".join(f"st_{n}={v}" for n, v in zip(names, self.fields(), strict=True)) + ")"
+
+    __str__ = __repr__
 
 
 class DataRef(NamedTuple):
@@ -31,7 +162,7 @@ class Entry:
     #: a merged directory has every layer whose directory it merges.
     layers: tuple[int, ...]
     #: lstat of the entry in ``layers[0]``: what the mount shows.
-    st: os.stat_result
+    st: Stat
     #: (st_dev, st_ino) that names the object for inode numbering.  For a
     #: directory it is the lowest merged layer's, so it does not change when a
     #: lower directory later gets a copy in the upper.
@@ -69,7 +200,7 @@ class Entry:
 
     @property
     def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.st.st_mode)
+        return (self.st[1] & 0xF0) << 8 == stat.S_IFDIR  # the type bits of st_mode, read in place
 
     @property
     def merged(self) -> bool:

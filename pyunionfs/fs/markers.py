@@ -40,6 +40,7 @@ from collections.abc import Container
 from typing import Protocol
 
 from ..errors import fs_error
+from .entry import StatLike
 from .paths import join
 
 OCI_PREFIX = b".wh."
@@ -228,7 +229,7 @@ class Markers:
 
     # -- the overlay's own records -------------------------------------
 
-    def metacopy(self, view: LayerView, layer: int, rel: bytes, st: os.stat_result, exact: bool = True) -> bool:
+    def metacopy(self, view: LayerView, layer: int, rel: bytes, st: StatLike, exact: bool = True) -> bool:
         """Whether entry *rel* of *layer* (lstat *st*) is a metadata-only copy:
         a regular file with an ``overlay.metacopy`` record, whose data is in a
         layer below (the kernel's ``ovl_check_metacopy_xattr``).  EIO for a

@@ -51,6 +51,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import MountError, fs_error
+from .entry import StatLike
 
 PRIVILEGED = b"security.fuseoverlayfs.override_stat"
 USER = b"user.fuseoverlayfs.override_stat"
@@ -131,7 +132,7 @@ class Overrides:
     #: The name written in the upper (``xattr_permissions=1|2``); None for 0.
     written: bytes | None
 
-    def read(self, layer: int, path: bytes, follow: bool, st: os.stat_result) -> Record | None:
+    def read(self, layer: int, path: bytes, follow: bool, st: StatLike) -> Record | None:
         """The record of the object at *path* (a ``/proc/self/fd`` path,
         followed only if *follow*: a magic link) in *layer*, whose lstat is
         *st*; None where none applies."""

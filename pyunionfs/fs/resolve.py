@@ -26,7 +26,7 @@ from typing import Protocol
 from ..errors import fs_error
 from . import origin
 from .cache import ResolutionCache
-from .entry import DataRef, Entry
+from .entry import DataRef, Entry, Stat, only
 from .layers import LayerStack, RealPaths
 from .markers import OPAQUE, XWHITEOUTS, LayerView, Markers
 from .paths import check_name, join, proc_path
@@ -71,7 +71,7 @@ class Resolver:
         names = [self.stack.listxattr(i, b"") for i in layers]
         xwh = tuple(i for i in layers if self.markers.opaque(self.stack, i, b"", names[i]) == XWHITEOUTS)
         impure = tuple(i for i in layers if self.markers.has_record(names[i], b"impure"))
-        return Entry(layers, sts[0], (sts[-1].st_dev, sts[-1].st_ino), xwh, impure=impure)
+        return Entry(layers, Stat.of(sts[0]), (sts[-1].st_dev, sts[-1].st_ino), xwh, impure=impure)
 
     def child(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         """Resolve *name* in the merged directory *parent*; None if it is not there.
@@ -95,7 +95,7 @@ class Resolver:
             if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode) and cached.data is None:
                 nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
                     self.stack.layers[layer].writable and st.st_nlink > 1) else None
-                return Entry(cached.layers, st, cached.ident, cached.xwh, nlink, impure=cached.impure)
+                return Entry(cached.layers, Stat.of(st), cached.ident, cached.xwh, nlink, impure=cached.impure)
         entry = self._resolve(parent, parent_rel, name)
         if entry is None or entry.is_dir or entry.linked_up or (entry.st.st_nlink < 2 and entry.index is None) or (
             self.index is None
@@ -158,12 +158,12 @@ class Resolver:
                 if stack.layers[layer].writable:
                     if layer + 1 < len(stack.layers):
                         ident = self._origin(parent, parent_rel, name, layer, ident)
-                    return Entry((layer,), st, ident, nlink=self.merged_nlink(layer, rel, st), data=data)
+                    return Entry(only(layer), Stat.of(st), ident, nlink=self.merged_nlink(layer, rel, st), data=data)
                 if st.st_nlink > 1 and self.index is not None and self.index.index_keys:
                     indexed = self._indexed(layer, parent_rel, name, ident)
                     if indexed is not None:
                         return indexed
-                return Entry((layer,), st, ident, data=data)
+                return Entry(only(layer), Stat.of(st), ident, data=data)
             dirs.append(layer)
             top = top or st
             low = st
@@ -183,14 +183,14 @@ class Resolver:
                     moves: dict[int, bytes] = {}
                     low = self._follow(parent, parent_rel, layer, redirect, dirs, xwh, moves, impure) or low
                     stack.moved[rel] = moves
-                    return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
+                    return Entry(tuple(dirs), Stat.of(top), (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
             if layer == last:
                 break
         if top is None or low is None:
             return None
         if stack.moved and dirs:
             stack.moved.pop(rel, None)  # no longer reached through a redirect
-        return Entry(tuple(dirs), top, (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
+        return Entry(tuple(dirs), Stat.of(top), (low.st_dev, low.st_ino), tuple(xwh), impure=tuple(impure))
 
     def _redirect(self, view: LayerView, layer: int, rel: bytes, xattrs: list[bytes]) -> bytes | None:
         """Directory *rel*'s ``overlay.redirect`` in *layer*, if it is one the
@@ -346,7 +346,7 @@ class Resolver:
         except FileNotFoundError:
             return None
         nlink = self.nlink_of(proc_path(self.index.index, key), False, st) if st.st_nlink > 1 else None
-        return Entry((0,), st, ident, nlink=nlink, index=key)
+        return Entry((0,), Stat.of(st), ident, nlink=nlink, index=key)
 
     def names(self, d: Entry, rel: bytes) -> list[bytes]:
         """Candidate names of merged directory *d*, each once, top layer's order first.

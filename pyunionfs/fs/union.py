@@ -36,7 +36,7 @@ from ..config import MountConfig, default_workdir
 from ..errors import fs_error
 from .cache import Listing
 from .callers import DAEMON, Caller
-from .entry import Entry
+from .entry import Entry, Stat
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
 from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
@@ -218,12 +218,14 @@ class UnionFS:
     def attr_of(self, ino: int, entry: Entry, path: bytes) -> Attr:
         """What stat shows for *entry*, found at merged *path* (which only
         records, see :mod:`.override`, need)."""
-        st = entry.st
+        # One unpack of the whole compact stat, not a field at a time.
+        mode, uid, gid, _, _, nlink, rdev, size, blksize, blocks, atime, mtime, ctime = entry.st.fields()
         # Counting subdirectories of every merged layer is not worth it; 1 is
         # what overlayfs reports and what find(1) understands.
-        nlink = 1 if len(entry.layers) > 1 else (st.st_nlink if entry.nlink is None else entry.nlink)
-        # Positional: the fields in Attr's order (keywords cost a third more, on every entry of every listing).
-        uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
+        if len(entry.layers) > 1:
+            nlink = 1
+        elif entry.nlink is not None:
+            nlink = entry.nlink
         if self.overrides is not None:
             record = self.record(ino, entry, path)
             if record is not None:
@@ -231,9 +233,10 @@ class UnionFS:
         if self.ids is not None:
             uid, gid = self.ids.shown_uid(uid), self.ids.shown_gid(gid)
         # A metadata-only copy shows its data's blocks, as the kernel does.
-        blocks = st.st_blocks if entry.data is None else entry.data.blocks
-        return Attr(ino, mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
-                    blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)  # fmt: skip
+        if entry.data is not None:
+            blocks = entry.data.blocks
+        # Positional: the fields in Attr's order (keywords cost a third more, on every entry of every listing).
+        return Attr(ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, atime, mtime, ctime)
 
     def record(self, ino: int, entry: Entry, path: bytes) -> Record | None:
         """The owner/mode record of node *ino*'s *entry* at merged *path*,
@@ -277,7 +280,7 @@ class UnionFS:
             path, follow = self._path(node)
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
         e = node.entry
-        node.entry = Entry(e.layers, st, e.ident, e.xwh, nlink, e.index, e.data, e.impure)
+        node.entry = Entry(e.layers, Stat.of(st), e.ident, e.xwh, nlink, e.index, e.data, e.impure)
         return self.attr_of(ino, node.entry, node.path)
 
     def birth_time(self, ino: int) -> int | None:

@@ -63,7 +63,7 @@ from ..config import default_workdir
 from ..errors import LayerError
 from ..fs import origin
 from ..fs.indexnames import IndexCopy, IndexDir, LowerView, index_names
-from ..fs.entry import DataRef
+from ..fs.entry import DataRef, StatLike
 from ..fs.layers import LayerStack
 from ..fs.markers import OPAQUE, XWHITEOUTS, Markers, classify_oci_name
 from ..fs.paths import join, split as _split
@@ -130,7 +130,7 @@ class UpperEntry:
     """
 
     path: bytes
-    st: os.stat_result
+    st: StatLike
     whiteout: bool = False
     opaque: bool = False
     copied_up: bool = False
@@ -323,7 +323,7 @@ class UpperWalk:
         out.extend(entries)
         return iter(out)
 
-    def _describe(self, rel: bytes, st: os.stat_result, oci_opaque: bool) -> UpperEntry:
+    def _describe(self, rel: bytes, st: StatLike, oci_opaque: bool) -> UpperEntry:
         names = self.stack.listxattr(0, rel)
         data = None
         moved = False
@@ -381,7 +381,7 @@ class UpperWalk:
             else:
                 yield UpperEntry(path, st, copied_up=True, xattrs=xattrs, data=data, moved=stat.S_ISDIR(st.st_mode))
 
-    def _note_nlink(self, rel: bytes, st: os.stat_result, names: list[bytes]) -> None:
+    def _note_nlink(self, rel: bytes, st: StatLike, names: list[bytes]) -> None:
         """Learn a copied-up hard link's merged link count from its upper
         name (so a missing index is noticed too); ``U`` records only, the
         others need the lower object."""

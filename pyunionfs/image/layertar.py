@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from ..errors import LayerError
+from ..fs.entry import StatLike
 from ..fs.markers import OCI_OPAQUE, Markers
 from ..fs.paths import join
 from .changes import UpperEntry, UpperWalk, Warn, display, warn_stderr
@@ -217,7 +218,7 @@ class _Tee:
         return self.tar.tell()
 
 
-def _base_info(name: bytes, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+def _base_info(name: bytes, st: StatLike, kind: bytes) -> tarfile.TarInfo:
     """A member header with every field set from *st* and nothing from the
     environment (no user or group names, no atime/ctime)."""
     info = tarfile.TarInfo(to_tar_text(name))
@@ -232,7 +233,7 @@ def _base_info(name: bytes, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def _marker_info(name: bytes, st: os.stat_result, mode: int) -> tarfile.TarInfo:
+def _marker_info(name: bytes, st: StatLike, mode: int) -> tarfile.TarInfo:
     info = _base_info(name, st, tarfile.REGTYPE)
     info.mode = mode
     return info

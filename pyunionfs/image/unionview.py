@@ -24,7 +24,7 @@ import stat
 from collections.abc import Callable, Sequence
 
 from ..errors import LayerError
-from ..fs.entry import DataRef, Entry
+from ..fs.entry import DataRef, Entry, StatLike
 from ..fs.layers import LayerStack
 from ..fs.markers import Markers
 from ..fs.paths import join
@@ -33,7 +33,7 @@ from ..fs.resolve import Resolver
 #: What a merged entry of a moved subtree becomes in the walk: (path, lstat,
 #: user-visible xattrs, where its content is -- None for one of the upper's
 #: own -- and whether it lies in the upper).
-Shown = tuple[bytes, os.stat_result, tuple[tuple[bytes, bytes], ...], DataRef | None, bool]
+Shown = tuple[bytes, StatLike, tuple[tuple[bytes, bytes], ...], DataRef | None, bool]
 
 
 class UnionView:

@@ -1,0 +1,67 @@
+"""The compact lstat an entry keeps (:class:`pyunionfs.fs.entry.Stat`): every
+field as ``os.stat_result`` gives it, for every file type and for values at
+the edges of their ranges, and an entry's type read from it in place."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyunionfs.fs.entry import Entry, Stat, only
+
+FIELDS = ("st_mode", "st_uid", "st_gid", "st_ino", "st_dev", "st_nlink", "st_rdev", "st_size", "st_blksize",
+          "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")  # fmt: skip
+
+
+def _objects(tmp_path: Path) -> list[Path]:
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    (tmp_path / "d").mkdir()
+    os.symlink("f", tmp_path / "l")
+    os.mkfifo(tmp_path / "p")
+    out = [tmp_path / n for n in ("f", "d", "l", "p")]
+    if os.geteuid() == 0:
+        os.mknod(tmp_path / "c", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        os.mknod(tmp_path / "b", stat.S_IFBLK | 0o600, os.makedev(7, 255))
+        out += [tmp_path / "c", tmp_path / "b"]
+    return out
+
+
+def test_every_field_as_lstat_gives_it(tmp_path: Path) -> None:
+    for path in _objects(tmp_path):
+        st = os.lstat(path)
+        packed = Stat.of(st)
+        assert {f: getattr(packed, f) for f in FIELDS} == {f: getattr(st, f) for f in FIELDS}, path
+        assert packed.fields() == tuple(getattr(st, f) for f in FIELDS)
+        assert Stat.of(packed) is packed
+        entry = Entry(only(0), packed, (st.st_dev, st.st_ino))
+        assert entry.is_dir == stat.S_ISDIR(st.st_mode), path
+        assert entry.real == (st.st_dev, st.st_ino)
+
+
+class _Edge:
+    """An lstat with every field at the edge of what the kernel can return."""
+
+    def __init__(self, **fields: Any) -> None:
+        for name in FIELDS:
+            setattr(self, name, fields.get(name, 0))
+
+
+@pytest.mark.parametrize("fields", [
+    {"st_mode": stat.S_IFDIR | 0o7777, "st_uid": 2**32 - 2, "st_gid": 2**32 - 2, "st_ino": 2**64 - 1,
+     "st_dev": 2**64 - 1, "st_nlink": 2**64 - 1, "st_rdev": 2**64 - 1, "st_size": 2**63 - 1,
+     "st_blksize": 2**31, "st_blocks": 2**63 - 1, "st_atime_ns": 2**63 - 1, "st_mtime_ns": 2**63 - 1,
+     "st_ctime_ns": 2**63 - 1},
+    {"st_mode": stat.S_IFREG, "st_atime_ns": -(2**63), "st_mtime_ns": -1, "st_ctime_ns": -10**18},
+])  # fmt: skip
+def test_edges_of_each_range(fields: dict[str, int]) -> None:
+    packed = Stat.of(_Edge(**fields))  # type: ignore[arg-type]
+    assert {f: getattr(packed, f) for f in FIELDS} == {f: fields.get(f, 0) for f in FIELDS}
+    assert Entry(only(3), packed, (1, 1)).is_dir == stat.S_ISDIR(fields["st_mode"])
+
+
+def test_one_layers_tuple_per_layer() -> None:
+    assert only(2) == (2,) and only(2) is only(2)
