@@ -114,12 +114,19 @@ class InodeTable:
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
 
-    def remember(self, path: bytes, entry: Entry, parent: int = ROOT_INO) -> Node:
-        """Record that the kernel now holds one more reference to *entry* at *path*."""
-        ino = self.number(entry.ident, path)
+    def remember(self, path: bytes, entry: Entry, parent: int = ROOT_INO, made: Node | None = None) -> Node:
+        """Record that the kernel now holds one more reference to *entry* at *path*.
+
+        *made* is a node already made for it and not in the table (a listing
+        makes one per entry it gives the kernel): the table takes that one
+        if it has none of the number yet, not a copy.
+        """
+        ino = self.number(entry.ident, path) if made is None else made.ino
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, path, entry, parent=parent)
+            if made is None:
+                made = Node(ino, path, entry, parent=parent)
+            node = self.nodes[ino] = made
         else:
             if node.pin is not None and entry.real != _ident(os.fstat(node.pin)):
                 os.close(node.pin)  # the number names another object now

@@ -97,8 +97,8 @@ class Resolver:
                     self.stack.layers[layer].writable and st.st_nlink > 1) else None
                 return Entry(cached.layers, Stat.of(st), cached.ident, cached.xwh, nlink, impure=cached.impure)
         entry = self._resolve(parent, parent_rel, name)
-        if entry is None or entry.is_dir or entry.linked_up or (entry.st.st_nlink < 2 and entry.index is None) or (
-            self.index is None
+        if entry is None or entry.is_dir or entry.linked_up or self.index is None or (
+            entry.index is None and entry.st.st_nlink < 2
         ):
             # (A lower hard link may get an index copy through another name
             # at any time, and an index copy has no name here to lstat: both

@@ -484,7 +484,7 @@ class UnionFS:
 
     def remember(self, node: Node) -> None:
         """The kernel accepted a readdir entry and holds a reference now."""
-        self.inodes.remember(node.path, node.entry, node.parent)
+        self.inodes.remember(node.path, node.entry, node.parent, made=node)
 
     def releasedir(self, handle: int) -> None:
         d = self._dirs.pop(handle, None)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyunionfs.fs.entry import Entry
-from pyunionfs.fs.inodes import ROOT_INO, InodeTable
+from pyunionfs.fs.entry import Entry, Stat
+from pyunionfs.fs.inodes import ROOT_INO, InodeTable, Node
 
 from .conftest import lookup_path, mkfile
 
@@ -21,12 +21,12 @@ ROOT_IDENT = (77, 2)
 
 def make_table(root_ident=ROOT_IDENT, devices=()) -> InodeTable:
     st = os.stat("/")
-    return InodeTable(Entry((0,), st, root_ident), devices)
+    return InodeTable(Entry((0,), Stat.of(st), root_ident), devices)
 
 
 def entry(ident, is_dir=False) -> Entry:
     st = os.stat("/" if is_dir else "/proc/self/exe")
-    return Entry((0,), st, ident)
+    return Entry((0,), Stat.of(st), ident)
 
 
 def test_root_ident_is_1():
@@ -123,6 +123,20 @@ def test_remember_counts_and_forget():
     with pytest.raises(KeyError):
         t[300]
     t.forget(300, 1)  # already gone: ignored
+
+
+def test_remember_takes_a_listed_node_not_a_copy():
+    """A listing makes a node per entry; the table keeps that very node when
+    it has none of the number, and counts into its own one when it has."""
+    t = make_table()
+    e = entry((5, 300))
+    listed = Node(300, b"a/f", e, parent=7)
+    n = t.remember(b"a/f", e, 7, made=listed)
+    assert n is listed and t[300] is listed and n.lookups == 1 and n.parent == 7
+    again = Node(300, b"a/link", e, parent=8)  # the same file under a second name of the listing
+    n2 = t.remember(b"a/link", e, 8, made=again)
+    assert n2 is listed and t[300] is listed and n.lookups == 2
+    assert n.path == b"a/link" and n.parent == 8 and n.aliases == {b"a/f"}
 
 
 def test_forgetting_a_pinned_node_hands_its_pin_to_the_caller(tmp_path):
