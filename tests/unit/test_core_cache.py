@@ -97,9 +97,9 @@ async def test_renamed_directory_keeps_its_contents(env):  # noqa: F811
         lookup_path(fs, "up")
 
 
-def test_bytes_per_cached_entry(env, capsys):  # noqa: F811
-    """Memory stays bounded: report what one cached name costs."""
-    n = 2000
+def _big_dir_traced(env, n: int = 2000):  # noqa: F811
+    """A mount over a lower directory of *n* empty files, its cache empty,
+    memory tracing started: (fs, the directory's inode, the first snapshot)."""
     mkdir(env.l1 / "big")
     for i in range(n):
         (env.l1 / "big" / f"file-{i:05d}").write_bytes(b"")
@@ -107,7 +107,13 @@ def test_bytes_per_cached_entry(env, capsys):  # noqa: F811
     big = ino_of(fs, "big")
     fs.resolver.cache.clear()
     tracemalloc.start()
-    before = tracemalloc.take_snapshot()
+    return fs, big, tracemalloc.take_snapshot()
+
+
+def test_bytes_per_cached_entry(env, capsys):  # noqa: F811
+    """Memory stays bounded: report what one cached name costs."""
+    n = 2000
+    fs, big, before = _big_dir_traced(env, n)
     for name in listdir(fs, "big"):
         fs.forget(fs.lookup(big, name)[0].ino, 1)  # node table back to where it was
     after = tracemalloc.take_snapshot()
@@ -126,14 +132,7 @@ def test_bytes_per_entry_the_kernel_holds(env, capsys):  # noqa: F811
     answer "no xattrs" (the kernel asks each entry for its label and ACL).
     Entries with no xattrs share one empty set."""
     n = 2000
-    mkdir(env.l1 / "big")
-    for i in range(n):
-        (env.l1 / "big" / f"file-{i:05d}").write_bytes(b"")
-    fs = env.mount()
-    big = ino_of(fs, "big")
-    fs.resolver.cache.clear()
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
+    fs, big, before = _big_dir_traced(env, n)
     handle = fs.opendir(big)
     inos = []
     for _, _, node, _ in fs.readdir(handle, 0):
