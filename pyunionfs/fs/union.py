@@ -149,17 +149,24 @@ class UnionFS:
 
         Returns what the kernel must forget as well, since it caches names,
         attributes, data and listings for as long as we let it: every inode it
-        holds, and the name it holds each by.  A name the kernel knows to be
+        holds, and every name it holds each by (a hard link's too).  A name the kernel knows to be
         missing is dropped with its directory's name (the kernel prunes what
         lies below an invalidated name), except in the root, whose own missing
         names are listed from our cache.
         """
         root = self.inodes[ROOT_INO]
         entries = [(ROOT_INO, name) for name in self.resolver.cache.negatives(root.entry.ident)]
+        # The other names of a hard link, by their directories' numbers: the
+        # kernel may hold the file under each name it looked up.
+        dirs = {node.path: node.ino for node in self.inodes.nodes.values() if node.entry.is_dir and not node.gone}
         for node in self.inodes.nodes.values():
             node.xattrs = None
             if node.ino != ROOT_INO and not node.gone and node.path:
                 entries.append((node.parent, node.path.rpartition(b"/")[2]))
+                for alias in node.aliases or ():
+                    where, _, name = alias.rpartition(b"/")
+                    if where in dirs:
+                        entries.append((dirs[where], name))
         self.resolver.cache.clear()
         self.resolver.presence.clear()
         self.stack.fds.clear()

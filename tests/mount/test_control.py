@@ -105,3 +105,28 @@ def test_the_drop_caches_command(tmp_path: Path, mount: Mount) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert res.stderr == f"pyunionfs: {tmp_path} is not a pyunionfs mount\n"
+
+
+def test_drop_caches_forgets_every_name_of_a_hard_link(tmp_path: Path, mount: Mount) -> None:
+    """The kernel holds a hard-linked file under each name it looked up; the drop
+    must make it forget all of them, not only the name the daemon saw last (a
+    name below another directory goes with it; one in the root must go by itself)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    put(lower / "a", "linked")
+    (lower / "e").mkdir()
+    os.link(lower / "a", lower / "e/b")
+    upper.mkdir()
+    m = mount([lower], upper).mnt
+    first, second = os.stat(m / "a"), os.stat(m / "e/b")
+    assert first.st_ino == second.st_ino and first.st_nlink == 2
+    # The lower changes under the mount: a becomes a file of its own.
+    (lower / "a").unlink()
+    put(lower / "a", "a file of its own")
+    assert os.stat(m / "a").st_ino == first.st_ino  # still the cached name
+
+    control.drop_caches(os.fsencode(m))
+
+    assert (m / "a").read_text() == "a file of its own"
+    assert (m / "e/b").read_text() == "linked"
+    assert os.stat(m / "a").st_ino != os.stat(m / "e/b").st_ino
+    assert os.stat(m / "e/b").st_nlink == 1
