@@ -19,7 +19,8 @@ from .callers import DAEMON, Caller
 from .inodes import Node
 from .override import PROTECTED_PREFIXES
 from .paths import proc_path
-from .union import TRUSTED, Attr
+from .answers import Attr
+from .union import TRUSTED
 from .writable import Writable, chmod_entry
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .entry import Entry
+    from .layers import Scan
 
 #: Cached names (positive and negative, plus listed names) across all
 #: directories.  About 430 bytes each (a listed name and its entry, measured
@@ -65,6 +66,10 @@ class Listing:
     refs: int = 0
     #: Whether the directory is unchanged since it was listed.
     current: bool = True
+    #: Each name's inode number and kind as its one layer records them
+    #: (``Resolver.scanned``), once asked for; None where not known.
+    scan: Scan | None = None
+    scanned: bool = False
 
 
 class ResolutionCache:

@@ -21,7 +21,7 @@ from .entry import Entry, Stat
 from .inodes import Node
 from .override import REAL_BITS
 from .paths import check_name, join, proc_path
-from .union import Attr
+from .answers import Attr
 from .writable import Writable, chmod_entry
 
 

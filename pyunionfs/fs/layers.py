@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
+from array import array
 from dataclasses import dataclass
 
 from ..errors import MountError
@@ -20,9 +22,32 @@ from .syscalls import (
     MOUNT_ATTR_NOATIME,
     MOUNT_ATTR_RDONLY,
     OPEN_TREE_CLONE,
+    fs_type,
     mount_setattr,
     open_tree,
 )
+
+
+#: Filesystems whose directory entries record the inode number ``lstat``
+#: shows, for every entry but a directory: ext2/3/4, XFS, tmpfs, btrfs
+#: (whose subvolume roots are directories).  Not overlayfs (without xino a
+#: merged directory's entries may not), nor network or FUSE filesystems.
+SAME_D_INO = frozenset({0xEF53, 0x58465342, 0x01021994, 0x9123683E})
+
+#: The kinds of entry :meth:`LayerStack.scan` tells apart: regular file,
+#: symlink, directory, and the rest (devices, whiteouts among them; FIFOs, sockets).
+_REG, _LNK, _DIR, _OTHER = 1, 2, 3, 0
+KIND_MODES = {_REG: stat.S_IFREG, _LNK: stat.S_IFLNK}
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A directory of one layer as read once: its names in ``listdir``'s
+    order, and for each its inode number and kind (``_REG``... above)."""
+
+    names: list[bytes]
+    inos: array
+    kinds: bytes
 
 
 def open_layer_root(path: bytes, lower: bool = False) -> int:
@@ -229,13 +254,44 @@ class LayerStack:
         late, at some unrelated request.  Deliberate difference: listing a
         directory through the mount leaves its atime alone.
         """
-        dfd = self.dirfd(layer, rel)
-        try:
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dfd)
-        except PermissionError:
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        fd = self._open_dir(layer, rel)
         try:
             return encode_names(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, layer: int, rel: bytes) -> int:
+        """A new fd to read directory *rel* of *layer* with (see :meth:`listdir`)."""
+        dfd = self.dirfd(layer, rel)
+        try:
+            return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dfd)
+        except PermissionError:
+            return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+
+    def scan(self, layer: int, rel: bytes) -> Scan | None:
+        """Names of directory *rel* of *layer* as :meth:`listdir` gives them,
+        with each one's inode number and type as the directory itself
+        records them (``getdents``), where that inode number is the one
+        ``lstat`` shows: on filesystems known to keep the two the same
+        (:data:`SAME_D_INO`), for every entry but a directory (which may be
+        a subvolume's root, whose number differs).  None elsewhere."""
+        fd = self._open_dir(layer, rel)
+        try:
+            if fs_type(fd) not in SAME_D_INO:
+                return None
+            names: list[str] = []
+            inos = array("Q")
+            kinds = bytearray()
+            for e in os.scandir(fd):  # (a d_type the filesystem does not record costs an lstat here)
+                names.append(e.name)
+                inos.append(e.inode())
+                if e.is_file(follow_symlinks=False):
+                    kinds.append(_REG)
+                elif e.is_symlink():
+                    kinds.append(_LNK)
+                else:
+                    kinds.append(_DIR if e.is_dir(follow_symlinks=False) else _OTHER)
+            return Scan(encode_names(names), inos, bytes(kinds))
         finally:
             os.close(fd)
 

@@ -19,7 +19,7 @@ from .entry import Entry, Stat
 from .handles import BACKING_FLAGS
 from .inodes import Node
 from .paths import proc_path
-from .union import Attr
+from .answers import Attr
 
 
 class OpenFiles(Creates):

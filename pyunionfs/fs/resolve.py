@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from array import array
 from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import Protocol
@@ -27,7 +28,7 @@ from ..errors import fs_error
 from . import origin
 from .cache import ResolutionCache
 from .entry import DataRef, Entry, Stat, only
-from .layers import LayerStack, RealPaths
+from .layers import LayerStack, RealPaths, Scan
 from .markers import OPAQUE, XWHITEOUTS, LayerView, Markers
 from .paths import check_name, join, proc_path
 from .presence import LayerNames, LayerPresence, candidates
@@ -366,6 +367,25 @@ class Resolver:
                     out.append(n)
         self.cache.store_names(d.ident, out)
         return out
+
+    def scanned(self, d: Entry, rel: bytes, names: list[bytes]) -> Scan | None:
+        """Inode numbers and kinds of *names*, the listing of directory *d*,
+        read from its directory entries: for a directory of one lower layer
+        (whose entries resolve to themselves: no whiteout or copy-up above
+        them, their inode numbers their own) on a filesystem whose entries
+        record the inode numbers ``lstat`` shows.  None elsewhere."""
+        layer = d.layers[0]
+        if len(d.layers) > 1 or d.xwh or self.stack.layers[layer].writable:
+            return None
+        scan = self.stack.scan(layer, rel)
+        if scan is None:
+            return None
+        if any(map(self.markers.is_oci_marker, scan.names)):  # not candidates (see names)
+            keep = [i for i, n in enumerate(scan.names) if not self.markers.is_oci_marker(n)]
+            scan = Scan([scan.names[i] for i in keep], array("Q", (scan.inos[i] for i in keep)),
+                        bytes(scan.kinds[i] for i in keep))  # fmt: skip
+        # Read again: the same entries in the same order, unless the directory changed in between.
+        return scan if scan.names == names else None
 
     def listing(self, d: Entry, rel: bytes) -> list[tuple[bytes, Entry]]:
         """The merged directory's visible entries."""

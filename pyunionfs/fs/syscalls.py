@@ -137,6 +137,14 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.syncfs.argtypes = [ctypes.c_int]
 
 
+def fs_type(fd: int) -> int:
+    """The filesystem's magic number (``statfs.f_type``) under *fd*, which
+    ``os.fstatvfs`` does not give: it comes first in ``struct statfs``."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    _check(_libc.fstatfs(fd, buf))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its FALLOC_FL_* *mode* (os.posix_fallocate has none)."""
     if _libc.fallocate(fd, mode, offset, length) != 0:

@@ -34,13 +34,14 @@ from dataclasses import dataclass
 
 from ..config import MountConfig, default_workdir
 from ..errors import fs_error
+from .answers import Attr, KernelForget
 from .cache import Listing
 from .callers import DAEMON, Caller
 from .entry import Entry, Stat
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
 from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
-from .layers import LayerStack
+from .layers import KIND_MODES, LayerStack, Scan
 from .locking import BigLock
 from .markers import Markers
 from .override import HIDDEN_PREFIX, Overrides, Record, apply, overrides
@@ -51,38 +52,6 @@ from .syscalls import birth_time_ns
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
 TRUSTED = b"trusted."
-
-
-@dataclass(frozen=True, slots=True)
-class KernelForget:
-    """What the kernel should drop after :meth:`UnionFS.drop_caches`."""
-
-    #: Attributes and cached pages (file data, directory listings) of these.
-    inodes: list[int]
-    #: (parent inode, name) of names to drop, present or known missing.
-    entries: list[tuple[int, bytes]]
-
-
-@dataclass(slots=True)
-class Attr:
-    """What stat(2) shows for one object through the mount.
-
-    Not frozen: one is built per entry of every listing, and a frozen
-    dataclass's ``__init__`` costs five times as much.
-    """
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blksize: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
 
 
 @dataclass(slots=True)
@@ -431,7 +400,7 @@ class UnionFS:
             "listed_names": cache.live_listed_names,
         }
 
-    def readdir(self, handle: int, start: int) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+    def readdir(self, handle: int, start: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
         """Entries from offset *start*: (next offset, name, node-to-be, attributes).
 
         ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
@@ -439,6 +408,11 @@ class UnionFS:
         one that cannot be looked up (EPERM, EIO), listed with its type only.  For the others the caller must call
         :meth:`remember` once the kernel accepted the entry.  Offset 0 means
         "from the start" and re-reads the directory, like overlayfs on rewind.
+
+        *plain*: only the number and type of each entry are wanted (READDIR,
+        not READDIRPLUS).  Files and symlinks of a directory of one lower
+        layer then come with node None, read from its directory entries
+        without an lstat each (:meth:`.Resolver.scanned`).
         """
         d = self._dirs.get(handle)
         if d is None:
@@ -452,12 +426,18 @@ class UnionFS:
             if start == 0:
                 self._relist(d, node.path)
         names = d.listing.names if d.listing is not None else []
+        scan = self._scan(d, node.path) if plain else None  # (None once the directory changed: see _scan)
+        dev = d.entry.st.st_dev
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
+            if scan is not None and scan.kinds[i] in KIND_MODES:  # (the name stands for its path: never the root's)
+                yield i + 3, name, None, Attr(self.inodes.number((dev, scan.inos[i]), name), KIND_MODES[scan.kinds[i]],
+                                              *(0,) * 10)  # fmt: skip
+                continue
             path = node.path + b"/" + name if node.path else name
             try:
                 entry = self.resolver.child(d.entry, node.path, name)
@@ -476,6 +456,16 @@ class UnionFS:
                 continue
             ino = self.inodes.number(entry.ident, path)
             yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry, path)
+
+    def _scan(self, d: _OpenDir, path: bytes) -> Scan | None:
+        """The entries' own numbers and kinds for *d*'s listing, read once per listing."""
+        lst = d.listing
+        if lst is None or not lst.current:  # changed since: each name is resolved as it is now
+            return None
+        if not lst.scanned:
+            lst.scanned = True
+            lst.scan = self.resolver.scanned(d.entry, path, lst.names)
+        return lst.scan
 
     def _dotdot_attr(self, node: Node) -> Attr:
         """Attributes of an open directory's parent: the node the kernel holds

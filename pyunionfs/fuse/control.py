@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ..errors import MountError, fs_error
 
 if TYPE_CHECKING:  # (the command-line side imports this module, not the core)
-    from ..fs.union import KernelForget
+    from ..fs.answers import KernelForget
     from ..fs.writes import WritableUnionFS
 
 log = logging.getLogger(__name__)

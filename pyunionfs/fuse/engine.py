@@ -26,7 +26,7 @@ from typing import TypeVar
 from ..config import MountConfig
 from ..errors import UnsupportedKernel, fs_error, to_errno
 from ..fs.syscalls import fallocate, syncfs
-from ..fs.union import Attr, KernelForget
+from ..fs.answers import Attr, KernelForget
 from ..fs.writes import Caller, SetAttr, WritableUnionFS
 from . import control
 from . import protocol as P
@@ -503,7 +503,7 @@ class Engine:
         taken: list[tuple[int, bytes, Attr, bool]] = []
         used = 0
         with self.fs.lock:
-            for off, name, node, attr in self.fs.readdir(a.fh, a.offset):
+            for off, name, node, attr in self.fs.readdir(a.fh, a.offset, plain=not plus):
                 used += P.dirent_size(len(name), plus)
                 if used > a.size:
                     break

@@ -39,7 +39,7 @@ from pyfuse3 import EntryAttributes, FileInfo, RequestContext
 from ..config import MountConfig
 from ..errors import MountError, WouldBlock, fs_error, fuse_errors
 from ..fs.locking import no_blocking
-from ..fs.union import Attr, KernelForget
+from ..fs.answers import Attr, KernelForget
 from ..fs.writes import Caller, SetAttr, WritableUnionFS
 from . import control
 from .mountinfo import set_readahead

@@ -230,6 +230,46 @@ def test_inode_numbers(tmp_path, mount) -> None:
         subprocess.run(["umount", "-l", str(other)], check=False)
 
 
+def test_listing_numbers_and_types_are_what_lstat_shows(tmp_path, mount) -> None:
+    """Directories of one lower layer (on ext4 or the like, and on a tmpfs
+    lower), big enough that the kernel reads most of them with plain READDIRs
+    (no attributes: the daemon then numbers files and symlinks from the
+    layer's own entries): every entry's d_ino and d_type are those lstat
+    shows, whiteouts and markers stay hidden, and the numbers outlive the
+    kernel's caches."""
+    from pyunionfs.fuse import control
+
+    low, other = tmp_path / "low", tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    try:
+        for big in (low / "big", other / "big2"):
+            for i in range(3000):
+                mkfile(big / f"f{i:04d}", "")
+            os.link(big / "f0000", big / "hard")
+            os.symlink("f0001", big / "link")
+            (big / "sub").mkdir()
+            os.mkfifo(big / "fifo")
+            whiteout(big / "gone")
+            mkfile(big / ".wh.marker", "")
+        m = mount([low, other]).mnt
+        for big in (m / "big", m / "big2"):
+            before = control.stats(os.fsencode(str(m))).get("READDIR", 0)
+            entries = {e.name: (e.inode(), e.is_dir(follow_symlinks=False), e.is_symlink(),
+                                e.is_file(follow_symlinks=False)) for e in os.scandir(big)}  # fmt: skip
+            assert control.stats(os.fsencode(str(m))).get("READDIR", 0) > before
+            assert sorted(entries) == sorted([f"f{i:04d}" for i in range(3000)] + ["hard", "link", "sub", "fifo"])
+            for name, (ino, is_dir, is_link, is_file) in entries.items():
+                st = os.lstat(big / name)
+                assert (ino, is_dir, is_link, is_file) == (
+                    st.st_ino, stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode), stat.S_ISREG(st.st_mode)), name
+            assert entries["hard"][0] == entries["f0000"][0]
+            drop_kernel_caches()
+            assert {e.name: e.inode() for e in os.scandir(big)} == {n: v[0] for n, v in entries.items()}
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)
+
+
 def test_long_names_and_deep_paths(tmp_path, mount) -> None:
     low = tmp_path / "low"
     mkfile(low / ("n" * 255), "max")
