@@ -50,6 +50,8 @@ from .resolve import Resolver
 from .syscalls import birth_time_ns
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+#: Names left to list from which READDIR reads the directory's own entries (see :meth:`UnionFS.readdir`).
+SCAN_FROM = 16
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
 TRUSTED = b"trusted."
 
@@ -426,7 +428,8 @@ class UnionFS:
             if start == 0:
                 self._relist(d, node.path)
         names = d.listing.names if d.listing is not None else []
-        scan = self._scan(d, node.path) if plain else None  # (None once the directory changed: see _scan)
+        # (Not for a few names: the kernel's last READDIR of a listing, past its end, is the most common.)
+        scan = self._scan(d, node.path) if plain and len(names) + 2 - max(start, 2) > SCAN_FROM else None
         dev = d.entry.st.st_dev
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)

@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from pyunionfs.fs.union import UnionFS
+from pyunionfs.fs.union import SCAN_FROM, UnionFS
 
 from .conftest import lookup_path, mkfile, mklink, mkwhiteout
 from .test_core_writes import env, ino_of  # noqa: F401  (env is a fixture)
@@ -99,3 +99,12 @@ def test_a_changed_directory_lists_each_name_as_it_is_now(env) -> None:  # noqa:
     assert b"f30" not in rest and b"f31" in rest
     assert first[:2] == [b".", b".."]
     assert lookup_path(fs, "d/f31")[1].size == 31
+
+
+def test_a_few_names_are_resolved_without_reading_the_directory_again(env) -> None:  # noqa: F811
+    for i in range(SCAN_FROM):
+        mkfile(env.l1 / f"small/f{i}")
+    fs = env.mount()
+    small = ino_of(fs, "small")
+    assert _entries(fs, small, plain=True) == _entries(fs, small, plain=False)
+    assert not _scanned(fs, small)
