@@ -48,9 +48,13 @@ class Creates(Writable):
             mode, gid, default, access = *self._recorded_mode(mode, caller), None, None
         else:
             mode, gid, default, access = self._new_mode(parent, mode, caller)
-        over = up.lstat(parent.path, name) is not None  # a whiteout: nothing visible is there
-        dfd, target = (up.work, copyup.tmp_name()) if over else (up.dirfd(parent.path), name)
-        result = make(dfd, target, mode)
+        dfd, target, over = up.dirfd(parent.path), name, False
+        try:
+            result = make(dfd, target, mode)
+        except FileExistsError:
+            # A whiteout (nothing visible is there): made aside, then put in its place.
+            dfd, target, over = up.work, copyup.tmp_name(), True
+            result = make(dfd, target, mode)
         try:
             uid = self.stored_uid(caller.uid)
             if recorded:

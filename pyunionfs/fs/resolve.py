@@ -142,7 +142,8 @@ class Resolver:
         for layer, held in layers:
             st = stack.lstat(layer, parent_rel, name) if held is None or name in held else None
             if st is None:
-                if markers.oci_whiteout(stack, layer, parent_rel, name, held):
+                # (A .wh.NAME in the last layer hides nothing: no layer is below it.)
+                if layer != last and markers.oci_whiteout(stack, layer, parent_rel, name, held):
                     break
                 continue
             if markers.is_whiteout(st, layer in parent.xwh, stack, layer, parent_rel, name):

@@ -365,6 +365,30 @@ def test_oci_whiteout_in_middle_layer(layer, make_fs):
     assert listdir(fs, "d") == [b"a", b"c"]
 
 
+def test_a_missing_name_asks_each_layer_once_and_the_last_for_no_whiteout(layer, make_fs):
+    """A .wh.NAME in the bottom layer hides nothing, so a name missing
+    everywhere costs one lstat per layer and a .wh. lstat per layer but the last."""
+    l1, l2 = layer("l1"), layer("l2")
+    mkfile(l1 / "d/a")
+    mkfile(l2 / "d/b")
+    mkfile(l2 / "d/.wh.gone")  # in the bottom layer: hides nothing, is no entry
+    fs = make_fs([l1, l2])
+    d, _ = lookup_path(fs, "d")
+    asked: list[tuple[int, bytes]] = []
+    real = fs.stack.lstat_real
+
+    def counted(k: int, rel: bytes, name: bytes) -> os.stat_result | None:
+        asked.append((k, name))
+        return real(k, rel, name)
+
+    fs.stack.lstat_real = counted  # type: ignore[method-assign]
+    assert errno_of(lambda: fs.lookup(d, b"missing")) == errno.ENOENT
+    assert errno_of(lambda: fs.lookup(d, b"gone")) == errno.ENOENT
+    top, bottom = 0, len(fs.stack.layers) - 1
+    assert asked == [(top, b"missing"), (top, b".wh.missing"), (bottom, b"missing"),
+                     (top, b"gone"), (top, b".wh.gone"), (bottom, b"gone")]  # fmt: skip
+
+
 def test_oci_opaque_marker(layer, make_fs):
     l1, l2 = layer("l1"), layer("l2")
     mkfile(l1 / "d/a")
