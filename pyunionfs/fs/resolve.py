@@ -378,7 +378,10 @@ class Resolver:
         layer = d.layers[0]
         if len(d.layers) > 1 or d.xwh or self.stack.layers[layer].writable:
             return None
-        scan = self.stack.scan(layer, rel)
+        try:
+            scan = self.stack.scan(layer, rel)
+        except OSError:
+            return None  # (read once already for the listing; whatever stops it now, resolve name by name)
         if scan is None:
             return None
         if any(map(self.markers.is_oci_marker, scan.names)):  # not candidates (see names)

@@ -108,3 +108,21 @@ def test_a_few_names_are_resolved_without_reading_the_directory_again(env) -> No
     small = ino_of(fs, "small")
     assert _entries(fs, small, plain=True) == _entries(fs, small, plain=False)
     assert not _scanned(fs, small)
+
+
+def test_a_directory_that_cannot_be_read_again_is_resolved_name_by_name(layer, make_fs) -> None:
+    """A lower changed under the mount is undefined (as on the kernel), but
+    a listing must not fail for it: the names left are resolved one by one."""
+    low = layer("low")
+    for i in range(40):
+        mkfile(low / f"d/f{i:02}")
+    fs = make_fs([low])
+    d, _ = lookup_path(fs, "d")
+    handle = fs.opendir(d)
+    try:
+        (low / "d").rename(low / "elsewhere")
+        mkfile(low / "d")  # not a directory any more
+        fs.stack.fds.clear()  # the directory fds held open (a drop of the caches clears them too)
+        assert [name for _, name, _, _ in fs.readdir(handle, 0, plain=True)] == [b".", b".."]
+    finally:
+        fs.releasedir(handle)
