@@ -35,8 +35,9 @@ from .syscalls import (
 SAME_D_INO = frozenset({0xEF53, 0x58465342, 0x01021994, 0x9123683E})
 
 #: The kinds of entry :meth:`LayerStack.scan` tells apart: regular file,
-#: symlink, directory, and the rest (devices, whiteouts among them; FIFOs, sockets).
-_REG, _LNK, _DIR, _OTHER = 1, 2, 3, 0
+#: symlink, and the rest (directories, devices and whiteouts among them),
+#: which are resolved one by one.
+_REG, _LNK, _OTHER = 1, 2, 0
 KIND_MODES = {_REG: stat.S_IFREG, _LNK: stat.S_IFLNK}
 
 
@@ -285,12 +286,7 @@ class LayerStack:
             for e in os.scandir(fd):  # (a d_type the filesystem does not record costs an lstat here)
                 names.append(e.name)
                 inos.append(e.inode())
-                if e.is_file(follow_symlinks=False):
-                    kinds.append(_REG)
-                elif e.is_symlink():
-                    kinds.append(_LNK)
-                else:
-                    kinds.append(_DIR if e.is_dir(follow_symlinks=False) else _OTHER)
+                kinds.append(_REG if e.is_file(follow_symlinks=False) else _LNK if e.is_symlink() else _OTHER)
             return Scan(encode_names(names), inos, bytes(kinds))
         finally:
             os.close(fd)

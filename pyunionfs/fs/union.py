@@ -430,16 +430,15 @@ class UnionFS:
         names = d.listing.names if d.listing is not None else []
         # (Not for a few names: the kernel's last READDIR of a listing, past its end, is the most common.)
         scan = self._scan(d, node.path) if plain and len(names) + 2 - max(start, 2) > SCAN_FROM else None
-        dev = d.entry.st.st_dev
+        dev = d.entry.st.st_dev if scan is not None else 0
         if start < 1:
             yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
-            if scan is not None and scan.kinds[i] in KIND_MODES:  # (the name stands for its path: never the root's)
-                yield i + 3, name, None, Attr(self.inodes.number((dev, scan.inos[i]), name), KIND_MODES[scan.kinds[i]],
-                                              *(0,) * 10)  # fmt: skip
+            if scan is not None and (kind := KIND_MODES.get(scan.kinds[i])) is not None:  # (name for path: not root's)
+                yield i + 3, name, None, _bare(self.inodes.number((dev, scan.inos[i]), name), kind)
                 continue
             path = node.path + b"/" + name if node.path else name
             try:
@@ -452,8 +451,7 @@ class UnionFS:
                 # lists it: with no node, so the kernel makes no entry of it.
                 st = next(filter(None, (self.stack.lstat(k, node.path, name) for k in d.entry.layers)), None)
                 if st is not None:
-                    yield i + 3, name, None, Attr(self.inodes.number((st.st_dev, st.st_ino), path), st.st_mode,
-                                                  *(0,) * 10)  # fmt: skip
+                    yield i + 3, name, None, _bare(self.inodes.number((st.st_dev, st.st_ino), path), st.st_mode)
                 continue
             if entry is None:
                 continue
@@ -580,6 +578,11 @@ class UnionFS:
     def statfs(self) -> os.statvfs_result:
         """The upper's filesystem (or the top layer's), as overlayfs reports."""
         return self.stack.statvfs(0)
+
+
+def _bare(ino: int, mode: int) -> Attr:
+    """Attributes of a listed entry that carries only its number and type."""
+    return Attr(ino, mode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _pin(node: Node) -> int | None:
