@@ -228,7 +228,7 @@ class CopyUps:
                 finally:
                     os.close(src)
                 e = node.entry
-                node.entry = Entry(e.layers, Stat.of(os.fstat(dst)), e.ident, e.xwh, e.nlink, e.index, None, e.impure)
+                node.entry = e.restat(Stat.of(os.fstat(dst)), e.nlink, None)
             finally:
                 os.close(dst)
             self._repoint(node)

@@ -83,7 +83,7 @@ class Creates(Writable):
             raise
         st = up.lstat(parent.path, name)
         assert st is not None
-        entry = Entry((0,), Stat.of(st), (st.st_dev, st.st_ino))
+        entry = Entry((0,), Stat.of(st))
         self.resolver.cache.changed(parent.entry.ident, name)
         if stat.S_ISDIR(mode):
             entry = self.resolver.child(parent.entry, parent.path, name) or entry

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 #: How :class:`Stat` packs an lstat: mode, uid, gid; ino, dev, nlink, rdev;
-#: size, blksize, blocks and the three times in ns.
-_LAYOUT = struct.Struct("<3I4Q6q")
+#: size, blksize, blocks and the three times in ns.  76 bytes: a device
+#: number fits 32 bits (the kernel's dev_t is 32 bits; stat(2) widens it),
+#: as do a link count and a block size (32 bits in the kernel's kstat).
+#: At 76 a Stat takes 128 bytes with its headers; at 77 it would take 144.
+_LAYOUT = struct.Struct("<3IQ3IqIq3q")
 _U32, _U64, _S64 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<q")
+#: st_ino and st_dev, side by side in the layout.
+_INO_DEV = struct.Struct("<QI")
 
 
 #: One shared ``(layer,)`` per layer: most entries live in one layer, and a
@@ -64,7 +68,7 @@ class StatLike(Protocol):
 
 class Stat(bytes):
     """An lstat kept compactly: the fields a stat reply needs, packed in
-    92 bytes (128 allocated, against 600 for an ``os.stat_result`` with the
+    76 bytes (128 allocated with its headers, against 600 for an ``os.stat_result`` with the
     int and float objects it holds), and not tracked by the cyclic garbage
     collector.  Every entry the kernel holds keeps one, so a directory of a
     million files keeps a million.  Read a field as on ``os.stat_result``,
@@ -102,39 +106,39 @@ class Stat(bytes):
 
     @property
     def st_dev(self) -> int:
-        return int(_U64.unpack_from(self, 20)[0])
+        return int(_U32.unpack_from(self, 20)[0])
 
     @property
     def st_nlink(self) -> int:
-        return int(_U64.unpack_from(self, 28)[0])
+        return int(_U32.unpack_from(self, 24)[0])
 
     @property
     def st_rdev(self) -> int:
-        return int(_U64.unpack_from(self, 36)[0])
+        return int(_U32.unpack_from(self, 28)[0])
 
     @property
     def st_size(self) -> int:
-        return int(_S64.unpack_from(self, 44)[0])
+        return int(_S64.unpack_from(self, 32)[0])
 
     @property
     def st_blksize(self) -> int:
-        return int(_S64.unpack_from(self, 52)[0])
+        return int(_U32.unpack_from(self, 40)[0])
 
     @property
     def st_blocks(self) -> int:
-        return int(_S64.unpack_from(self, 60)[0])
+        return int(_S64.unpack_from(self, 44)[0])
 
     @property
     def st_atime_ns(self) -> int:
-        return int(_S64.unpack_from(self, 68)[0])
+        return int(_S64.unpack_from(self, 52)[0])
 
     @property
     def st_mtime_ns(self) -> int:
-        return int(_S64.unpack_from(self, 76)[0])
+        return int(_S64.unpack_from(self, 60)[0])
 
     @property
     def st_ctime_ns(self) -> int:
-        return int(_S64.unpack_from(self, 84)[0])
+        return int(_S64.unpack_from(self, 68)[0])
 
     def __repr__(self) -> str:
         names = ("mode", "uid", "gid", "ino", "dev", "nlink", "rdev", "size", "blksize", "blocks",
@@ -154,49 +158,136 @@ class DataRef(NamedTuple):
     blocks: int
 
 
-@dataclass(frozen=True, slots=True)
+class _Rare:
+    """The fields of an :class:`Entry` that only a few entries need."""
+
+    __slots__ = ("xwh", "nlink", "index", "data", "impure")
+
+    def __init__(
+        self, xwh: tuple[int, ...], nlink: int | None, index: bytes | None, data: DataRef | None,
+        impure: tuple[int, ...],
+    ) -> None:
+        self.xwh, self.nlink, self.index, self.data, self.impure = xwh, nlink, index, data, impure
+
+
 class Entry:
-    """Where a merged name lives, as found by one lookup."""
+    """Where a merged name lives, as found by one lookup.
+
+    Never changed once made: the resolution cache and the nodes share
+    entries, and a change makes a new one.  Every name the kernel holds
+    keeps one, so it is kept small: four slots (64 bytes), the identity
+    not stored where it is the object's own (most names), and the fields
+    that a few entries need (merged directories, hard links, copies) in
+    one shared object.  A frozen dataclass of all eight fields with its
+    identity tuple cost 212 bytes an entry, and three times as long to make.
+    """
+
+    __slots__ = ("layers", "st", "_ident", "_rare")
 
     #: Layers that make up the entry, topmost first.  A non-directory has one;
     #: a merged directory has every layer whose directory it merges.
     layers: tuple[int, ...]
     #: lstat of the entry in ``layers[0]``: what the mount shows.
     st: Stat
-    #: (st_dev, st_ino) that names the object for inode numbering.  For a
-    #: directory it is the lowest merged layer's, so it does not change when a
-    #: lower directory later gets a copy in the upper.
-    ident: tuple[int, int]
-    #: Layers in which this directory holds xattr whiteouts (opaque=x).
-    xwh: tuple[int, ...] = ()
-    #: The merged link count of an indexed hard-linked file (its
-    #: ``overlay.nlink`` record); None means st_nlink.
-    nlink: int | None = None
-    #: The name in the work dir's ``index/`` of the object this entry shows,
-    #: when the merged name itself is still only in a lower layer: a lower
-    #: hard link whose copy-up was made through another of its names.  The
-    #: object is that index copy (``layers == (0,)``, ``st`` is its lstat),
-    #: but this name has no upper link yet.  None: the object is at the name.
-    index: bytes | None = None
-    #: The data of a metadata-only copy (an ``overlay.metacopy`` record on
-    #: the object in ``layers[0]``, whose own content is a hole): reads go
-    #: there until the first write copies it in.  None: the object holds its data.
-    data: DataRef | None = None
-    #: Layers in which this directory carries the overlay's ``impure``
-    #: record (entries in it were copied up or moved there by an overlay):
-    #: only there can a file be a metadata-only copy the kernel made.
-    impure: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        layers: tuple[int, ...],
+        st: Stat,
+        ident: tuple[int, int] | None = None,
+        xwh: tuple[int, ...] = (),
+        nlink: int | None = None,
+        index: bytes | None = None,
+        data: DataRef | None = None,
+        impure: tuple[int, ...] = (),
+    ) -> None:
+        self.layers = layers
+        self.st = st
+        self._ident = ident
+        self._rare = (
+            _Rare(xwh, nlink, index, data, impure)
+            if xwh or impure or nlink is not None or index is not None or data is not None
+            else None
+        )
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        """(st_dev, st_ino) that names the object for inode numbering:
+        the object's own (*ident* None when made), or another's: for a
+        directory the lowest merged layer's, so it does not change when a
+        lower directory later gets a copy in the upper; for a copied-up
+        file its lower original's."""
+        ident = self._ident
+        if ident is None:
+            ino, dev = _INO_DEV.unpack_from(self.st, 12)
+            return dev, ino
+        return ident
+
+    @property
+    def xwh(self) -> tuple[int, ...]:
+        """Layers in which this directory holds xattr whiteouts (opaque=x)."""
+        return () if self._rare is None else self._rare.xwh
+
+    @property
+    def nlink(self) -> int | None:
+        """The merged link count of an indexed hard-linked file (its
+        ``overlay.nlink`` record); None means st_nlink."""
+        return None if self._rare is None else self._rare.nlink
+
+    @property
+    def index(self) -> bytes | None:
+        """The name in the work dir's ``index/`` of the object this entry shows,
+        when the merged name itself is still only in a lower layer: a lower
+        hard link whose copy-up was made through another of its names.  The
+        object is that index copy (``layers == (0,)``, ``st`` is its lstat),
+        but this name has no upper link yet.  None: the object is at the name."""
+        return None if self._rare is None else self._rare.index
+
+    @property
+    def data(self) -> DataRef | None:
+        """The data of a metadata-only copy (an ``overlay.metacopy`` record on
+        the object in ``layers[0]``, whose own content is a hole): reads go
+        there until the first write copies it in.  None: the object holds its data."""
+        return None if self._rare is None else self._rare.data
+
+    @property
+    def impure(self) -> tuple[int, ...]:
+        """Layers in which this directory carries the overlay's ``impure``
+        record (entries in it were copied up or moved there by an overlay):
+        only there can a file be a metadata-only copy the kernel made."""
+        return () if self._rare is None else self._rare.impure
+
+    def restat(self, st: Stat, nlink: int | None, data: DataRef | None) -> Entry:
+        """This entry with a fresh lstat *st* of its object (and *nlink*,
+        *data* as they are now); its identity stays as it was given."""
+        return Entry(self.layers, st, self._ident, self.xwh, nlink, self.index, data, self.impure)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.layers, self.st, self.ident, self.xwh, self.nlink, self.index, self.data, self.impure)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        names = ("layers", "st", "ident", "xwh", "nlink", "index", "data", "impure")
+        return "Entry(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._key(), strict=True)) + ")"
 
     @property
     def real(self) -> tuple[int, int]:
         """(st_dev, st_ino) of the object in ``layers[0]``: what a path
         found for this entry must lead to (``ident`` may be an origin's)."""
-        return self.st.st_dev, self.st.st_ino
+        ino, dev = _INO_DEV.unpack_from(self.st, 12)
+        return dev, ino
 
     @property
     def linked_up(self) -> bool:
         """Whether the upper holds this object under this very name."""
-        return self.layers[0] == 0 and self.index is None
+        return self.layers[0] == 0 and (self._rare is None or self._rare.index is None)
 
     @property
     def is_dir(self) -> bool:

@@ -110,7 +110,7 @@ class OpenFiles(Creates):
             if default is not None:
                 acl.inherit(proc_path(fd), True, default, access, False)
             st = os.fstat(fd)
-            entry = Entry((0,), Stat.of(st), (st.st_dev, st.st_ino))
+            entry = Entry((0,), Stat.of(st))
             pin = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
         except BaseException:
             os.close(fd)

@@ -165,7 +165,7 @@ class Resolver:
                     indexed = self._indexed(layer, parent_rel, name, ident)
                     if indexed is not None:
                         return indexed
-                return Entry(only(layer), Stat.of(st), ident, data=data)
+                return Entry(only(layer), Stat.of(st), data=data)
             dirs.append(layer)
             top = top or st
             low = st

@@ -257,8 +257,7 @@ class UnionFS:
         ):
             path, follow = self._path(node)
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
-        e = node.entry
-        node.entry = Entry(e.layers, Stat.of(st), e.ident, e.xwh, nlink, e.index, e.data, e.impure)
+        node.entry = node.entry.restat(Stat.of(st), nlink, node.entry.data)
         return self.attr_of(ino, node.entry, node.path)
 
     def birth_time(self, ino: int) -> int | None:

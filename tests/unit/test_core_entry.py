@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def test_every_field_as_lstat_gives_it(tmp_path: Path) -> None:
 
 
 class _Edge:
-    """An lstat with every field at the edge of what the kernel can return."""
+    """An lstat with every field at the edge of what the kernel can return:
+    its device numbers, link counts and block sizes are 32 bits (``dev_t``,
+    ``kstat.nlink``, ``kstat.blksize``), widened by stat(2)."""
 
     def __init__(self, **fields: Any) -> None:
         for name in FIELDS:
@@ -52,8 +55,8 @@ class _Edge:
 
 @pytest.mark.parametrize("fields", [
     {"st_mode": stat.S_IFDIR | 0o7777, "st_uid": 2**32 - 2, "st_gid": 2**32 - 2, "st_ino": 2**64 - 1,
-     "st_dev": 2**64 - 1, "st_nlink": 2**64 - 1, "st_rdev": 2**64 - 1, "st_size": 2**63 - 1,
-     "st_blksize": 2**31, "st_blocks": 2**63 - 1, "st_atime_ns": 2**63 - 1, "st_mtime_ns": 2**63 - 1,
+     "st_dev": 2**32 - 1, "st_nlink": 2**32 - 1, "st_rdev": 2**32 - 1, "st_size": 2**63 - 1,
+     "st_blksize": 2**32 - 1, "st_blocks": 2**63 - 1, "st_atime_ns": 2**63 - 1, "st_mtime_ns": 2**63 - 1,
      "st_ctime_ns": 2**63 - 1},
     {"st_mode": stat.S_IFREG, "st_atime_ns": -(2**63), "st_mtime_ns": -1, "st_ctime_ns": -10**18},
 ])  # fmt: skip
@@ -65,3 +68,31 @@ def test_edges_of_each_range(fields: dict[str, int]) -> None:
 
 def test_one_layers_tuple_per_layer() -> None:
     assert only(2) == (2,) and only(2) is only(2)
+
+
+def test_an_entry_is_small_and_keeps_its_own_identity_in_its_stat(tmp_path: Path) -> None:
+    """Most entries are their own object in one layer: four slots, the
+    identity read from the lstat, no tuple of its own."""
+    (tmp_path / "f").write_bytes(b"x")
+    st = os.lstat(tmp_path / "f")
+    own = Entry(only(1), Stat.of(st))
+    assert own.ident == own.real == (st.st_dev, st.st_ino)
+    assert (own.xwh, own.nlink, own.index, own.data, own.impure) == ((), None, None, None, ())
+    assert sys.getsizeof(own) <= 64
+    origin = Entry(only(0), Stat.of(st), (7, 9), nlink=3)
+    assert origin.ident == (7, 9) and origin.real == (st.st_dev, st.st_ino) and origin.nlink == 3
+    assert origin == Entry(only(0), Stat.of(st), (7, 9), nlink=3) != own
+    assert len({origin, Entry(only(0), Stat.of(st), (7, 9), nlink=3)}) == 1
+    assert "ident=(7, 9)" in repr(origin)
+
+
+def test_a_fresh_lstat_keeps_the_identity_it_was_given(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    st = Stat.of(os.lstat(tmp_path / "f"))
+    origin = Entry(only(0), st, (7, 9), (2,), index=b"idx", impure=(1,))
+    (tmp_path / "f").write_bytes(b"longer")
+    again = origin.restat(Stat.of(os.lstat(tmp_path / "f")), 5, None)
+    assert again.ident == (7, 9) and again.st.st_size == 6 and again.nlink == 5
+    assert (again.xwh, again.index, again.impure, again.data) == ((2,), b"idx", (1,), None)
+    own = Entry(only(1), st).restat(Stat.of(os.lstat(tmp_path / "f")), None, None)
+    assert own.ident == (st.st_dev, st.st_ino)
