@@ -122,6 +122,23 @@ class Resolver:
 
     def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         stack = self.stack
+        first: os.stat_result | None = None
+        if len(parent.layers) == 1 and not parent.xwh and not stack.layers[parent.layers[0]].writable:
+            # The most common case, a directory of one lower layer: no layer
+            # below to merge, no whiteout beside it that would hide anything,
+            # no copy-up record to read for a plain file.  A lookup in a big
+            # image, and every entry of a listing, comes here.
+            layer = parent.layers[0]
+            first = stack.lstat(layer, parent_rel, name)
+            if first is None:
+                return None
+            if self.markers.is_device_whiteout(first):
+                return None  # (with nothing below it to hide)
+            if not stat.S_ISDIR(first.st_mode) and not (self.metacopy or layer in parent.impure) and (
+                first.st_nlink < 2 or self.index is None or not self.index.index_keys
+            ):
+                return Entry(only(layer), Stat.of(first))
+            # (Else resolved in full below, with this lstat.)
         markers = self.markers
         rel = join(parent_rel, name)
         dirs: list[int] = []
@@ -139,8 +156,12 @@ class Resolver:
             layers = candidates(presence, name, markers.oci_whiteout_name(name))
         else:
             layers = zip(parent.layers, repeat(None))
+        st: os.stat_result | None
         for layer, held in layers:
-            st = stack.lstat(layer, parent_rel, name) if held is None or name in held else None
+            if first is not None:
+                st, first = first, None
+            else:
+                st = stack.lstat(layer, parent_rel, name) if held is None or name in held else None
             if st is None:
                 # (A .wh.NAME in the last layer hides nothing: no layer is below it.)
                 if layer != last and markers.oci_whiteout(stack, layer, parent_rel, name, held):
