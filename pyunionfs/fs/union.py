@@ -24,7 +24,6 @@ in :meth:`UnionFS.stat_object` / :meth:`UnionFS.open_object` /
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -342,14 +341,17 @@ class UnionFS:
         dfd, name = self._place(node)
         if not name:
             return os.open(proc_path(dfd), flags)
-        layer = node.entry.layers[0]
         flags |= os.O_NOFOLLOW
-        fd = -1
-        if not self.stack.layers[layer].writable and not flags & (os.O_WRONLY | os.O_RDWR):
-            with contextlib.suppress(PermissionError):  # not the owner: O_NOATIME is refused
-                fd = os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
-        if fd < 0:
-            fd = os.open(name, flags, dir_fd=dfd)
+        if not self.stack.layers[node.entry.layers[0]].writable:
+            # A lower name holds the same object for as long as the mount
+            # lasts: nothing to check after the open.
+            if not flags & (os.O_WRONLY | os.O_RDWR):
+                try:
+                    return os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
+                except PermissionError:
+                    pass  # not the owner: O_NOATIME is refused
+            return os.open(name, flags, dir_fd=dfd)
+        fd = os.open(name, flags, dir_fd=dfd)
         try:
             self._check(node, os.fstat(fd))
         except BaseException:
@@ -434,14 +436,17 @@ class UnionFS:
             yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
+        # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
+        at, parent, child, number, attr_of = node.path, d.entry, self.resolver.child, self.inodes.number, self.attr_of
+        prefix = at + b"/" if at else b""
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
             if scan is not None and (kind := KIND_MODES.get(scan.kinds[i])) is not None:  # (name for path: not root's)
-                yield i + 3, name, None, _bare(self.inodes.number((dev, scan.inos[i]), name), kind)
+                yield i + 3, name, None, _bare(number((dev, scan.inos[i]), name), kind)
                 continue
-            path = node.path + b"/" + name if node.path else name
+            path = prefix + name
             try:
-                entry = self.resolver.child(d.entry, node.path, name)
+                entry = child(parent, at, name)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EIO):
                     raise
@@ -454,8 +459,8 @@ class UnionFS:
                 continue
             if entry is None:
                 continue
-            ino = self.inodes.number(entry.ident, path)
-            yield i + 3, name, Node(ino, path, entry, parent=d.ino), self.attr_of(ino, entry, path)
+            ino = number(entry.ident, path)
+            yield i + 3, name, Node(ino, path, entry, 0, d.ino), attr_of(ino, entry, path)
 
     def _scan(self, d: _OpenDir, path: bytes) -> Scan | None:
         """The entries' own numbers and kinds for *d*'s listing, read once per listing."""

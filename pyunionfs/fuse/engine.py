@@ -100,6 +100,10 @@ WANTED = (
     | InitFlag.ABORT_ERROR
 )
 
+#: OPENDIR's answer while names are cached: the kernel keeps the listing
+#: (it drops it itself on every change made through the mount, and lowers
+#: do not change).  An int, not a flag expression: it is on every OPENDIR.
+_CACHED_DIR = int(FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE)
 
 
 class Engine:
@@ -491,9 +495,7 @@ class Engine:
     def opendir(self, req: Request) -> bytes:
         with self.fs.lock:
             fh = self.fs.opendir(req.nodeid, self._caller(req))
-        # Cached listings: the kernel drops them itself on every change made
-        # through the mount, and lowers do not change.
-        return P.open_out(fh, FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE if self.timeout > 0 else 0)
+        return P.open_out(fh, _CACHED_DIR if self.timeout > 0 else 0)
 
     def readdir(self, req: Request) -> bytes:
         a = _arg(req, Read)
@@ -501,18 +503,19 @@ class Engine:
         # Entries are taken while they fit: each one READDIRPLUS answers counts
         # a lookup the kernel will FORGET, so only those are remembered.
         taken: list[tuple[int, bytes, Attr, bool]] = []
-        used = 0
+        used, size, record = 0, a.size, P.dirent_size(0, plus)
+        remember, ids = self.fs.remember, self.ids
         with self.fs.lock:
             for off, name, node, attr in self.fs.readdir(a.fh, a.offset, plain=not plus):
-                used += P.dirent_size(len(name), plus)
-                if used > a.size:
+                used += (record + len(name) + 7) & ~7  # (P.dirent_size inlined; the record's head is 8-aligned)
+                if used > size:
                     break
                 # (A name without a node and not a dot cannot be looked up: no entry for the kernel.)
                 taken.append((off, name, attr, node is None and off > 2))
                 if plus and node is not None:
-                    self.fs.remember(node)
-                    if self.ids.core:
-                        self.ids.answered(self.ids.kernel(attr.ino))
+                    remember(node)
+                    if ids.core:
+                        ids.answered(ids.kernel(attr.ino))
             if plus:
                 gen = self.fs.inodes.generation
                 return P.pack_direntplus(((attr, None if bare else gen(attr.ino), off, name)
