@@ -100,6 +100,12 @@ WANTED = (
     | InitFlag.ABORT_ERROR
 )
 
+#: SETATTR's valid bits as plain ints: an IntFlag operand costs 0.7 us per
+#: ``&``, and a SETATTR tests ten of them.
+_MODE, _UID, _GID, _SIZE, _ATIME, _MTIME, _ATIME_NOW, _MTIME_NOW, _FH, _KILL_SUIDGID = map(int, (
+    FattrFlag.MODE, FattrFlag.UID, FattrFlag.GID, FattrFlag.SIZE, FattrFlag.ATIME, FattrFlag.MTIME,
+    FattrFlag.ATIME_NOW, FattrFlag.MTIME_NOW, FattrFlag.FH, FattrFlag.KILL_SUIDGID))  # fmt: skip
+
 #: OPENDIR's answer while names are cached: the kernel keeps the listing
 #: (it drops it itself on every change made through the mount, and lowers
 #: do not change).  An int, not a flag expression: it is on every OPENDIR.
@@ -309,22 +315,22 @@ class Engine:
     def setattr(self, req: Request) -> bytes:
         a = _arg(req, Setattr)
         v = a.valid
-        now = time.time_ns() if v & (FattrFlag.ATIME_NOW | FattrFlag.MTIME_NOW) else 0
+        now = time.time_ns() if v & (_ATIME_NOW | _MTIME_NOW) else 0
         change = SetAttr(
-            mode=a.mode if v & FattrFlag.MODE else None,
-            uid=a.uid if v & FattrFlag.UID else None,
-            gid=a.gid if v & FattrFlag.GID else None,
-            size=a.size if v & FattrFlag.SIZE else None,
-            atime_ns=now if v & FattrFlag.ATIME_NOW else (a.atime_ns if v & FattrFlag.ATIME else None),
-            mtime_ns=now if v & FattrFlag.MTIME_NOW else (a.mtime_ns if v & FattrFlag.MTIME else None),
+            mode=a.mode if v & _MODE else None,
+            uid=a.uid if v & _UID else None,
+            gid=a.gid if v & _GID else None,
+            size=a.size if v & _SIZE else None,
+            atime_ns=now if v & _ATIME_NOW else (a.atime_ns if v & _ATIME else None),
+            mtime_ns=now if v & _MTIME_NOW else (a.mtime_ns if v & _MTIME else None),
         )
-        fh = a.fh if v & FattrFlag.FH else None
+        fh = a.fh if v & _FH else None
         if change.size is not None:
             self.modes.unpin(req.nodeid, req.kernel_nodeid)
         with self.fs.lock:
             attr = self.fs.setattr(req.nodeid, change, fh)
             in_group = attr.gid == req.gid
-            if v & FattrFlag.KILL_SUIDGID and killable(attr.mode, in_group):
+            if v & _KILL_SUIDGID and killable(attr.mode, in_group):
                 attr = self.fs.setattr(req.nodeid, SetAttr(mode=killed(attr.mode, in_group)), fh)
         return P.attr_out(attr, self._attr_timeout(req))
 
