@@ -21,7 +21,7 @@ import os
 import stat
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import repeat
+from itertools import filterfalse, repeat
 from typing import Protocol
 
 from ..errors import fs_error
@@ -380,8 +380,13 @@ class Resolver:
         cached = self.cache.names(d.ident)
         if cached is not None:
             return cached
+        out: list[bytes]
+        if len(d.layers) == 1:  # (one directory holds each name once)
+            out = list(filterfalse(self.markers.is_oci_marker, self.stack.listdir(d.layers[0], rel)))
+            self.cache.store_names(d.ident, out)
+            return out
         seen: set[bytes] = set()
-        out: list[bytes] = []
+        out = []
         for layer in d.layers:
             for n in self.stack.listdir(layer, rel):
                 if n not in seen and not self.markers.is_oci_marker(n):

@@ -369,7 +369,8 @@ class UnionFS:
             raise fs_error(errno.ENOTDIR)
         if node.gone:
             raise fs_error(errno.ENOENT)
-        self.stat_object(node)
+        if node.pin is not None or self.stack.layers[node.entry.layers[0]].writable:
+            self.stat_object(node)  # still this object (a lower directory always is)
         with self.handles.share.admitted(caller.uid):
             entry = node.entry
             listing = self._open_listing(entry, node.path)
