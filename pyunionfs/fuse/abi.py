@@ -214,9 +214,16 @@ class FopenFlag(enum.IntFlag):
 #: The only flags the kernel accepts together with FOPEN_PASSTHROUGH
 #: (fs/fuse/iomode.c); with any other (KEEP_CACHE, CACHE_DIR, ...) the open fails
 #: with EIO.  Measured on this kernel, see the facts note.
-FOPEN_PASSTHROUGH_MASK = (
+FOPEN_PASSTHROUGH_MASK = int(
     FopenFlag.PASSTHROUGH | FopenFlag.DIRECT_IO | FopenFlag.PARALLEL_DIRECT_WRITES | FopenFlag.NOFLUSH
 )
+
+#: The open answers made on every OPEN and OPENDIR, as plain ints: an
+#: IntFlag operand makes each ``|`` and ``&`` an enum operation (0.7 us,
+#: against 0.03 for ints).
+FOPEN_KEEP_CACHE = int(FopenFlag.KEEP_CACHE)
+FOPEN_PASSTHROUGH = int(FopenFlag.PASSTHROUGH)
+FOPEN_CACHED_DIR = int(FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE)
 
 
 class FattrFlag(enum.IntFlag):

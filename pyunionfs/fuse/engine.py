@@ -31,13 +31,13 @@ from ..fs.writes import Caller, SetAttr, WritableUnionFS
 from . import control
 from . import protocol as P
 from .abi import (
+    FOPEN_CACHED_DIR,
     FSYNC_FDATASYNC,
     OPEN_KILL_SUIDGID,
     ROOT_ID,
     SETXATTR_ACL_KILL_SGID,
     WRITE_KILL_SUIDGID,
     FattrFlag,
-    FopenFlag,
     InitFlag,
     Opcode,
 )
@@ -105,11 +105,6 @@ WANTED = (
 _MODE, _UID, _GID, _SIZE, _ATIME, _MTIME, _ATIME_NOW, _MTIME_NOW, _FH, _KILL_SUIDGID = map(int, (
     FattrFlag.MODE, FattrFlag.UID, FattrFlag.GID, FattrFlag.SIZE, FattrFlag.ATIME, FattrFlag.MTIME,
     FattrFlag.ATIME_NOW, FattrFlag.MTIME_NOW, FattrFlag.FH, FattrFlag.KILL_SUIDGID))  # fmt: skip
-
-#: OPENDIR's answer while names are cached: the kernel keeps the listing
-#: (it drops it itself on every change made through the mount, and lowers
-#: do not change).  An int, not a flag expression: it is on every OPENDIR.
-_CACHED_DIR = int(FopenFlag.CACHE_DIR | FopenFlag.KEEP_CACHE)
 
 
 class Engine:
@@ -501,7 +496,9 @@ class Engine:
     def opendir(self, req: Request) -> bytes:
         with self.fs.lock:
             fh = self.fs.opendir(req.nodeid, self._caller(req))
-        return P.open_out(fh, _CACHED_DIR if self.timeout > 0 else 0)
+        # Cached listings: the kernel drops them itself on every change made
+        # through the mount, and lowers do not change.
+        return P.open_out(fh, FOPEN_CACHED_DIR if self.timeout > 0 else 0)
 
     def readdir(self, req: Request) -> bytes:
         a = _arg(req, Read)
@@ -509,11 +506,11 @@ class Engine:
         # Entries are taken while they fit: each one READDIRPLUS answers counts
         # a lookup the kernel will FORGET, so only those are remembered.
         taken: list[tuple[int, bytes, Attr, bool]] = []
-        used, size, record = 0, a.size, P.dirent_size(0, plus)
+        used, size, dirent_size = 0, a.size, P.dirent_size
         remember, ids = self.fs.remember, self.ids
         with self.fs.lock:
             for off, name, node, attr in self.fs.readdir(a.fh, a.offset, plain=not plus):
-                used += (record + len(name) + 7) & ~7  # (P.dirent_size inlined; the record's head is 8-aligned)
+                used += dirent_size(len(name), plus)
                 if used > size:
                     break
                 # (A name without a node and not a dot cannot be looked up: no entry for the kernel.)

@@ -18,14 +18,12 @@ from ..config import MountConfig
 from ..errors import fs_error
 from ..fs.writes import WritableUnionFS
 from . import protocol as P
-from .abi import FopenFlag
+from .abi import FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH
 from .backing import CACHED, LOWER, LOWER_MIN, UPPER, Backings
 from .nodeids import NodeIds
 
 #: Open flags that change data: a copy-up, and never a lower backing.
 WRITES = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
-#: As plain ints, not flag expressions: they are on every open.
-_PASSTHROUGH, _KEEP_CACHE = int(FopenFlag.PASSTHROUGH), int(FopenFlag.KEEP_CACHE)
 
 
 def wanted(st_mode: int, upper: bool, metacopy: bool, size: int, flags: int, lower_too: bool) -> int:
@@ -88,8 +86,8 @@ class OpenModes:
             self._let_go(ino, nodeid)
         backing_id, keep = answer
         if backing_id:
-            return P.open_out(fh, _PASSTHROUGH, backing_id)
-        return P.open_out(fh, _KEEP_CACHE if keep else 0)
+            return P.open_out(fh, FOPEN_PASSTHROUGH, backing_id)
+        return P.open_out(fh, FOPEN_KEEP_CACHE if keep else 0)
 
     def unpin(self, ino: int, nodeid: int) -> None:
         """Before a change of data to *ino* through *nodeid* (a write open, a

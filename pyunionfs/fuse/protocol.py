@@ -224,10 +224,6 @@ def statx_out(attr: AttrLike, btime_ns: int | None, timeout: float = 0.0) -> byt
     )  # fmt: skip
 
 
-#: As plain ints: an IntFlag operand costs 0.7 us per ``&``, on every open.
-_PASSTHROUGH, _PASSTHROUGH_MASK = int(FopenFlag.PASSTHROUGH), int(abi.FOPEN_PASSTHROUGH_MASK)
-
-
 def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:
     """fuse_open_out (16 bytes): OPEN and OPENDIR answers; CREATE sends entry_out + open_out.
 
@@ -235,10 +231,10 @@ def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:
     *backing_id* (from FUSE_DEV_IOC_BACKING_OPEN) and fails the open (EIO) if
     any flag outside FOPEN_PASSTHROUGH_MASK is set; that is refused here.
     """
-    if flags & _PASSTHROUGH:
+    if flags & abi.FOPEN_PASSTHROUGH:
         if backing_id <= 0:
             raise ValueError("FOPEN_PASSTHROUGH needs a backing id")
-        if flags & ~_PASSTHROUGH_MASK:
+        if flags & ~abi.FOPEN_PASSTHROUGH_MASK:
             raise ValueError(f"{FopenFlag(flags & ~abi.FOPEN_PASSTHROUGH_MASK)!r} cannot go with FOPEN_PASSTHROUGH")
     return S.OPEN_OUT.pack(fh, flags, backing_id)
 
