@@ -92,11 +92,12 @@ class Resolver:
             if not self.stack.layers[layer].writable:
                 return cached  # a lower object: its attributes cannot change under the mount
             st = self.stack.lstat(layer, parent_rel, name)
-            # (A metadata-only copy is resolved afresh: its data may have come up.)
-            if st is not None and stat.S_IFMT(st.st_mode) == stat.S_IFMT(cached.st.st_mode) and cached.data is None:
-                nlink = self.merged_nlink(layer, join(parent_rel, name), st) if cached.nlink is not None or (
-                    self.stack.layers[layer].writable and st.st_nlink > 1) else None
-                return Entry(cached.layers, Stat.of(st), cached.ident, cached.xwh, nlink, impure=cached.impure)
+            # (Another object at the name, or a metadata-only copy whose data
+            # may have come up, is resolved afresh.)
+            if st is not None and (st.st_dev, st.st_ino) == cached.real and cached.data is None:
+                nlink = self.merged_nlink(layer, join(parent_rel, name), st) if (
+                    cached.nlink is not None or st.st_nlink > 1) else None
+                return cached.restat(Stat.of(st), nlink, None)
         entry = self._resolve(parent, parent_rel, name)
         if entry is None or entry.is_dir or entry.linked_up or self.index is None or (
             entry.index is None and entry.st.st_nlink < 2
@@ -123,12 +124,12 @@ class Resolver:
     def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
         stack = self.stack
         first: os.stat_result | None = None
-        if len(parent.layers) == 1 and not parent.xwh and not stack.layers[parent.layers[0]].writable:
-            # The most common case, a directory of one lower layer: no layer
-            # below to merge, no whiteout beside it that would hide anything,
-            # no copy-up record to read for a plain file.  A lookup in a big
-            # image, and every entry of a listing, comes here.
-            layer = parent.layers[0]
+        layer = self._lone_lower(parent)
+        if layer is not None:
+            # The most common case: no layer below to merge, no whiteout
+            # beside it that would hide anything, no copy-up record to read
+            # for a plain file.  A lookup in a big image, and every entry of
+            # a listing, comes here.
             first = stack.lstat(layer, parent_rel, name)
             if first is None:
                 return None
@@ -401,8 +402,8 @@ class Resolver:
         (whose entries resolve to themselves: no whiteout or copy-up above
         them, their inode numbers their own) on a filesystem whose entries
         record the inode numbers ``lstat`` shows.  None elsewhere."""
-        layer = d.layers[0]
-        if len(d.layers) > 1 or d.xwh or self.stack.layers[layer].writable:
+        layer = self._lone_lower(d)
+        if layer is None:
             return None
         try:
             scan = self.stack.scan(layer, rel)
@@ -416,6 +417,15 @@ class Resolver:
                         bytes(scan.kinds[i] for i in keep))  # fmt: skip
         # Read again: the same entries in the same order, unless the directory changed in between.
         return scan if scan.names == names else None
+
+    def _lone_lower(self, d: Entry) -> int | None:
+        """The layer of directory *d* if it is a directory of one lower layer
+        with no xattr whiteouts: there every name is its own object, hidden
+        by nothing and merged with nothing.  None elsewhere."""
+        layers = d.layers
+        if len(layers) > 1 or d.xwh or self.stack.layers[layers[0]].writable:
+            return None
+        return layers[0]
 
     def listing(self, d: Entry, rel: bytes) -> list[tuple[bytes, Entry]]:
         """The merged directory's visible entries."""

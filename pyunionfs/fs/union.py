@@ -320,10 +320,17 @@ class UnionFS:
         (nothing runs between the check and the caller's use of the path).
         An object in a lower layer needs no check: lowers do not change,
         and a lower name the union lost is reached by its pin."""
+        self._check_current(node)
+        return self._path(node)
+
+    def _check_current(self, node: Node) -> None:
+        """ENOENT unless *node*'s object is still where the node finds it.
+        Only an upper one, an index copy or a pinned one can have changed:
+        lowers do not change, and a lower name the union lost is reached
+        by its pin."""
         entry = node.entry
         if entry.index is not None or node.pin is not None or self.stack.layers[entry.layers[0]].writable:
             self.stat_object(node)
-        return self._path(node)
 
     def open_object(self, node: Node, flags: int) -> int:
         """An fd on *node*'s own object opened with *flags* (a final symlink
@@ -369,8 +376,7 @@ class UnionFS:
             raise fs_error(errno.ENOTDIR)
         if node.gone:
             raise fs_error(errno.ENOENT)
-        if node.pin is not None or self.stack.layers[node.entry.layers[0]].writable:
-            self.stat_object(node)  # still this object (a lower directory always is)
+        self._check_current(node)
         with self.handles.share.admitted(caller.uid):
             entry = node.entry
             listing = self._open_listing(entry, node.path)
