@@ -105,6 +105,8 @@ class MountConfig:
     passthrough: bool = True
     #: ``passthrough=all`` (or a read-only mount): lower files opened to read go passthrough too.
     lower_passthrough: bool = False
+    #: Whether the native engine takes requests over io_uring where the kernel offers it.
+    uring: bool = True
     #: The kernel's ``redirect_dir`` mode: ``on``, ``follow``, ``off`` or ``nofollow``.
     redirect_dir: str = "follow"
     #: The kernel's ``metacopy``: metadata changes of a lower file copy up
@@ -338,6 +340,7 @@ def build_config(
         passthrough=setting("passthrough") != "off",
         # Read-only, nothing is ever copied up: lower passthrough changes nothing one can see.
         lower_passthrough=setting("passthrough") == "all" or (readonly and setting("passthrough") == "on"),
+        uring=setting("uring") == "on",
         redirect_dir=_redirect_dir(opts, setting("redirect_dir")),
         metacopy=setting("metacopy") == "on",
         uid_ranges=id_ranges(opts["uidmapping"], "uidmapping") if opts.get("uidmapping") else (),

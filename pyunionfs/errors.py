@@ -108,6 +108,15 @@ class UnsupportedKernel(ProtocolError):
     errno = errno.EPROTO
 
 
+class RingError(PyunionfsError):
+    """io_uring, or FUSE over io_uring, refused (see :mod:`pyunionfs.fuse.uring`):
+    requests go on over /dev/fuse.  ``errno`` is the kernel's answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
 class WouldBlock(PyunionfsError):
     """The request needs to wait (a long copy-up) in a thread that may not:
     nothing was changed yet; run it again where blocking is allowed

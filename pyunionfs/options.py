@@ -247,6 +247,9 @@ TABLE: tuple[Option, ...] = (
            "before a copy-up keeps reading the lower file (docs/semantics.md); a read-only mount does that with "
            "`on`, as nothing is copied up there", kind=_V,
            choices=("on", "off", "all"), default="on"),
+    Option("uring", _OURS, "take requests over io_uring, each on the CPU of its caller, where the kernel offers "
+           "it (Linux 6.14 or newer with the `fuse` module's `enable_uring` set: docs/speed.md); `off`: read them "
+           "from /dev/fuse only", kind=_V, choices=_ONOFF, default="on"),
     Option("max_files_per_uid", _OURS, "open files and directories one user other than root may hold (default: a "
            "quarter of what the daemon's open-file limit leaves for them)", kind=Kind.INT, metavar="N", low=1),
     Option("noacl", _FOVL, "the kernel checks mode bits only, not POSIX ACLs (ACL xattrs are still kept)"),

@@ -228,6 +228,8 @@ class Engine:
             wanted |= InitFlag.CACHE_SYMLINKS
         if self.backings.enabled:
             wanted |= InitFlag.PASSTHROUGH
+        if self.cfg.uring:
+            wanted |= InitFlag.OVER_IO_URING
         try:
             self.agreed, out = P.negotiate(args, wanted, MAX_WRITE, max_stack_depth=1)
         except UnsupportedKernel as exc:

@@ -18,11 +18,11 @@ import os
 import pytest
 
 from tests.support.layergen import build_stack, kernel_mounted, to_oci
-from tests.support.mounting import BOTH_ENGINES
+from tests.support.mounting import EACH_ENGINE
 from tests.support.treesnap import diff, snapshot
 
 #: Run on both FUSE engines: each must agree with the kernel.
-pytestmark = BOTH_ENGINES
+pytestmark = EACH_ENGINE
 
 SEEDS = range(int(os.environ.get("PYUNIONFS_DIFF_SEEDS", "12")))
 VARIANTS = ["upper", "lowers-only", "userxattr", "oci", "oci-lowers-only"]

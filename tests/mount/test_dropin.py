@@ -284,8 +284,8 @@ def test_every_tolerated_option_is_accepted(tree: Path) -> None:
     """The whole table in one line (values made up where they are ignored anyway)."""
     require_fuse()
     mnt = tree / "mnt"
-    values = {"timeout": "5", "oci_whiteouts": "on", "engine": "native", "passthrough": "on", "redirect_dir": "on",
-              "metacopy": "on", "uidmapping": "0:0:1", "gidmapping": "0:0:1",
+    values = {"timeout": "5", "oci_whiteouts": "on", "engine": "native", "passthrough": "on", "uring": "on",
+              "redirect_dir": "on", "metacopy": "on", "uidmapping": "0:0:1", "gidmapping": "0:0:1",
               "x-": "x-systemd.requires=a.mount"}
     items = []
     for opt in taken_by(Form.OVERLAY):

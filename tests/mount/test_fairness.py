@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.fuse import control
-from tests.support.mounting import BOTH_ENGINES, Daemon, wait_until
+from tests.support.mounting import EACH_ENGINE, Daemon, wait_until
 from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 
 Mount = Callable[..., Daemon]
@@ -96,7 +96,7 @@ def test_the_daemon_takes_every_fd_the_system_allows(tmp_path: Path, mount: Moun
     assert _daemon_limits(d) == (most, most)
 
 
-@BOTH_ENGINES
+@EACH_ENGINE
 @pytest.mark.timeout(180)
 def test_a_user_holding_many_files_starves_only_itself(tmp_path: Path, mount: Mount) -> None:
     with public_dir() as pub:
@@ -234,7 +234,7 @@ def _xattr_story(m: Path) -> dict[str, object]:
     return out
 
 
-@BOTH_ENGINES
+@EACH_ENGINE
 @pytest.mark.timeout(180)
 def test_trusted_xattrs_are_the_kernels_business_by_capability(tmp_path: Path, mount: Mount) -> None:
     with public_dir() as pub:

@@ -45,7 +45,7 @@ import pytest
 
 from pyunionfs.fuse.mountinfo import find_mount
 from tests.support.layergen import is_mounted as something_mounted
-from tests.support.mounting import Daemon, is_mounted
+from tests.support.mounting import Daemon, dead_mount_errno, is_mounted
 from tests.support.writecheck import (
     MiB,
     default_workdir,
@@ -644,6 +644,7 @@ def _killed(d: Daemon) -> None:
     d.proc.wait(timeout=30)
     m = d.mnt
     assert is_mounted(m), "the dead daemon's mount went away by itself"
+    assert dead_mount_errno(m / "kept") == errno.ENOTCONN
     for what, fn in (("stat", lambda: os.stat(m / "kept")), ("listdir", lambda: os.listdir(m)),
                      ("open", lambda: os.close(os.open(m / "kept", os.O_RDONLY)))):
         assert errno_of(fn) == errno.ENOTCONN, f"{what} on a dead mount: {errname(errno_of(fn))}, not ENOTCONN"

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyunionfs.fuse import control
-from tests.support.mounting import Daemon
+from tests.support.mounting import Daemon, wait_until
 from tests.support.writecheck import on_kernel_and_ours, public_dir, put, run_as
 
 Mount = Callable[..., Daemon]
@@ -234,6 +234,8 @@ def test_pages_cached_before_passthrough_writes_are_not_shown_after(tmp_path: Pa
     fd = os.open(f, os.O_RDWR)  # passthrough: the write goes past those pages
     os.pwrite(fd, b"BBBB", 0)
     os.close(fd)
+    # RELEASE is asynchronous: wait for it, so the next open finds the inode closed and may go cached
+    wait_until(lambda: counts(m)["open_files"] == 0, 10, "the passthrough open to be released")
     fd = os.open(f, os.O_RDONLY | os.O_APPEND)  # cached again
     try:
         assert os.pread(fd, 8, 0) == b"BBBBAAAA"

@@ -141,7 +141,7 @@ from hypothesis.stateful import (
 )
 
 from tests.support.layergen import build_stack, mount_points
-from tests.support.mounting import BOTH_ENGINES, Daemon, require_fuse
+from tests.support.mounting import EACH_ENGINE, Daemon, require_fuse
 from tests.support.opsrunner import Executor, Outcome, digest
 from tests.support.treesnap import Snapshot, diff, fmt_path, snapshot
 
@@ -1236,7 +1236,7 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
 
 
 @pytest.mark.timeout(1800)  # shrinking a failure takes minutes; a passing run takes about one
-@BOTH_ENGINES
+@EACH_ENGINE
 def test_write_path_matches_kernel(tmp_path_factory: pytest.TempPathFactory, engine: str) -> None:
     base = tmp_path_factory.mktemp("wdiff")
     (base / "owner.pid").write_text(str(os.getpid()))

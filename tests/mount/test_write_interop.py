@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.layergen import Stack, build_stack, kernel_mounted
-from tests.support.mounting import BOTH_ENGINES, Daemon
+from tests.support.mounting import EACH_ENGINE, Daemon
 from tests.support.treesnap import Entry, Snapshot, diff, fmt_path, snapshot
 from tests.support.writecheck import errname, errno_of, kernel_overlay, put, upper_layout, whiteout
 
 #: Run on both FUSE engines: each must agree with the kernel.
-pytestmark = BOTH_ENGINES
+pytestmark = EACH_ENGINE
 
 Mount = Callable[..., Daemon]
 Log = list[tuple[str, str, str]]

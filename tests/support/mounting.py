@@ -14,6 +14,8 @@ What a mount test can rely on:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -22,10 +24,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pyunionfs.fuse import control
 from pyunionfs.fuse.mountinfo import find_mount
 
 FSTYPE = "fuse.pyunionfs"
@@ -34,10 +38,33 @@ FSTYPE = "fuse.pyunionfs"
 #: copied to DIR when they stop (to see which requests a failing test sent).
 KEEP_LOGS = os.environ.get("PYUNIONFS_TEST_KEEP_LOGS", "")
 
-#: Both FUSE engines, for the tests that run on each (``@BOTH_ENGINES`` or
-#: ``pytestmark = BOTH_ENGINES``; the ``engine`` fixture of tests/conftest.py):
-#: the kernel-differential and interop tests.  The others use the default engine.
-BOTH_ENGINES = pytest.mark.parametrize("engine", ["native", "pyfuse3"], indirect=True)
+#: Both FUSE engines, and the native one taking requests over io_uring
+#: (``uring``: see :func:`uring_allowed`), for the tests that run on each
+#: (``@EACH_ENGINE`` or ``pytestmark = EACH_ENGINE``; the ``engine`` fixture of
+#: tests/conftest.py): the kernel-differential and interop tests.  The others
+#: use the default engine over /dev/fuse.
+EACH_ENGINE = pytest.mark.parametrize("engine", ["native", "uring", "pyfuse3"], indirect=True)
+
+#: The ``fuse`` module's switch for FUSE over io_uring (off by default, global).
+URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+@contextlib.contextmanager
+def uring_allowed() -> Iterator[None]:
+    """``fuse.enable_uring`` set inside the block, as it was before afterwards.
+
+    The kernel offers io_uring in INIT and agrees to it in the INIT reply only
+    while it is set; a connection that agreed keeps it.  Skips the test where
+    the parameter cannot be written (a kernel before 6.14, or not root).
+    """
+    if not os.access(URING_PARAMETER, os.W_OK):
+        pytest.skip(f"{URING_PARAMETER} missing or not writable (needs Linux 6.14+ with CONFIG_FUSE_IO_URING, as root)")
+    before = URING_PARAMETER.read_text().strip()
+    URING_PARAMETER.write_text("1")
+    try:
+        yield
+    finally:
+        URING_PARAMETER.write_text("1" if before == "Y" else "0")
 
 
 def require_fuse() -> None:
@@ -78,7 +105,7 @@ class Daemon:
                  options: list[str] = (), deadline: float = 100.0, extra_args: list[str] = (),
                  engine: str = "native") -> None:
         require_fuse()
-        if engine != "native":
+        if engine not in ("native", "uring"):
             options = [*options, f"engine={engine}"]
         self.mnt = mnt
         self.final_log = ""
@@ -97,7 +124,11 @@ class Daemon:
         self._watchdog.daemon = True
         self._watchdog.start()
         try:
-            wait_until(lambda: is_mounted(mnt), 20, f"the mount at {mnt}", self.proc, self.log)
+            with uring_allowed() if engine == "uring" else contextlib.nullcontext():
+                wait_until(lambda: is_mounted(mnt), 20, f"the mount at {mnt}", self.proc, self.log)
+                os.stat(mnt)  # answered once INIT is: the kernel has agreed io_uring or not
+            if engine == "uring" and not any(k.startswith("ring_") for k in control.stats(os.fsencode(mnt))):
+                pytest.fail("the kernel offered FUSE over io_uring but the daemon took none")
         except BaseException:
             self._kill()
             raise
@@ -139,6 +170,24 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(check=exc[0] is None)
+
+
+def dead_mount_errno(path: Path, timeout: float = 10.0) -> int:
+    """The errno a stat of *path* gets once the dead daemon's connection is torn down (0: none).
+
+    A daemon that served over io_uring leaves its ring entries to the kernel to
+    cancel after its death, asynchronously (milliseconds): a request made in that
+    window fails with ECONNABORTED; after it, as over /dev/fuse, every request
+    gets ENOTCONN.  Any other answer is returned at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.stat(path)
+            return 0
+        except OSError as exc:
+            if exc.errno != errno.ECONNABORTED or time.monotonic() > deadline:
+                return exc.errno
 
 
 def drop_kernel_caches() -> None:

@@ -150,7 +150,7 @@ def test_one_base_and_a_type_for_each_thing_that_fails():
 
     types = {
         errors.UsageError, errors.MountError, errors.LayerError, errors.ImageError, errors.StoreError,
-        errors.ProtocolError, errors.UnsupportedKernel, errors.WouldBlock, errors.TransferError,
+        errors.ProtocolError, errors.UnsupportedKernel, errors.WouldBlock, errors.TransferError, errors.RingError,
     }
     kinds = {errors.UnsupportedKernel, errors.TransferError}
     assert all(issubclass(t, errors.PyunionfsError) for t in types)

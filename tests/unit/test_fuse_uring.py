@@ -1,0 +1,112 @@
+"""FUSE over io_uring (pyunionfs/fuse/uring.py) without a mount: how a ring entry's
+buffers become a /dev/fuse message and a reply goes back, and a refused registration."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+
+from pyunionfs.errors import RingError
+from pyunionfs.fuse import uring
+from pyunionfs.fuse.abi import Opcode
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
+ENT = struct.Struct("<QQII")
+
+
+def entry_buffers(opcode: int, op_in: bytes, payload: bytes, commit_id: int = 77) -> tuple[bytearray, bytearray]:
+    """A ring entry's header and payload as the kernel fills them for one request."""
+    header = bytearray(uring.HEADER_SIZE)
+    length = IN_HEADER.size + len(op_in) + len(payload)
+    IN_HEADER.pack_into(header, 0, length, opcode, commit_id, 5, 1000, 1000, 42, 0, 0)
+    header[128 : 128 + len(op_in)] = op_in
+    ENT.pack_into(header, 256, 0, commit_id, len(payload), 0)
+    body = bytearray(8192)
+    body[: len(payload)] = payload
+    return header, body
+
+
+def test_possible_cpus_and_payload_size() -> None:
+    cpus = uring.possible_cpus()
+    assert cpus and cpus[0] == 0 and cpus == sorted(set(cpus))
+    assert uring.payload_size(1 << 20) == 1 << 20
+    # the kernel's floor is 8192; a 64 KiB xattr value with its name must fit too
+    assert uring.payload_size(4096) > 65536
+    assert uring.payload_size((1 << 20) + 1) % 4096 == 0
+
+
+def test_gather_makes_the_message_dev_fuse_would_give() -> None:
+    op_in = struct.pack("<IIQ", 0, 0, 9)  # fuse_getattr_in
+    header, payload = entry_buffers(Opcode.GETATTR, op_in, b"")
+    buf = bytearray(8192)
+    length, commit_id = uring.gather(header, payload, buf)
+    assert (length, commit_id) == (40 + 16, 77)
+    assert bytes(buf[:40]) == bytes(header[:40]) and bytes(buf[40:56]) == op_in
+
+    # LOOKUP has no struct: its first argument is empty and the name is the payload
+    header, payload = entry_buffers(Opcode.LOOKUP, b"", b"name\0", commit_id=5)
+    length, commit_id = uring.gather(header, payload, buf)
+    assert (length, commit_id) == (45, 5)
+    assert bytes(buf[40:45]) == b"name\0"
+
+    # WRITE: fuse_write_in in op_in, the data in the payload
+    data = os.urandom(5000)
+    header, payload = entry_buffers(Opcode.WRITE, b"w" * 40, data)
+    length, _ = uring.gather(header, payload, buf)
+    assert bytes(buf[40:80]) == b"w" * 40 and bytes(buf[80:length]) == data
+
+
+@pytest.mark.parametrize(
+    "declared, payload_size, buf_size",
+    [
+        (40 + 3, 5, 4096),  # the payload is larger than the message
+        (40 + 129, 0, 4096),  # an argument struct beyond op_in's 128 bytes
+        (40 + 16, 0, 50),  # a message larger than the buffer
+        (40 + 9000, 8999, 65536),  # a payload larger than the payload buffer
+    ],
+)
+def test_gather_refuses_sizes_that_do_not_add_up(declared: int, payload_size: int, buf_size: int) -> None:
+    header, payload = entry_buffers(Opcode.GETATTR, b"", b"")
+    struct.pack_into("<I", header, 0, declared)
+    ENT.pack_into(header, 256, 0, 1, payload_size, 0)
+    with pytest.raises(RingError) as err:
+        uring.gather(header, payload, bytearray(buf_size))
+    assert err.value.errno == errno.EPROTO
+
+
+def test_scatter_puts_header_and_arguments_where_the_kernel_reads_them(caplog: pytest.LogCaptureFixture) -> None:
+    header, payload = bytearray(uring.HEADER_SIZE), bytearray(64)
+    out_header = struct.pack("<IiQ", 16 + 10, 0, 9)
+    uring.scatter([out_header, b"0123456789"], header, payload, 9)
+    assert bytes(header[:16]) == out_header and bytes(payload[:10]) == b"0123456789"
+    assert ENT.unpack_from(header, 256) == (0, 9, 10, 0)
+
+    error = struct.pack("<IiQ", 16, -errno.ENOENT, 10)
+    uring.scatter(error, header, payload, 10)
+    assert bytes(header[:16]) == error and ENT.unpack_from(header, 256) == (0, 10, 0, 0)
+
+    # no reply at all, or one larger than the payload, is a bug: EIO, not a stuck entry
+    uring.scatter(None, header, payload, 11)
+    assert struct.unpack_from("<IiQ", header) == (16, -errno.EIO, 11)
+    uring.scatter(struct.pack("<IiQ", 16 + 100, 0, 12) + b"x" * 100, header, payload, 12)
+    assert struct.unpack_from("<IiQ", header) == (16, -errno.EIO, 12)
+    assert ENT.unpack_from(header, 256) == (0, 12, 0, 0)
+    assert "does not fit" in caplog.text
+
+
+def test_a_registration_on_a_file_that_is_not_fuse_is_refused(tmp_path) -> None:
+    with open(tmp_path / "f", "w+b") as f:
+        try:
+            ring = uring.Ring(f.fileno(), [0, 0], uring.payload_size(4096))
+        except RingError as exc:  # no io_uring here (disabled, or seccomp)
+            pytest.skip(f"io_uring unavailable: {exc}")
+        try:
+            with pytest.raises(RingError) as err:
+                ring.serve(lambda message: None, bytearray(8192))
+            assert "refused queue 0" in str(err.value)
+            assert [s.served for s in ring.slots] == [0, 0]
+        finally:
+            ring.close()
