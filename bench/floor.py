@@ -39,7 +39,8 @@ from .osutil import BenchError, cpu_seconds, force_unmount, mount_fstype, pid_al
 from .systems import BY_NAME, REFERENCE_FUSE
 
 NULL = "pyfuse3-null"
-UNIONS = (REFERENCE_FUSE, "pyunionfs", "pyunionfs-pyfuse3")  # mounted as the bench mounts them, plus timeout=0
+#: Mounted as the bench mounts them, plus timeout=0.
+UNIONS = (REFERENCE_FUSE, "pyunionfs", "pyunionfs-uring", "pyunionfs-pyfuse3")
 SYSTEMS = (*UNIONS, NULL)
 PLAIN = "plain (no FUSE)"
 

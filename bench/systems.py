@@ -226,12 +226,44 @@ class PyunionfsAll(Pyunionfs):
     engine_options = ("passthrough=all",)
 
 
+class PyunionfsUring(Pyunionfs):
+    """pyunionfs where the admin allows FUSE over io_uring (``fuse.enable_uring=1``): requests on the caller's CPU.
+
+    The module parameter is off by default and is global; it is set only while this system's mount
+    command runs and put back at once (a connection that agreed io_uring at INIT keeps it), so every
+    other system, the default ``pyunionfs`` included, runs with the machine's own setting.
+    """
+
+    name = "pyunionfs-uring"
+    PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
+
+    def missing(self) -> str | None:
+        if not os.access(self.PARAMETER, os.W_OK):
+            return f"{self.PARAMETER} is missing or not writable (Linux 6.14+ with CONFIG_FUSE_IO_URING, as root)"
+        return super().missing()
+
+    def _start(self, lower: Path, upper: Path, work: Path, mnt: Path, extra: Sequence[str]) -> None:
+        before = self.PARAMETER.read_text().strip()
+        self.PARAMETER.write_text("1")
+        try:
+            super()._start(lower, upper, work, mnt, extra)
+        finally:
+            self.PARAMETER.write_text("1" if before == "Y" else "0")
+
+
 ALL: list[System] = [
-    Plain(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunionfs(), PyunionfsPyfuse3(), PyunionfsAll(),
+    Plain(),
+    KernelOverlay(),
+    FuseOverlayfs(),
+    UnionfsFuse(),
+    Pyunionfs(),
+    PyunionfsPyfuse3(),
+    PyunionfsAll(),
+    PyunionfsUring(),
 ]
 BY_NAME = {s.name: s for s in ALL}
 KERNEL = "overlay"
 REFERENCE_FUSE = "fuse-overlayfs"
 SUBJECT = "pyunionfs"  # the system the bench is about: pyunionfs as it mounts by default
 #: Every pyunionfs engine and mode: each gets ratio columns in the report.
-SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3", "pyunionfs-all")
+SUBJECTS = (SUBJECT, "pyunionfs-pyfuse3", "pyunionfs-all", "pyunionfs-uring")
