@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from ..config import MountConfig
@@ -73,6 +74,7 @@ class Server:
         self._setxattr_ext = False
         self._threads: list[threading.Thread] = []
         self._rings: list[uring.Ring] = []
+        self._first_rings: dict[int, uring.Ring] = {}
         self._main = threading.get_ident()
         self._done = threading.Event()
         self._closing = False
@@ -165,6 +167,8 @@ class Server:
         cpus = uring.possible_cpus() if self.engine.agreed & InitFlag.OVER_IO_URING else []
         for cpu in cpus:
             self.engine.gauges[f"ring_requests_cpu{cpu}"] = self._ring_gauge(cpu)
+        if cpus:
+            self.engine.gauges["ring_workers"] = lambda: len(self._rings)
         self.staffing = Staffing(len(fds))
         self.staffing.start()
         self.engine.gauges["workers_woken"] = lambda: self.staffing.woken
@@ -173,17 +177,20 @@ class Server:
             t.start()
             self._threads.append(t)
         for cpu in cpus:
-            for k in range(uring.WORKERS_PER_CPU):
-                t = threading.Thread(target=self._ring_work, args=(cpu,), name=f"fuse-ring-{cpu}.{k}", daemon=True)
-                t.start()
+            for reserve in (False, True):
+                name = f"fuse-ring-{cpu}{'-reserve' if reserve else ''}"
+                threading.Thread(target=self._ring_work, args=(cpu, reserve), name=name, daemon=True).start()
 
     def _ring_gauge(self, cpu: int) -> Callable[[], int]:
         """Requests answered through CPU *cpu*'s io_uring queue so far."""
         return lambda: sum(s.served for r in self._rings for s in r.slots if s.qid == cpu)
 
-    def _ring_work(self, cpu: int) -> None:
+    def _ring_work(self, cpu: int, reserve: bool) -> None:
         """One io_uring worker (uring.py) of CPU *cpu*'s queue, pinned to that
-        CPU where the process may run there."""
+        CPU where the process may run there.  A *reserve* worker serves only
+        once the CPU's first worker has been on one request for uring.STALL."""
+        if reserve and not self._wait_for_stall(cpu):
+            return
         with contextlib.suppress(OSError):
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
@@ -209,6 +216,8 @@ class Server:
             log.info("requests stay on /dev/fuse: %s", exc)
             return
         self._rings.append(ring)
+        if not reserve:
+            self._first_rings[cpu] = ring
         try:
             ring.serve(answer, buf)
         except RingError as exc:
@@ -217,6 +226,17 @@ class Server:
             log.exception("io_uring worker failed")
         finally:
             ring.close()
+
+    def _wait_for_stall(self, cpu: int) -> bool:
+        """Until CPU *cpu*'s first worker is stuck (True) or the connection ends (False)."""
+        while not self._done.wait(uring.RESERVE_POLL):
+            first = self._first_rings.get(cpu)
+            since = first.busy_since if first is not None else 0.0
+            if since and time.monotonic() - since > uring.STALL:
+                log.debug("a request held CPU %d's io_uring worker for %.3f s: a second one joins", cpu,
+                          time.monotonic() - since)  # fmt: skip
+                return True
+        return False
 
     def wait(self) -> bool:
         """Block until a stop signal or the end of the connection; True after a signal."""

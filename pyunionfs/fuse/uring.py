@@ -21,18 +21,24 @@ per request instead of a read(2) and a writev(2).
 
 Choices, each for a reason:
 
-- Every worker has its own ring and **one** entry.  The kernel gives a new
-  request to any free entry of the CPU's queue and wakes the thread that
-  registered it; with one entry per worker, a worker busy with a long copy-up
-  or fsync has no free entry, so the next request goes to another worker of
-  that CPU instead of waiting behind it.  (A :class:`Ring` can hold entries of
-  several queues: one unpinned worker for every queue was measured and lost
-  what the ring is for, its wake-ups crossing CPUs again; ``docs/speed.md``.)
-- :data:`WORKERS_PER_CPU` workers per possible CPU (the kernel uses a ring only
-  once every possible CPU's queue has a free entry), each pinned to its CPU
-  where the process may run there.  The price: callers busy on several CPUs
-  at once keep workers on several CPUs busy, which then hand Python's GIL
-  across CPUs (``git status`` is slower over the ring than over /dev/fuse).
+- Every worker has its own ring and **one** entry, and each CPU starts with
+  one worker, pinned to it (the kernel uses a ring only once every possible
+  CPU's queue has a free entry).  The kernel gives a request to a free entry
+  of the caller's CPU's queue and wakes the thread that registered it; a
+  worker that commits an answer is handed the next queued request at once, so
+  a CPU's requests are served in a row, without a sleep between them.
+- A CPU's second worker (:data:`STALL`) joins only when a request has held the
+  first one that long (a copy-up of a big file, an fsync, a disk): it then
+  registers its own entry, and the kernel gives the requests that come while
+  one worker is busy to the other.  Two workers always serving cost more than
+  they bring: each syscall of one hands Python's GIL to the other (measured,
+  ``git status``: 0.34 s with two, 0.29 s with one; docs/speed.md).
+- The price of pinning: callers busy on several CPUs at once keep workers on
+  several CPUs busy, which then hand the GIL across CPUs (``git status`` is
+  slower over the ring than over /dev/fuse, whose one reader serves all in a
+  row).  One unpinned worker for every queue (a :class:`Ring` can hold
+  entries of several) was measured too and lost what the ring is for, its
+  wake-ups crossing CPUs again.
 - ``IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN``: the ring is
   only ever used by its worker, and the kernel's work for it (copying the
   request in) runs when the worker waits, on its own CPU.
@@ -55,6 +61,7 @@ import mmap
 import os
 import platform
 import struct
+from time import monotonic
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -68,8 +75,10 @@ Memory = bytearray | memoryview | mmap.mmap
 
 log = logging.getLogger(__name__)
 
-#: Workers per CPU queue (see the module's docstring).
-WORKERS_PER_CPU = 2
+#: How long (seconds) a request may hold a CPU's only worker before a second
+#: one joins that CPU's queue for good, and how often that is looked at.
+STALL = 0.010
+RESERVE_POLL = 0.020
 
 _SYSCALLS = {"x86_64": (425, 426), "aarch64": (425, 426)}
 
@@ -165,6 +174,8 @@ class Ring:
             raise RingError(errno.ENOSYS, f"io_uring numbers unknown on {platform.machine()}")
         self.devfd = devfd
         self.slots = [Slot(qid, payload_size) for qid in qids]
+        #: time.monotonic() when the request being answered began; 0.0 between requests.
+        self.busy_since = 0.0
         params = bytearray(_PARAMS.size)
         _U32.pack_into(params, 8, IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
         pbuf = (ctypes.c_char * len(params)).from_buffer(params)
@@ -247,8 +258,10 @@ class Ring:
                     continue
                 raise RingError(-res, f"FUSE over io_uring refused queue {slots[index].qid}: {os.strerror(-res)}")
             slot = slots[index]
+            self.busy_since = monotonic()
             length, commit_id = gather(slot.header, slot.payload, buf)
             scatter(handle(view[:length]), slot.header, slot.payload, commit_id)
+            self.busy_since = 0.0
             slot.served += 1
             self._submit(index, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 

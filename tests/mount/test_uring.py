@@ -18,13 +18,16 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pyunionfs.fuse import control
-from tests.support.mounting import Daemon, is_mounted, uring_allowed
+from pyunionfs.config import default_workdir
+from tests.support.mounting import Daemon, is_mounted, uring_allowed, wait_until
 from tests.support.writecheck import put
 
 Mount = Callable[..., Daemon]
@@ -122,6 +125,45 @@ def test_uring_off_keeps_requests_on_dev_fuse(tmp_path: Path, mount: Mount, urin
     m = mount([lower], upper, "uring=off").mnt
     assert (m / "f").read_bytes() == b"x"
     assert ring_counts(m) == {}
+
+
+def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
+    tmp_path: Path, mount: Mount, uring_allowed: None
+) -> None:
+    """A copy-up of a big file holds CPU 0's first worker; lookups made from CPU 0 meanwhile
+    are answered by a second worker that joins, before the copy-up ends."""
+    if 0 not in os.sched_getaffinity(0):
+        pytest.skip("CPU 0 is not ours to run on")
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    with open(put(lower / "big"), "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))
+    for i in range(50):
+        put(lower / "names" / f"n{i}", b"")
+    upper.mkdir()
+    d = mount([lower], upper)
+    m = d.mnt
+    workers = control.stats(os.fsencode(str(m)))["ring_workers"]
+    copied: list[float] = []
+
+    def copy_up() -> None:
+        os.sched_setaffinity(0, {0})
+        fd = os.open(m / "big", os.O_WRONLY)  # the copy-up happens in this OPEN
+        copied.append(time.monotonic())
+        os.close(fd)
+
+    t = threading.Thread(target=copy_up)
+    t.start()
+    try:
+        work = Path(os.fsdecode(default_workdir(os.fsencode(upper)))) / "work"
+        wait_until(lambda: any(work.iterdir()) or bool(copied), 30, "the copy-up to start")
+        lookups_on(0, [m / "names" / f"n{i}" for i in range(50)])
+        looked = time.monotonic()
+    finally:
+        t.join(60)
+    assert copied and looked < copied[0], "the lookups waited for the copy-up"
+    assert control.stats(os.fsencode(str(m)))["ring_workers"] == workers + 1
+    assert (upper / "big").stat().st_size == 256 << 20
 
 
 @pytest.mark.parametrize("how", ["umount", "fusermount3", "SIGTERM"])
