@@ -7,7 +7,10 @@ the request, calls the :class:`~.engine.Engine` and writes the reply, in
 one loop of plain calls.  One worker serves while requests are quick; more
 are woken when one is stuck (staffing.py), so that a long copy-up or fsync
 does not stall the other requests.  The core's lock keeps its state
-consistent.
+consistent.  Where INIT agreed FUSE over io_uring, the kernel hands requests
+to per-CPU ring workers instead (uring.py: two per CPU, pinned); the
+/dev/fuse readers keep what the kernel
+still sends there (FORGET, INTERRUPT).
 
 The main thread only waits: for SIGTERM, SIGINT or SIGHUP (unmount, lazily
 as libfuse does, and end) or for the workers to see the connection end (an
@@ -24,7 +27,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 
 from ..config import MountConfig
@@ -74,7 +76,6 @@ class Server:
         self._setxattr_ext = False
         self._threads: list[threading.Thread] = []
         self._rings: list[uring.Ring] = []
-        self._first_rings: dict[int, uring.Ring] = {}
         self._main = threading.get_ident()
         self._done = threading.Event()
         self._closing = False
@@ -177,20 +178,16 @@ class Server:
             t.start()
             self._threads.append(t)
         for cpu in cpus:
-            for reserve in (False, True):
-                name = f"fuse-ring-{cpu}{'-reserve' if reserve else ''}"
-                threading.Thread(target=self._ring_work, args=(cpu, reserve), name=name, daemon=True).start()
+            for k in range(uring.WORKERS_PER_CPU):
+                threading.Thread(target=self._ring_work, args=(cpu,), name=f"fuse-ring-{cpu}.{k}", daemon=True).start()
 
     def _ring_gauge(self, cpu: int) -> Callable[[], int]:
         """Requests answered through CPU *cpu*'s io_uring queue so far."""
         return lambda: sum(s.served for r in self._rings for s in r.slots if s.qid == cpu)
 
-    def _ring_work(self, cpu: int, reserve: bool) -> None:
+    def _ring_work(self, cpu: int) -> None:
         """One io_uring worker (uring.py) of CPU *cpu*'s queue, pinned to that
-        CPU where the process may run there.  A *reserve* worker serves only
-        once the CPU's first worker has been on one request for uring.STALL."""
-        if reserve and not self._wait_for_stall(cpu):
-            return
+        CPU where the process may run there."""
         with contextlib.suppress(OSError):
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
@@ -216,8 +213,6 @@ class Server:
             log.info("requests stay on /dev/fuse: %s", exc)
             return
         self._rings.append(ring)
-        if not reserve:
-            self._first_rings[cpu] = ring
         try:
             ring.serve(answer, buf)
         except RingError as exc:
@@ -226,17 +221,6 @@ class Server:
             log.exception("io_uring worker failed")
         finally:
             ring.close()
-
-    def _wait_for_stall(self, cpu: int) -> bool:
-        """Until CPU *cpu*'s first worker is stuck (True) or the connection ends (False)."""
-        while not self._done.wait(uring.RESERVE_POLL):
-            first = self._first_rings.get(cpu)
-            since = first.busy_since if first is not None else 0.0
-            if since and time.monotonic() - since > uring.STALL:
-                log.debug("a request held CPU %d's io_uring worker for %.3f s: a second one joins", cpu,
-                          time.monotonic() - since)  # fmt: skip
-                return True
-        return False
 
     def wait(self) -> bool:
         """Block until a stop signal or the end of the connection; True after a signal."""

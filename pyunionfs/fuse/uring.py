@@ -21,18 +21,24 @@ per request instead of a read(2) and a writev(2).
 
 Choices, each for a reason:
 
-- Every worker has its own ring and **one** entry, and each CPU starts with
-  one worker, pinned to it (the kernel uses a ring only once every possible
-  CPU's queue has a free entry).  The kernel gives a request to a free entry
-  of the caller's CPU's queue and wakes the thread that registered it; a
-  worker that commits an answer is handed the next queued request at once, so
-  a CPU's requests are served in a row, without a sleep between them.
-- A CPU's second worker (:data:`STALL`) joins only when a request has held the
-  first one that long (a copy-up of a big file, an fsync, a disk): it then
-  registers its own entry, and the kernel gives the requests that come while
-  one worker is busy to the other.  Two workers always serving cost more than
-  they bring: each syscall of one hands Python's GIL to the other (measured,
-  ``git status``: 0.34 s with two, 0.29 s with one; docs/speed.md).
+- Every worker has its own ring and **one** entry, pinned to its CPU; the
+  kernel uses a ring only once every possible CPU's queue has a free entry.
+  It gives a request to a free entry of the caller's CPU's queue (the one
+  freed last first) and wakes the thread that registered it; a worker that
+  commits an answer is handed the next queued request at once, without a
+  sleep in between.
+- :data:`WORKERS_PER_CPU` is two, always registered, and not one: a request
+  that arrives while a CPU's only entry is busy is queued, and a queued
+  request goes only to an entry that commits an answer, never to one
+  registered later.  So with one worker per CPU, a worker whose request
+  waits on the kernel for another request of its own queue waits for ever:
+  an invalidation (``drop_caches``) waits for a lookup in the same
+  directory, which waits behind it (seen: a hung mount and a daemon that
+  kill -9 could not end).  With two, that lookup finds the other entry free;
+  and a copy-up of a big file or an fsync holds one worker, not the CPU's
+  callers.  The price, measured: ``git status`` (four threads of lstat on two
+  CPUs) 0.34 s against 0.29 s with one, as busy workers hand Python's GIL to
+  each other at every syscall.
 - The price of pinning: callers busy on several CPUs at once keep workers on
   several CPUs busy, which then hand the GIL across CPUs (``git status`` is
   slower over the ring than over /dev/fuse, whose one reader serves all in a
@@ -61,7 +67,6 @@ import mmap
 import os
 import platform
 import struct
-from time import monotonic
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -75,10 +80,8 @@ Memory = bytearray | memoryview | mmap.mmap
 
 log = logging.getLogger(__name__)
 
-#: How long (seconds) a request may hold a CPU's only worker before a second
-#: one joins that CPU's queue for good, and how often that is looked at.
-STALL = 0.010
-RESERVE_POLL = 0.020
+#: Workers (each with one ring entry) per CPU queue: see the module's docstring.
+WORKERS_PER_CPU = 2
 
 _SYSCALLS = {"x86_64": (425, 426), "aarch64": (425, 426)}
 
@@ -174,8 +177,6 @@ class Ring:
             raise RingError(errno.ENOSYS, f"io_uring numbers unknown on {platform.machine()}")
         self.devfd = devfd
         self.slots = [Slot(qid, payload_size) for qid in qids]
-        #: time.monotonic() when the request being answered began; 0.0 between requests.
-        self.busy_since = 0.0
         params = bytearray(_PARAMS.size)
         _U32.pack_into(params, 8, IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
         pbuf = (ctypes.c_char * len(params)).from_buffer(params)
@@ -258,10 +259,8 @@ class Ring:
                     continue
                 raise RingError(-res, f"FUSE over io_uring refused queue {slots[index].qid}: {os.strerror(-res)}")
             slot = slots[index]
-            self.busy_since = monotonic()
             length, commit_id = gather(slot.header, slot.payload, buf)
             scatter(handle(view[:length]), slot.header, slot.payload, commit_id)
-            self.busy_since = 0.0
             slot.served += 1
             self._submit(index, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.fuse import control
+from pyunionfs.fuse.mountinfo import find_mount
+from pyunionfs.fuse.uring import possible_cpus as uring_cpus
 from pyunionfs.config import default_workdir
 from tests.support.mounting import Daemon, is_mounted, uring_allowed, wait_until
 from tests.support.writecheck import put
@@ -130,8 +132,8 @@ def test_uring_off_keeps_requests_on_dev_fuse(tmp_path: Path, mount: Mount, urin
 def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
     tmp_path: Path, mount: Mount, uring_allowed: None
 ) -> None:
-    """A copy-up of a big file holds CPU 0's first worker; lookups made from CPU 0 meanwhile
-    are answered by a second worker that joins, before the copy-up ends."""
+    """A copy-up of a big file holds one of CPU 0's workers; lookups made from CPU 0 meanwhile
+    are answered by the other, before the copy-up ends."""
     if 0 not in os.sched_getaffinity(0):
         pytest.skip("CPU 0 is not ours to run on")
     lower, upper = tmp_path / "lower", tmp_path / "upper"
@@ -143,7 +145,7 @@ def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
     upper.mkdir()
     d = mount([lower], upper)
     m = d.mnt
-    workers = control.stats(os.fsencode(str(m)))["ring_workers"]
+    assert control.stats(os.fsencode(str(m)))["ring_workers"] == 2 * len(uring_cpus())
     copied: list[float] = []
 
     def copy_up() -> None:
@@ -162,8 +164,67 @@ def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
     finally:
         t.join(60)
     assert copied and looked < copied[0], "the lookups waited for the copy-up"
-    assert control.stats(os.fsencode(str(m)))["ring_workers"] == workers + 1
     assert (upper / "big").stat().st_size == 256 << 20
+
+
+_DROP_LOOP = """
+import os, sys, time
+from pyunionfs.fuse import control
+os.sched_setaffinity(0, {0})
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    control.drop_caches(os.fsencode(sys.argv[1]))
+"""
+_LOOKUP_LOOP = """
+import os, sys, time
+os.sched_setaffinity(0, {0})
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    for i in range(200):
+        try:
+            os.lstat(os.path.join(sys.argv[1], "d", "n%d" % i))
+        except FileNotFoundError:
+            pass
+"""
+
+
+def _abort(mnt: Path) -> None:
+    """End every request of *mnt*'s connection (fusectl's abort): a hung test must not hang the suite."""
+    conns = Path("/sys/fs/fuse/connections")
+    if not any(conns.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "none", str(conns)], capture_output=True)
+    found = find_mount(os.fsencode(mnt))
+    if found is not None:
+        (conns / found[1].split(":")[1] / "abort").write_text("1")
+
+
+def test_invalidations_and_lookups_from_one_cpu_do_not_wait_for_each_other(
+    tmp_path: Path, mount: Mount, uring_allowed: None
+) -> None:
+    """drop_caches makes the kernel forget names (INVAL_ENTRY waits for lookups in the same
+    directory to be answered) while lookups there come from the same CPU: a CPU queue whose
+    only worker sends the invalidation would never answer them."""
+    if 0 not in os.sched_getaffinity(0):
+        pytest.skip("CPU 0 is not ours to run on")
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for i in range(200):
+        put(lower / "d" / f"n{i}", b"")
+    upper.mkdir()
+    d = mount([lower], upper)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(d.mnt)]) for code in (_DROP_LOOP, _LOOKUP_LOOP)]
+    try:
+        for p in procs:
+            p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        _abort(d.mnt)
+        pytest.fail("drop_caches and lookups from one CPU waited for each other (connection aborted)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert len(os.listdir(d.mnt / "d")) == 200
 
 
 @pytest.mark.parametrize("how", ["umount", "fusermount3", "SIGTERM"])
