@@ -145,7 +145,8 @@ def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
     upper.mkdir()
     d = mount([lower], upper)
     m = d.mnt
-    assert control.stats(os.fsencode(str(m)))["ring_workers"] == 2 * len(uring_cpus())
+    wanted = 2 * len(uring_cpus())  # the workers start after the mount is live
+    wait_until(lambda: control.stats(os.fsencode(str(m)))["ring_workers"] == wanted, 10, "every ring worker")
     copied: list[float] = []
 
     def copy_up() -> None:
