@@ -41,6 +41,12 @@ def _uring_allowed() -> Iterator[None]:
         yield
 
 
+def rings_ready(mnt: Path) -> None:
+    """Wait until every ring worker has registered (they start after the mount is live)."""
+    wanted = 2 * len(uring_cpus())
+    wait_until(lambda: control.stats(os.fsencode(str(mnt)))["ring_workers"] == wanted, 10, "every ring worker")
+
+
 def ring_counts(mnt: Path) -> dict[int, int]:
     """Requests answered so far through each CPU's queue."""
     stats = control.stats(os.fsencode(str(mnt)))
@@ -61,6 +67,7 @@ def test_requests_are_answered_on_the_queue_of_the_callers_cpu(
         put(lower / f"f{i}", b"x")
     upper.mkdir()
     m = mount([lower], upper).mnt
+    rings_ready(m)
     cpus = sorted(os.sched_getaffinity(0))
     before = ring_counts(m)
     assert set(before) >= set(cpus), f"no ring for some CPU: {before}"
@@ -145,8 +152,7 @@ def test_a_long_request_does_not_stall_the_other_callers_of_its_cpu(
     upper.mkdir()
     d = mount([lower], upper)
     m = d.mnt
-    wanted = 2 * len(uring_cpus())  # the workers start after the mount is live
-    wait_until(lambda: control.stats(os.fsencode(str(m)))["ring_workers"] == wanted, 10, "every ring worker")
+    rings_ready(m)
     copied: list[float] = []
 
     def copy_up() -> None:

@@ -127,8 +127,12 @@ class Daemon:
             with uring_allowed() if engine == "uring" else contextlib.nullcontext():
                 wait_until(lambda: is_mounted(mnt), 20, f"the mount at {mnt}", self.proc, self.log)
                 os.stat(mnt)  # answered once INIT is: the kernel has agreed io_uring or not
-            if engine == "uring" and not any(k.startswith("ring_") for k in control.stats(os.fsencode(mnt))):
-                pytest.fail("the kernel offered FUSE over io_uring but the daemon took none")
+            if engine == "uring":
+                stats = control.stats(os.fsencode(mnt))
+                if "ring_workers" not in stats:
+                    pytest.fail("the kernel offered FUSE over io_uring but the daemon took none")
+                want = sum(k.startswith("ring_requests_cpu") for k in stats) * 2  # two workers per CPU
+                wait_until(lambda: control.stats(os.fsencode(mnt))["ring_workers"] == want, 10, "the ring workers")
         except BaseException:
             self._kill()
             raise
