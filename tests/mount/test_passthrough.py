@@ -231,10 +231,12 @@ def test_pages_cached_before_passthrough_writes_are_not_shown_after(tmp_path: Pa
     os.write(fd, b"AAAA" * 1024)
     assert os.pread(fd, 8, 0) == b"AAAAAAAA"  # the kernel holds these pages now
     os.close(fd)
+    # RELEASE is asynchronous (and may be answered after the next OPEN): wait for it each time,
+    # so that the next open finds the inode closed and may change mode
+    wait_until(lambda: counts(m)["open_files"] == 0, 10, "the cached open to be released")
     fd = os.open(f, os.O_RDWR)  # passthrough: the write goes past those pages
     os.pwrite(fd, b"BBBB", 0)
     os.close(fd)
-    # RELEASE is asynchronous: wait for it, so the next open finds the inode closed and may go cached
     wait_until(lambda: counts(m)["open_files"] == 0, 10, "the passthrough open to be released")
     fd = os.open(f, os.O_RDONLY | os.O_APPEND)  # cached again
     try:
