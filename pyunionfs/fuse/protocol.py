@@ -151,6 +151,13 @@ def reply(unique: int, payload: Buffer | Sequence[Buffer] = b"") -> bytes | list
     return [_OUT.pack(_OSIZE + sum(map(len, payload)), 0, unique), *payload]
 
 
+def reply_header(unique: int, size: int) -> bytes:
+    """The header alone of a success answer whose *size* bytes of data the
+    caller has already put where the kernel reads them (an io_uring entry's
+    payload: see :func:`pyunionfs.fuse.uring.scatter`)."""
+    return _OUT.pack(_OSIZE + size, 0, unique)
+
+
 def _split(seconds: float) -> tuple[int, int]:
     """A cache timeout as (seconds, nanoseconds); negative means 0."""
     if seconds <= 0:

@@ -197,7 +197,10 @@ class Server:
         ext = self._setxattr_ext
         debug = log.isEnabledFor(logging.DEBUG)
 
-        def answer(message: memoryview) -> Reply:
+        read_into = self.engine.read_into
+        READ = Opcode.READ
+
+        def answer(message: memoryview, payload: memoryview) -> Reply:
             try:
                 req = parse(message, setxattr_ext=ext)
             except ProtocolError as exc:
@@ -205,6 +208,8 @@ class Server:
                 return P.reply_error(exc.unique or 0, errno.EIO)
             if debug:
                 _trace(req)
+            if req.opcode == READ:  # the data straight into the ring's buffer
+                return read_into(req, payload)
             return handle(req)
 
         try:

@@ -164,6 +164,7 @@ class Slot:
         self.payload = mmap.mmap(-1, payload_size)
         iov = struct.pack("<QQQQ", _address(self.header), HEADER_SIZE, _address(self.payload), payload_size)
         self.iov = ctypes.create_string_buffer(iov, len(iov))
+        self.view = memoryview(self.payload)
         #: Requests answered through this entry (``ring_requests_cpuN`` in the mount's stats).
         self.served = 0
 
@@ -237,11 +238,13 @@ class Ring:
 
     # -- the FUSE protocol -------------------------------------------------------------
 
-    def serve(self, handle: Callable[[memoryview], Reply], buf: bytearray) -> None:
+    def serve(self, handle: Callable[[memoryview, memoryview], Reply], buf: bytearray) -> None:
         """Register every slot, then answer requests until the connection ends.
 
         *handle* gets each request as /dev/fuse would have given it (in
-        *buf*: see :func:`gather`) and returns the reply (out header first).
+        *buf*: see :func:`gather`) and the slot's payload, and returns the
+        reply (out header first; data it put in the payload itself is
+        declared by the header, see :func:`scatter`).
         A registration completes with the slot's first request.  Returns when
         the kernel has ended every slot (unmount, abort); raises RingError
         when it refuses a registration or a commit.
@@ -260,7 +263,7 @@ class Ring:
                 raise RingError(-res, f"FUSE over io_uring refused queue {slots[index].qid}: {os.strerror(-res)}")
             slot = slots[index]
             length, commit_id = gather(slot.header, slot.payload, buf)
-            scatter(handle(view[:length]), slot.header, slot.payload, commit_id)
+            scatter(handle(view[:length], slot.view), slot.header, slot.payload, commit_id)
             slot.served += 1
             self._submit(index, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 
@@ -289,17 +292,20 @@ def scatter(out: Reply, header: Memory, payload: Memory, commit_id: int) -> None
     """Put a reply (out header first, as written to /dev/fuse) into an entry's buffers.
 
     The out header goes to ``in_out``, the rest to the payload with its size
-    in ``fuse_uring_ent_in_out``.  A reply that does not fit (a bug) becomes EIO.
+    in ``fuse_uring_ent_in_out``.  A header alone that declares more (READ,
+    :meth:`~.engine.Engine.read_into`) has its data in the payload already.
+    A reply that does not fit (a bug) becomes EIO.
     """
     if out is None:  # only FORGET and INTERRUPT take none, and those come over /dev/fuse
         out = _OUT_HEADER.pack(_OUT_HEADER_SIZE, -errno.EIO, commit_id)
     elif not isinstance(out, bytes):
         out = b"".join(out)
-    n = len(out) - _OUT_HEADER_SIZE
+    # A header that declares more than the reply carries: the rest is in the payload already.
+    n = max(len(out), _U32.unpack_from(out)[0]) - _OUT_HEADER_SIZE
     if n > len(payload):
         log.error("a reply of %d bytes does not fit the ring's payload; answering EIO", n)
         out, n = _OUT_HEADER.pack(_OUT_HEADER_SIZE, -errno.EIO, commit_id), 0
     header[:_OUT_HEADER_SIZE] = out[:_OUT_HEADER_SIZE]
-    if n > 0:
-        payload[:n] = out[_OUT_HEADER_SIZE:]
+    if len(out) > _OUT_HEADER_SIZE:
+        payload[: len(out) - _OUT_HEADER_SIZE] = out[_OUT_HEADER_SIZE:]
     _ENT_IN_OUT.pack_into(header, _ENT, 0, commit_id, max(n, 0), 0)

@@ -129,6 +129,20 @@ def test_open_read_write_copy_up_and_release(h: Harness) -> None:
     assert (h.lower / "f").read_bytes() == b"lower data"
 
 
+def test_read_into_puts_the_data_in_the_buffer_and_declares_it_in_the_header(h: Harness) -> None:
+    """The io_uring path's READ: data straight into the entry's payload, the header alone returned."""
+    ino = h.lookup(b"f")
+    fh = S.OPEN_OUT.unpack(h.ask(Opcode.OPEN, S.OPEN_IN.pack(os.O_RDONLY, 0), ino)[1])[0]
+    buf = memoryview(bytearray(64))
+    reads = h.engine.counts.get(Opcode.READ, 0)
+    req = parse_request(msg(Opcode.READ, S.READ_IN.pack(fh, 6, 100, 0, 0, 0), unique=21, nodeid=ino))
+    assert h.engine.read_into(req, buf) == S.OUT_HEADER.pack(16 + 4, 0, 21)
+    assert bytes(buf[:4]) == b"data"
+    req = parse_request(msg(Opcode.READ, S.READ_IN.pack(fh + 1000, 0, 10, 0, 0, 0), unique=22, nodeid=ino))
+    assert h.engine.read_into(req, buf) == S.OUT_HEADER.pack(16, -errno.EBADF, 22)
+    assert h.engine.counts[Opcode.READ] == reads + 2  # counted as READs are over /dev/fuse
+
+
 def test_getxattr_sizes_and_erange(h: Harness) -> None:
     ino = h.lookup(b"f")
     setx = S.SETXATTR_IN.pack(5, 0, 0) + b"user.k\0" + b"value"

@@ -96,6 +96,12 @@ def test_scatter_puts_header_and_arguments_where_the_kernel_reads_them(caplog: p
     assert ENT.unpack_from(header, 256) == (0, 12, 0, 0)
     assert "does not fit" in caplog.text
 
+    # READ over the ring: the data is in the payload already, the header declares it
+    payload[:5] = b"ready"
+    uring.scatter(struct.pack("<IiQ", 16 + 5, 0, 13), header, payload, 13)
+    assert struct.unpack_from("<IiQ", header) == (21, 0, 13) and ENT.unpack_from(header, 256) == (0, 13, 5, 0)
+    assert bytes(payload[:5]) == b"ready"
+
 
 def test_a_registration_on_a_file_that_is_not_fuse_is_refused(tmp_path) -> None:
     with open(tmp_path / "f", "w+b") as f:
@@ -105,7 +111,7 @@ def test_a_registration_on_a_file_that_is_not_fuse_is_refused(tmp_path) -> None:
             pytest.skip(f"io_uring unavailable: {exc}")
         try:
             with pytest.raises(RingError) as err:
-                ring.serve(lambda message: None, bytearray(8192))
+                ring.serve(lambda message, payload: None, bytearray(8192))
             assert "refused queue 0" in str(err.value)
             assert [s.served for s in ring.slots] == [0, 0]
         finally:
