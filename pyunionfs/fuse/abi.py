@@ -295,6 +295,11 @@ IOCTL_MAX_IOV = 256
 EXT_MAX_NR_SECCTX = 31
 EXT_GROUPS = 32
 
+#: FUSE over io_uring: the ``cmd_op`` of an IORING_OP_URING_CMD on /dev/fuse
+#: (``enum fuse_uring_cmd``; pyunionfs/fuse/uring.py).
+IO_URING_CMD_REGISTER = 1
+IO_URING_CMD_COMMIT_AND_FETCH = 2
+
 # -- /dev/fuse ioctls ---------------------------------------------------------
 
 DEV_IOC_MAGIC = 229

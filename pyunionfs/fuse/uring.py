@@ -71,6 +71,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import RingError
+from .abi import IO_URING_CMD_COMMIT_AND_FETCH, IO_URING_CMD_REGISTER
 
 if TYPE_CHECKING:
     from .engine import Reply
@@ -92,9 +93,6 @@ IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_OFF_SQES = 0x10000000
 IORING_OP_URING_CMD = 46
-
-FUSE_IO_URING_CMD_REGISTER = 1
-FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
 
 #: struct fuse_uring_req_header: in_out[128], op_in[128], fuse_uring_ent_in_out (32).
 _IN_OUT = 0
@@ -252,7 +250,7 @@ class Ring:
         view = memoryview(buf)
         slots = self.slots
         for i in range(len(slots)):
-            self._submit(i, FUSE_IO_URING_CMD_REGISTER, 0)
+            self._submit(i, IO_URING_CMD_REGISTER, 0)
         live = len(slots)
         while live:
             index, res = self._wait()
@@ -265,7 +263,7 @@ class Ring:
             length, commit_id = gather(slot.header, slot.payload, buf)
             scatter(handle(view[:length], slot.view), slot.header, slot.payload, commit_id)
             slot.served += 1
-            self._submit(index, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
+            self._submit(index, IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 
 
 def gather(header: Memory, payload: Memory, buf: bytearray) -> tuple[int, int]:
