@@ -205,17 +205,21 @@ class Engine:
             if op in (Opcode.FORGET, Opcode.BATCH_FORGET):
                 log.exception("%s failed", Opcode(op).name)
                 return None
-            code = to_errno(exc)
-            if not isinstance(exc, OSError) or not exc.errno:
-                log.exception("%s failed unexpectedly; answering EIO", Opcode(op).name)
-            elif code > 511:
-                code = errno.EIO
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("%s #%d: %s", name_of(op), req.unique, exc, exc_info=code == errno.EEXIST)
-            return P.reply_error(req.unique, code)
+            return self._failed(req, exc)
         if out is None or isinstance(out, list):
             return out
         return P.reply(req.unique, out)
+
+    def _failed(self, req: Request, exc: Exception) -> bytes:
+        """The error answer to *req*, whose handler raised *exc* (logged if it is a bug)."""
+        code = to_errno(exc)
+        if not isinstance(exc, OSError) or not exc.errno:
+            log.exception("%s failed unexpectedly; answering EIO", name_of(req.opcode))
+        elif code > 511:
+            code = errno.EIO
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s #%d: %s", name_of(req.opcode), req.unique, exc, exc_info=code == errno.EEXIST)
+        return P.reply_error(req.unique, code)
 
     # -- session ------------------------------------------------------------------
 
@@ -435,12 +439,11 @@ class Engine:
         payload): the reply is the header alone (:func:`.protocol.reply_header`).
         Over the ring, :meth:`read` cost a new buffer and two copies per READ."""
         self.counts[req.opcode] = self.counts.get(req.opcode, 0) + 1
-        a = _arg(req, Read)
         try:
+            a = _arg(req, Read)
             n = os.preadv(a.fh, (buf[: a.size],), a.offset)
-        except OSError as exc:
-            code = to_errno(exc)
-            return P.reply_error(req.unique, code if code <= 511 else errno.EIO)
+        except Exception as exc:
+            return self._failed(req, exc)
         return P.reply_header(req.unique, n)
 
     def write(self, req: Request) -> bytes:

@@ -9,8 +9,7 @@ are woken when one is stuck (staffing.py), so that a long copy-up or fsync
 does not stall the other requests.  The core's lock keeps its state
 consistent.  Where INIT agreed FUSE over io_uring, the kernel hands requests
 to per-CPU ring workers instead (uring.py: two per CPU, pinned); the
-/dev/fuse readers keep what the kernel
-still sends there (FORGET, INTERRUPT).
+/dev/fuse readers keep what the kernel still sends there (FORGET, INTERRUPT).
 
 The main thread only waits: for SIGTERM, SIGINT or SIGHUP (unmount, lazily
 as libfuse does, and end) or for the workers to see the connection end (an
@@ -213,7 +212,7 @@ class Server:
             return handle(req)
 
         try:
-            ring = uring.Ring(self.session.fd, [cpu], uring.payload_size(MAX_WRITE))
+            ring = uring.Ring(self.session.fd, [cpu], request_buffer_size(MAX_WRITE))
         except (OSError, RingError) as exc:
             log.info("requests stay on /dev/fuse: %s", exc)
             return

@@ -134,13 +134,6 @@ def possible_cpus() -> list[int]:
     return cpus
 
 
-def payload_size(max_write: int) -> int:
-    """A payload buffer the kernel accepts for *max_write* (it refuses one below
-    ``max(8192, max_write, max_pages * 4096)``; max_pages is max_write in pages)."""
-    pages = -(-max_write // mmap.PAGESIZE)
-    return max(8192, pages * mmap.PAGESIZE, 65536 + mmap.PAGESIZE)
-
-
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         code = ctypes.get_errno()
@@ -154,7 +147,9 @@ def _address(buf: mmap.mmap) -> int:
 
 
 class Slot:
-    """One FUSE ring entry: its CPU queue and its two buffers."""
+    """One FUSE ring entry: its CPU queue and its two buffers.  The kernel
+    refuses a payload smaller than ``max(8192, max_write, max_pages * 4096)``:
+    the /dev/fuse read buffer's size (transport.request_buffer_size) is that."""
 
     def __init__(self, qid: int, payload_size: int) -> None:
         self.qid = qid

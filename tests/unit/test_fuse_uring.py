@@ -12,6 +12,7 @@ import pytest
 from pyunionfs.errors import RingError
 from pyunionfs.fuse import uring
 from pyunionfs.fuse.abi import Opcode
+from pyunionfs.fuse.transport import request_buffer_size
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 ENT = struct.Struct("<QQII")
@@ -29,13 +30,12 @@ def entry_buffers(opcode: int, op_in: bytes, payload: bytes, commit_id: int = 77
     return header, body
 
 
-def test_possible_cpus_and_payload_size() -> None:
+def test_possible_cpus_and_the_payload_the_kernel_accepts() -> None:
     cpus = uring.possible_cpus()
     assert cpus and cpus[0] == 0 and cpus == sorted(set(cpus))
-    assert uring.payload_size(1 << 20) == 1 << 20
-    # the kernel's floor is 8192; a 64 KiB xattr value with its name must fit too
-    assert uring.payload_size(4096) > 65536
-    assert uring.payload_size((1 << 20) + 1) % 4096 == 0
+    # the ring's payload is the /dev/fuse read buffer: at least max(8192, max_write, its pages)
+    for max_write in (4096, 1 << 20, (1 << 20) + 1):
+        assert request_buffer_size(max_write) >= max(8192, -(-max_write // 4096) * 4096)
 
 
 def test_gather_makes_the_message_dev_fuse_would_give() -> None:
@@ -106,7 +106,7 @@ def test_scatter_puts_header_and_arguments_where_the_kernel_reads_them(caplog: p
 def test_a_registration_on_a_file_that_is_not_fuse_is_refused(tmp_path) -> None:
     with open(tmp_path / "f", "w+b") as f:
         try:
-            ring = uring.Ring(f.fileno(), [0, 0], uring.payload_size(4096))
+            ring = uring.Ring(f.fileno(), [0, 0], request_buffer_size(4096))
         except RingError as exc:  # no io_uring here (disabled, or seccomp)
             pytest.skip(f"io_uring unavailable: {exc}")
         try:
