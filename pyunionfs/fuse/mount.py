@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -127,6 +128,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         held = _claim_layers(cfg)
         at_mountpoint = _hold_mountpoint(cfg.mountpoint)
         fs = WritableUnionFS(cfg)
+        _tune_gc()
         return engine_serve(cfg, fs, on_live)
     except MountError as exc:
         if live:
@@ -154,6 +156,29 @@ def _report(ready_fd: int | None, error: str | None) -> None:
         return
     with os.fdopen(ready_fd, "wb") as w:
         w.write(b"ok" if error is None else error.encode(errors="replace"))
+
+
+#: The cyclic collector's thresholds while serving (gc.set_threshold):
+#: a young collection every 10,000 objects kept, not every 700.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector to what it can free.
+
+    What the daemon keeps is a node, an entry and its packed lstat for every
+    name the kernel holds: tens of thousands of objects after ``ls -lR``,
+    hundreds of thousands in a big directory, none of them in a cycle.  With
+    CPython's default thresholds the collector walks them again and again as
+    they pile up: READDIRPLUS of a 200,000-entry directory (in process, no
+    mount) spent 0.59 s of its 4.3 s in 889 collections, the longest a 129 ms
+    pause; with these thresholds 0.17 s in 60, the longest 26 ms.  What was
+    made before serving (modules, the layers' state) is frozen out of every
+    collection.  Garbage cycles are still collected, only in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _raise_fd_limit() -> None:
