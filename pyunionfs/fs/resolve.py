@@ -20,7 +20,7 @@ import errno
 import os
 import stat
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import filterfalse, repeat
 from typing import Protocol
 
@@ -32,6 +32,8 @@ from .layers import LayerStack, RealPaths, Scan
 from .markers import OPAQUE, XWHITEOUTS, LayerView, Markers
 from .paths import check_name, join, proc_path
 from .presence import LayerNames, LayerPresence, candidates
+
+_S_ISDIR = stat.S_ISDIR
 
 
 class IndexView(Protocol):
@@ -121,16 +123,54 @@ class Resolver:
             at = join(at, name)
         return entry
 
-    def _resolve(self, parent: Entry, parent_rel: bytes, name: bytes) -> Entry | None:
+    def listed(self, parent: Entry, parent_rel: bytes) -> Callable[[bytes], Entry | None]:
+        """:meth:`child` for the names of *parent*'s own listing (:meth:`names`),
+        with what they share looked up once per listing, not once per name.
+
+        Those names came from the layers' own directories, so they need no
+        checking.  In a directory of one lower layer a file or symlink is
+        resolved from its lstat alone, exactly as :meth:`_resolve` does, and
+        a directory from that same lstat; anything else goes through
+        :meth:`child`.  A listing of thousands of names (READDIRPLUS) does all
+        the rest per name.  Valid while the core's lock is held.
+        """
+        layer = self._lone_lower(parent)
+        if layer is None or self.metacopy or layer in parent.impure or self.stack.moved:
+            return lambda name: self.child(parent, parent_rel, name)
+        lookup, store, lstat = self.cache.lookup, self.cache.store, self.stack.lstat_real
+        ident, layers, resolve, stack_layers = parent.ident, only(layer), self._resolve, self.stack.layers
+        whiteout = self.markers.is_device_whiteout
+        indexed = self.index is not None
+
+        def listed_child(name: bytes) -> Entry | None:
+            known, cached = lookup(ident, name)
+            if known and (cached is None or not stack_layers[cached.layers[0]].writable):
+                return cached  # a lower object: its attributes cannot change under the mount
+            st = None if known else lstat(layer, parent_rel, name)
+            if st is None or (st.st_nlink > 1 and indexed) or whiteout(st):
+                # (Gone since listed, an upper object, a hard link that may
+                # have an index copy, a whiteout: as child() has it.)
+                return self.child(parent, parent_rel, name)
+            entry = resolve(parent, parent_rel, name, st) if _S_ISDIR(st.st_mode) else Entry(layers, Stat.of(st))
+            store(ident, name, entry)
+            return entry
+
+        return listed_child
+
+    def _resolve(
+        self, parent: Entry, parent_rel: bytes, name: bytes, first: os.stat_result | None = None
+    ) -> Entry | None:
+        """The rules (see the module's docstring).  *first*: the lstat of
+        *name* in the one lower layer of *parent*, where the caller made it."""
         stack = self.stack
-        first: os.stat_result | None = None
         layer = self._lone_lower(parent)
         if layer is not None:
             # The most common case: no layer below to merge, no whiteout
             # beside it that would hide anything, no copy-up record to read
             # for a plain file.  A lookup in a big image, and every entry of
             # a listing, comes here.
-            first = stack.lstat(layer, parent_rel, name)
+            if first is None:
+                first = stack.lstat(layer, parent_rel, name)
             if first is None:
                 return None
             if self.markers.is_device_whiteout(first):
@@ -430,8 +470,9 @@ class Resolver:
     def listing(self, d: Entry, rel: bytes) -> list[tuple[bytes, Entry]]:
         """The merged directory's visible entries."""
         out = []
+        child = self.listed(d, rel)
         for n in self.names(d, rel):
-            e = self.child(d, rel, n)
+            e = child(n)
             if e is not None:
                 out.append((n, e))
         return out

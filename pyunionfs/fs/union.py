@@ -444,7 +444,8 @@ class UnionFS:
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
-        at, parent, child, number, attr_of = node.path, d.entry, self.resolver.child, self.inodes.number, self.attr_of
+        at, parent, number, attr_of = node.path, d.entry, self.inodes.number, self.attr_of
+        child = self.resolver.listed(parent, at)
         prefix = at + b"/" if at else b""
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
@@ -453,7 +454,7 @@ class UnionFS:
                 continue
             path = prefix + name
             try:
-                entry = child(parent, at, name)
+                entry = child(name)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EIO):
                     raise
