@@ -116,6 +116,8 @@ def copy_up(
     value) before the lower's xattrs are copied (so a lower's record of the
     same name wins, as in fuse-overlayfs).  *shown* (uid, gid, mode) is
     given to the copy instead of the source's: a lower's record made real.
+    *fsync*: a regular file's data and metadata are synced before it takes
+    the name (not the directory after: the kernel does not either).
     """
     target = name if dst_name is None else dst_name
     st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
@@ -124,10 +126,11 @@ def copy_up(
     uid, gid = st.st_uid, st.st_gid
     if shown is not None:
         uid, gid, mode = shown[0], shown[1], stat.S_IFMT(mode) | stat.S_IMODE(shown[2])
+    built = -1  # the new file, held open until it is synced
     try:
         if stat.S_ISREG(mode):
             source = data_from or (src_dir, name)
-            _build_file(*source, work, tmp, st.st_size if data else 0, fsync, sparse)
+            built = _build_file(*source, work, tmp, st.st_size if data else 0, sparse)
         elif stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700, dir_fd=work)
         elif stat.S_ISLNK(mode):
@@ -154,12 +157,20 @@ def copy_up(
         if not stat.S_ISLNK(mode):
             os.chmod(tmp, stat.S_IMODE(mode) | (0 if owned else 0o755), dir_fd=work)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work, follow_symlinks=False)
+        if fsync and built >= 0:
+            # One fsync, of the data and the metadata together, before the
+            # copy takes the name, as the kernel orders it (copy_up.c: "fsync
+            # metadata before moving it into upper dir"); the rename itself
+            # is not synced, there or here: after a crash the name shows the
+            # lower file or the whole copy.
+            os.fsync(built)
         os.rename(tmp, target, src_dir_fd=work, dst_dir_fd=dst_dir)
     except BaseException:
         _remove(work, tmp)
         raise
-    if fsync:
-        fsync_dir(dst_dir)
+    finally:
+        if built >= 0:
+            os.close(built)
     return os.stat(target, dir_fd=dst_dir, follow_symlinks=False)
 
 
@@ -180,16 +191,17 @@ def fsync_dir(dir_fd: int) -> None:
         os.close(fd)
 
 
-def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, fsync: bool, sparse: bool) -> None:
+def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, sparse: bool) -> int:
+    """Make *tmp* in *work* with the data of *name* (or only its *size*,
+    *sparse*); the new file's fd, for the caller to sync and close."""
     if sparse:
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
             os.ftruncate(dst, size)
-            if fsync:
-                os.fsync(dst)
-        finally:
+        except BaseException:
             os.close(dst)
-        return
+            raise
+        return dst
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:  # reading a lower file never changes it, not even its atime
         src = os.open(name, flags | os.O_NOATIME, dir_fd=src_dir)
@@ -199,10 +211,10 @@ def _build_file(src_dir: int, name: bytes, work: int, tmp: bytes, size: int, fsy
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         try:
             copy_data(src, dst, size)
-            if fsync:
-                os.fsync(dst)
-        finally:
+        except BaseException:
             os.close(dst)
+            raise
+        return dst
     finally:
         os.close(src)
 

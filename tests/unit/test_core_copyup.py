@@ -123,3 +123,34 @@ def test_copy_up_refuses_to_follow_a_symlinked_name(dirs) -> None:
     os.symlink("/etc/hostname", low / "h")
     copy_up(lfd, b"h", wfd, ufd, keep_all)
     assert stat.S_ISLNK(os.lstat(up / "h").st_mode), "the link itself is copied, never its target"
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_one_fsync_of_the_whole_copy_before_it_takes_the_name(dirs, monkeypatch, fsync: bool) -> None:
+    """As the kernel's copy-up (copy_up.c, "fsync metadata before moving it
+    into upper dir"): a single fsync, of the copy with its data, owner, mode,
+    times and xattrs all in place, made before the rename; none of the
+    directory.  ``fsync=False`` (a metadata-only copy) syncs nothing."""
+    low, up, work, (lfd, ufd, wfd) = dirs
+    f = low / "f"
+    f.write_bytes(b"data" * 1000)
+    os.chown(f, 1234, 4321)
+    os.chmod(f, 0o640)
+    os.setxattr(f, b"user.color", b"blue")
+    os.utime(f, ns=(1_111_111_111_123, 2_222_222_222_456))
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((
+            stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns, st.st_size,
+            os.getxattr(f"/proc/self/fd/{fd}", b"user.color"), os.path.lexists(up / "f"),
+        ))  # fmt: skip
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    copy_up(lfd, b"f", wfd, ufd, keep_all, fsync=fsync)
+    want = [(stat.S_IFREG, 0o640, 1234, 2_222_222_222_456, 4000, b"blue", False)]
+    assert synced == (want if fsync else [])
+    assert (up / "f").read_bytes() == b"data" * 1000
