@@ -182,7 +182,7 @@ class Server:
 
     def _ring_gauge(self, cpu: int) -> Callable[[], int]:
         """Requests answered through CPU *cpu*'s io_uring queue so far."""
-        return lambda: sum(s.served for r in self._rings for s in r.slots if s.qid == cpu)
+        return lambda: sum(r.slot.served for r in self._rings if r.slot.qid == cpu)
 
     def _ring_work(self, cpu: int) -> None:
         """One io_uring worker (uring.py) of CPU *cpu*'s queue, pinned to that
@@ -212,7 +212,7 @@ class Server:
             return handle(req)
 
         try:
-            ring = uring.Ring(self.session.fd, [cpu], request_buffer_size(MAX_WRITE))
+            ring = uring.Ring(self.session.fd, cpu, request_buffer_size(MAX_WRITE))
         except (OSError, RingError) as exc:
             log.info("requests stay on /dev/fuse: %s", exc)
             return

@@ -163,19 +163,18 @@ class Slot:
 
 
 class Ring:
-    """One worker's io_uring, with a FUSE ring entry (:class:`Slot`) for each of *qids*."""
+    """One worker's io_uring, with one FUSE ring entry (:class:`Slot`) of CPU queue *qid*."""
 
-    def __init__(self, devfd: int, qids: list[int], payload_size: int) -> None:
+    def __init__(self, devfd: int, qid: int, payload_size: int) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None:
             raise RingError(errno.ENOSYS, f"io_uring numbers unknown on {platform.machine()}")
         self.devfd = devfd
-        self.slots = [Slot(qid, payload_size) for qid in qids]
+        self.slot = Slot(qid, payload_size)
         params = bytearray(_PARAMS.size)
         _U32.pack_into(params, 8, IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
         pbuf = (ctypes.c_char * len(params)).from_buffer(params)
-        entries = 1 << max(0, len(qids) - 1).bit_length()
-        self.fd = _check(_syscall(_long(numbers[0]), _long(entries), pbuf), "io_uring_setup")
+        self.fd = _check(_syscall(_long(numbers[0]), _long(1), pbuf), "io_uring_setup")
         self._enter_args = (_long(numbers[1]), _long(self.fd), _long(1), _long(IORING_ENTER_GETEVENTS), _long(0))
         try:
             self._map(_PARAMS.unpack_from(params))
@@ -203,26 +202,26 @@ class Ring:
 
     # -- submission and completion ---------------------------------------------------
 
-    def _submit(self, index: int, cmd_op: int, commit_id: int) -> None:
-        """Queue one command of slot *index* (there is room: a slot has one command in flight)."""
-        ring, slot = self.ring, self.slots[index]
+    def _submit(self, cmd_op: int, commit_id: int) -> None:
+        """Queue one command of the slot (there is room: it has one command in flight)."""
+        ring, slot = self.ring, self.slot
         tail = _U32.unpack_from(ring, self._sq_tail)[0]
         at = tail & self._sq_mask
         _SQE.pack_into(self.sqes, at * 128, IORING_OP_URING_CMD, 0, 0, self.devfd, cmd_op, 0,
-                       ctypes.addressof(slot.iov), 2, 0, index, 0, 0, 0, 0, commit_id, slot.qid)  # fmt: skip
+                       ctypes.addressof(slot.iov), 2, 0, 0, 0, 0, 0, 0, commit_id, slot.qid)  # fmt: skip
         _U32.pack_into(ring, self._sq_array + at * 4, at)
         _U32.pack_into(ring, self._sq_tail, (tail + 1) & 0xFFFFFFFF)
 
-    def _wait(self) -> tuple[int, int]:
-        """Submit what is queued and wait for one completion; (its slot, its result)."""
+    def _wait(self) -> int:
+        """Submit what is queued and wait for one completion; its result."""
         ring = self.ring
         enter, fd, one, flags, zero = self._enter_args
         while True:
             head = _U32.unpack_from(ring, self._cq_head)[0]
             if head != _U32.unpack_from(ring, self._cq_tail)[0]:
-                index, res = _CQE.unpack_from(ring, self._cqes + (head & self._cq_mask) * 16)
+                _, res = _CQE.unpack_from(ring, self._cqes + (head & self._cq_mask) * 16)
                 _U32.pack_into(ring, self._cq_head, (head + 1) & 0xFFFFFFFF)
-                return index, res
+                return res
             pending = (_U32.unpack_from(ring, self._sq_tail)[0] - _U32.unpack_from(ring, self._sq_head)[0]) & 0xFFFFFFFF
             if _syscall(enter, fd, _long(pending), one, flags, None, zero) < 0:
                 code = ctypes.get_errno()
@@ -232,33 +231,29 @@ class Ring:
     # -- the FUSE protocol -------------------------------------------------------------
 
     def serve(self, handle: Callable[[memoryview, memoryview], Reply], buf: bytearray) -> None:
-        """Register every slot, then answer requests until the connection ends.
+        """Register the slot, then answer requests until the connection ends.
 
         *handle* gets each request as /dev/fuse would have given it (in
         *buf*: see :func:`gather`) and the slot's payload, and returns the
         reply (out header first; data it put in the payload itself is
         declared by the header, see :func:`scatter`).
         A registration completes with the slot's first request.  Returns when
-        the kernel has ended every slot (unmount, abort); raises RingError
-        when it refuses a registration or a commit.
+        the kernel has ended the slot (unmount, abort); raises RingError when
+        it refuses a registration or a commit.
         """
         view = memoryview(buf)
-        slots = self.slots
-        for i in range(len(slots)):
-            self._submit(i, IO_URING_CMD_REGISTER, 0)
-        live = len(slots)
-        while live:
-            index, res = self._wait()
+        slot = self.slot
+        self._submit(IO_URING_CMD_REGISTER, 0)
+        while True:
+            res = self._wait()
             if res < 0:
                 if res in (-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED):
-                    live -= 1
-                    continue
-                raise RingError(-res, f"FUSE over io_uring refused queue {slots[index].qid}: {os.strerror(-res)}")
-            slot = slots[index]
+                    return
+                raise RingError(-res, f"FUSE over io_uring refused queue {slot.qid}: {os.strerror(-res)}")
             length, commit_id = gather(slot.header, slot.payload, buf)
             scatter(handle(view[:length], slot.view), slot.header, slot.payload, commit_id)
             slot.served += 1
-            self._submit(index, IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
+            self._submit(IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 
 
 def gather(header: Memory, payload: Memory, buf: bytearray) -> tuple[int, int]:
