@@ -175,14 +175,19 @@ class Removes(Writable):
             dst = self.copyups.entry(dst, dst_path, meta=exchange)
         src_redirects = src_redirects or src.data is not None
         dst_redirects = dst_redirects or (exchange and dst is not None and dst.data is not None)
+        samedir = op.ino == np.ino
         op.entry = self.copyups.upper_dir(op.path)
-        np.entry = self.copyups.upper_dir(np.path)
+        np.entry = op.entry if samedir else self.copyups.upper_dir(np.path)
         if dst is not None and not exchange and dst_ino is not None:
             self._name_goes(dst_ino, dst, dst_path, _last_name(dst))
-        samedir = op.ino == np.ino
         redirects = [(p, v) for p, on in ((src_path, src_redirects), (dst_path, dst_redirects)) if on
                      for v in [up.redirect_for(p, samedir)] if v is not None]
-        old_dir, new_dir = self.stack.fds.dup(0, op.path), self.stack.fds.dup(0, np.path)
+        old_dir = self.stack.fds.dup(0, op.path)
+        try:
+            new_dir = old_dir if samedir else self.stack.fds.dup(0, np.path)
+        except BaseException:
+            os.close(old_dir)
+            raise
         try:
             for path, value in redirects:
                 up.set_redirect(path, value)
@@ -204,7 +209,8 @@ class Removes(Writable):
                 self._rename_over(up, op, old_name, np, new_name, src, dst, old_dir, new_dir)
         finally:
             os.close(old_dir)
-            os.close(new_dir)
+            if new_dir != old_dir:
+                os.close(new_dir)
         self.resolver.cache.changed(op.entry.ident, old_name)
         self.resolver.cache.changed(np.entry.ident, new_name)
         if dst is not None and dst.is_dir and not exchange:
