@@ -172,6 +172,7 @@ class Server:
         self.staffing = Staffing(len(fds))
         self.staffing.start()
         self.engine.gauges["workers_woken"] = lambda: self.staffing.woken
+        self.engine.gauges["monitor_looks"] = lambda: self.staffing.looks
         for i, fd in enumerate(fds):
             t = threading.Thread(target=self._work, args=(i, fd), name=f"fuse-worker-{i}", daemon=True)
             t.start()

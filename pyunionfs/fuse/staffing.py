@@ -12,10 +12,12 @@ parallel lstat threads) took 1.5 times as long with four workers reading
 But a single worker stalls every other request behind a slow one: a copy-up
 of a big file, an fsync, a lookup that waits for the disk.  Extra workers
 exist for exactly that, so they are woken only when it happens: every
-worker records when it started its current request; a monitor thread,
-asleep while the mount is idle, looks every :data:`POLL` seconds while
-requests flow, and if no worker is ready to read the next request and one
-has been on its request for :data:`STALL` seconds, it wakes a parked worker.
+worker records when it started its current request; a monitor thread
+looks every :data:`POLL` seconds while no worker is ready to read the next
+request, and if one has then been on its request for :data:`STALL` seconds,
+it wakes a parked worker.  While some worker waits in read(2) nothing can be
+stuck unseen, so the monitor sleeps: a caller that waits for each answer
+never wakes it (each wake takes the GIL from the worker on a request).
 That also keeps a request that waits on the kernel for another request
 (an invalidation waits for a lookup on the same directory to be answered)
 from waiting for ever.
@@ -34,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 
-#: How often the monitor looks while requests flow (seconds).  Each look
+#: How often the monitor looks while no worker is ready (seconds).  Each look
 #: takes the GIL from the worker; every 0.5 ms cost ``git status`` a fifth.
 POLL = 0.002
 #: How long one request may hold the only ready worker before another is woken.
@@ -62,8 +64,10 @@ class Staffing:
         self._wake = [threading.Event() for _ in range(count)]
         self._pulse = threading.Event()
         self.ending = False
-        #: How often the monitor woke a parked worker (in the mount's stats).
+        #: How often the monitor woke a parked worker, and how often it looked
+        #: (both in the mount's stats).
         self.woken = 0
+        self.looks = 0
         self._monitor: threading.Thread | None = None
 
     def start(self) -> None:
@@ -75,9 +79,10 @@ class Staffing:
 
     def begin(self, worker: int) -> None:
         """*worker* read a request and starts on it."""
-        self.state[worker] = time.monotonic()
-        if not self._pulse.is_set():
-            self._pulse.set()  # the monitor sleeps only while the mount is idle
+        state = self.state
+        state[worker] = time.monotonic()
+        if READY not in state and not self._pulse.is_set():
+            self._pulse.set()  # nobody waits for the next request: the monitor looks
 
     def next(self, worker: int) -> bool:
         """*worker* finished a request: park it if it is not needed; False once the daemon ends."""
@@ -124,10 +129,11 @@ class Staffing:
             pulse.wait()
             while not self.ending:
                 time.sleep(POLL)
+                self.looks += 1
                 states = self.state
-                if all(s <= READY for s in states):
-                    pulse.clear()  # idle: sleep, unless a request began meanwhile
-                    if all(s <= READY for s in self.state):
+                if READY in states:
+                    pulse.clear()  # a worker waits for the next request: sleep, unless it began one meanwhile
+                    if READY in self.state:
                         break
                     continue
                 if PARKED in states and self._needed(-1):

@@ -146,3 +146,16 @@ def test_a_worker_that_starts_after_the_end_does_not_park_for_ever() -> None:
         t.join(timeout=5)
     assert not any(t.is_alive() for t in late), "a worker parked after the end"
     assert answers == [False, False]
+
+
+def test_the_monitor_sleeps_while_a_worker_waits_for_the_next_request(pool: Pool) -> None:
+    """A caller that waits for each answer always finds a worker in read(2):
+    nothing can be stuck unseen, so the monitor must not look (each look
+    takes the GIL from the worker on a request).  Before, it looked every
+    POLL seconds while requests flowed: about 50 times in this test."""
+    for _ in range(100):
+        n = len(pool.served_by)
+        pool.inbox.put(lambda: time.sleep(0.001))
+        assert _wait_until(lambda: len(pool.served_by) == n + 1)
+    assert pool.staff.looks <= 5, pool.staff.looks
+    assert pool.staff.woken == 0
