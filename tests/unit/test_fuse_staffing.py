@@ -156,6 +156,6 @@ def test_the_monitor_sleeps_while_a_worker_waits_for_the_next_request(pool: Pool
     for _ in range(100):
         n = len(pool.served_by)
         pool.inbox.put(lambda: time.sleep(0.001))
-        assert _wait_until(lambda: len(pool.served_by) == n + 1)
+        assert _wait_until(lambda n=n: len(pool.served_by) == n + 1)
     assert pool.staff.looks <= 5, pool.staff.looks
     assert pool.staff.woken == 0
