@@ -27,10 +27,17 @@ a directory share one listing, as the kernel's overlayfs shares its
 directory (or after a change to it) kept its own copy, and 900 handles on a
 100,000-entry directory held 1.8 GB.  A listing is freed when its last
 handle closes.
+
+Readers without a handle (the kernel's zero-message opendir, see
+``Engine.opendir``) have no close to free a listing with: the listings they
+read are *held* (:meth:`ResolutionCache.held_listing`), each under a
+version number that their readdir offsets carry, the least recently read
+let go once they hold :data:`MAX_HELD_NAMES` names together.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +51,11 @@ if TYPE_CHECKING:
 #: directories.  About 430 bytes each (a listed name and its entry, measured
 #: by tests/unit/test_core_cache.py), so about 45 MiB at most.
 MAX_ENTRIES = 100_000
+
+#: Names in the listings held for readers without a handle (see above):
+#: about 20 MiB (some 100 bytes a name, with its entry's number and kind).
+#: The listing read last is held whatever its size.
+MAX_HELD_NAMES = 200_000
 
 Ident = tuple[int, int]
 
@@ -70,6 +82,8 @@ class Listing:
     #: (``Resolver.scanned``), once asked for; None where not known.
     scan: Scan | None = None
     scanned: bool = False
+    #: Its number in the offsets of readers without a handle (0: none yet).
+    version: int = 0
 
 
 class ResolutionCache:
@@ -86,6 +100,11 @@ class ResolutionCache:
         #: Listings held by open handles, and the names in them (for the stats).
         self.live_listings = 0
         self.live_listed_names = 0
+        #: Listings held for readers without a handle, by version, least recently read first.
+        self._held: OrderedDict[int, tuple[Ident, Listing]] = OrderedDict()
+        self._held_names = 0
+        self._versions = itertools.count(1)
+        self.max_held_names = MAX_HELD_NAMES
 
     def __len__(self) -> int:
         """Number of cached names (each listing counts as its length)."""
@@ -159,6 +178,43 @@ class ResolutionCache:
         self.live_listed_names -= len(lst.names)
         if self._listings.get(ident) is lst:
             del self._listings[ident]
+
+    def held_listing(self, ident: Ident, list_now: Callable[[], list[bytes]]) -> Listing:
+        """The current listing of directory *ident* (as :meth:`open_listing`
+        finds or makes it) for a reader without a handle: held under its
+        version until newer ones push it out."""
+        lst = self.open_listing(ident, list_now)
+        if lst.version in self._held:
+            lst.refs -= 1  # the hold already counts
+            self._held.move_to_end(lst.version)
+            return lst
+        if not lst.version:
+            lst.version = next(self._versions)
+        self._held[lst.version] = (ident, lst)
+        self._held_names += len(lst.names)
+        while self._held_names > self.max_held_names and len(self._held) > 1:
+            _, (old_ident, old) = self._held.popitem(last=False)
+            self._held_names -= len(old.names)
+            self.close_listing(old_ident, old)
+        return lst
+
+    @property
+    def held_listings(self) -> int:
+        """Number of listings held for readers without a handle."""
+        return len(self._held)
+
+    @property
+    def held_names(self) -> int:
+        """Names in the listings held for readers without a handle."""
+        return self._held_names
+
+    def held(self, version: int) -> Listing | None:
+        """The held listing with *version*, if it is still held."""
+        item = self._held.get(version)
+        if item is None:
+            return None
+        self._held.move_to_end(version)
+        return item[1]
 
     def _listing_stale(self, ident: Ident) -> None:
         lst = self._listings.get(ident)

@@ -51,6 +51,8 @@ from .syscalls import birth_time_ns
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 #: Names left to list from which READDIR reads the directory's own entries (see :meth:`UnionFS.readdir`).
 SCAN_FROM = 16
+#: The position part of a handle-less readdir offset (see :meth:`UnionFS.readdir_at`).
+_POSITION = (1 << 32) - 1
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
 TRUSTED = b"trusted."
 
@@ -398,8 +400,9 @@ class UnionFS:
     def usage(self) -> dict[str, int]:
         """What open handles hold now (``user.pyunionfs.stats`` shows it):
         handles of files and directories, every caller's together and the
-        bounds they are held to (:mod:`.handles`), and the directory
-        listings those hold (:class:`.cache.Listing`) with their names."""
+        bounds they are held to (:mod:`.handles`), the directory listings
+        those hold (:class:`.cache.Listing`) with their names, and of those
+        the ones held for readers without a handle (:meth:`readdir_at`)."""
         cache, share = self.resolver.cache, self.handles.share
         return {
             "open_files": len(self.handles),
@@ -408,6 +411,8 @@ class UnionFS:
             "handles_per_uid_max": share.per_uid,
             "listings": cache.live_listings,
             "listed_names": cache.live_listed_names,
+            "held_listings": cache.held_listings,
+            "held_names": cache.held_names,
         }
 
     def readdir(self, handle: int, start: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
@@ -435,16 +440,52 @@ class UnionFS:
             d.entry = node.entry  # it may have been copied up since opendir
             if start == 0:
                 self._relist(d, node.path)
-        names = d.listing.names if d.listing is not None else []
+        return self._entries(node, d.entry, d.listing, start, plain)
+
+    def readdir_at(self, ino: int, cookie: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """:meth:`readdir` of directory *ino* for a reader without a handle
+        (the kernel's zero-message opendir: see ``Engine.opendir``).
+
+        Each offset carries, above its low 32 bits, the version of the
+        listing it points into (:meth:`.cache.ResolutionCache.held_listing`),
+        so a reader resumes in the listing it started on, whatever changed
+        in the directory since: no name it has not seen yet is skipped, as
+        a handle's own listing guarantees.  Offset 0 starts on the current
+        listing.  A version pushed out of memory meanwhile resumes on the
+        current listing at the same position.
+        """
+        node = self.node(ino)
+        if not node.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        version, start = cookie >> 32, cookie & _POSITION
+        listing = None
+        if not node.gone:  # (removed: nothing is left in it)
+            cache = self.resolver.cache
+            if version and start:
+                listing = cache.held(version)
+            if listing is None:
+                entry, path = node.entry, node.path
+                listing = cache.held_listing(entry.ident, lambda: self.resolver.names(entry, path))
+        base = listing.version << 32 if listing is not None else 0
+        for off, name, child, attr in self._entries(node, node.entry, listing, start, plain):
+            yield base | off, name, child, attr
+
+    def _entries(
+        self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool
+    ) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """The entries of directory *node* (resolving as *parent*) from
+        position *start* of *listing* (see :meth:`readdir`)."""
+        names = listing.names if listing is not None else []
         # (Not for a few names: the kernel's last READDIR of a listing, past its end, is the most common.)
-        scan = self._scan(d, node.path) if plain and len(names) + 2 - max(start, 2) > SCAN_FROM else None
-        dev = d.entry.st.st_dev if scan is not None else 0
+        big = plain and len(names) + 2 - max(start, 2) > SCAN_FROM
+        scan = self._scan(listing, parent, node.path) if big and listing is not None else None
+        dev = parent.st.st_dev if scan is not None else 0
         if start < 1:
-            yield 1, b".", None, self.attr_of(d.ino, d.entry, node.path)
+            yield 1, b".", None, self.attr_of(node.ino, parent, node.path)
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
-        at, parent, number, attr_of = node.path, d.entry, self.inodes.number, self.attr_of
+        at, number, attr_of = node.path, self.inodes.number, self.attr_of
         child = self.resolver.listed(parent, at)
         prefix = at + b"/" if at else b""
         for i in range(max(start, 2) - 2, len(names)):
@@ -461,23 +502,23 @@ class UnionFS:
                 # A name whose lookup fails (a metadata-only copy not
                 # followed, or without data) is still listed, as the kernel
                 # lists it: with no node, so the kernel makes no entry of it.
-                st = next(filter(None, (self.stack.lstat(k, node.path, name) for k in d.entry.layers)), None)
+                st = next(filter(None, (self.stack.lstat(k, node.path, name) for k in parent.layers)), None)
                 if st is not None:
                     yield i + 3, name, None, _bare(self.inodes.number((st.st_dev, st.st_ino), path), st.st_mode)
                 continue
             if entry is None:
                 continue
             ino = number(entry.ident, path)
-            yield i + 3, name, Node(ino, path, entry, 0, d.ino), attr_of(ino, entry, path)
+            yield i + 3, name, Node(ino, path, entry, 0, node.ino), attr_of(ino, entry, path)
 
-    def _scan(self, d: _OpenDir, path: bytes) -> Scan | None:
-        """The entries' own numbers and kinds for *d*'s listing, read once per listing."""
-        lst = d.listing
-        if lst is None or not lst.current:  # changed since: each name is resolved as it is now
+    def _scan(self, lst: Listing, entry: Entry, path: bytes) -> Scan | None:
+        """The entries' own numbers and kinds for listing *lst* of directory
+        *entry*, read once per listing."""
+        if not lst.current:  # changed since: each name is resolved as it is now
             return None
         if not lst.scanned:
             lst.scanned = True
-            lst.scan = self.resolver.scanned(d.entry, path, lst.names)
+            lst.scan = self.resolver.scanned(entry, path, lst.names)
         return lst.scan
 
     def _dotdot_attr(self, node: Node) -> Attr:

@@ -97,7 +97,13 @@ class Writable(UnionFS):
 
     def fsyncdir(self, handle: int) -> None:
         d = self._dirs.get(handle)
-        node = self.inodes.get(d.ino) if d is not None else None
+        if d is not None:
+            self.fsyncdir_of(d.ino)
+
+    def fsyncdir_of(self, ino: int) -> None:
+        """fsync of directory *ino*'s upper part (also for a reader without a
+        handle, see :meth:`.UnionFS.readdir_at`)."""
+        node = self.inodes.get(ino)
         if node is None or node.gone or self.upper is None:
             return
         # A directory without an upper part has nothing to sync.

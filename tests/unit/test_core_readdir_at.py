@@ -1,0 +1,145 @@
+"""``UnionFS.readdir_at``: reading a directory without a handle, as the kernel
+does after the zero-message opendir (``Engine.opendir`` answers ENOSYS).
+
+The offsets must do what a handle's own listing does: a reader that stops
+and resumes, while the directory changes under it, sees every name it had
+not seen yet that is still there, each once; and a new read sees the changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pyunionfs.config import MountConfig
+from pyunionfs.fs.callers import DAEMON
+from pyunionfs.fs.writes import WritableUnionFS
+
+from .conftest import b, errno_of, lookup_path, mkfile, mkwhiteout
+
+NAMES = [f"f{i:03}".encode() for i in range(60)]
+
+
+@pytest.fixture
+def fs(tmp_path: Path):
+    """A merged directory ``d``: names from two lowers, one hidden by a whiteout, and the upper;
+    and ``e``, a directory of the upper alone holding the same names."""
+    low1, low2, up, work = (tmp_path / n for n in ("l1", "l2", "u", "w"))
+    for i, name in enumerate(NAMES):
+        mkfile((low1 if i % 3 else low2) / "d" / name.decode(), b"x")
+        mkfile(up / "e" / name.decode(), b"x")
+    mkfile(low2 / "d/hidden")
+    mkwhiteout(up / "d/hidden")
+    work.mkdir()
+    cfg = MountConfig(lowers=(b(low1), b(low2)), upper=b(up), mountpoint=b(tmp_path / "mnt-unused"), workdir=b(work))
+    core = WritableUnionFS(cfg)
+    yield core
+    core.close()
+
+
+def _read(fs: WritableUnionFS, ino: int, cookie: int, count: int | None = None) -> list[tuple[int, bytes]]:
+    """(offset, name) of up to *count* entries from *cookie*, as one READDIR takes them."""
+    out = []
+    for off, name, node, _ in fs.readdir_at(ino, cookie):
+        if node is not None:
+            fs.remember(node)
+        out.append((off, name))
+        if count is not None and len(out) == count:
+            break
+    return out
+
+
+def _names(entries: list[tuple[int, bytes]]) -> list[bytes]:
+    return [n for _, n in entries if n not in (b".", b"..")]
+
+
+def test_a_whole_read_lists_each_visible_name_once(fs: WritableUnionFS) -> None:
+    ino, _ = lookup_path(fs, "d")
+    entries = _read(fs, ino, 0)
+    assert [n for _, n in entries[:2]] == [b".", b".."]
+    assert sorted(_names(entries)) == NAMES
+    assert len({off for off, _ in entries}) == len(entries), "offsets must differ"
+    assert 0 not in {off for off, _ in entries}
+
+
+def test_a_reader_resumes_in_its_listing_whatever_changed_since(fs: WritableUnionFS) -> None:
+    """As ``shutil.rmtree`` and ``rm -r`` do: read part, remove what was read,
+    read on.  With positions into the new listing, every removed name would
+    shift the rest down and as many names would be skipped."""
+    ino, _ = lookup_path(fs, "d")
+    first = _read(fs, ino, 0, 22)
+    for name in _names(first):
+        fs.unlink(ino, name)
+    fs.create(ino, b"new", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DAEMON)
+    rest = _read(fs, ino, first[-1][0])
+    seen = _names(first) + _names(rest)
+    assert sorted(n for n in seen if n != b"new") == NAMES, "a name not yet seen was skipped or repeated"
+    # A new read (offset 0) lists the directory as it is now.
+    again = _names(_read(fs, ino, 0))
+    assert sorted(again) == sorted([b"new", *(n for n in NAMES if n not in _names(first))])
+
+
+def test_a_reader_of_an_upper_directory_resumes_in_its_listing(fs: WritableUnionFS) -> None:
+    """The same in a directory of the upper alone, where a removed name leaves no whiteout and
+    the names after it would move down in a new listing: the reader skips none of them."""
+    ino, _ = lookup_path(fs, "e")
+    first = _read(fs, ino, 0, 22)
+    for name in _names(first):
+        fs.unlink(ino, name)
+    rest = _read(fs, ino, first[-1][0])
+    assert sorted(_names(first) + _names(rest)) == NAMES, "a name not yet seen was skipped or repeated"
+    assert sorted(_names(_read(fs, ino, 0))) == sorted(_names(rest)), "a new read lists what is there now"
+
+
+def test_resuming_after_every_entry_loses_nothing(fs: WritableUnionFS) -> None:
+    """One entry per READDIR (a tiny buffer), a name removed before each."""
+    ino, _ = lookup_path(fs, "d")
+    seen, off = [], 0
+    while batch := _read(fs, ino, off, 1):
+        off, name = batch[0]
+        if name not in (b".", b".."):
+            seen.append(name)
+            fs.unlink(ino, name)
+    assert sorted(seen) == NAMES
+    assert _names(_read(fs, ino, 0)) == []
+
+
+def test_an_unchanged_directory_is_listed_once_for_every_reader(fs: WritableUnionFS) -> None:
+    ino, _ = lookup_path(fs, "d")
+    a, b_ = _read(fs, ino, 0), _read(fs, ino, 0)
+    assert a == b_
+    cache = fs.resolver.cache
+    # (The listing holds candidate names: the hidden one too, resolved away as it is read.)
+    assert (cache.live_listings, cache.live_listed_names) == (1, len(NAMES) + 1)
+
+
+def test_a_listing_pushed_out_of_memory_resumes_on_the_current_one(fs: WritableUnionFS) -> None:
+    ino, _ = lookup_path(fs, "d")
+    cache = fs.resolver.cache
+    cache.max_held_names = len(NAMES)  # room for one listing
+    first = _read(fs, ino, 0, 12)
+    fs.create(ino, b"new", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DAEMON)
+    _read(fs, ino, 0)  # the new version pushes the first one out
+    assert cache.live_listings == 1
+    rest = _read(fs, ino, first[-1][0])
+    # On at the same position of the current listing (the best guess left).
+    now = _read(fs, ino, 0)
+    assert rest == now[len(first):]
+    assert _names(rest)
+
+
+def test_a_removed_directory_reads_empty_and_a_file_is_not_a_directory(fs: WritableUnionFS) -> None:
+    ino, _ = lookup_path(fs, "d")
+    first = _read(fs, ino, 0, 5)
+    for name in NAMES:
+        fs.unlink(ino, name)
+    root = lookup_path(fs, "")[0]
+    fs.rmdir(root, b"d")
+    assert _names(_read(fs, ino, first[-1][0])) == []
+    other, _ = lookup_path(fs, "")
+    fs.create(other, b"plain", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DAEMON)
+    plain, _ = lookup_path(fs, "plain")
+    assert errno_of(lambda: list(fs.readdir_at(plain, 0))) == errno.ENOTDIR
