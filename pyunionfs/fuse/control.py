@@ -38,7 +38,8 @@ DROP_CACHES = PREFIX + b"drop_caches"
 #: :mod:`.nodeids`); and what open handles hold
 #: now (``UnionFS.usage``): ``open_files``, ``open_dirs``, the bounds
 #: ``handles_max`` and ``handles_per_uid_max``, and the directory listings
-#: they share, ``listings`` and ``listed_names``.
+#: they share, ``listings`` and ``listed_names``, of which ``held_listings``
+#: and ``held_names`` are held for directories opened without a message.
 STATS = PREFIX + b"stats"
 
 

@@ -229,7 +229,7 @@ class Engine:
         if self.cfg.acl:
             wanted |= InitFlag.POSIX_ACL
         if self.timeout > 0:
-            wanted |= InitFlag.CACHE_SYMLINKS
+            wanted |= InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT  # (see opendir)
         if self.backings.enabled:
             wanted |= InitFlag.PASSTHROUGH
         if self.cfg.uring:
@@ -512,6 +512,13 @@ class Engine:
     # -- directories ------------------------------------------------------------------
 
     def opendir(self, req: Request) -> bytes:
+        if self.timeout > 0 and self.agreed & InitFlag.NO_OPENDIR_SUPPORT:
+            # Zero-message opendir: ENOSYS once, and the kernel opens
+            # directories without asking and never sends RELEASEDIR; it
+            # then caches listings (FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE), as
+            # below, and READDIR comes with handle 0 (readdir_at).  Two of
+            # the four requests per directory of a walk (find, rm -rf).
+            raise fs_error(errno.ENOSYS)
         with self.fs.lock:
             fh = self.fs.opendir(req.nodeid, self._caller(req))
         # Cached listings: the kernel drops them itself on every change made
@@ -527,7 +534,11 @@ class Engine:
         used, size, dirent_size = 0, a.size, P.dirent_size
         remember, ids = self.fs.remember, self.ids
         with self.fs.lock:
-            for off, name, node, attr in self.fs.readdir(a.fh, a.offset, plain=not plus):
+            if a.fh:
+                entries = self.fs.readdir(a.fh, a.offset, plain=not plus)
+            else:  # opened without a message (see opendir)
+                entries = self.fs.readdir_at(req.nodeid, a.offset, plain=not plus)
+            for off, name, node, attr in entries:
                 used += dirent_size(len(name), plus)
                 if used > size:
                     break
@@ -550,8 +561,12 @@ class Engine:
         return b""
 
     def fsyncdir(self, req: Request) -> bytes:
+        fh = _arg(req, Fsync).fh
         with self.fs.lock:
-            self.fs.fsyncdir(_arg(req, Fsync).fh)
+            if fh:
+                self.fs.fsyncdir(fh)
+            else:  # opened without a message (see opendir)
+                self.fs.fsyncdir_of(req.nodeid)
         return b""
 
     # -- extended attributes -------------------------------------------------------------
