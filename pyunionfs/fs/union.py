@@ -25,22 +25,20 @@ in :meth:`UnionFS.stat_object` / :meth:`UnionFS.open_object` /
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from ..config import MountConfig, default_workdir
 from ..errors import fs_error
 from .answers import Attr, KernelForget
-from .cache import Listing
 from .callers import DAEMON, Caller
+from .directories import Directories
 from .entry import Entry, Stat
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
 from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
-from .layers import KIND_MODES, LayerStack, Scan
+from .layers import LayerStack
 from .locking import BigLock
 from .markers import Markers
 from .override import HIDDEN_PREFIX, Overrides, Record, apply, overrides
@@ -49,27 +47,8 @@ from .resolve import Resolver
 from .syscalls import birth_time_ns
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
-#: Names left to list from which READDIR reads the directory's own entries (see :meth:`UnionFS.readdir`).
-SCAN_FROM = 16
-#: The position part of a handle-less readdir offset (see :meth:`UnionFS.readdir_at`).
-_POSITION = (1 << 32) - 1
 #: The xattr namespace only callers with CAP_SYS_ADMIN see (:mod:`.callers`).
 TRUSTED = b"trusted."
-
-
-@dataclass(slots=True)
-class _OpenDir:
-    """An open directory: its node (which the kernel holds while it is open,
-    so the node's path follows renames), the listing it reads (shared with
-    the other handles of that version, see :class:`.cache.Listing`; None
-    once the directory is removed) and whose handle it is."""
-
-    ino: int
-    entry: Entry
-    listing: Listing | None
-    #: The directory identity the listing is filed under.
-    ident: tuple[int, int]
-    uid: int
 
 
 class UnionFS:
@@ -97,11 +76,11 @@ class UnionFS:
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]
         self.inodes = InodeTable(self.resolver.root(), devices)
-        self._dirs: dict[int, _OpenDir] = {}
-        self._dir_ids = itertools.count(1)
         self.handles = HandleTable(FairShare(per_uid=cfg.max_files_per_uid))
         #: Held by the engine around every call into the core (see :mod:`.locking`).
         self.lock = BigLock()
+        #: Open directories and the reading of listings.
+        self.dirs = Directories(self)
         self._closed = False
 
     def close(self) -> None:
@@ -110,8 +89,7 @@ class UnionFS:
             return
         self._closed = True
         self.handles.close()
-        for handle in list(self._dirs):
-            self.releasedir(handle)
+        self.dirs.close()
         self.inodes.close()
         self.stack.close()
 
@@ -165,7 +143,7 @@ class UnionFS:
             path, entry, grandparent = parent.path, parent.entry, parent.parent
         elif name == b"..":
             path = split(parent.path)[0]
-            entry = self._resolve_path(path)
+            entry = self.resolve_path(path)
             above = self.inodes.get(parent.parent)
             grandparent = above.parent if above is not None else ROOT_INO
         else:
@@ -180,7 +158,7 @@ class UnionFS:
         node = self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino)
         return node, self.attr_of(node.ino, entry, path)
 
-    def _resolve_path(self, path: bytes) -> Entry:
+    def resolve_path(self, path: bytes) -> Entry:
         """Resolve a whole relative path from the root (rare: only for ``..``)."""
         entry = self.resolver.walk(self.inodes[ROOT_INO].entry, path)
         if entry is None:
@@ -322,10 +300,10 @@ class UnionFS:
         (nothing runs between the check and the caller's use of the path).
         An object in a lower layer needs no check: lowers do not change,
         and a lower name the union lost is reached by its pin."""
-        self._check_current(node)
+        self.check_current(node)
         return self._path(node)
 
-    def _check_current(self, node: Node) -> None:
+    def check_current(self, node: Node) -> None:
         """ENOENT unless *node*'s object is still where the node finds it.
         Only an upper one, an index copy or a pinned one can have changed:
         lowers do not change, and a lower name the union lost is reached
@@ -368,34 +346,29 @@ class UnionFS:
             raise
         return fd
 
-    # -- directories ---------------------------------------------------------
+    # -- directories (read by .directories.Directories) ---------------------------
 
     def opendir(self, ino: int, caller: Caller = DAEMON) -> int:
         """Open a directory for *caller* (counted in its fair share, see
         :mod:`.handles`); its listing is made now, or shared."""
-        node = self.node(ino)
-        if not node.entry.is_dir:
-            raise fs_error(errno.ENOTDIR)
-        if node.gone:
-            raise fs_error(errno.ENOENT)
-        self._check_current(node)
-        with self.handles.share.admitted(caller.uid):
-            entry = node.entry
-            listing = self._open_listing(entry, node.path)
-        handle = next(self._dir_ids)
-        self._dirs[handle] = _OpenDir(ino, entry, listing, entry.ident, caller.uid)
-        return handle
+        return self.dirs.open(ino, caller)
 
-    def _open_listing(self, entry: Entry, path: bytes) -> Listing:
-        return self.resolver.cache.open_listing(entry.ident, lambda: self.resolver.names(entry, path))
+    def readdir(self, handle: int, start: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """Entries of open directory *handle* from offset *start*: (next
+        offset, name, node-to-be, attributes); see :meth:`.Directories.read`."""
+        return self.dirs.read(handle, start, plain)
 
-    def _relist(self, d: _OpenDir, path: bytes | None) -> None:
-        """Point *d* at the directory's current listing (None: it was removed)."""
-        old, old_ident = d.listing, d.ident
-        d.listing = None if path is None else self._open_listing(d.entry, path)
-        d.ident = d.entry.ident
-        if old is not None:
-            self.resolver.cache.close_listing(old_ident, old)
+    def readdir_at(self, ino: int, cookie: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """:meth:`readdir` of directory *ino* for a reader without a handle
+        (the kernel's zero-message opendir); see :meth:`.Directories.read_at`."""
+        return self.dirs.read_at(ino, cookie, plain)
+
+    def remember(self, node: Node) -> None:
+        """The kernel accepted a readdir entry and holds a reference now."""
+        self.inodes.remember(node.path, node.entry, node.parent, made=node)
+
+    def releasedir(self, handle: int) -> None:
+        self.dirs.release(handle)
 
     def usage(self) -> dict[str, int]:
         """What open handles hold now (``user.pyunionfs.stats`` shows it):
@@ -406,7 +379,7 @@ class UnionFS:
         cache, share = self.resolver.cache, self.handles.share
         return {
             "open_files": len(self.handles),
-            "open_dirs": len(self._dirs),
+            "open_dirs": len(self.dirs),
             "handles_max": share.total,
             "handles_per_uid_max": share.per_uid,
             "listings": cache.live_listings,
@@ -414,136 +387,6 @@ class UnionFS:
             "held_listings": cache.held_listings,
             "held_names": cache.held_names,
         }
-
-    def readdir(self, handle: int, start: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
-        """Entries from offset *start*: (next offset, name, node-to-be, attributes).
-
-        ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
-        kernel takes no reference on them; another name with node None is
-        one that cannot be looked up (EPERM, EIO), listed with its type only.  For the others the caller must call
-        :meth:`remember` once the kernel accepted the entry.  Offset 0 means
-        "from the start" and re-reads the directory, like overlayfs on rewind.
-
-        *plain*: only the number and type of each entry are wanted (READDIR,
-        not READDIRPLUS).  Files and symlinks of a directory of one lower
-        layer then come with node None, read from its directory entries
-        without an lstat each (:meth:`.Resolver.scanned`).
-        """
-        d = self._dirs.get(handle)
-        if d is None:
-            raise fs_error(errno.EBADF)
-        node = self.inodes[d.ino]
-        if node.gone:
-            if d.listing is not None:
-                self._relist(d, None)  # removed while open: nothing is left in it
-        else:
-            d.entry = node.entry  # it may have been copied up since opendir
-            if start == 0:
-                self._relist(d, node.path)
-        return self._entries(node, d.entry, d.listing, start, plain)
-
-    def readdir_at(self, ino: int, cookie: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
-        """:meth:`readdir` of directory *ino* for a reader without a handle
-        (the kernel's zero-message opendir: see ``Engine.opendir``).
-
-        Each offset carries, above its low 32 bits, the version of the
-        listing it points into (:meth:`.cache.ResolutionCache.held_listing`),
-        so a reader resumes in the listing it started on, whatever changed
-        in the directory since: no name it has not seen yet is skipped, as
-        a handle's own listing guarantees.  Offset 0 starts on the current
-        listing.  A version pushed out of memory meanwhile resumes on the
-        current listing at the same position.
-        """
-        node = self.node(ino)
-        if not node.entry.is_dir:
-            raise fs_error(errno.ENOTDIR)
-        version, start = cookie >> 32, cookie & _POSITION
-        listing = None
-        if not node.gone:  # (removed: nothing is left in it)
-            cache = self.resolver.cache
-            if version and start:
-                listing = cache.held(version)
-            if listing is None:
-                entry, path = node.entry, node.path
-                listing = cache.held_listing(entry.ident, lambda: self.resolver.names(entry, path))
-        base = listing.version << 32 if listing is not None else 0
-        for off, name, child, attr in self._entries(node, node.entry, listing, start, plain):
-            yield base | off, name, child, attr
-
-    def _entries(
-        self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool
-    ) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
-        """The entries of directory *node* (resolving as *parent*) from
-        position *start* of *listing* (see :meth:`readdir`)."""
-        names = listing.names if listing is not None else []
-        # (Not for a few names: the kernel's last READDIR of a listing, past its end, is the most common.)
-        big = plain and len(names) + 2 - max(start, 2) > SCAN_FROM
-        scan = self._scan(listing, parent, node.path) if big and listing is not None else None
-        dev = parent.st.st_dev if scan is not None else 0
-        if start < 1:
-            yield 1, b".", None, self.attr_of(node.ino, parent, node.path)
-        if start < 2:
-            yield 2, b"..", None, self._dotdot_attr(node)
-        # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
-        at, number, attr_of = node.path, self.inodes.number, self.attr_of
-        child = self.resolver.listed(parent, at)
-        prefix = at + b"/" if at else b""
-        for i in range(max(start, 2) - 2, len(names)):
-            name = names[i]
-            if scan is not None and (kind := KIND_MODES.get(scan.kinds[i])) is not None:  # (name for path: not root's)
-                yield i + 3, name, None, _bare(number((dev, scan.inos[i]), name), kind)
-                continue
-            path = prefix + name
-            try:
-                entry = child(name)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EIO):
-                    raise
-                # A name whose lookup fails (a metadata-only copy not
-                # followed, or without data) is still listed, as the kernel
-                # lists it: with no node, so the kernel makes no entry of it.
-                st = next(filter(None, (self.stack.lstat(k, node.path, name) for k in parent.layers)), None)
-                if st is not None:
-                    yield i + 3, name, None, _bare(self.inodes.number((st.st_dev, st.st_ino), path), st.st_mode)
-                continue
-            if entry is None:
-                continue
-            ino = number(entry.ident, path)
-            yield i + 3, name, Node(ino, path, entry, 0, node.ino), attr_of(ino, entry, path)
-
-    def _scan(self, lst: Listing, entry: Entry, path: bytes) -> Scan | None:
-        """The entries' own numbers and kinds for listing *lst* of directory
-        *entry*, read once per listing."""
-        if not lst.current:  # changed since: each name is resolved as it is now
-            return None
-        if not lst.scanned:
-            lst.scanned = True
-            lst.scan = self.resolver.scanned(entry, path, lst.names)
-        return lst.scan
-
-    def _dotdot_attr(self, node: Node) -> Attr:
-        """Attributes of an open directory's parent: the node the kernel holds
-        (it keeps a cached child's parent), else a walk from the root."""
-        if node.ino == ROOT_INO:
-            return self.attr_of(node.ino, node.entry, node.path)
-        above = self.inodes.get(node.parent)
-        if above is not None:
-            return self.attr_of(above.ino, above.entry, above.path)
-        parent_path = split(node.path)[0]
-        parent_entry = self._resolve_path(parent_path)
-        return self.attr_of(self.inodes.number(parent_entry.ident, parent_path), parent_entry, parent_path)
-
-    def remember(self, node: Node) -> None:
-        """The kernel accepted a readdir entry and holds a reference now."""
-        self.inodes.remember(node.path, node.entry, node.parent, made=node)
-
-    def releasedir(self, handle: int) -> None:
-        d = self._dirs.pop(handle, None)
-        if d is None:
-            return
-        if d.listing is not None:
-            self.resolver.cache.close_listing(d.ident, d.listing)
-        self.handles.share.give(d.uid)
 
     # -- files ---------------------------------------------------------------
 
@@ -631,11 +474,6 @@ class UnionFS:
     def statfs(self) -> os.statvfs_result:
         """The upper's filesystem (or the top layer's), as overlayfs reports."""
         return self.stack.statvfs(0)
-
-
-def _bare(ino: int, mode: int) -> Attr:
-    """Attributes of a listed entry that carries only its number and type."""
-    return Attr(ino, mode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _pin(node: Node) -> int | None:

@@ -96,9 +96,9 @@ class Writable(UnionFS):
     # -- durability ---------------------------------------------------------------
 
     def fsyncdir(self, handle: int) -> None:
-        d = self._dirs.get(handle)
-        if d is not None:
-            self.fsyncdir_of(d.ino)
+        ino = self.dirs.ino_of(handle)
+        if ino is not None:
+            self.fsyncdir_of(ino)
 
     def fsyncdir_of(self, ino: int) -> None:
         """fsync of directory *ino*'s upper part (also for a reader without a

@@ -13,7 +13,8 @@ import stat
 
 import pytest
 
-from pyunionfs.fs.union import SCAN_FROM, UnionFS
+from pyunionfs.fs.directories import SCAN_FROM
+from pyunionfs.fs.union import UnionFS
 
 from .conftest import lookup_path, mkfile, mklink, mkwhiteout
 from .test_core_writes import env, ino_of  # noqa: F401  (env is a fixture)
@@ -37,7 +38,7 @@ def _scanned(fs: UnionFS, ino: int) -> bool:
     handle = fs.opendir(ino)
     try:
         list(fs.readdir(handle, 0, plain=True))
-        listing = fs._dirs[handle].listing
+        listing = fs.dirs.listing_of(handle)
         return listing is not None and listing.scan is not None
     finally:
         fs.releasedir(handle)

@@ -1,0 +1,259 @@
+"""Open directories and the reading of merged listings, for :class:`.union.UnionFS`.
+
+Two kinds of reader, one listing format.  A reader with a handle
+(:meth:`Directories.open`: the reference engine, or ``-o timeout=0``) keeps
+the listing it opened on, shared with the other handles of that directory
+version (:class:`.cache.Listing`), until it rewinds or closes.  A reader
+without one (the kernel's zero-message opendir, see ``Engine.opendir``)
+has nothing the daemon could keep a listing in: its offsets carry the
+listing's version instead (:meth:`Directories.read_at`).  Either way a
+reader that stops and resumes while the directory changes sees every name
+it had not seen yet that is still there, each once, as POSIX asks.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import fs_error
+from .answers import Attr
+from .cache import Listing
+from .callers import Caller
+from .entry import Entry
+from .handles import HandleTable
+from .inodes import ROOT_INO, InodeTable, Node
+from .layers import KIND_MODES, LayerStack, Scan
+from .paths import split
+from .resolve import Resolver
+
+#: Names left to list from which READDIR reads the directory's own entries (see :meth:`Directories.read`).
+SCAN_FROM = 16
+#: The position part of a handle-less readdir offset (see :meth:`Directories.read_at`).
+_POSITION = (1 << 32) - 1
+
+#: What a listing yields: (next offset, name, node-to-be, attributes).
+Entries = Iterator[tuple[int, bytes, Node | None, Attr]]
+
+
+class Union(Protocol):
+    """What directories need of their union (:class:`.union.UnionFS`, which
+    holds them: named here by what it offers, so that neither module imports
+    the other)."""
+
+    resolver: Resolver
+    inodes: InodeTable
+    handles: HandleTable
+    stack: LayerStack
+
+    def node(self, ino: int) -> Node: ...
+    def check_current(self, node: Node) -> None: ...
+    def attr_of(self, ino: int, entry: Entry, path: bytes) -> Attr: ...
+    def resolve_path(self, path: bytes) -> Entry: ...
+
+
+@dataclass(slots=True)
+class _OpenDir:
+    """An open directory: its node (which the kernel holds while it is open,
+    so the node's path follows renames), the listing it reads (shared with
+    the other handles of that version, see :class:`.cache.Listing`; None
+    once the directory is removed) and whose handle it is."""
+
+    ino: int
+    entry: Entry
+    listing: Listing | None
+    #: The directory identity the listing is filed under.
+    ident: tuple[int, int]
+    uid: int
+
+
+class Directories:
+    """The directories open on one union, and how their listings are read."""
+
+    def __init__(self, fs: Union) -> None:
+        self.fs = fs
+        self._open: dict[int, _OpenDir] = {}
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        """Number of open directory handles."""
+        return len(self._open)
+
+    def ino_of(self, handle: int) -> int | None:
+        """The directory open as *handle*, if it is open."""
+        d = self._open.get(handle)
+        return d.ino if d is not None else None
+
+    def listing_of(self, handle: int) -> Listing | None:
+        """The listing *handle* reads now (tests look at its scan)."""
+        d = self._open.get(handle)
+        return d.listing if d is not None else None
+
+    def open(self, ino: int, caller: Caller) -> int:
+        """A handle on directory *ino* for *caller* (counted in its fair
+        share, see :mod:`.handles`); its listing is made now, or shared."""
+        fs = self.fs
+        node = fs.node(ino)
+        if not node.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        if node.gone:
+            raise fs_error(errno.ENOENT)
+        fs.check_current(node)
+        with fs.handles.share.admitted(caller.uid):
+            entry = node.entry
+            listing = self._open_listing(entry, node.path)
+        handle = next(self._ids)
+        self._open[handle] = _OpenDir(ino, entry, listing, entry.ident, caller.uid)
+        return handle
+
+    def release(self, handle: int) -> None:
+        d = self._open.pop(handle, None)
+        if d is None:
+            return
+        if d.listing is not None:
+            self.fs.resolver.cache.close_listing(d.ident, d.listing)
+        self.fs.handles.share.give(d.uid)
+
+    def close(self) -> None:
+        """Release every handle (at unmount)."""
+        for handle in list(self._open):
+            self.release(handle)
+
+    def _open_listing(self, entry: Entry, path: bytes) -> Listing:
+        resolver = self.fs.resolver
+        return resolver.cache.open_listing(entry.ident, lambda: resolver.names(entry, path))
+
+    def _relist(self, d: _OpenDir, path: bytes | None) -> None:
+        """Point *d* at the directory's current listing (None: it was removed)."""
+        old, old_ident = d.listing, d.ident
+        d.listing = None if path is None else self._open_listing(d.entry, path)
+        d.ident = d.entry.ident
+        if old is not None:
+            self.fs.resolver.cache.close_listing(old_ident, old)
+
+    def read(self, handle: int, start: int, plain: bool = False) -> Entries:
+        """Entries from offset *start*: (next offset, name, node-to-be, attributes).
+
+        ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
+        kernel takes no reference on them; another name with node None is
+        one that cannot be looked up (EPERM, EIO), listed with its type
+        only.  For the others the caller must call ``UnionFS.remember``
+        once the kernel accepted the entry.  Offset 0 means "from the
+        start" and re-reads the directory, like overlayfs on rewind.
+
+        *plain*: only the number and type of each entry are wanted (READDIR,
+        not READDIRPLUS).  Files and symlinks of a directory of one lower
+        layer then come with node None, read from its directory entries
+        without an lstat each (:meth:`.Resolver.scanned`).
+        """
+        d = self._open.get(handle)
+        if d is None:
+            raise fs_error(errno.EBADF)
+        node = self.fs.inodes[d.ino]
+        if node.gone:
+            if d.listing is not None:
+                self._relist(d, None)  # removed while open: nothing is left in it
+        else:
+            d.entry = node.entry  # it may have been copied up since opendir
+            if start == 0:
+                self._relist(d, node.path)
+        return self._entries(node, d.entry, d.listing, start, plain)
+
+    def read_at(self, ino: int, cookie: int, plain: bool = False) -> Entries:
+        """:meth:`read` of directory *ino* for a reader without a handle.
+
+        Each offset carries, above its low 32 bits, the version of the
+        listing it points into (:meth:`.cache.ResolutionCache.held_listing`),
+        so a reader resumes in the listing it started on, whatever changed
+        in the directory since: no name it has not seen yet is skipped, as
+        a handle's own listing guarantees.  Offset 0 starts on the current
+        listing.  A version pushed out of memory meanwhile resumes on the
+        current listing at the same position.
+        """
+        fs = self.fs
+        node = fs.node(ino)
+        if not node.entry.is_dir:
+            raise fs_error(errno.ENOTDIR)
+        version, start = cookie >> 32, cookie & _POSITION
+        listing = None
+        if not node.gone:  # (removed: nothing is left in it)
+            resolver = fs.resolver
+            if version and start:
+                listing = resolver.cache.held(version)
+            if listing is None:
+                entry, path = node.entry, node.path
+                listing = resolver.cache.held_listing(entry.ident, lambda: resolver.names(entry, path))
+        base = listing.version << 32 if listing is not None else 0
+        for off, name, child, attr in self._entries(node, node.entry, listing, start, plain):
+            yield base | off, name, child, attr
+
+    def _entries(self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool) -> Entries:
+        """The entries of directory *node* (resolving as *parent*) from
+        position *start* of *listing* (see :meth:`read`)."""
+        fs = self.fs
+        names = listing.names if listing is not None else []
+        # (Not for a few names: the kernel's last READDIR of a listing, past its end, is the most common.)
+        big = plain and len(names) + 2 - max(start, 2) > SCAN_FROM
+        scan = self._scan(listing, parent, node.path) if big and listing is not None else None
+        dev = parent.st.st_dev if scan is not None else 0
+        if start < 1:
+            yield 1, b".", None, fs.attr_of(node.ino, parent, node.path)
+        if start < 2:
+            yield 2, b"..", None, self._dotdot_attr(node)
+        # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
+        at, number, attr_of = node.path, fs.inodes.number, fs.attr_of
+        child = fs.resolver.listed(parent, at)
+        prefix = at + b"/" if at else b""
+        for i in range(max(start, 2) - 2, len(names)):
+            name = names[i]
+            if scan is not None and (kind := KIND_MODES.get(scan.kinds[i])) is not None:  # (name for path: not root's)
+                yield i + 3, name, None, _bare(number((dev, scan.inos[i]), name), kind)
+                continue
+            path = prefix + name
+            try:
+                entry = child(name)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EIO):
+                    raise
+                # A name whose lookup fails (a metadata-only copy not
+                # followed, or without data) is still listed, as the kernel
+                # lists it: with no node, so the kernel makes no entry of it.
+                st = next(filter(None, (fs.stack.lstat(k, node.path, name) for k in parent.layers)), None)
+                if st is not None:
+                    yield i + 3, name, None, _bare(number((st.st_dev, st.st_ino), path), st.st_mode)
+                continue
+            if entry is None:
+                continue
+            ino = number(entry.ident, path)
+            yield i + 3, name, Node(ino, path, entry, 0, node.ino), attr_of(ino, entry, path)
+
+    def _scan(self, lst: Listing, entry: Entry, path: bytes) -> Scan | None:
+        """The entries' own numbers and kinds for listing *lst* of directory
+        *entry*, read once per listing."""
+        if not lst.current:  # changed since: each name is resolved as it is now
+            return None
+        if not lst.scanned:
+            lst.scanned = True
+            lst.scan = self.fs.resolver.scanned(entry, path, lst.names)
+        return lst.scan
+
+    def _dotdot_attr(self, node: Node) -> Attr:
+        """Attributes of an open directory's parent: the node the kernel holds
+        (it keeps a cached child's parent), else a walk from the root."""
+        fs = self.fs
+        if node.ino == ROOT_INO:
+            return fs.attr_of(node.ino, node.entry, node.path)
+        above = fs.inodes.get(node.parent)
+        if above is not None:
+            return fs.attr_of(above.ino, above.entry, above.path)
+        parent_path = split(node.path)[0]
+        parent_entry = fs.resolve_path(parent_path)
+        return fs.attr_of(fs.inodes.number(parent_entry.ident, parent_path), parent_entry, parent_path)
+
+
+def _bare(ino: int, mode: int) -> Attr:
+    """Attributes of a listed entry that carries only its number and type."""
+    return Attr(ino, mode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
