@@ -208,10 +208,13 @@ class ResolutionCache:
         """Names in the listings held for readers without a handle."""
         return self._held_names
 
-    def held(self, version: int) -> Listing | None:
-        """The held listing with *version*, if it is still held."""
+    def held(self, version: int, ident: Ident) -> Listing | None:
+        """The held listing with *version*, if it is still held and is one
+        of directory *ident*: an offset is the reader's to choose (lseek),
+        and versions are easy to guess, so a version of another directory
+        must not list that one's names."""
         item = self._held.get(version)
-        if item is None:
+        if item is None or item[0] != ident:
             return None
         self._held.move_to_end(version)
         return item[1]

@@ -182,7 +182,7 @@ class Directories:
         if not node.gone:  # (removed: nothing is left in it)
             resolver = fs.resolver
             if version and start:
-                listing = resolver.cache.held(version)
+                listing = resolver.cache.held(version, node.entry.ident)
             if listing is None:
                 entry, path = node.entry, node.path
                 listing = resolver.cache.held_listing(entry.ident, lambda: resolver.names(entry, path))

@@ -246,6 +246,40 @@ def test_a_reader_resumes_in_its_listing_whatever_changes_meanwhile(tmp_path: Pa
     assert before - set(gone) <= set(listed), "a name that stayed was skipped"
 
 
+_GUESS = """
+fd = os.open(m + "/open", os.O_RDONLY | os.O_DIRECTORY)
+seen = set()
+for version in range(1, 65):
+    for _ in range(2):  # (READDIRPLUS after a lookup in the directory, READDIR otherwise)
+        os.lseek(fd, version << 32 | 2, os.SEEK_SET)
+        with os.scandir(fd) as it:
+            seen.update(e.name for e in it)
+out["hidden"] = sorted(n for n in seen if n.startswith("hidden-"))
+out["shown"] = len([n for n in seen if n.startswith("shown-")])
+out["secret"] = err(os.listdir, m + "/secret")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_no_offset_lists_a_directory_its_reader_may_not_read(tmp_path: Path, mount: Mount) -> None:
+    """Offsets carry the version of the listing they point into, and a reader may lseek its
+    directory to any offset: a user guessing the versions of root's 0700 directory's listing,
+    held while root reads it, sees none of its names through a directory of its own."""
+    with public_dir() as pub:
+        low = pub / "low"
+        for i in range(2_000):  # (more than one READDIRPLUS holds: the rest come by READDIR)
+            put(low / f"secret/hidden-{i:04d}", b"")
+        for i in range(200):
+            put(low / f"open/shown-{i:03d}", b"")
+        os.chmod(low / "secret", 0o700)
+        (pub / "up").mkdir()
+        d = mount([low], pub / "up", mnt=pub / "mnt")
+        with os.scandir(d.mnt / "secret") as it:  # root, part-way through: its listing is held
+            assert len(_take(it, 1_000)) == 1_000
+            out = run_as(1000, 1000, d.mnt, _GUESS)
+        assert out == {"hidden": [], "shown": 200, "secret": "EACCES"}
+
+
 # -- trusted.* by capability, against the kernel ----------------------------------------------------
 
 #: Each xattr call of a caller on a lower file and on an upper one, a dump of every listed name,

@@ -143,3 +143,28 @@ def test_a_removed_directory_reads_empty_and_a_file_is_not_a_directory(fs: Writa
     fs.create(other, b"plain", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DAEMON)
     plain, _ = lookup_path(fs, "plain")
     assert errno_of(lambda: list(fs.readdir_at(plain, 0))) == errno.ENOTDIR
+
+
+def test_an_offset_naming_another_directorys_listing_lists_none_of_it(tmp_path: Path) -> None:
+    """Offsets are the reader's to choose (lseek) and versions are small numbers: an offset
+    carrying the version of another directory's held listing must not list that directory's
+    names, neither resolved nor from its scan (a plain READDIR of a one-layer directory)."""
+    low, up, work = tmp_path / "l", tmp_path / "u", tmp_path / "w"
+    for i in range(40):
+        mkfile(low / "secret" / f"hidden-{i:02}", b"x")
+        mkfile(low / "open" / f"shown-{i:02}", b"x")
+    up.mkdir()
+    work.mkdir()
+    cfg = MountConfig(lowers=(b(low),), upper=b(up), mountpoint=b(tmp_path / "mnt-unused"), workdir=b(work))
+    fs = WritableUnionFS(cfg)
+    try:
+        secret, _ = lookup_path(fs, "secret")
+        opened, _ = lookup_path(fs, "open")
+        cookies = [off for off, _, _, _ in fs.readdir_at(secret, 0, plain=True)]
+        version = cookies[-1] >> 32
+        assert version and fs.resolver.cache.held(version, fs.node(secret).entry.ident) is not None
+        for plain in (True, False):
+            names = [name for _, name, _, _ in fs.readdir_at(opened, version << 32 | 3, plain)]
+            assert names and not [n for n in names if n.startswith(b"hidden-")]
+    finally:
+        fs.close()
