@@ -30,9 +30,9 @@ handle closes.
 
 Readers without a handle (the kernel's zero-message opendir, see
 ``Engine.opendir``) have no close to free a listing with: the listings they
-read are *held* (:meth:`ResolutionCache.held_listing`), each under a
-version number that their readdir offsets carry, the least recently read
-let go once they hold :data:`MAX_HELD_NAMES` names together.
+read are *held* (:class:`HeldListings`), each under a version number that
+their readdir offsets carry, the least recently read of the user holding
+the most let go once they hold :data:`MAX_HELD_NAMES` names together.
 """
 
 from __future__ import annotations
@@ -100,11 +100,8 @@ class ResolutionCache:
         #: Listings held by open handles, and the names in them (for the stats).
         self.live_listings = 0
         self.live_listed_names = 0
-        #: Listings held for readers without a handle, by version, least recently read first.
-        self._held: OrderedDict[int, tuple[Ident, Listing]] = OrderedDict()
-        self._held_names = 0
-        self._versions = itertools.count(1)
-        self.max_held_names = MAX_HELD_NAMES
+        #: Listings held for readers without a handle.
+        self.held = HeldListings(self)
 
     def __len__(self) -> int:
         """Number of cached names (each listing counts as its length)."""
@@ -179,46 +176,6 @@ class ResolutionCache:
         if self._listings.get(ident) is lst:
             del self._listings[ident]
 
-    def held_listing(self, ident: Ident, list_now: Callable[[], list[bytes]]) -> Listing:
-        """The current listing of directory *ident* (as :meth:`open_listing`
-        finds or makes it) for a reader without a handle: held under its
-        version until newer ones push it out."""
-        lst = self.open_listing(ident, list_now)
-        if lst.version in self._held:
-            lst.refs -= 1  # the hold already counts
-            self._held.move_to_end(lst.version)
-            return lst
-        if not lst.version:
-            lst.version = next(self._versions)
-        self._held[lst.version] = (ident, lst)
-        self._held_names += len(lst.names)
-        while self._held_names > self.max_held_names and len(self._held) > 1:
-            _, (old_ident, old) = self._held.popitem(last=False)
-            self._held_names -= len(old.names)
-            self.close_listing(old_ident, old)
-        return lst
-
-    @property
-    def held_listings(self) -> int:
-        """Number of listings held for readers without a handle."""
-        return len(self._held)
-
-    @property
-    def held_names(self) -> int:
-        """Names in the listings held for readers without a handle."""
-        return self._held_names
-
-    def held(self, version: int, ident: Ident) -> Listing | None:
-        """The held listing with *version*, if it is still held and is one
-        of directory *ident*: an offset is the reader's to choose (lseek),
-        and versions are easy to guess, so a version of another directory
-        must not list that one's names."""
-        item = self._held.get(version)
-        if item is None or item[0] != ident:
-            return None
-        self._held.move_to_end(version)
-        return item[1]
-
     def _listing_stale(self, ident: Ident) -> None:
         lst = self._listings.get(ident)
         if lst is not None:
@@ -261,3 +218,76 @@ class ResolutionCache:
         while self._size > self.max_entries and len(self._dirs) > 1:
             _, d = self._dirs.popitem(last=False)
             self._size -= len(d.children) + len(d.names or ())
+
+
+class HeldListings:
+    """The listings held for readers without a handle (see the module's
+    docstring), by version, each charged to the user whose read first held
+    it.  Past :data:`MAX_HELD_NAMES` names, the least recently read listing
+    of the user holding the most names is let go first: one user's many
+    readers push out their own listings, not another user's.  The listing
+    held last is kept whatever its size (its reader is part-way through
+    it)."""
+
+    def __init__(self, cache: ResolutionCache, max_names: int = MAX_HELD_NAMES) -> None:
+        self._cache = cache
+        self.max_names = max_names
+        #: Names in the held listings together.
+        self.names = 0
+        self._by_version: dict[int, tuple[Ident, Listing, int]] = {}
+        #: Each user's held versions, least recently read first, and their names.
+        self._by_uid: dict[int, OrderedDict[int, None]] = {}
+        self._names_by_uid: dict[int, int] = {}
+        self._versions = itertools.count(1)
+
+    def __len__(self) -> int:
+        """Number of held listings."""
+        return len(self._by_version)
+
+    def hold(self, ident: Ident, list_now: Callable[[], list[bytes]], uid: int) -> Listing:
+        """The current listing of directory *ident* (as
+        :meth:`ResolutionCache.open_listing` finds or makes it), held under
+        its version for user *uid*'s reader until pushed out."""
+        lst = self._cache.open_listing(ident, list_now)
+        item = self._by_version.get(lst.version)
+        if item is not None:
+            lst.refs -= 1  # the hold already counts
+            self._by_uid[item[2]].move_to_end(lst.version)
+            return lst
+        if not lst.version:
+            lst.version = next(self._versions)
+        self._by_version[lst.version] = (ident, lst, uid)
+        self._by_uid.setdefault(uid, OrderedDict())[lst.version] = None
+        self._names_by_uid[uid] = self._names_by_uid.get(uid, 0) + len(lst.names)
+        self.names += len(lst.names)
+        self._let_go(keep=lst.version)
+        return lst
+
+    def get(self, version: int, ident: Ident) -> Listing | None:
+        """The held listing with *version*, if it is still held and is one
+        of directory *ident*: an offset is the reader's to choose (lseek),
+        and versions are easy to guess, so a version of another directory
+        must not list that one's names."""
+        item = self._by_version.get(version)
+        if item is None or item[0] != ident:
+            return None
+        self._by_uid[item[2]].move_to_end(version)
+        return item[1]
+
+    def _let_go(self, keep: int) -> None:
+        """Let go of listings past the bound (see the class), never *keep*."""
+        while self.names > self.max_names:
+            # (Users holding something but *keep*; a few users at most, so a plain max.)
+            others = [uid for uid, versions in self._by_uid.items() if len(versions) > (keep in versions)]
+            if not others:
+                return
+            uid = max(others, key=self._names_by_uid.__getitem__)
+            versions = self._by_uid[uid]
+            version = next(v for v in versions if v != keep)
+            del versions[version]
+            ident, lst, _ = self._by_version.pop(version)
+            self._names_by_uid[uid] -= len(lst.names)
+            if not versions:
+                del self._by_uid[uid], self._names_by_uid[uid]
+            self.names -= len(lst.names)
+            self._cache.close_listing(ident, lst)

@@ -22,7 +22,7 @@ from typing import Protocol
 from ..errors import fs_error
 from .answers import Attr
 from .cache import Listing
-from .callers import Caller
+from .callers import DAEMON, Caller
 from .entry import Entry
 from .handles import HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
@@ -162,11 +162,11 @@ class Directories:
                 self._relist(d, node.path)
         return self._entries(node, d.entry, d.listing, start, plain)
 
-    def read_at(self, ino: int, cookie: int, plain: bool = False) -> Entries:
-        """:meth:`read` of directory *ino* for a reader without a handle.
+    def read_at(self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON) -> Entries:
+        """:meth:`read` of directory *ino* for *caller*, a reader without a handle.
 
         Each offset carries, above its low 32 bits, the version of the
-        listing it points into (:meth:`.cache.ResolutionCache.held_listing`),
+        listing it points into (held for it: :class:`.cache.HeldListings`),
         so a reader resumes in the listing it started on, whatever changed
         in the directory since: no name it has not seen yet is skipped, as
         a handle's own listing guarantees.  Offset 0 starts on the current
@@ -182,10 +182,10 @@ class Directories:
         if not node.gone:  # (removed: nothing is left in it)
             resolver = fs.resolver
             if version and start:
-                listing = resolver.cache.held(version, node.entry.ident)
+                listing = resolver.cache.held.get(version, node.entry.ident)
             if listing is None:
                 entry, path = node.entry, node.path
-                listing = resolver.cache.held_listing(entry.ident, lambda: resolver.names(entry, path))
+                listing = resolver.cache.held.hold(entry.ident, lambda: resolver.names(entry, path), caller.uid)
         base = listing.version << 32 if listing is not None else 0
         for off, name, child, attr in self._entries(node, node.entry, listing, start, plain):
             yield base | off, name, child, attr

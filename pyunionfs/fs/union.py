@@ -358,10 +358,12 @@ class UnionFS:
         offset, name, node-to-be, attributes); see :meth:`.Directories.read`."""
         return self.dirs.read(handle, start, plain)
 
-    def readdir_at(self, ino: int, cookie: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
-        """:meth:`readdir` of directory *ino* for a reader without a handle
-        (the kernel's zero-message opendir); see :meth:`.Directories.read_at`."""
-        return self.dirs.read_at(ino, cookie, plain)
+    def readdir_at(
+        self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON
+    ) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+        """:meth:`readdir` of directory *ino* for *caller*, a reader without a
+        handle (the kernel's zero-message opendir); see :meth:`.Directories.read_at`."""
+        return self.dirs.read_at(ino, cookie, plain, caller)
 
     def remember(self, node: Node) -> None:
         """The kernel accepted a readdir entry and holds a reference now."""
@@ -384,8 +386,8 @@ class UnionFS:
             "handles_per_uid_max": share.per_uid,
             "listings": cache.live_listings,
             "listed_names": cache.live_listed_names,
-            "held_listings": cache.held_listings,
-            "held_names": cache.held_names,
+            "held_listings": len(cache.held),
+            "held_names": cache.held.names,
         }
 
     # -- files ---------------------------------------------------------------

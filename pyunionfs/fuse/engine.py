@@ -537,7 +537,7 @@ class Engine:
             if a.fh:
                 entries = self.fs.readdir(a.fh, a.offset, plain=not plus)
             else:  # opened without a message (see opendir)
-                entries = self.fs.readdir_at(req.nodeid, a.offset, plain=not plus)
+                entries = self.fs.readdir_at(req.nodeid, a.offset, not plus, self._caller(req))
             for off, name, node, attr in entries:
                 used += dirent_size(len(name), plus)
                 if used > size:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
-from pyunionfs.fs.callers import DAEMON
+from pyunionfs.fs.callers import DAEMON, Caller
 from pyunionfs.fs.writes import WritableUnionFS
 
 from .conftest import b, errno_of, lookup_path, mkfile, mkwhiteout
@@ -119,7 +119,7 @@ def test_an_unchanged_directory_is_listed_once_for_every_reader(fs: WritableUnio
 def test_a_listing_pushed_out_of_memory_resumes_on_the_current_one(fs: WritableUnionFS) -> None:
     ino, _ = lookup_path(fs, "d")
     cache = fs.resolver.cache
-    cache.max_held_names = len(NAMES)  # room for one listing
+    cache.held.max_names = len(NAMES)  # room for one listing
     first = _read(fs, ino, 0, 12)
     fs.create(ino, b"new", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DAEMON)
     _read(fs, ino, 0)  # the new version pushes the first one out
@@ -162,9 +162,44 @@ def test_an_offset_naming_another_directorys_listing_lists_none_of_it(tmp_path: 
         opened, _ = lookup_path(fs, "open")
         cookies = [off for off, _, _, _ in fs.readdir_at(secret, 0, plain=True)]
         version = cookies[-1] >> 32
-        assert version and fs.resolver.cache.held(version, fs.node(secret).entry.ident) is not None
+        assert version and fs.resolver.cache.held.get(version, fs.node(secret).entry.ident) is not None
         for plain in (True, False):
             names = [name for _, name, _, _ in fs.readdir_at(opened, version << 32 | 3, plain)]
             assert names and not [n for n in names if n.startswith(b"hidden-")]
+    finally:
+        fs.close()
+
+
+def test_one_users_readers_push_out_their_own_listings_not_anothers(tmp_path: Path) -> None:
+    """Past the bound, the user holding the most names loses its least recently read listing:
+    a user reading many directories cannot push out the one another user is part-way through;
+    and the listing read last is held whatever its size."""
+    low, up, work = tmp_path / "l", tmp_path / "u", tmp_path / "w"
+    for d in ("b", *(f"a{i}" for i in range(6)), "huge"):
+        for i in range(60 if d == "huge" else 10):
+            mkfile(low / d / f"n{i:02}", b"")
+    up.mkdir()
+    work.mkdir()
+    cfg = MountConfig(lowers=(b(low),), upper=b(up), mountpoint=b(tmp_path / "mnt-unused"), workdir=b(work))
+    fs = WritableUnionFS(cfg)
+    try:
+        held = fs.resolver.cache.held
+        held.max_names = 30
+        alice, bob = Caller(1000, 1000, 0, 1), Caller(1001, 1001, 0, 2)
+
+        def start(name: str, caller: Caller) -> int:
+            ino, _ = lookup_path(fs, name)
+            return next(iter(fs.readdir_at(ino, 0, False, caller)))[0] >> 32
+
+        def still_held(name: str, version: int) -> bool:
+            return held.get(version, fs.node(lookup_path(fs, name)[0]).entry.ident) is not None
+
+        mine = start("b", bob)
+        versions = [start(f"a{i}", alice) for i in range(6)]
+        assert still_held("b", mine), "bob's listing was let go"
+        assert held.names <= 30 and len(held) == 3  # bob's, and alice's two read last
+        assert [still_held(f"a{i}", v) for i, v in enumerate(versions)] == [False] * 4 + [True] * 2
+        start("huge", alice)
+        assert len(held) == 1 and held.names == 60
     finally:
         fs.close()
