@@ -183,6 +183,8 @@ class Directories:
             resolver = fs.resolver
             if version and start:
                 listing = resolver.cache.held.get(version, node.entry.ident)
+            elif not start:  # (a read from the start is what opendir was: the same check)
+                fs.check_current(node)
             if listing is None:
                 entry, path = node.entry, node.path
                 listing = resolver.cache.held.hold(entry.ident, lambda: resolver.names(entry, path), caller.uid)

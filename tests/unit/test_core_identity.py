@@ -168,6 +168,7 @@ async def test_a_removed_directory_holds_nothing_though_its_path_does(env: Env) 
     touch(fs, "d/fresh")
     assert new.ino != d
     assert [n for _, n, _, _ in fs.readdir(handle, 0)] == [b".", b".."]
+    assert [n for _, n, _, _ in fs.readdir_at(d, 0)] == [b".", b".."]  # (without a handle too)
     assert await err(lambda: fs.lookup(d, b"fresh")) == errno.ENOENT
     assert await err(lambda: fs.opendir(d)) == errno.ENOENT
     fs.releasedir(handle)
