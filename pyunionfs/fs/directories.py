@@ -27,6 +27,7 @@ from .entry import Entry
 from .handles import HandleTable
 from .inodes import ROOT_INO, InodeTable, Node
 from .layers import KIND_MODES, LayerStack, Scan
+from .override import Overrides
 from .paths import split
 from .resolve import Resolver
 
@@ -48,6 +49,7 @@ class Union(Protocol):
     inodes: InodeTable
     handles: HandleTable
     stack: LayerStack
+    overrides: Overrides | None
 
     def node(self, ino: int) -> Node: ...
     def check_current(self, node: Node) -> None: ...
@@ -134,7 +136,7 @@ class Directories:
         if old is not None:
             self.fs.resolver.cache.close_listing(old_ident, old)
 
-    def read(self, handle: int, start: int, plain: bool = False) -> Entries:
+    def read(self, handle: int, start: int, plain: bool = False, lean: bool = False) -> Entries:
         """Entries from offset *start*: (next offset, name, node-to-be, attributes).
 
         ``.`` and ``..`` come first (offsets 1 and 2) with node None: the
@@ -145,9 +147,11 @@ class Directories:
         start" and re-reads the directory, like overlayfs on rewind.
 
         *plain*: only the number and type of each entry are wanted (READDIR,
-        not READDIRPLUS).  Files and symlinks of a directory of one lower
-        layer then come with node None, read from its directory entries
-        without an lstat each (:meth:`.Resolver.scanned`).
+        not READDIRPLUS): every entry comes with node None, and files and
+        symlinks of a directory of one lower layer are read from its
+        directory entries without an lstat each (:meth:`.Resolver.scanned`).
+        *lean*: entries of nodes the kernel holds already come with node
+        None too (READDIRPLUS then sends them with node ID 0).
         """
         d = self._open.get(handle)
         if d is None:
@@ -160,9 +164,11 @@ class Directories:
             d.entry = node.entry  # it may have been copied up since opendir
             if start == 0:
                 self._relist(d, node.path)
-        return self._entries(node, d.entry, d.listing, start, plain)
+        return self._entries(node, d.entry, d.listing, start, plain, lean)
 
-    def read_at(self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON) -> Entries:
+    def read_at(
+        self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON, lean: bool = False
+    ) -> Entries:
         """:meth:`read` of directory *ino* for *caller*, a reader without a handle.
 
         Each offset carries, above its low 32 bits, the version of the
@@ -189,10 +195,12 @@ class Directories:
                 entry, path = node.entry, node.path
                 listing = resolver.cache.held.hold(entry.ident, lambda: resolver.names(entry, path), caller.uid)
         base = listing.version << 32 if listing is not None else 0
-        for off, name, child, attr in self._entries(node, node.entry, listing, start, plain):
+        for off, name, child, attr in self._entries(node, node.entry, listing, start, plain, lean):
             yield base | off, name, child, attr
 
-    def _entries(self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool) -> Entries:
+    def _entries(
+        self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool, lean: bool
+    ) -> Entries:
         """The entries of directory *node* (resolving as *parent*) from
         position *start* of *listing* (see :meth:`read`)."""
         fs = self.fs
@@ -206,8 +214,14 @@ class Directories:
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
-        at, number, attr_of = node.path, fs.inodes.number, fs.attr_of
+        at, number, attr_of, nodes = node.path, fs.inodes.number, fs.attr_of, fs.inodes.nodes
         child = fs.resolver.listed(parent, at)
+        # Bare entries (number and kind, no node) where nothing more is of use: a READDIR takes
+        # no more, and, for an engine that can send them (*lean*: pyfuse3 cannot), a READDIRPLUS
+        # entry of a node the kernel already holds (git's lstats before its directory scan)
+        # would only refresh what it has, and cost a reference it then FORGETs.  Not with
+        # owner/mode records: one may change the kind shown.
+        bare = fs.overrides is None
         prefix = at + b"/" if at else b""
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
@@ -230,6 +244,9 @@ class Directories:
             if entry is None:
                 continue
             ino = number(entry.ident, path)
+            if bare and (plain or (lean and (held := nodes.get(ino)) is not None and held.lookups and not held.gone)):
+                yield i + 3, name, None, _bare(ino, entry.st.st_mode)
+                continue
             yield i + 3, name, Node(ino, path, entry, 0, node.ino), attr_of(ino, entry, path)
 
     def _scan(self, lst: Listing, entry: Entry, path: bytes) -> Scan | None:

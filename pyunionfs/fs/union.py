@@ -353,17 +353,19 @@ class UnionFS:
         :mod:`.handles`); its listing is made now, or shared."""
         return self.dirs.open(ino, caller)
 
-    def readdir(self, handle: int, start: int, plain: bool = False) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
+    def readdir(
+        self, handle: int, start: int, plain: bool = False, lean: bool = False
+    ) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
         """Entries of open directory *handle* from offset *start*: (next
         offset, name, node-to-be, attributes); see :meth:`.Directories.read`."""
-        return self.dirs.read(handle, start, plain)
+        return self.dirs.read(handle, start, plain, lean)
 
     def readdir_at(
-        self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON
+        self, ino: int, cookie: int, plain: bool = False, caller: Caller = DAEMON, lean: bool = False
     ) -> Iterator[tuple[int, bytes, Node | None, Attr]]:
         """:meth:`readdir` of directory *ino* for *caller*, a reader without a
         handle (the kernel's zero-message opendir); see :meth:`.Directories.read_at`."""
-        return self.dirs.read_at(ino, cookie, plain, caller)
+        return self.dirs.read_at(ino, cookie, plain, caller, lean)
 
     def remember(self, node: Node) -> None:
         """The kernel accepted a readdir entry and holds a reference now."""

@@ -534,10 +534,11 @@ class Engine:
         used, size, dirent_size = 0, a.size, P.dirent_size
         remember, ids = self.fs.remember, self.ids
         with self.fs.lock:
+            # (lean: entries the kernel holds already go with node ID 0, see pack_direntplus.)
             if a.fh:
-                entries = self.fs.readdir(a.fh, a.offset, plain=not plus)
+                entries = self.fs.readdir(a.fh, a.offset, not plus, lean=True)
             else:  # opened without a message (see opendir)
-                entries = self.fs.readdir_at(req.nodeid, a.offset, not plus, self._caller(req))
+                entries = self.fs.readdir_at(req.nodeid, a.offset, not plus, self._caller(req), lean=True)
             for off, name, node, attr in entries:
                 used += dirent_size(len(name), plus)
                 if used > size:

@@ -203,3 +203,22 @@ def test_one_users_readers_push_out_their_own_listings_not_anothers(tmp_path: Pa
         assert len(held) == 1 and held.names == 60
     finally:
         fs.close()
+
+
+def test_entries_the_kernel_holds_or_a_plain_read_wants_come_bare(fs: WritableUnionFS) -> None:
+    """A READDIRPLUS entry of a node the kernel holds already carries no node, where the engine
+    can send that (the kernel would only refresh it, and take a reference it then forgets); a
+    READDIR's entries never do.  Bare
+    entries still carry the number and kind stat shows."""
+    ino, _ = lookup_path(fs, "d")
+    held, held_attr = lookup_path(fs, "d/f005")
+    whole = {name: node for _, name, node, _ in fs.readdir_at(ino, 0, plain=False)}
+    assert whole[b"f005"] is not None, "only an engine that can send bare entries asks for them"
+    entries = {name: (node, attr) for _, name, node, attr in fs.readdir_at(ino, 0, plain=False, lean=True)}
+    node, attr = entries[b"f005"]
+    assert node is None and (attr.ino, attr.mode) == (held, held_attr.mode)
+    assert all(node is not None for name, (node, _) in entries.items() if name not in (b".", b"..", b"f005"))
+    plain = {name: (node, attr) for _, name, node, attr in fs.readdir_at(ino, 0, plain=True)}
+    assert all(node is None for node, _ in plain.values())
+    assert {name: (a.ino, a.mode) for name, (_, a) in plain.items() if name != b"."} == {
+        name: (a.ino, a.mode) for name, (_, a) in entries.items() if name != b"."}
