@@ -235,6 +235,8 @@ class HeldListings:
         #: Names in the held listings together.
         self.names = 0
         self._by_version: dict[int, tuple[Ident, Listing, int]] = {}
+        #: Each directory's held versions, oldest first.
+        self._by_ident: dict[Ident, list[int]] = {}
         #: Each user's held versions, least recently read first, and their names.
         self._by_uid: dict[int, OrderedDict[int, None]] = {}
         self._names_by_uid: dict[int, int] = {}
@@ -257,22 +259,25 @@ class HeldListings:
         if not lst.version:
             lst.version = next(self._versions)
         self._by_version[lst.version] = (ident, lst, uid)
+        self._by_ident.setdefault(ident, []).append(lst.version)
         self._by_uid.setdefault(uid, OrderedDict())[lst.version] = None
         self._names_by_uid[uid] = self._names_by_uid.get(uid, 0) + len(lst.names)
         self.names += len(lst.names)
         self._let_go(keep=lst.version)
         return lst
 
-    def get(self, version: int, ident: Ident) -> Listing | None:
-        """The held listing with *version*, if it is still held and is one
-        of directory *ident*: an offset is the reader's to choose (lseek),
-        and versions are easy to guess, so a version of another directory
-        must not list that one's names."""
-        item = self._by_version.get(version)
-        if item is None or item[0] != ident:
-            return None
-        self._by_uid[item[2]].move_to_end(version)
-        return item[1]
+    def get(self, ident: Ident, match: Callable[[Listing], bool]) -> Listing | None:
+        """The newest listing of directory *ident* still held that *match*
+        accepts (an offset names a version only in part: see
+        ``directories._cookie``).  Only *ident*'s: an offset is the
+        reader's to choose (lseek), and versions are easy to guess, so a
+        version of another directory must not list that one's names."""
+        for version in reversed(self._by_ident.get(ident, ())):
+            _, lst, uid = self._by_version[version]
+            if match(lst):
+                self._by_uid[uid].move_to_end(version)
+                return lst
+        return None
 
     def _let_go(self, keep: int) -> None:
         """Let go of listings past the bound (see the class), never *keep*."""
@@ -286,6 +291,10 @@ class HeldListings:
             version = next(v for v in versions if v != keep)
             del versions[version]
             ident, lst, _ = self._by_version.pop(version)
+            same = self._by_ident[ident]
+            same.remove(version)
+            if not same:
+                del self._by_ident[ident]
             self._names_by_uid[uid] -= len(lst.names)
             if not versions:
                 del self._by_uid[uid], self._names_by_uid[uid]

@@ -33,8 +33,13 @@ from .resolve import Resolver
 
 #: Names left to list from which READDIR reads the directory's own entries (see :meth:`Directories.read`).
 SCAN_FROM = 16
-#: The position part of a handle-less readdir offset (see :meth:`Directories.read_at`).
-_POSITION = (1 << 32) - 1
+#: Handle-less readdir offsets (see :meth:`Directories.read_at` and :func:`offset_of`): bits 26
+#: to 30 say how many low bits the position takes, the bits between hold the listing's version.
+_BITS_AT = 26
+#: Offsets at or past this are long ones: the version above bit 32, the position below.
+_LONG = 1 << 31
+#: Most position bits of a short offset (4,194,303 entries): at least 4 bits of version stay.
+_MOST_BITS = 22
 
 #: What a listing yields: (next offset, name, node-to-be, attributes).
 Entries = Iterator[tuple[int, bytes, Node | None, Attr]]
@@ -171,11 +176,11 @@ class Directories:
     ) -> Entries:
         """:meth:`read` of directory *ino* for *caller*, a reader without a handle.
 
-        Each offset carries, above its low 32 bits, the version of the
-        listing it points into (held for it: :class:`.cache.HeldListings`),
-        so a reader resumes in the listing it started on, whatever changed
-        in the directory since: no name it has not seen yet is skipped, as
-        a handle's own listing guarantees.  Offset 0 starts on the current
+        Each offset carries the version of the listing it points into
+        (held for it: :class:`.cache.HeldListings`; see :func:`offset_of`), so
+        a reader resumes in the listing it started on, whatever changed in
+        the directory since: no name it has not seen yet is skipped, as a
+        handle's own listing guarantees.  Offset 0 starts on the current
         listing.  A version pushed out of memory meanwhile resumes on the
         current listing at the same position.
         """
@@ -183,20 +188,25 @@ class Directories:
         node = fs.node(ino)
         if not node.entry.is_dir:
             raise fs_error(errno.ENOTDIR)
-        version, start = cookie >> 32, cookie & _POSITION
+        version, mask, bits, start = parse_offset(cookie)
         listing = None
         if not node.gone:  # (removed: nothing is left in it)
             resolver = fs.resolver
-            if version and start:
-                listing = resolver.cache.held.get(version, node.entry.ident)
-            elif not start:  # (a read from the start is what opendir was: the same check)
+            if start:
+                listing = resolver.cache.held.get(
+                    node.entry.ident, lambda lst: lst.version & mask == version and _bits(lst) == bits
+                )
+            else:  # (a read from the start is what opendir was: the same check)
                 fs.check_current(node)
             if listing is None:
                 entry, path = node.entry, node.path
                 listing = resolver.cache.held.hold(entry.ident, lambda: resolver.names(entry, path), caller.uid)
-        base = listing.version << 32 if listing is not None else 0
+        if listing is None:
+            yield from self._entries(node, node.entry, None, start, plain, lean)
+            return
+        version, bits = listing.version, _bits(listing)
         for off, name, child, attr in self._entries(node, node.entry, listing, start, plain, lean):
-            yield base | off, name, child, attr
+            yield offset_of(version, bits, off), name, child, attr
 
     def _entries(
         self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool, lean: bool
@@ -276,3 +286,37 @@ class Directories:
 def _bare(ino: int, mode: int) -> Attr:
     """Attributes of a listed entry that carries only its number and type."""
     return Attr(ino, mode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def _bits(listing: Listing) -> int | None:
+    """How many bits a position in *listing* takes in a short offset (its
+    last entry's is its length + 2); None: too long for one."""
+    bits = max(2, (len(listing.names) + 2).bit_length())
+    return bits if bits <= _MOST_BITS else None
+
+
+def offset_of(version: int, bits: int | None, position: int) -> int:
+    """The offset of *position* in the listing with *version*.
+
+    Short where the listing allows (under 2**31): 32-bit programs read
+    directories with a 32-bit offset, and glibc fails their readdir with
+    EOVERFLOW past it (ext4 gives them 31-bit offsets for that reason).  So
+    the version is kept only in the bits the position leaves, wrapped: a
+    reader that pauses while the directory changes that many times more
+    resumes in a newer listing, as one let go of.  A listing of more than
+    4 million names takes long offsets, the version whole above bit 32.
+    """
+    if bits is None:
+        return version << 32 | position
+    return bits << _BITS_AT | (version & ((1 << (_BITS_AT - bits)) - 1)) << bits | position
+
+
+def parse_offset(cookie: int) -> tuple[int, int, int | None, int]:
+    """(version as the offset has it, the mask it was kept under, position
+    bits, position) of offset *cookie* (see :func:`offset_of`); offset 0 is
+    position 0."""
+    if cookie >= _LONG:
+        return cookie >> 32, -1, None, cookie & 0xFFFFFFFF
+    bits = min(cookie >> _BITS_AT, _MOST_BITS)  # (min: an offset we never gave)
+    kept = (1 << (_BITS_AT - bits)) - 1
+    return cookie >> bits & kept, kept, bits, cookie & ((1 << bits) - 1)

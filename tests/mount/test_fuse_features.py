@@ -122,6 +122,44 @@ def test_listings_stay_cached_until_changed_through_the_mount(tmp_path: Path, mo
     assert os.getxattr(upper / "d", "trusted.overlay.opaque") == b"y"
 
 
+class _Dirent64(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+
+def _offsets(path: Path) -> dict[bytes, int]:
+    """Each name of directory *path* and the offset readdir gives after it (``d_off``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir64.argtypes = libc.closedir.argtypes = [ctypes.c_void_p]
+    libc.readdir64.restype = ctypes.POINTER(_Dirent64)
+    d = libc.opendir(os.fsencode(path))
+    assert d, os.strerror(ctypes.get_errno())
+    out = {}
+    try:
+        while ent := libc.readdir64(d):
+            out[ent.contents.d_name] = ent.contents.d_off
+    finally:
+        libc.closedir(d)
+    return out
+
+
+def test_listing_offsets_fit_a_32_bit_reader(tmp_path: Path, mount: Mount) -> None:
+    """A 32-bit program's readdir fails with EOVERFLOW on an offset past 2**31 (glibc), so ext4
+    gives such programs 31-bit offsets: ours fit, in a lower directory, a merged one and one
+    changed while it was read."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for i in range(3_000):
+        put(lower / f"d/entry-{i:05d}", "")
+    put(upper / "d/upper-only", "")
+    d = mount([lower], upper)
+    first = _offsets(d.mnt / "d")
+    (d.mnt / "d/new").write_text("")
+    second = _offsets(d.mnt / "d")
+    assert len(first) == 3_003 and len(second) == 3_004
+    assert all(0 < off < 1 << 31 for off in [*first.values(), *second.values()])
+
+
 def test_timeout_zero_lists_afresh_every_time(tmp_path: Path, mount: Mount) -> None:
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     put(lower / "d/a", "a")

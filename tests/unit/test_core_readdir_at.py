@@ -16,6 +16,8 @@ import pytest
 
 from pyunionfs.config import MountConfig
 from pyunionfs.fs.callers import DAEMON, Caller
+from pyunionfs.fs import directories
+from pyunionfs.fs.directories import offset_of, parse_offset
 from pyunionfs.fs.writes import WritableUnionFS
 
 from .conftest import b, errno_of, lookup_path, mkfile, mkwhiteout
@@ -160,12 +162,16 @@ def test_an_offset_naming_another_directorys_listing_lists_none_of_it(tmp_path: 
     try:
         secret, _ = lookup_path(fs, "secret")
         opened, _ = lookup_path(fs, "open")
-        cookies = [off for off, _, _, _ in fs.readdir_at(secret, 0, plain=True)]
-        version = cookies[-1] >> 32
-        assert version and fs.resolver.cache.held.get(version, fs.node(secret).entry.ident) is not None
-        for plain in (True, False):
-            names = [name for _, name, _, _ in fs.readdir_at(opened, version << 32 | 3, plain)]
-            assert names and not [n for n in names if n.startswith(b"hidden-")]
+        assert len(list(fs.readdir_at(secret, 0, plain=True))) == 42
+        held = fs.resolver.cache.held.get(fs.node(secret).entry.ident, lambda lst: True)
+        assert held is not None
+        # Every form an offset naming that listing could take: short with either directory's
+        # position bits (both 6: 40 names), or long.
+        for cookie in (offset_of(held.version, 6, 2), offset_of(held.version, None, 2)):
+            assert parse_offset(cookie)[3] == 2
+            for plain in (True, False):
+                names = [name for _, name, _, _ in fs.readdir_at(opened, cookie, plain)]
+                assert names and not [n for n in names if n.startswith(b"hidden-")]
     finally:
         fs.close()
 
@@ -187,12 +193,17 @@ def test_one_users_readers_push_out_their_own_listings_not_anothers(tmp_path: Pa
         held.max_names = 30
         alice, bob = Caller(1000, 1000, 0, 1), Caller(1001, 1001, 0, 2)
 
+        def ident(name: str) -> tuple[int, int]:
+            return fs.node(lookup_path(fs, name)[0]).entry.ident
+
         def start(name: str, caller: Caller) -> int:
-            ino, _ = lookup_path(fs, name)
-            return next(iter(fs.readdir_at(ino, 0, False, caller)))[0] >> 32
+            next(iter(fs.readdir_at(lookup_path(fs, name)[0], 0, False, caller)))
+            lst = held.get(ident(name), lambda lst: True)
+            assert lst is not None
+            return lst.version
 
         def still_held(name: str, version: int) -> bool:
-            return held.get(version, fs.node(lookup_path(fs, name)[0]).entry.ident) is not None
+            return held.get(ident(name), lambda lst: lst.version == version) is not None
 
         mine = start("b", bob)
         versions = [start(f"a{i}", alice) for i in range(6)]
@@ -222,3 +233,22 @@ def test_entries_the_kernel_holds_or_a_plain_read_wants_come_bare(fs: WritableUn
     assert all(node is None for node, _ in plain.values())
     assert {name: (a.ino, a.mode) for name, (_, a) in plain.items() if name != b"."} == {
         name: (a.ino, a.mode) for name, (_, a) in entries.items() if name != b"."}
+
+
+def test_offsets_fit_32_bit_readers_and_long_listings_take_long_ones(
+    fs: WritableUnionFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offsets stay under 2**31 (32-bit programs' readdir fails past it); a listing too long
+    for that takes 63-bit offsets, and readers resume exactly in either form."""
+    ino, _ = lookup_path(fs, "e")
+    short = _read(fs, ino, 0)
+    assert all(0 < off < 1 << 31 for off, _ in short)
+    assert offset_of(5, None, 7) >= 1 << 31 and parse_offset(offset_of(5, None, 7)) == (5, -1, None, 7)
+    assert parse_offset(offset_of(5, 7, 9))[2:] == (7, 9)
+    monkeypatch.setattr(directories, "_MOST_BITS", 4)  # (60 names: too long now)
+    first = _read(fs, ino, 0, 22)
+    assert all(off >= 1 << 31 for off, _ in first)
+    for name in _names(first):
+        fs.unlink(ino, name)
+    rest = _read(fs, ino, first[-1][0])
+    assert sorted(_names(first) + _names(rest)) == NAMES
