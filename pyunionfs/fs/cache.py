@@ -54,8 +54,12 @@ MAX_ENTRIES = 100_000
 
 #: Names in the listings held for readers without a handle (see above):
 #: about 20 MiB (some 100 bytes a name, with its entry's number and kind).
-#: The listing read last is held whatever its size.
+#: Each listing counts one more, so that empty ones are bounded too.  The
+#: listing read last is held whatever its size.
 MAX_HELD_NAMES = 200_000
+#: Versions of one directory held at once: a directory changed and read
+#: again and again has its oldest versions let go first.
+MAX_HELD_VERSIONS = 16
 
 Ident = tuple[int, int]
 
@@ -261,15 +265,18 @@ class HeldListings:
         self._by_version[lst.version] = (ident, lst, uid)
         self._by_ident.setdefault(ident, []).append(lst.version)
         self._by_uid.setdefault(uid, OrderedDict())[lst.version] = None
-        self._names_by_uid[uid] = self._names_by_uid.get(uid, 0) + len(lst.names)
-        self.names += len(lst.names)
+        self._names_by_uid[uid] = self._names_by_uid.get(uid, 0) + _cost(lst)
+        self.names += _cost(lst)
+        same = self._by_ident[ident]
+        if len(same) > MAX_HELD_VERSIONS:
+            self._release(same[0])
         self._let_go(keep=lst.version)
         return lst
 
     def get(self, ident: Ident, match: Callable[[Listing], bool]) -> Listing | None:
         """The newest listing of directory *ident* still held that *match*
         accepts (an offset names a version only in part: see
-        ``directories._cookie``).  Only *ident*'s: an offset is the
+        ``directories.offset_of``).  Only *ident*'s: an offset is the
         reader's to choose (lseek), and versions are easy to guess, so a
         version of another directory must not list that one's names."""
         for version in reversed(self._by_ident.get(ident, ())):
@@ -287,16 +294,24 @@ class HeldListings:
             if not others:
                 return
             uid = max(others, key=self._names_by_uid.__getitem__)
-            versions = self._by_uid[uid]
-            version = next(v for v in versions if v != keep)
-            del versions[version]
-            ident, lst, _ = self._by_version.pop(version)
-            same = self._by_ident[ident]
-            same.remove(version)
-            if not same:
-                del self._by_ident[ident]
-            self._names_by_uid[uid] -= len(lst.names)
-            if not versions:
-                del self._by_uid[uid], self._names_by_uid[uid]
-            self.names -= len(lst.names)
-            self._cache.close_listing(ident, lst)
+            self._release(next(v for v in self._by_uid[uid] if v != keep))
+
+    def _release(self, version: int) -> None:
+        """Let go of the listing held under *version*."""
+        ident, lst, uid = self._by_version.pop(version)
+        same = self._by_ident[ident]
+        same.remove(version)
+        if not same:
+            del self._by_ident[ident]
+        versions = self._by_uid[uid]
+        del versions[version]
+        self._names_by_uid[uid] -= _cost(lst)
+        if not versions:
+            del self._by_uid[uid], self._names_by_uid[uid]
+        self.names -= _cost(lst)
+        self._cache.close_listing(ident, lst)
+
+
+def _cost(lst: Listing) -> int:
+    """What a held listing counts against :data:`MAX_HELD_NAMES`."""
+    return len(lst.names) + 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyunionfs.config import MountConfig
+from pyunionfs.fs.cache import MAX_HELD_VERSIONS
 from pyunionfs.fs.callers import DAEMON, Caller
 from pyunionfs.fs import directories
 from pyunionfs.fs.directories import offset_of, parse_offset
@@ -190,7 +191,7 @@ def test_one_users_readers_push_out_their_own_listings_not_anothers(tmp_path: Pa
     fs = WritableUnionFS(cfg)
     try:
         held = fs.resolver.cache.held
-        held.max_names = 30
+        held.max_names = 33  # (three listings of 10 names: each counts one more)
         alice, bob = Caller(1000, 1000, 0, 1), Caller(1001, 1001, 0, 2)
 
         def ident(name: str) -> tuple[int, int]:
@@ -208,10 +209,10 @@ def test_one_users_readers_push_out_their_own_listings_not_anothers(tmp_path: Pa
         mine = start("b", bob)
         versions = [start(f"a{i}", alice) for i in range(6)]
         assert still_held("b", mine), "bob's listing was let go"
-        assert held.names <= 30 and len(held) == 3  # bob's, and alice's two read last
+        assert held.names <= 33 and len(held) == 3  # bob's, and alice's two read last
         assert [still_held(f"a{i}", v) for i, v in enumerate(versions)] == [False] * 4 + [True] * 2
         start("huge", alice)
-        assert len(held) == 1 and held.names == 60
+        assert len(held) == 1 and held.names == 61
     finally:
         fs.close()
 
@@ -252,3 +253,26 @@ def test_offsets_fit_32_bit_readers_and_long_listings_take_long_ones(
         fs.unlink(ino, name)
     rest = _read(fs, ino, first[-1][0])
     assert sorted(_names(first) + _names(rest)) == NAMES
+
+
+def test_a_directory_changed_and_read_over_and_over_holds_few_versions(fs: WritableUnionFS) -> None:
+    """Every change followed by a read from the start makes a new version: one directory keeps at
+    most MAX_HELD_VERSIONS of them, so neither memory nor the search of an offset's listing grows
+    with the churn.  And empty listings count too, else they would pile up unbounded."""
+    root, _ = lookup_path(fs, "")
+    d, _ = fs.mkdir(root, b"churn", 0o755, DAEMON)
+    held = fs.resolver.cache.held
+    for i in range(40):
+        fs.mkdir(d.ino, b"x%d" % i, 0o755, DAEMON)
+        if i:
+            fs.rmdir(d.ino, b"x%d" % (i - 1))
+        assert [n for _, n, _, _ in fs.readdir_at(d.ino, 0)][2:] == [b"x%d" % i]
+    assert len(held) == MAX_HELD_VERSIONS
+    empties = [fs.mkdir(root, b"empty%d" % i, 0o755, DAEMON)[0].ino for i in range(10)]
+    before = held.names
+    for ino in empties:
+        list(fs.readdir_at(ino, 0))
+    assert held.names == before + 10
+    held.max_names = 5
+    list(fs.readdir_at(fs.mkdir(root, b"one-more", 0o755, DAEMON)[0].ino, 0))
+    assert held.names <= 5
