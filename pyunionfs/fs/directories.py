@@ -204,9 +204,9 @@ class Directories:
         if listing is None:
             yield from self._entries(node, node.entry, None, start, plain, lean)
             return
-        version, bits = listing.version, _bits(listing)
+        base = offset_of(listing.version, _bits(listing), 0)  # (once: a position only adds its own bits)
         for off, name, child, attr in self._entries(node, node.entry, listing, start, plain, lean):
-            yield offset_of(version, bits, off), name, child, attr
+            yield base | off, name, child, attr
 
     def _entries(
         self, node: Node, parent: Entry, listing: Listing | None, start: int, plain: bool, lean: bool
