@@ -228,7 +228,7 @@ class CopyUps:
                 finally:
                     os.close(src)
                 e = node.entry
-                node.entry = e.restat(Stat.of(os.fstat(dst)), e.nlink, None)
+                node.entry = e.restat(os.fstat(dst), e.nlink, None)
             finally:
                 os.close(dst)
             self._repoint(node)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ..errors import fs_error
 from . import acl, copyup
 from .callers import Caller
-from .entry import Entry, Stat
+from .entry import Entry
 from .inodes import Node
 from .override import REAL_BITS
 from .paths import check_name, join, proc_path
@@ -83,7 +83,7 @@ class Creates(Writable):
             raise
         st = up.lstat(parent.path, name)
         assert st is not None
-        entry = Entry((0,), Stat.of(st))
+        entry = Entry.lean(0, st)
         self.resolver.cache.changed(parent.entry.ident, name)
         if stat.S_ISDIR(mode):
             entry = self.resolver.child(parent.entry, parent.path, name) or entry

@@ -20,6 +20,11 @@ _LAYOUT = struct.Struct("<3IQ3IqIq3q")
 _U32, _U64, _S64 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<q")
 #: st_ino and st_dev, side by side in the layout.
 _INO_DEV = struct.Struct("<QI")
+_STAT_SIZE = _LAYOUT.size
+#: A lean entry: the lstat, then its layer's number (78 bytes: up to 79 take 128 allocated).
+_LAYER = struct.Struct("<H")
+_LEAN_LAYOUT = struct.Struct(_LAYOUT.format + "H")
+_MOST_LAYER = 0xFFFF
 
 
 #: One shared ``(layer,)`` per layer: most entries live in one layer, and a
@@ -86,7 +91,7 @@ class Stat(bytes):
 
     def fields(self) -> tuple[int, ...]:
         """(mode, uid, gid, ino, dev, nlink, rdev, size, blksize, blocks, atime_ns, mtime_ns, ctime_ns)."""
-        return _LAYOUT.unpack(self)
+        return _LAYOUT.unpack_from(self)
 
     @property
     def st_mode(self) -> int:
@@ -175,20 +180,198 @@ class Entry:
 
     Never changed once made: the resolution cache and the nodes share
     entries, and a change makes a new one.  Every name the kernel holds
-    keeps one, so it is kept small: four slots (64 bytes), the identity
-    not stored where it is the object's own (most names), and the fields
-    that a few entries need (merged directories, hard links, copies) in
-    one shared object.  A frozen dataclass of all eight fields with its
-    identity tuple cost 212 bytes an entry, and three times as long to make.
+    keeps one, so it is kept small, in one of two forms that ``Entry(...)``
+    picks and nobody else needs to know about:
+
+    - most names are their own object in one layer, with nothing more to
+      say: such an entry is its packed lstat with the layer's number after
+      it (:class:`_Lean`, one object of 128 bytes, where an entry object
+      and its :class:`Stat` took 192: a directory of a million files the
+      kernel holds keeps a million);
+    - the rest (merged directories, hard links, copies, metadata-only
+      copies) keep four slots, the fields only they need in one shared
+      object (:class:`_Full`).
+
+    A frozen dataclass of all eight fields with its identity tuple cost 212
+    bytes an entry, and three times as long to make.
     """
 
-    __slots__ = ("layers", "st", "_ident", "_rare")
+    __slots__ = ()
 
     #: Layers that make up the entry, topmost first.  A non-directory has one;
     #: a merged directory has every layer whose directory it merges.
     layers: tuple[int, ...]
     #: lstat of the entry in ``layers[0]``: what the mount shows.
     st: Stat
+
+    def __new__(
+        cls,
+        layers: tuple[int, ...],
+        st: Stat,
+        ident: tuple[int, int] | None = None,
+        xwh: tuple[int, ...] = (),
+        nlink: int | None = None,
+        index: bytes | None = None,
+        data: DataRef | None = None,
+        impure: tuple[int, ...] = (),
+    ) -> Entry:
+        if (
+            ident is None and len(layers) == 1 and layers[0] <= _MOST_LAYER and not xwh and not impure
+            and nlink is None and index is None and data is None
+        ):  # fmt: skip
+            return _Lean(bytes(st)[:_STAT_SIZE] + _LAYER.pack(layers[0]))
+        return object.__new__(_Full)  # (its __init__ takes the fields)
+
+    @staticmethod
+    def lean(layer: int, st: StatLike) -> Entry:
+        """``Entry(only(layer), Stat.of(st))`` for an ``os.stat_result``
+        *st*, packed at once (the lookup of every lower file comes here)."""
+        if layer > _MOST_LAYER or isinstance(st, Stat):
+            return Entry(only(layer), Stat.of(st))
+        return _Lean(_LEAN_LAYOUT.pack(st.st_mode, st.st_uid, st.st_gid, st.st_ino, st.st_dev, st.st_nlink,
+                                       st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
+                                       st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, layer))  # fmt: skip
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        """(st_dev, st_ino) that names the object for inode numbering:
+        the object's own (*ident* None when made), or another's: for a
+        directory the lowest merged layer's, so it does not change when a
+        lower directory later gets a copy in the upper; for a copied-up
+        file its lower original's."""
+        raise NotImplementedError
+
+    @property
+    def xwh(self) -> tuple[int, ...]:
+        """Layers in which this directory holds xattr whiteouts (opaque=x)."""
+        return ()
+
+    @property
+    def nlink(self) -> int | None:
+        """The merged link count of an indexed hard-linked file (its
+        ``overlay.nlink`` record); None means st_nlink."""
+        return None
+
+    @property
+    def index(self) -> bytes | None:
+        """The name in the work dir's ``index/`` of the object this entry shows,
+        when the merged name itself is still only in a lower layer: a lower
+        hard link whose copy-up was made through another of its names.  The
+        object is that index copy (``layers == (0,)``, ``st`` is its lstat),
+        but this name has no upper link yet.  None: the object is at the name."""
+        return None
+
+    @property
+    def data(self) -> DataRef | None:
+        """The data of a metadata-only copy (an ``overlay.metacopy`` record on
+        the object in ``layers[0]``, whose own content is a hole): reads go
+        there until the first write copies it in.  None: the object holds its data."""
+        return None
+
+    @property
+    def impure(self) -> tuple[int, ...]:
+        """Layers in which this directory carries the overlay's ``impure``
+        record (entries in it were copied up or moved there by an overlay):
+        only there can a file be a metadata-only copy the kernel made."""
+        return ()
+
+    def restat(self, st: StatLike, nlink: int | None, data: DataRef | None) -> Entry:
+        """This entry with a fresh lstat *st* of its object (and *nlink*,
+        *data* as they are now); its identity stays as it was given."""
+        raise NotImplementedError
+
+    def _key(self) -> tuple[object, ...]:
+        # (The lstat's own bytes: a lean entry's lstat is itself, its layer after it.)
+        return (self.layers, bytes(self.st)[:_STAT_SIZE], self.ident, self.xwh, self.nlink, self.index, self.data,
+                self.impure)  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        names = ("layers", "st", "ident", "xwh", "nlink", "index", "data", "impure")
+        values = (self.layers, Stat(bytes(self.st)[:_STAT_SIZE]), *self._key()[2:])
+        return "Entry(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True)) + ")"
+
+    @property
+    def real(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the object in ``layers[0]``: what a path
+        found for this entry must lead to (``ident`` may be an origin's)."""
+        ino, dev = _INO_DEV.unpack_from(self.st, 12)
+        return dev, ino
+
+    @property
+    def linked_up(self) -> bool:
+        """Whether the upper holds this object under this very name."""
+        return self.layers[0] == 0 and self.index is None
+
+    @property
+    def is_dir(self) -> bool:
+        return (self.st[1] & 0xF0) << 8 == stat.S_IFDIR  # the type bits of st_mode, read in place
+
+    @property
+    def merged(self) -> bool:
+        """A directory that unions more than one layer (overlayfs reports nlink 1)."""
+        return len(self.layers) > 1
+
+
+class _Lean(Stat, Entry):
+    """An entry that is its own object in one layer, with nothing else to
+    say: its packed lstat with the layer's number after it (78 bytes, 128
+    allocated).  It is its own ``st``.  Made by ``Entry(...)`` alone."""
+
+    __slots__ = ()
+
+    @property
+    def layers(self) -> tuple[int, ...]:  # type: ignore[override]
+        layer = self[_STAT_SIZE] | self[_STAT_SIZE + 1] << 8
+        layers = _ONLY.get(layer)
+        return layers if layers is not None else only(layer)
+
+    @property
+    def st(self) -> Stat:  # type: ignore[override]
+        return self
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        ino, dev = _INO_DEV.unpack_from(self, 12)
+        return dev, ino
+
+    real = ident
+
+    @property
+    def index(self) -> bytes | None:  # type: ignore[override]
+        return None  # (else bytes.index, found first)
+
+    def restat(self, st: StatLike, nlink: int | None, data: DataRef | None) -> Entry:
+        if nlink is None and data is None:  # (every GETATTR of a file of one layer: packed once)
+            return Entry.lean(self[_STAT_SIZE] | self[_STAT_SIZE + 1] << 8, st)
+        return Entry(self.layers, Stat.of(st), None, (), nlink, None, data)
+
+    @property
+    def linked_up(self) -> bool:
+        return not (self[_STAT_SIZE] or self[_STAT_SIZE + 1])
+
+    @property
+    def merged(self) -> bool:
+        return False
+
+    # (bytes comes before Entry in the order methods are looked up in.)
+    __eq__ = Entry.__eq__
+    __hash__ = Entry.__hash__
+    __repr__ = __str__ = Entry.__repr__
+
+
+class _Full(Entry):
+    """An entry with something more than an lstat and a layer to say:
+    four slots, the fields a few entries need in one shared object."""
+
+    __slots__ = ("layers", "st", "_ident", "_rare")
 
     def __init__(
         self,
@@ -212,11 +395,6 @@ class Entry:
 
     @property
     def ident(self) -> tuple[int, int]:
-        """(st_dev, st_ino) that names the object for inode numbering:
-        the object's own (*ident* None when made), or another's: for a
-        directory the lowest merged layer's, so it does not change when a
-        lower directory later gets a copy in the upper; for a copied-up
-        file its lower original's."""
         ident = self._ident
         if ident is None:
             ino, dev = _INO_DEV.unpack_from(self.st, 12)
@@ -225,75 +403,27 @@ class Entry:
 
     @property
     def xwh(self) -> tuple[int, ...]:
-        """Layers in which this directory holds xattr whiteouts (opaque=x)."""
         return () if self._rare is None else self._rare.xwh
 
     @property
     def nlink(self) -> int | None:
-        """The merged link count of an indexed hard-linked file (its
-        ``overlay.nlink`` record); None means st_nlink."""
         return None if self._rare is None else self._rare.nlink
 
     @property
     def index(self) -> bytes | None:
-        """The name in the work dir's ``index/`` of the object this entry shows,
-        when the merged name itself is still only in a lower layer: a lower
-        hard link whose copy-up was made through another of its names.  The
-        object is that index copy (``layers == (0,)``, ``st`` is its lstat),
-        but this name has no upper link yet.  None: the object is at the name."""
         return None if self._rare is None else self._rare.index
 
     @property
     def data(self) -> DataRef | None:
-        """The data of a metadata-only copy (an ``overlay.metacopy`` record on
-        the object in ``layers[0]``, whose own content is a hole): reads go
-        there until the first write copies it in.  None: the object holds its data."""
         return None if self._rare is None else self._rare.data
 
     @property
     def impure(self) -> tuple[int, ...]:
-        """Layers in which this directory carries the overlay's ``impure``
-        record (entries in it were copied up or moved there by an overlay):
-        only there can a file be a metadata-only copy the kernel made."""
         return () if self._rare is None else self._rare.impure
 
-    def restat(self, st: Stat, nlink: int | None, data: DataRef | None) -> Entry:
-        """This entry with a fresh lstat *st* of its object (and *nlink*,
-        *data* as they are now); its identity stays as it was given."""
-        return Entry(self.layers, st, self._ident, self.xwh, nlink, self.index, data, self.impure)
-
-    def _key(self) -> tuple[object, ...]:
-        return (self.layers, self.st, self.ident, self.xwh, self.nlink, self.index, self.data, self.impure)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Entry):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        names = ("layers", "st", "ident", "xwh", "nlink", "index", "data", "impure")
-        return "Entry(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._key(), strict=True)) + ")"
-
-    @property
-    def real(self) -> tuple[int, int]:
-        """(st_dev, st_ino) of the object in ``layers[0]``: what a path
-        found for this entry must lead to (``ident`` may be an origin's)."""
-        ino, dev = _INO_DEV.unpack_from(self.st, 12)
-        return dev, ino
+    def restat(self, st: StatLike, nlink: int | None, data: DataRef | None) -> Entry:
+        return Entry(self.layers, Stat.of(st), self._ident, self.xwh, nlink, self.index, data, self.impure)
 
     @property
     def linked_up(self) -> bool:
-        """Whether the upper holds this object under this very name."""
         return self.layers[0] == 0 and (self._rare is None or self._rare.index is None)
-
-    @property
-    def is_dir(self) -> bool:
-        return (self.st[1] & 0xF0) << 8 == stat.S_IFDIR  # the type bits of st_mode, read in place
-
-    @property
-    def merged(self) -> bool:
-        """A directory that unions more than one layer (overlayfs reports nlink 1)."""
-        return len(self.layers) > 1

@@ -15,7 +15,7 @@ from ..errors import fs_error
 from . import acl
 from .callers import DAEMON, Caller
 from .creates import Creates
-from .entry import Entry, Stat
+from .entry import Entry
 from .handles import BACKING_FLAGS
 from .inodes import Node
 from .paths import proc_path
@@ -110,7 +110,7 @@ class OpenFiles(Creates):
             if default is not None:
                 acl.inherit(proc_path(fd), True, default, access, False)
             st = os.fstat(fd)
-            entry = Entry((0,), Stat.of(st))
+            entry = Entry.lean(0, st)
             pin = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
         except BaseException:
             os.close(fd)

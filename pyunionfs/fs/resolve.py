@@ -99,7 +99,7 @@ class Resolver:
             if st is not None and (st.st_dev, st.st_ino) == cached.real and cached.data is None:
                 nlink = self.merged_nlink(layer, join(parent_rel, name), st) if (
                     cached.nlink is not None or st.st_nlink > 1) else None
-                return cached.restat(Stat.of(st), nlink, None)
+                return cached.restat(st, nlink, None)
         entry = self._resolve(parent, parent_rel, name)
         if entry is None or entry.is_dir or entry.linked_up or self.index is None or (
             entry.index is None and entry.st.st_nlink < 2
@@ -138,7 +138,7 @@ class Resolver:
         if layer is None or self.metacopy or layer in parent.impure or self.stack.moved:
             return lambda name: self.child(parent, parent_rel, name)
         lookup, store, lstat = self.cache.lookup, self.cache.store, self.stack.lstat_real
-        ident, layers, resolve, stack_layers = parent.ident, only(layer), self._resolve, self.stack.layers
+        ident, resolve, stack_layers = parent.ident, self._resolve, self.stack.layers
         whiteout = self.markers.is_device_whiteout
         indexed = self.index is not None
 
@@ -151,7 +151,7 @@ class Resolver:
                 # (Gone since listed, an upper object, a hard link that may
                 # have an index copy, a whiteout: as child() has it.)
                 return self.child(parent, parent_rel, name)
-            entry = resolve(parent, parent_rel, name, st) if _S_ISDIR(st.st_mode) else Entry(layers, Stat.of(st))
+            entry = resolve(parent, parent_rel, name, st) if _S_ISDIR(st.st_mode) else Entry.lean(layer, st)
             store(ident, name, entry)
             return entry
 
@@ -178,7 +178,7 @@ class Resolver:
             if not stat.S_ISDIR(first.st_mode) and not (self.metacopy or layer in parent.impure) and (
                 first.st_nlink < 2 or self.index is None or not self.index.index_keys
             ):
-                return Entry(only(layer), Stat.of(first))
+                return Entry.lean(layer, first)
             # (Else resolved in full below, with this lstat.)
         markers = self.markers
         rel = join(parent_rel, name)

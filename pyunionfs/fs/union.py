@@ -34,7 +34,7 @@ from ..errors import fs_error
 from .answers import Attr, KernelForget
 from .callers import DAEMON, Caller
 from .directories import Directories
-from .entry import Entry, Stat
+from .entry import Entry
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
 from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
@@ -179,7 +179,7 @@ class UnionFS:
         mode, uid, gid, _, _, nlink, rdev, size, blksize, blocks, atime, mtime, ctime = entry.st.fields()
         # Counting subdirectories of every merged layer is not worth it; 1 is
         # what overlayfs reports and what find(1) understands.
-        if len(entry.layers) > 1:
+        if entry.merged:
             nlink = 1
         elif entry.nlink is not None:
             nlink = entry.nlink
@@ -236,7 +236,7 @@ class UnionFS:
         ):
             path, follow = self._path(node)
             nlink = self.resolver.nlink_of(path, follow, st, unlinked=node.gone)
-        node.entry = node.entry.restat(Stat.of(st), nlink, node.entry.data)
+        node.entry = node.entry.restat(st, nlink, node.entry.data)
         return self.attr_of(ino, node.entry, node.path)
 
     def birth_time(self, ino: int) -> int | None:

@@ -70,15 +70,28 @@ def test_one_layers_tuple_per_layer() -> None:
     assert only(2) == (2,) and only(2) is only(2)
 
 
+def _size(entry: Entry) -> int:
+    """What an entry takes with its lstat, as pymalloc allocates (16-byte steps)."""
+    parts = [entry] if entry.st is entry else [entry, entry.st]
+    return sum(-(-sys.getsizeof(p) // 16) * 16 for p in parts)
+
+
 def test_an_entry_is_small_and_keeps_its_own_identity_in_its_stat(tmp_path: Path) -> None:
-    """Most entries are their own object in one layer: four slots, the
+    """Most entries are their own object in one layer: one object of 128
+    bytes with the lstat (an entry of four slots and its Stat took 192), the
     identity read from the lstat, no tuple of its own."""
     (tmp_path / "f").write_bytes(b"x")
     st = os.lstat(tmp_path / "f")
     own = Entry(only(1), Stat.of(st))
     assert own.ident == own.real == (st.st_dev, st.st_ino)
     assert (own.xwh, own.nlink, own.index, own.data, own.impure) == ((), None, None, None, ())
-    assert sys.getsizeof(own) <= 64
+    assert own.layers == (1,) and own.layers is only(1) and own.linked_up is False and not own.merged
+    assert {f: getattr(own.st, f) for f in FIELDS} == {f: getattr(st, f) for f in FIELDS}
+    assert own.st.fields() == Stat.of(st).fields()
+    assert _size(own) <= 128
+    assert Entry.lean(1, st) == own and hash(Entry.lean(1, st)) == hash(own) and _size(Entry.lean(1, st)) <= 128
+    assert Entry.lean(0, st).linked_up and Entry.lean(0, st) != own
+    assert own != Stat.of(st) and Stat.of(st) != own  # an lstat is not an entry, whatever its bytes
     origin = Entry(only(0), Stat.of(st), (7, 9), nlink=3)
     assert origin.ident == (7, 9) and origin.real == (st.st_dev, st.st_ino) and origin.nlink == 3
     assert origin == Entry(only(0), Stat.of(st), (7, 9), nlink=3) != own
@@ -96,3 +109,26 @@ def test_a_fresh_lstat_keeps_the_identity_it_was_given(tmp_path: Path) -> None:
     assert (again.xwh, again.index, again.impure, again.data) == ((2,), b"idx", (1,), None)
     own = Entry(only(1), st).restat(Stat.of(os.lstat(tmp_path / "f")), None, None)
     assert own.ident == (st.st_dev, st.st_ino)
+
+
+def test_both_forms_of_an_entry_answer_alike(tmp_path: Path) -> None:
+    """An entry with more to say than its lstat and layer keeps slots; one
+    without is its lstat.  Which one ``Entry(...)`` made must not show."""
+    (tmp_path / "f").write_bytes(b"x")
+    st = Stat.of(os.lstat(tmp_path / "f"))
+    lean = Entry(only(2), st)
+    for full in (Entry(only(2), st, (7, 9)), Entry(only(2), st, nlink=2), Entry((0, 2), st),
+                 Entry(only(2), st, impure=(2,)), Entry(only(2), st, index=b"k")):  # fmt: skip
+        assert full.st is st and full != lean and full.st.fields() == lean.st.fields()
+    # A lean entry's lstat is itself; handing it on as an lstat keeps its fields.
+    again = Entry(only(0), Stat.of(lean.st), (1, 2))
+    assert again.st.fields() == st.fields() and again.layers == (0,) and again.ident == (1, 2)
+    assert Entry(only(0), lean.st).real == lean.real and Entry(only(0), lean.st).layers == (0,)
+    # A fresh lstat of a lean entry is lean again; with a link count it is not.
+    assert lean.restat(st, None, None) == lean
+    assert lean.restat(st, 3, None).nlink == 3 and lean.restat(st, 3, None).ident == lean.ident
+    # Layers past what two bytes hold take the full form.
+    assert Entry(only(70000), st).layers == (70000,) and Entry.lean(70000, st).layers == (70000,)
+    assert Entry(only(65535), st).layers == (65535,)
+    assert "layers=(2,)" in repr(lean) and "st_size=1" in repr(lean)
+    assert len({lean, Entry(only(2), st), Entry.lean(2, os.lstat(tmp_path / "f"))}) == 1
