@@ -220,7 +220,14 @@ class Entry:
             and nlink is None and index is None and data is None
         ):  # fmt: skip
             return _Lean(bytes(st)[:_STAT_SIZE] + _LAYER.pack(layers[0]))
-        return object.__new__(_Full)  # (its __init__ takes the fields)
+        full = object.__new__(_Full)
+        full.layers, full.st, full._ident = layers, st, ident
+        full._rare = (
+            _Rare(xwh, nlink, index, data, impure)
+            if xwh or impure or nlink is not None or index is not None or data is not None
+            else None
+        )
+        return full
 
     @staticmethod
     def lean(layer: int, st: StatLike) -> Entry:
@@ -373,25 +380,8 @@ class _Full(Entry):
 
     __slots__ = ("layers", "st", "_ident", "_rare")
 
-    def __init__(
-        self,
-        layers: tuple[int, ...],
-        st: Stat,
-        ident: tuple[int, int] | None = None,
-        xwh: tuple[int, ...] = (),
-        nlink: int | None = None,
-        index: bytes | None = None,
-        data: DataRef | None = None,
-        impure: tuple[int, ...] = (),
-    ) -> None:
-        self.layers = layers
-        self.st = st
-        self._ident = ident
-        self._rare = (
-            _Rare(xwh, nlink, index, data, impure)
-            if xwh or impure or nlink is not None or index is not None or data is not None
-            else None
-        )
+    _ident: tuple[int, int] | None
+    _rare: _Rare | None
 
     @property
     def ident(self) -> tuple[int, int]:
