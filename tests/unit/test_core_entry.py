@@ -132,3 +132,33 @@ def test_both_forms_of_an_entry_answer_alike(tmp_path: Path) -> None:
     assert Entry(only(65535), st).layers == (65535,)
     assert "layers=(2,)" in repr(lean) and "st_size=1" in repr(lean)
     assert len({lean, Entry(only(2), st), Entry.lean(2, os.lstat(tmp_path / "f"))}) == 1
+
+
+def test_the_union_keeps_most_names_lean_and_a_copy_its_origin(tmp_path: Path) -> None:
+    """Through the union: a lower file and a file the upper made itself are
+    entries of one object (their lstat with the layer); a copied-up file keeps
+    its lower original's identity (the inode number the mount showed before
+    the copy), so it keeps the full form."""
+    from pyunionfs.config import MountConfig
+    from pyunionfs.fs.writes import WritableUnionFS
+
+    from .conftest import b, lookup_path, mkdir, mkfile
+
+    low, up, work = mkdir(tmp_path / "l"), mkdir(tmp_path / "u"), mkdir(tmp_path / "w")
+    mkfile(low / "lower", b"l")
+    mkfile(low / "copied", b"c")
+    mkfile(up / "own", b"u")
+    fs = WritableUnionFS(MountConfig(lowers=(b(low),), upper=b(up), mountpoint=b(tmp_path / "mnt"), workdir=b(work)))
+    try:
+        for name, layer in (("lower", 1), ("own", 0)):
+            ino, attr = lookup_path(fs, name)
+            entry = fs.node(ino).entry
+            assert entry.layers == (layer,) and entry.ident == entry.real and _size(entry) <= 128, name
+            assert fs.getattr(ino).ino == attr.ino and _size(fs.node(ino).entry) <= 128, name
+        ino, before = lookup_path(fs, "copied")
+        fs.release(fs.open_file(ino, os.O_WRONLY))  # copies it up
+        entry = fs.node(ino).entry
+        assert entry.layers == (0,) and entry.ident != entry.real  # its origin's, not the copy's own
+        assert fs.getattr(ino).ino == before.ino and entry.st is not entry
+    finally:
+        fs.close()
