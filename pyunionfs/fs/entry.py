@@ -215,6 +215,8 @@ class Entry:
         data: DataRef | None = None,
         impure: tuple[int, ...] = (),
     ) -> Entry:
+        if ident is not None and ident == _own_ident(st):
+            ident = None  # (an identity that is the lstat's own is not kept apart from it)
         if (
             ident is None and len(layers) == 1 and layers[0] <= _MOST_LAYER and not xwh and not impure
             and nlink is None and index is None and data is None
@@ -309,8 +311,7 @@ class Entry:
     def real(self) -> tuple[int, int]:
         """(st_dev, st_ino) of the object in ``layers[0]``: what a path
         found for this entry must lead to (``ident`` may be an origin's)."""
-        ino, dev = _INO_DEV.unpack_from(self.st, 12)
-        return dev, ino
+        return _own_ident(self.st)
 
     @property
     def linked_up(self) -> bool:
@@ -336,7 +337,7 @@ class _Lean(Stat, Entry):
 
     @property
     def layers(self) -> tuple[int, ...]:  # type: ignore[override]
-        layer = self[_STAT_SIZE] | self[_STAT_SIZE + 1] << 8
+        layer = _layer_of(self)
         layers = _ONLY.get(layer)
         return layers if layers is not None else only(layer)
 
@@ -346,8 +347,7 @@ class _Lean(Stat, Entry):
 
     @property
     def ident(self) -> tuple[int, int]:
-        ino, dev = _INO_DEV.unpack_from(self, 12)
-        return dev, ino
+        return _own_ident(self)
 
     real = ident
 
@@ -357,12 +357,12 @@ class _Lean(Stat, Entry):
 
     def restat(self, st: StatLike, nlink: int | None, data: DataRef | None) -> Entry:
         if nlink is None and data is None:  # (every GETATTR of a file of one layer: packed once)
-            return Entry.lean(self[_STAT_SIZE] | self[_STAT_SIZE + 1] << 8, st)
+            return Entry.lean(_layer_of(self), st)
         return Entry(self.layers, Stat.of(st), None, (), nlink, None, data)
 
     @property
     def linked_up(self) -> bool:
-        return not (self[_STAT_SIZE] or self[_STAT_SIZE + 1])
+        return _layer_of(self) == 0
 
     @property
     def merged(self) -> bool:
@@ -372,6 +372,17 @@ class _Lean(Stat, Entry):
     __eq__ = Entry.__eq__
     __hash__ = Entry.__hash__
     __repr__ = __str__ = Entry.__repr__
+
+
+def _layer_of(lean: _Lean) -> int:
+    """The layer number a lean entry keeps after its lstat (little-endian, two bytes)."""
+    return lean[_STAT_SIZE] | lean[_STAT_SIZE + 1] << 8
+
+
+def _own_ident(st: Stat) -> tuple[int, int]:
+    """(st_dev, st_ino) as packed in *st*."""
+    ino, dev = _INO_DEV.unpack_from(st, 12)
+    return dev, ino
 
 
 class _Full(Entry):
@@ -386,10 +397,7 @@ class _Full(Entry):
     @property
     def ident(self) -> tuple[int, int]:
         ident = self._ident
-        if ident is None:
-            ino, dev = _INO_DEV.unpack_from(self.st, 12)
-            return dev, ino
-        return ident
+        return _own_ident(self.st) if ident is None else ident
 
     @property
     def xwh(self) -> tuple[int, ...]:

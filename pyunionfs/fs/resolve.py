@@ -222,11 +222,7 @@ class Resolver:
                 if stack.layers[layer].writable:
                     if layer + 1 < len(stack.layers):
                         ident = self._origin(parent, parent_rel, name, layer, ident)
-                    # (An object of the upper's own making keeps no identity apart from its lstat's:
-                    # with no more to say, its entry is its lstat, as a lower file's is.)
-                    own = ident == (st.st_dev, st.st_ino)
-                    nlink = self.merged_nlink(layer, rel, st)
-                    return Entry(only(layer), Stat.of(st), None if own else ident, nlink=nlink, data=data)
+                    return Entry(only(layer), Stat.of(st), ident, nlink=self.merged_nlink(layer, rel, st), data=data)
                 if st.st_nlink > 1 and self.index is not None and self.index.index_keys:
                     indexed = self._indexed(layer, parent_rel, name, ident)
                     if indexed is not None:

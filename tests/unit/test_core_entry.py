@@ -120,6 +120,8 @@ def test_both_forms_of_an_entry_answer_alike(tmp_path: Path) -> None:
     for full in (Entry(only(2), st, (7, 9)), Entry(only(2), st, nlink=2), Entry((0, 2), st),
                  Entry(only(2), st, impure=(2,)), Entry(only(2), st, index=b"k")):  # fmt: skip
         assert full.st is st and full != lean and full.st.fields() == lean.st.fields()
+    # An identity given that is the lstat's own is not kept apart from it.
+    assert Entry(only(2), st, lean.ident) == lean and _size(Entry(only(2), st, lean.ident)) <= 128
     # A lean entry's lstat is itself; handing it on as an lstat keeps its fields.
     again = Entry(only(0), Stat.of(lean.st), (1, 2))
     assert again.st.fields() == st.fields() and again.layers == (0,) and again.ident == (1, 2)
