@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MountError
@@ -49,6 +50,21 @@ class Scan:
     names: list[bytes]
     inos: array
     kinds: bytes
+
+
+def _names_in(fd: int) -> list[bytes]:
+    """The names in directory *fd*, read in chunks: a huge directory's names
+    are never held twice (as str and as bytes), only a chunk of them."""
+    out: list[bytes] = []
+    chunk: list[str] = []
+    with os.scandir(fd) as entries:
+        for e in entries:
+            chunk.append(e.name)
+            if len(chunk) == 4096:
+                out += encode_names(chunk)
+                chunk.clear()
+    out += encode_names(chunk)
+    return out
 
 
 def open_layer_root(path: bytes, lower: bool = False) -> int:
@@ -257,7 +273,7 @@ class LayerStack:
         """
         fd = self._open_dir(layer, rel)
         try:
-            return encode_names(os.listdir(fd))
+            return _names_in(fd)
         finally:
             os.close(fd)
 
@@ -269,25 +285,36 @@ class LayerStack:
         except PermissionError:
             return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
 
-    def scan(self, layer: int, rel: bytes) -> Scan | None:
-        """Names of directory *rel* of *layer* as :meth:`listdir` gives them,
-        with each one's inode number and type as the directory itself
-        records them (``getdents``), where that inode number is the one
-        ``lstat`` shows: on filesystems known to keep the two the same
-        (:data:`SAME_D_INO`), for every entry but a directory (which may be
-        a subvolume's root, whose number differs).  None elsewhere."""
+    def scan(self, layer: int, rel: bytes, names: list[bytes], unlisted: Callable[[bytes], bool]) -> Scan | None:
+        """*names*, directory *rel* of *layer* as :meth:`listdir` read it
+        before (less the names *unlisted* says it leaves out), with each
+        one's inode number and type as the directory itself records them
+        (``getdents``), where that inode number is the one ``lstat`` shows:
+        on filesystems known to keep the two the same (:data:`SAME_D_INO`),
+        for every entry but a directory (which may be a subvolume's root,
+        whose number differs).  None elsewhere, and where the directory
+        reads otherwise now.  Each name is checked as it is read, never
+        kept a second time: a huge directory's names are most of its cost."""
         fd = self._open_dir(layer, rel)
         try:
             if fs_type(fd) not in SAME_D_INO:
                 return None
-            names: list[str] = []
-            inos = array("Q")
-            kinds = bytearray()
-            for e in os.scandir(fd):  # (a d_type the filesystem does not record costs an lstat here)
-                names.append(e.name)
-                inos.append(e.inode())
-                kinds.append(_REG if e.is_file(follow_symlinks=False) else _LNK if e.is_symlink() else _OTHER)
-            return Scan(encode_names(names), inos, bytes(kinds))
+            count = len(names)
+            inos = array("Q", bytes(8 * count))
+            kinds = bytearray(count)
+            i = 0
+            fsencode = os.fsencode
+            with os.scandir(fd) as entries:
+                for e in entries:  # (a d_type the filesystem does not record costs an lstat here)
+                    name = fsencode(e.name)
+                    if unlisted(name):
+                        continue
+                    if i == count or name != names[i]:
+                        return None  # (changed since it was listed)
+                    inos[i] = e.inode()
+                    kinds[i] = _REG if e.is_file(follow_symlinks=False) else _LNK if e.is_symlink() else _OTHER
+                    i += 1
+            return Scan(names, inos, bytes(kinds)) if i == count else None
         finally:
             os.close(fd)
 

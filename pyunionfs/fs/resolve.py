@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from itertools import filterfalse, repeat
 from typing import Protocol
@@ -446,21 +445,11 @@ class Resolver:
         if layer is None:
             return None
         try:
-            scan = self.stack.scan(layer, rel)
+            # Read again: the same entries in the same order (less the markers, which are
+            # not candidates, see names), unless the directory changed in between.
+            return self.stack.scan(layer, rel, names, self.markers.is_oci_marker)
         except OSError:
             return None  # (read once already for the listing; whatever stops it now, resolve name by name)
-        if scan is None:
-            return None
-        if any(map(self.markers.is_oci_marker, scan.names)):  # not candidates (see names)
-            keep = [i for i, n in enumerate(scan.names) if not self.markers.is_oci_marker(n)]
-            scan = Scan([scan.names[i] for i in keep], array("Q", (scan.inos[i] for i in keep)),
-                        bytes(scan.kinds[i] for i in keep))  # fmt: skip
-        # Read again: the same entries in the same order, unless the directory changed in between.
-        if scan.names != names:
-            return None
-        # Kept as long as the listing: with the listing's own name objects, not a second copy of
-        # each (about 50 bytes an entry, a tenth of what a held entry of a huge directory costs).
-        return Scan(names, scan.inos, scan.kinds)
 
     def _lone_lower(self, d: Entry) -> int | None:
         """The layer of directory *d* if it is a directory of one lower layer
