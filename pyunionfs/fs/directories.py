@@ -25,10 +25,11 @@ from .cache import Listing
 from .callers import DAEMON, Caller
 from .entry import Entry
 from .handles import HandleTable
-from .inodes import ROOT_INO, InodeTable, Node
+from .inodes import ROOT_INO, Candidate, InodeTable, Node
 from .layers import KIND_MODES, LayerStack, Scan
 from .override import Overrides
 from .paths import split
+from .residents import RESIDENT_FROM
 from .resolve import Resolver
 
 #: Names left to list from which READDIR reads the directory's own entries (see :meth:`Directories.read`).
@@ -224,8 +225,14 @@ class Directories:
         if start < 2:
             yield 2, b"..", None, self._dotdot_attr(node)
         # (Looked up once, not per entry: nothing else runs in the core meanwhile.)
-        at, number, attr_of, nodes = node.path, fs.inodes.number, fs.attr_of, fs.inodes.nodes
-        child = fs.resolver.listed(parent, at)
+        at, number, attr_of, nodes, holds = node.path, fs.inodes.number, fs.attr_of, fs.inodes.nodes, fs.inodes.holds
+        # The plain files of a big directory of one lower layer are given to the kernel as
+        # resident nodes (see .residents), and their entries not cached (they would take
+        # a whole listing's worth of memory again, and a GETATTR reads the file anyway).
+        layer = None
+        if not plain and listing is not None and len(names) >= RESIDENT_FROM and fs.overrides is None:
+            layer = fs.resolver.plain_lower(parent) if fs.inodes.residents.room(node.ino, names) else None
+        child = fs.resolver.listed(parent, at, store=layer is None)
         # Bare entries (number and kind, no node) where nothing more is of use: a READDIR takes
         # no more, and, for an engine that can send them (*lean*: pyfuse3 cannot), a READDIRPLUS
         # entry of a node the kernel already holds (git's lstats before its directory scan)
@@ -254,10 +261,14 @@ class Directories:
             if entry is None:
                 continue
             ino = number(entry.ident, path)
-            if bare and (plain or (lean and (held := nodes.get(ino)) is not None and held.lookups and not held.gone)):
+            if bare and (plain or (lean and holds(ino))):
                 yield i + 3, name, None, _bare(ino, entry.st.st_mode)
                 continue
-            yield i + 3, name, Node(ino, path, entry, 0, node.ino), attr_of(ino, entry, path)
+            if layer is not None and ino not in nodes and entry.plain_in(layer):
+                made: Node = Candidate(ino, path, entry, 0, node.ino, layer=layer, listing=names, position=i)
+            else:
+                made = Node(ino, path, entry, 0, node.ino)
+            yield i + 3, name, made, attr_of(ino, entry, path)
 
     def _scan(self, lst: Listing, entry: Entry, path: bytes) -> Scan | None:
         """The entries' own numbers and kinds for listing *lst* of directory

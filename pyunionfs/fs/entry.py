@@ -307,6 +307,12 @@ class Entry:
         values = (self.layers, Stat(bytes(self.st)[:_STAT_SIZE]), *self._key()[2:])
         return "Entry(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True)) + ")"
 
+    def plain_in(self, layer: int) -> bool:
+        """Whether this is a file or symlink of one link that is its own
+        object in *layer* with nothing more to say (what a resident node
+        can be, see :mod:`.residents`): only a lean entry is."""
+        return False
+
     @property
     def real(self) -> tuple[int, int]:
         """(st_dev, st_ino) of the object in ``layers[0]``: what a path
@@ -363,6 +369,9 @@ class _Lean(Stat, Entry):
     @property
     def linked_up(self) -> bool:
         return _layer_of(self) == 0
+
+    def plain_in(self, layer: int) -> bool:
+        return _layer_of(self) == layer and not self.is_dir and self.st_nlink == 1
 
     @property
     def merged(self) -> bool:

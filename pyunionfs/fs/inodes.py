@@ -10,17 +10,22 @@ the remaining bits (or one that would read as the root's) gets a number from a
 private range instead: unique, but only stable while mounted.
 
 FUSE uses the inode number as the node id, so the table also counts the
-kernel's lookups and forgets a node when the kernel does.
+kernel's lookups and forgets a node when the kernel does.  The nodes of the
+plain files of big lower directories are kept as columns until something
+needs more of them (:mod:`.residents`); every way in here but :meth:`peek`
+and ``in`` sees a full node.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .entry import Entry
+from .paths import join
+from .residents import Residents
 
 ROOT_INO = 1
 #: The xattr names of an object with none, shared by every such node.
@@ -64,6 +69,16 @@ class Node:
         return [self.path, *(self.aliases or ())]
 
 
+@dataclass(slots=True)
+class Candidate(Node):
+    """A listed node that may stay resident (see :mod:`.residents`): name
+    *position* of the names *listing* of a directory of lower *layer*."""
+
+    layer: int = 0
+    listing: Sequence[bytes] = ()
+    position: int = 0
+
+
 class InodeTable:
     """Maps inode numbers to nodes and real objects to inode numbers."""
 
@@ -79,6 +94,10 @@ class InodeTable:
         self._next_private = itertools.count(_PRIVATE_BASE)
         self._root_ident = root.ident
         self.nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, b"", root, 1)}
+        self.residents = Residents()
+        #: The entry of the object at a merged path of a lower layer, or None
+        #: (set by the union): what a resident node becomes a full node with.
+        self.lower_entry: Callable[[int, bytes], Entry | None] = lambda layer, path: None
         # FUSE node ids are inode numbers, and a filesystem reuses the number
         # of a deleted file; a new generation tells the kernel that a number
         # it may still hold now names another object.
@@ -109,10 +128,86 @@ class InodeTable:
         return ino
 
     def __getitem__(self, ino: int) -> Node:
-        return self.nodes[ino]
+        node = self.get(ino)
+        if node is None:
+            raise KeyError(ino)
+        return node
 
     def get(self, ino: int) -> Node | None:
-        return self.nodes.get(ino)
+        """The full node *ino* (a resident one becomes full now), or None."""
+        node = self.nodes.get(ino)
+        if node is None and self.residents.count:
+            node = self._promote(ino)
+        return node
+
+    def __contains__(self, ino: int) -> bool:
+        """Whether the kernel may name node *ino* (full or resident); nothing changes."""
+        return ino in self.nodes or (self.residents.count > 0 and self.residents.find(ino) is not None)
+
+    def holds(self, ino: int) -> bool:
+        """Whether the kernel holds node *ino* by a name now (looked up, not gone)."""
+        node = self.nodes.get(ino)
+        if node is not None:
+            return node.lookups > 0 and not node.gone
+        return self.residents.count > 0 and self.residents.find(ino) is not None
+
+    def peek(self, ino: int) -> Node | None:
+        """Node *ino* to read from without making it full: a resident one
+        comes as a node made now and not kept (what is set on it is lost,
+        but :meth:`no_xattrs`)."""
+        node = self.nodes.get(ino)
+        if node is None and self.residents.count:
+            found = self.residents.find(ino)
+            if found is not None:
+                t, pos = found
+                node = self._made(t.parent, t.layer, t.names[pos], ino, t.lookups(pos))
+                if node is not None and t.bare(pos):
+                    node.xattrs = NO_XATTRS
+        return node
+
+    def bare_of_xattrs(self, ino: int) -> bool:
+        """Whether resident node *ino* is known to carry no xattrs."""
+        found = self.residents.find(ino) if self.residents.count else None
+        return found is not None and found[0].bare(found[1])
+
+    def no_xattrs(self, node: Node) -> None:
+        """*node* (from :meth:`peek`) carries no xattrs: kept for a resident node too."""
+        node.xattrs = NO_XATTRS
+        if node.ino not in self.nodes and self.residents.count:
+            found = self.residents.find(node.ino)
+            if found is not None:
+                found[0].mark_bare(found[1])
+
+    def _made(self, parent: int, layer: int, name: bytes, ino: int, lookups: int) -> Node | None:
+        """A full node for resident *ino*: *name* in directory *parent*, in
+        *layer*; None if that name no longer holds that object there (a
+        lower layer changed under the mount, which it must not)."""
+        above = self.nodes.get(parent)
+        if above is None:
+            return None
+        path = join(above.path, name)
+        entry = self.lower_entry(layer, path)
+        if entry is None or self.number(entry.ident, path) != ino:
+            return None
+        return Node(ino, path, entry, lookups, parent)
+
+    def _promote(self, ino: int) -> Node | None:
+        found = self.residents.find(ino)
+        if found is None:
+            return None
+        t, pos = found
+        node = self._made(t.parent, t.layer, t.names[pos], ino, t.lookups(pos))
+        if node is not None:
+            if t.bare(pos):
+                node.xattrs = NO_XATTRS
+            self.residents.remove(t, pos)
+            self.nodes[ino] = node
+        return node
+
+    def resident_names(self) -> Iterator[tuple[int, int, bytes]]:
+        """(number, directory's number, name) of every resident node."""
+        for t, pos in self.residents:
+            yield t.inos[pos], t.parent, t.names[pos]
 
     def remember(self, path: bytes, entry: Entry, parent: int = ROOT_INO, made: Node | None = None) -> Node:
         """Record that the kernel now holds one more reference to *entry* at *path*.
@@ -123,7 +218,16 @@ class InodeTable:
         """
         ino = self.number(entry.ident, path) if made is None else made.ino
         node = self.nodes.get(ino)
+        if node is None and self.residents.count and (found := self.residents.find(ino)) is not None:
+            t, pos = found
+            if type(made) is Candidate and t.looked_up(pos):
+                return made  # (listed again, or from another version of the listing: the same file)
+            # Looked up by name (or too often to count here): the full node takes over the kernel's lookups so far.
+            node = self.nodes[ino] = Node(ino, path, entry, self.residents.remove(t, pos), parent)
         if node is None:
+            if type(made) is Candidate:
+                self.residents.add(made.parent, made.layer, made.listing, made.position, ino)
+                return made
             if made is None:
                 made = Node(ino, path, entry, parent=parent)
             node = self.nodes[ino] = made
@@ -152,7 +256,7 @@ class InodeTable:
         """Name *path* of object *ino* was removed; *last* if it had no other name."""
         if last:
             self._generations[ino] = self._generations.get(ino, 0) + 1
-        node = self.nodes.get(ino)
+        node = self.get(ino)
         if node is None:
             return
         if node.aliases:
@@ -167,7 +271,8 @@ class InodeTable:
 
     def moved(self, renames: dict[bytes, bytes]) -> None:
         """Rewrite node paths after a rename: each key path (and everything
-        below it) is now at its value.  Several keys move at once (exchange)."""
+        below it) is now at its value.  Several keys move at once (exchange).
+        A resident node's path is its directory's path and its name: it follows."""
 
         def remap(p: bytes) -> bytes:
             for old, new in renames.items():
@@ -187,7 +292,7 @@ class InodeTable:
     def renamed(self, ino: int, old: bytes, new: bytes) -> None:
         """Name *old* of non-directory *ino* is now *new* (what :meth:`moved`
         does, without scanning every node: no other path can change)."""
-        node = self.nodes.get(ino)
+        node = self.get(ino)
         if node is None or node.gone:
             return
         if node.path == old:
@@ -206,6 +311,15 @@ class InodeTable:
         every other request.
         """
         node = self.nodes.get(ino)
+        if node is None and self.residents.count and (found := self.residents.find(ino)) is not None:
+            t, pos = found
+            if t.forgot(pos, count):
+                self.residents.remove(t, pos)
+                if t.live and t.live * 16 < len(t.inos):
+                    # The few left keep a whole listing's names and columns: full nodes cost less now.
+                    for left in [i for i in t.inos if i]:
+                        self._promote(left)
+            return None
         if node is None or ino == ROOT_INO:
             return None
         node.lookups -= count

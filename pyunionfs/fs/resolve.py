@@ -122,9 +122,10 @@ class Resolver:
             at = join(at, name)
         return entry
 
-    def listed(self, parent: Entry, parent_rel: bytes) -> Callable[[bytes], Entry | None]:
+    def listed(self, parent: Entry, parent_rel: bytes, store: bool = True) -> Callable[[bytes], Entry | None]:
         """:meth:`child` for the names of *parent*'s own listing (:meth:`names`),
         with what they share looked up once per listing, not once per name.
+        Not *store*: what the fast path below finds is not cached.
 
         Those names came from the layers' own directories, so they need no
         checking.  In a directory of one lower layer a file or symlink is
@@ -133,10 +134,11 @@ class Resolver:
         :meth:`child`.  A listing of thousands of names (READDIRPLUS) does all
         the rest per name.  Valid while the core's lock is held.
         """
-        layer = self._lone_lower(parent)
-        if layer is None or self.metacopy or layer in parent.impure or self.stack.moved:
+        layer = self.plain_lower(parent)
+        if layer is None:
             return lambda name: self.child(parent, parent_rel, name)
-        lookup, store, lstat = self.cache.lookup, self.cache.store, self.stack.lstat_real
+        lookup, lstat = self.cache.lookup, self.stack.lstat_real
+        keep = self.cache.store if store else lambda ident, name, entry: None
         ident, resolve, stack_layers = parent.ident, self._resolve, self.stack.layers
         whiteout = self.markers.is_device_whiteout
         indexed = self.index is not None
@@ -151,10 +153,20 @@ class Resolver:
                 # have an index copy, a whiteout: as child() has it.)
                 return self.child(parent, parent_rel, name)
             entry = resolve(parent, parent_rel, name, st) if _S_ISDIR(st.st_mode) else Entry.lean(layer, st)
-            store(ident, name, entry)
+            keep(ident, name, entry)
             return entry
 
         return listed_child
+
+    def plain_lower(self, parent: Entry) -> int | None:
+        """The layer of directory *parent* where each of its names is a plain
+        lookup in that one lower layer (:meth:`listed`'s fast path): no other
+        layer, no xattr whiteouts, no copies a metadata-only record or a
+        moved directory could make anything else.  None elsewhere."""
+        layer = self._lone_lower(parent)
+        if layer is None or self.metacopy or layer in parent.impure or self.stack.moved:
+            return None
+        return layer
 
     def _resolve(
         self, parent: Entry, parent_rel: bytes, name: bytes, first: os.stat_result | None = None

@@ -37,7 +37,7 @@ from .directories import Directories
 from .entry import Entry
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
-from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
+from .inodes import ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
 from .markers import Markers
@@ -76,6 +76,7 @@ class UnionFS:
         # Bottom layer first: the image layers' filesystem gets index 0.
         devices = [layer.dev for layer in reversed(self.stack.layers)]
         self.inodes = InodeTable(self.resolver.root(), devices)
+        self.inodes.lower_entry = self._lower_entry
         self.handles = HandleTable(FairShare(per_uid=cfg.max_files_per_uid))
         #: Held by the engine around every call into the core (see :mod:`.locking`).
         self.lock = BigLock()
@@ -117,10 +118,15 @@ class UnionFS:
                     where, _, name = alias.rpartition(b"/")
                     if where in dirs:
                         entries.append((dirs[where], name))
+        inodes = list(self.inodes.nodes)
+        for ino, parent, name in self.inodes.resident_names():
+            inodes.append(ino)
+            entries.append((parent, name))
+        self.inodes.residents.forget_xattrs()
         self.resolver.cache.clear()
         self.resolver.presence.clear()
         self.stack.fds.clear()
-        return KernelForget(inodes=sorted(self.inodes.nodes), entries=entries)
+        return KernelForget(inodes=sorted(inodes), entries=entries)
 
     # -- names -------------------------------------------------------------
 
@@ -157,6 +163,22 @@ class UnionFS:
             return self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino), attr
         node = self.inodes.remember(path, entry, grandparent if name in (b".", b"..") else parent_ino)
         return node, self.attr_of(node.ino, entry, path)
+
+    def _lower_entry(self, layer: int, path: bytes) -> Entry | None:
+        """The entry of the object at merged *path* of lower *layer*, as a
+        directory of that one layer resolves a file (for a resident node
+        made full, see :mod:`.residents`)."""
+        where, _, name = path.rpartition(b"/")
+        st = self.stack.lstat(layer, where, name)
+        return Entry.lean(layer, st) if st is not None else None
+
+    def _peek(self, ino: int) -> Node:
+        """:meth:`node` to read from: a resident node stays one (see
+        :meth:`.InodeTable.peek`)."""
+        node = self.inodes.peek(ino)
+        if node is None:
+            raise fs_error(errno.ESTALE)
+        return node
 
     def resolve_path(self, path: bytes) -> Entry:
         """Resolve a whole relative path from the root (rare: only for ``..``)."""
@@ -223,7 +245,11 @@ class UnionFS:
 
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
-        node = self.node(ino)
+        node = self.inodes.nodes.get(ino)
+        if node is None:
+            # A resident node (see .residents): made just now from a fresh lstat of its lower file.
+            node = self._peek(ino)
+            return self.attr_of(ino, node.entry, node.path)
         st = self.stat_object(node)
         nlink = None
         # An indexed copy of a lower hard link counts the names still only
@@ -379,7 +405,8 @@ class UnionFS:
         handles of files and directories, every caller's together and the
         bounds they are held to (:mod:`.handles`), the directory listings
         those hold (:class:`.cache.Listing`) with their names, and of those
-        the ones held for readers without a handle (:meth:`readdir_at`)."""
+        the ones held for readers without a handle (:meth:`readdir_at`); and
+        the nodes the kernel holds, as objects and as columns (:mod:`.residents`)."""
         cache, share = self.resolver.cache, self.handles.share
         return {
             "open_files": len(self.handles),
@@ -390,6 +417,8 @@ class UnionFS:
             "listed_names": cache.live_listed_names,
             "held_listings": len(cache.held),
             "held_names": cache.held.names,
+            "nodes": len(self.inodes.nodes),
+            "resident_nodes": len(self.inodes.residents),
         }
 
     # -- files ---------------------------------------------------------------
@@ -425,7 +454,7 @@ class UnionFS:
         ``trusted.*`` names only for a caller with CAP_SYS_ADMIN, as the
         kernel lists them (see :mod:`.callers`).
         """
-        names = [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self.node(ino))) if v is not None]
+        names = [v for v in map(self.markers.visible_xattr, self._stored_xattrs(self._peek(ino))) if v is not None]
         if any(n.startswith(TRUSTED) for n in names) and not caller.sys_admin():
             names = [n for n in names if not n.startswith(TRUSTED)]
         return names
@@ -444,7 +473,9 @@ class UnionFS:
     def getxattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> bytes:
         """The value of xattr *name*; ENODATA for ``trusted.*`` without
         CAP_SYS_ADMIN, as the kernel answers before asking any filesystem."""
-        node = self.node(ino)
+        if ino not in self.inodes.nodes and self.inodes.bare_of_xattrs(ino):
+            raise fs_error(errno.ENODATA, name)  # (a resident node, see .residents)
+        node = self._peek(ino)
         if name.startswith(TRUSTED) and not caller.sys_admin():
             raise fs_error(errno.ENODATA, name)
         if node.xattrs is None:
@@ -456,7 +487,11 @@ class UnionFS:
                 # One shared empty set for the common "none": a set per node
                 # costs 216 bytes, more than the node itself (``ls -l`` of a
                 # big directory asks every entry for its label and ACL).
-                node.xattrs = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None) or NO_XATTRS
+                visible = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None)
+                if visible:
+                    node.xattrs = visible
+                else:
+                    self.inodes.no_xattrs(node)
         if node.xattrs is not None and name not in node.xattrs:
             raise fs_error(errno.ENODATA, name)
         path, follow = self.object_path(node)
@@ -471,7 +506,8 @@ class UnionFS:
 
     def access(self, ino: int, mode: int) -> None:
         """Only what the kernel cannot know: writes to a read-only mount."""
-        self.node(ino)
+        if ino not in self.inodes:
+            raise fs_error(errno.ESTALE)
         if mode & os.W_OK and self.readonly:
             raise fs_error(errno.EROFS)
 

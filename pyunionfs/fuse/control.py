@@ -39,7 +39,9 @@ DROP_CACHES = PREFIX + b"drop_caches"
 #: now (``UnionFS.usage``): ``open_files``, ``open_dirs``, the bounds
 #: ``handles_max`` and ``handles_per_uid_max``, and the directory listings
 #: they share, ``listings`` and ``listed_names``, of which ``held_listings``
-#: and ``held_names`` are held for directories opened without a message.
+#: and ``held_names`` are held for directories opened without a message;
+#: ``nodes`` and ``resident_nodes``: the inodes the kernel holds, as objects
+#: and as columns (see ``fs/residents.py``).
 STATS = PREFIX + b"stats"
 
 

@@ -294,7 +294,7 @@ class Engine:
         if ino != nodeid:
             ids.forgot(nodeid, count)
         pin = self.fs.forget(ino, count)
-        if ids.core and self.fs.inodes.get(ino) is None:
+        if ids.core and ino not in self.fs.inodes:
             ids.dropped(ino)
         return pin
 
