@@ -46,6 +46,7 @@ from .transport import (
     Session,
     open_session,
     read_request,
+    request_buffer,
     request_buffer_size,
     write_reply,
 )
@@ -92,7 +93,7 @@ class Server:
 
     def handshake(self) -> None:
         """Answer INIT (the first request); raise MountError if the kernel cannot be served."""
-        buf = bytearray(request_buffer_size(MAX_WRITE))
+        buf = request_buffer(MAX_WRITE)
         while True:
             n = read_request(self.session.fd, buf)
             if n <= 0:
@@ -110,7 +111,7 @@ class Server:
     def _work(self, worker: int, fd: int) -> None:
         """One worker: read, answer, until the connection ends (see staffing.py
         for when a worker other than the first parks instead of reading)."""
-        buf = bytearray(request_buffer_size(MAX_WRITE))
+        buf = request_buffer(MAX_WRITE)
         view = memoryview(buf)
         handle = self.engine.handle
         parse = P.parse_request
@@ -191,7 +192,7 @@ class Server:
         with contextlib.suppress(OSError):
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
-        buf = bytearray(request_buffer_size(MAX_WRITE))
+        buf = request_buffer(MAX_WRITE)
         handle = self.engine.handle
         parse = P.parse_request
         ext = self._setxattr_ext

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 import stat
@@ -118,6 +119,14 @@ def request_buffer_size(max_write: int) -> int:
     at most 1 KiB, a target of at most 4 KiB) fits the 64 KiB floor.
     """
     return max(MIN_READ_BUFFER, max(max_write, XATTR_SIZE_MAX) + HEADER_ROOM)
+
+
+def request_buffer(max_write: int) -> mmap.mmap:
+    """A read buffer of :func:`request_buffer_size` bytes whose pages stay
+    untouched until a request fills them.  ``bytearray(n)`` writes zeros to
+    every page: a mebibyte resident per worker for the 1 MiB WRITE a request
+    may carry, where most requests are a few hundred bytes."""
+    return mmap.mmap(-1, request_buffer_size(max_write))
 
 
 @dataclass(frozen=True)
@@ -445,7 +454,7 @@ def _last_line(text: bytes | None, default: str) -> str:
     return lines[-1] if lines else default
 
 
-def read_request(fd: int, buf: bytearray | memoryview) -> int:
+def read_request(fd: int, buf: bytearray | memoryview | mmap.mmap) -> int:
     """Read one request into *buf*; its length, or READ_UNMOUNTED/READ_AGAIN/READ_ABORTED.
 
     One read(2) returns exactly one whole request.  *buf* must hold

@@ -230,7 +230,7 @@ class Ring:
 
     # -- the FUSE protocol -------------------------------------------------------------
 
-    def serve(self, handle: Callable[[memoryview, memoryview], Reply], buf: bytearray) -> None:
+    def serve(self, handle: Callable[[memoryview, memoryview], Reply], buf: bytearray | mmap.mmap) -> None:
         """Register the slot, then answer requests until the connection ends.
 
         *handle* gets each request as /dev/fuse would have given it (in
@@ -256,7 +256,7 @@ class Ring:
             self._submit(IO_URING_CMD_COMMIT_AND_FETCH, commit_id)
 
 
-def gather(header: Memory, payload: Memory, buf: bytearray) -> tuple[int, int]:
+def gather(header: Memory, payload: Memory, buf: bytearray | mmap.mmap) -> tuple[int, int]:
     """Put the request an entry holds into *buf* as one /dev/fuse message; (its length, commit id).
 
     The kernel splits a request in three: ``fuse_in_header`` (whose ``len``

@@ -12,7 +12,7 @@ import pytest
 from pyunionfs.errors import RingError
 from pyunionfs.fuse import uring
 from pyunionfs.fuse.abi import Opcode
-from pyunionfs.fuse.transport import request_buffer_size
+from pyunionfs.fuse.transport import request_buffer, request_buffer_size
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 ENT = struct.Struct("<QQII")
@@ -36,6 +36,27 @@ def test_possible_cpus_and_the_payload_the_kernel_accepts() -> None:
     # the ring's payload is the /dev/fuse read buffer: at least max(8192, max_write, its pages)
     for max_write in (4096, 1 << 20, (1 << 20) + 1):
         assert request_buffer_size(max_write) >= max(8192, -(-max_write // 4096) * 4096)
+
+
+def _anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+def test_a_read_buffer_takes_memory_only_as_requests_fill_it() -> None:
+    """Each worker's /dev/fuse buffer holds the largest request (a 1 MiB WRITE); zeroed as a
+    bytearray it cost every daemon a resident mebibyte per worker from the start."""
+    before = _anon_kib()
+    bufs = [request_buffer(1 << 20) for _ in range(8)]
+    r, w = os.pipe()
+    try:
+        os.write(w, b"a request of a few bytes")
+        assert os.readv(r, (bufs[0],)) == 24 and bufs[0][:9] == b"a request"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert all(len(b) == request_buffer_size(1 << 20) for b in bufs)
+    assert _anon_kib() - before < 2048, "eight 1 MiB buffers made resident"
 
 
 def test_gather_makes_the_message_dev_fuse_would_give() -> None:
