@@ -434,7 +434,9 @@ class Resolver:
             return cached
         out: list[bytes]
         if len(d.layers) == 1:  # (one directory holds each name once)
-            out = list(filterfalse(self.markers.is_oci_marker, self.stack.listdir(d.layers[0], rel)))
+            out = self.stack.listdir(d.layers[0], rel)
+            if any(map(self.markers.is_oci_marker, out)):  # (else no second list of a huge directory's names)
+                out = list(filterfalse(self.markers.is_oci_marker, out))
             self.cache.store_names(d.ident, out)
             return out
         seen: set[bytes] = set()
