@@ -229,10 +229,23 @@ class Directories:
         # The plain files of a big directory of one lower layer are given to the kernel as
         # resident nodes (see .residents), and their entries not cached (they would take
         # a whole listing's worth of memory again, and a GETATTR reads the file anyway).
-        layer = None
-        if not plain and listing is not None and len(names) >= RESIDENT_FROM and fs.overrides is None:
+        # Only for the native engine's READDIRPLUS (*lean*), whose entries of held nodes go bare:
+        # then a node made resident here is never one already (see InodeTable.remember).
+        layer, own = None, None
+        if lean and not plain and listing is not None and len(names) >= RESIDENT_FROM and fs.overrides is None:
             layer = fs.resolver.plain_lower(parent) if fs.inodes.residents.room(node.ino, names) else None
+            own = fs.inodes.residents.only(node.ino, names)
         child = fs.resolver.listed(parent, at, store=layer is None)
+
+        def held(ino: int, i: int) -> bool:
+            """Whether the kernel holds node *ino*, listed at *i* (see Residents.only)."""
+            full = nodes.get(ino)
+            if full is not None:
+                return full.lookups > 0 and not full.gone
+            if own is not None:
+                return i < len(own.inos) and own.inos[i] == ino
+            return holds(ino)
+
         # Bare entries (number and kind, no node) where nothing more is of use: a READDIR takes
         # no more, and, for an engine that can send them (*lean*: pyfuse3 cannot), a READDIRPLUS
         # entry of a node the kernel already holds (git's lstats before its directory scan)
@@ -261,7 +274,7 @@ class Directories:
             if entry is None:
                 continue
             ino = number(entry.ident, path)
-            if bare and (plain or (lean and holds(ino))):
+            if bare and (plain or (lean and held(ino, i))):
                 yield i + 3, name, None, _bare(ino, entry.st.st_mode)
                 continue
             if layer is not None and ino not in nodes and entry.plain_in(layer):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .entry import Entry
 from .paths import join
-from .residents import Residents
+from .residents import Residents, Table
 
 ROOT_INO = 1
 #: The xattr names of an object with none, shared by every such node.
@@ -153,8 +153,7 @@ class InodeTable:
 
     def peek(self, ino: int) -> Node | None:
         """Node *ino* to read from without making it full: a resident one
-        comes as a node made now and not kept (what is set on it is lost,
-        but :meth:`no_xattrs`)."""
+        comes as a node made now and not kept (what is set on it is lost)."""
         node = self.nodes.get(ino)
         if node is None and self.residents.count:
             found = self.residents.find(ino)
@@ -165,18 +164,15 @@ class InodeTable:
                     node.xattrs = NO_XATTRS
         return node
 
-    def bare_of_xattrs(self, ino: int) -> bool:
-        """Whether resident node *ino* is known to carry no xattrs."""
-        found = self.residents.find(ino) if self.residents.count else None
-        return found is not None and found[0].bare(found[1])
-
-    def no_xattrs(self, node: Node) -> None:
-        """*node* (from :meth:`peek`) carries no xattrs: kept for a resident node too."""
-        node.xattrs = NO_XATTRS
-        if node.ino not in self.nodes and self.residents.count:
-            found = self.residents.find(node.ino)
-            if found is not None:
-                found[0].mark_bare(found[1])
+    def resident(self, ino: int) -> tuple[int, bytes, Table, int] | None:
+        """(lower layer, merged path, table, position) of node *ino* if it
+        is resident (not a full node); None if it is not."""
+        found = self.residents.find(ino) if self.residents.count and ino not in self.nodes else None
+        if found is None:
+            return None
+        t, pos = found
+        above = self.nodes.get(t.parent)
+        return None if above is None else (t.layer, join(above.path, t.names[pos]), t, pos)
 
     def _made(self, parent: int, layer: int, name: bytes, ino: int, lookups: int) -> Node | None:
         """A full node for resident *ino*: *name* in directory *parent*, in
@@ -218,11 +214,12 @@ class InodeTable:
         """
         ino = self.number(entry.ident, path) if made is None else made.ino
         node = self.nodes.get(ino)
-        if node is None and self.residents.count and (found := self.residents.find(ino)) is not None:
+        # (A candidate is never resident already: a listing gives a held node bare.)
+        if node is None and type(made) is not Candidate and self.residents.count and (
+            found := self.residents.find(ino)
+        ) is not None:
+            # Looked up by name: the full node takes over the kernel's lookups so far.
             t, pos = found
-            if type(made) is Candidate and t.looked_up(pos):
-                return made  # (listed again, or from another version of the listing: the same file)
-            # Looked up by name (or too often to count here): the full node takes over the kernel's lookups so far.
             node = self.nodes[ino] = Node(ino, path, entry, self.residents.remove(t, pos), parent)
         if node is None:
             if type(made) is Candidate:

@@ -9,8 +9,8 @@ which cannot change under the mount: all a node of one needs to say is which
 name of which listing it is and how often the kernel looked it up.  Such a
 node is *resident*: a position in its listing's :class:`Table` (its number,
 its lookup count and one flag: 9 bytes), found by its number through one
-open-addressing hash of packed 4-byte references (at most three quarters
-full: 5 to 11 bytes a node), with no Python object per node.
+open-addressing hash of packed 4-byte references (at most four fifths full:
+5 to 10 bytes a node), with no Python object per node.
 
 A resident node is only ever that plain case: a file or symlink with one
 link, listed by READDIRPLUS from a directory of one lower layer (see
@@ -36,6 +36,8 @@ _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: consecutive inode numbers spr
 # A reference is (table number + 1) << _POSITION_BITS | position, in 32 bits.
 _POSITION_BITS = 22
 _POSITION = (1 << _POSITION_BITS) - 1
+#: Positions listed from which a table's listing is taken to be read to its end.
+_READ_ON = 4096
 _LOOKUPS = 0x7F
 _BARE = 0x80
 #: Tables at once, and positions in one (past them, nodes are full ones).
@@ -56,10 +58,10 @@ class Table:
     #: Per position in the listing (up to the last one made resident so far):
     #: the node's number, 0 where none is resident.
     inos: array
-    #: Per position: the kernel's lookups of that node (the low 7 bits: the
-    #: kernel looks a listed file up again only by name, which makes it a full
-    #: node) and _BARE where the object is known to carry no xattrs (the
-    #: kernel asks every ``ls -l`` entry for its label and ACL).
+    #: Per position: the kernel's lookups of that node (the low 7 bits: one,
+    #: from its listing; a listing gives a held node bare, and a lookup by
+    #: name makes it a full node) and _BARE where the object is known to
+    #: carry no xattrs (the kernel asks every ``ls -l`` entry for its label and ACL).
     state: bytearray
     #: Its number among the tables (``Residents._tables``).
     number: int = 0
@@ -75,14 +77,6 @@ class Table:
 
     def mark_bare(self, pos: int) -> None:
         self.state[pos] |= _BARE
-
-    def looked_up(self, pos: int) -> bool:
-        """One more lookup of the node at *pos*; False (and no change) where
-        its count is full: then it must become a full node."""
-        if self.state[pos] & _LOOKUPS == _LOOKUPS:
-            return False
-        self.state[pos] += 1
-        return True
 
     def forgot(self, pos: int, count: int) -> bool:
         """*count* lookups fewer of the node at *pos*; True if none are left."""
@@ -101,11 +95,13 @@ class Residents:
     def __init__(self) -> None:
         self._tables: list[Table | None] = []
         self._spare: list[int] = []
-        #: The newest table of each directory (by its node number).
+        #: The newest table of each directory (by its node number), and how many it has.
         self._newest: dict[int, Table] = {}
+        self._count_of: dict[int, int] = {}
         # Slots of packed references ((table number + 1) << 22 | position), 0 when empty;
-        # linear probing from a number's home slot, kept at most three quarters full (a
-        # miss then probes about 8 slots, a hit 2 or 3: a microsecond, against 5 bytes a node).
+        # linear probing from a number's home slot, kept at most four fifths full (a miss
+        # then probes about 13 slots, a hit 3: listings check their own positions, not the
+        # hash, so misses are rare; half full would take twice the bytes).
         self._slots = array("I", bytes(4 * 64))
         self._shift = 64 - 6
         #: Resident nodes held.
@@ -124,6 +120,19 @@ class Residents:
         t = self._newest.get(parent)
         return (t is not None and t.names is names) or bool(self._spare) or len(self._tables) < MOST_TABLES
 
+    def only(self, parent: int, names: Sequence[bytes]) -> Table | None:
+        """The table of listing *names* of directory *parent* where no other
+        table of that directory exists (an empty one if it has none): then a
+        node listed at position *i* of *names* is resident exactly when
+        ``i < len(t.inos) and t.inos[i]`` is its number (a file of one link
+        has one name, and a rename makes it a full node), with no search of
+        the hash.  None where the directory has other tables."""
+        count = self._count_of.get(parent, 0)
+        if not count:
+            return _NO_TABLE
+        t = self._newest.get(parent)
+        return t if count == 1 and t is not None and t.names is names else None
+
     def _table(self, parent: int, layer: int, names: Sequence[bytes]) -> Table:
         """The table for listing *names* of directory *parent* in *layer*
         (made with its first resident: a table is dropped with its last)."""
@@ -137,6 +146,7 @@ class Residents:
         else:
             self._tables[number] = t
         self._newest[parent] = t
+        self._count_of[parent] = self._count_of.get(parent, 0) + 1
         return t
 
     def _home(self, ino: int) -> int:
@@ -162,13 +172,16 @@ class Residents:
     def add(self, parent: int, layer: int, names: Sequence[bytes], pos: int, ino: int) -> None:
         """Make node *ino* resident, looked up once, as name *pos* of listing
         *names* of directory *parent* in *layer* (it is not resident yet)."""
-        if (self.count + 1) * 4 > len(self._slots) * 3:
-            self._grow()
         t = self._table(parent, layer, names)
         if pos >= len(t.inos):  # (columns grow with the positions listed: a reader may stop early)
             more = min(max(pos + 1, 2 * len(t.inos), 64), len(names)) - len(t.inos)
             t.inos.frombytes(bytes(8 * more))
             t.state += bytes(more)
+            if len(t.inos) >= _READ_ON:
+                # A reader this far in reads it all (ls -l): room for the rest now, not a
+                # rehash of every node at each doubling (0.4 s of 200,000 nodes).
+                self._room_for(self.count + len(names) - t.live)
+        self._room_for(self.count + 1)
         self._place((t.number + 1) << _POSITION_BITS | pos, ino)
         t.inos[pos], t.state[pos] = ino, 1
         t.live += 1
@@ -182,8 +195,13 @@ class Residents:
             i = (i + 1) & mask
         slots[i] = ref
 
-    def _grow(self) -> None:
-        self._resize(2 * len(self._slots))
+    def _room_for(self, count: int) -> None:
+        """Slots enough for *count* nodes, at most four fifths full."""
+        size = len(self._slots)
+        while count * 5 > size * 4:
+            size *= 2
+        if size != len(self._slots):
+            self._resize(size)
 
     def _resize(self, size: int) -> None:
         old = self._slots
@@ -231,6 +249,11 @@ class Residents:
             self._spare.append(t.number)
             if self._newest.get(t.parent) is t:
                 del self._newest[t.parent]
+            left = self._count_of[t.parent] - 1
+            if left:
+                self._count_of[t.parent] = left
+            else:
+                del self._count_of[t.parent]
         return lookups
 
     def __iter__(self) -> Iterator[tuple[Table, int]]:

@@ -37,12 +37,13 @@ from .directories import Directories
 from .entry import Entry
 from .handles import BACKING_FLAGS, FairShare, HandleTable
 from .idmap import id_map
-from .inodes import ROOT_INO, InodeTable, Node
+from .inodes import NO_XATTRS, ROOT_INO, InodeTable, Node
 from .layers import LayerStack
 from .locking import BigLock
 from .markers import Markers
 from .override import HIDDEN_PREFIX, Overrides, Record, apply, overrides
 from .paths import proc_path, split
+from .residents import Table
 from .resolve import Resolver
 from .syscalls import birth_time_ns
 
@@ -172,6 +173,14 @@ class UnionFS:
         st = self.stack.lstat(layer, where, name)
         return Entry.lean(layer, st) if st is not None else None
 
+    def _resident(self, ino: int) -> tuple[int, bytes, Table, int]:
+        """(lower layer, merged path, table, position) of resident node *ino*
+        (see :mod:`.residents`), or ESTALE: the kernel names no such node."""
+        found = self.inodes.resident(ino)
+        if found is None:
+            raise fs_error(errno.ESTALE)
+        return found
+
     def _peek(self, ino: int) -> Node:
         """:meth:`node` to read from: a resident node stays one (see
         :meth:`.InodeTable.peek`)."""
@@ -246,10 +255,12 @@ class UnionFS:
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
         node = self.inodes.nodes.get(ino)
-        if node is None:
-            # A resident node (see .residents): made just now from a fresh lstat of its lower file.
-            node = self._peek(ino)
-            return self.attr_of(ino, node.entry, node.path)
+        if node is None:  # a resident node (see .residents): its lower file's fresh lstat
+            layer, path, _, _ = self._resident(ino)
+            entry = self._lower_entry(layer, path)
+            if entry is None or self.inodes.number(entry.ident, path) != ino:
+                raise fs_error(errno.ESTALE)  # (a lower layer changed under the mount)
+            return self.attr_of(ino, entry, path)
         st = self.stat_object(node)
         nlink = None
         # An indexed copy of a lower hard link counts the names still only
@@ -462,7 +473,10 @@ class UnionFS:
     def _stored_xattrs(self, node: Node, strict: bool = False) -> list[bytes]:
         """The stored xattr names of *node*'s object; where xattrs are not
         supported, none (unless *strict*)."""
-        path, follow = self.object_path(node)
+        return self._stored_xattrs_at(*self.object_path(node), strict)
+
+    def _stored_xattrs_at(self, path: bytes, follow: bool, strict: bool = False) -> list[bytes]:
+        """:meth:`_stored_xattrs` of the object at *path* (see :meth:`object_path`)."""
         try:
             return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)]
         except OSError as exc:
@@ -473,28 +487,36 @@ class UnionFS:
     def getxattr(self, ino: int, name: bytes, caller: Caller = DAEMON) -> bytes:
         """The value of xattr *name*; ENODATA for ``trusted.*`` without
         CAP_SYS_ADMIN, as the kernel answers before asking any filesystem."""
-        if ino not in self.inodes.nodes and self.inodes.bare_of_xattrs(ino):
-            raise fs_error(errno.ENODATA, name)  # (a resident node, see .residents)
-        node = self._peek(ino)
+        node = self.inodes.nodes.get(ino)
+        where: tuple[bytes, bool] | None = None
+        if node is not None:
+            known = node.xattrs
+        else:  # a resident node (see .residents): a lower file, found at its name without a check
+            layer, path, table, pos = self._resident(ino)
+            known = NO_XATTRS if table.bare(pos) else None
         if name.startswith(TRUSTED) and not caller.sys_admin():
             raise fs_error(errno.ENODATA, name)
-        if node.xattrs is None:
+        if known is None:
+            where = (proc_path(*self.stack.at(layer, path)), False) if node is None else self.object_path(node)
             try:
-                names = self._stored_xattrs(node, strict=True)
+                names = self._stored_xattrs_at(*where, strict=True)
             except OSError:
                 pass  # not known; the getxattr below reports what is wrong
             else:
                 # One shared empty set for the common "none": a set per node
                 # costs 216 bytes, more than the node itself (``ls -l`` of a
                 # big directory asks every entry for its label and ACL).
-                visible = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None)
-                if visible:
-                    node.xattrs = visible
-                else:
-                    self.inodes.no_xattrs(node)
-        if node.xattrs is not None and name not in node.xattrs:
+                known = frozenset(v for v in map(self.markers.visible_xattr, names) if v is not None) or NO_XATTRS
+                if node is not None:
+                    node.xattrs = known
+                elif known is NO_XATTRS:
+                    table.mark_bare(pos)
+        if known is not None and name not in known:
             raise fs_error(errno.ENODATA, name)
-        path, follow = self.object_path(node)
+        if where is None:
+            assert node is not None  # (a resident node known bare has no xattr to read: ENODATA above)
+            where = self.object_path(node)
+        path, follow = where
         try:
             return os.getxattr(path, self.markers.stored_xattr(name), follow_symlinks=follow)
         except OSError as exc:

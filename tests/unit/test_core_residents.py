@@ -158,6 +158,24 @@ def test_a_second_listing_gives_held_files_without_a_new_reference(fs: WritableU
     assert ino not in fs.inodes  # one reference, so one forget
 
 
+def test_a_new_listing_of_the_directory_gives_held_files_bare_and_the_rest_resident(fs: WritableUnionFS) -> None:
+    """After the listing is dropped (caches dropped), a new one lists the same files in a second
+    table: the ones the kernel still holds come bare, the ones it forgot become resident again."""
+    big, inos = _listed(fs)
+    files = [inos[_name(i).encode()] for i in range(N)]
+    for ino in files[: N // 2]:
+        fs.forget(ino, 1)
+    fs.drop_caches()
+    again = _plus(fs, big)
+    assert sorted(again.values()) == sorted(files[: N // 2])
+    assert len(fs.inodes.residents) == N + 1
+    for ino in files:
+        assert fs.getattr(ino).ino == ino
+        fs.forget(ino, 1)
+    fs.forget(inos[b"link"], 1)
+    assert len(fs.inodes.residents) == 0 and fs.inodes.residents.only(big, []) is not None
+
+
 def test_unlinked_files_old_node_still_reaches_the_old_file(fs: WritableUnionFS, tree: Path) -> None:
     big, inos = _listed(fs)
     ino = inos[_name(6).encode()]
