@@ -27,8 +27,9 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-#: Listings this long and longer get their nodes as residents.  Below it a
-#: table's arrays, sized to the listing, would cost more than the nodes.
+#: Listings this long and longer get their nodes as residents.  A small
+#: directory's nodes cost little as objects, and its files are the likelier
+#: to be opened next (which makes a resident node a full one anyway).
 RESIDENT_FROM = 1024
 
 _MASK64 = (1 << 64) - 1
@@ -106,8 +107,8 @@ class Residents:
         self._shift = 64 - 6
         #: Resident nodes held.
         self.count = 0
-        # The last one found: one request asks several times (an xattr read: is it
-        # resident, is it known bare, make a node of it, note it is bare).
+        # The last one found: ``ls -l`` asks each entry for two xattrs, one request
+        # after the other.
         self._last: tuple[int, Table, int] = (0, _NO_TABLE, 0)
 
     def __len__(self) -> int:
