@@ -158,10 +158,7 @@ class InodeTable:
         if node is None and self.residents.count:
             found = self.residents.find(ino)
             if found is not None:
-                t, pos = found
-                node = self._made(t.parent, t.layer, t.names[pos], ino, t.lookups(pos))
-                if node is not None and t.bare(pos):
-                    node.xattrs = NO_XATTRS
+                node = self._made(*found)
         return node
 
     def resident(self, ino: int) -> tuple[int, bytes, Table, int] | None:
@@ -171,32 +168,37 @@ class InodeTable:
         if found is None:
             return None
         t, pos = found
-        above = self.nodes.get(t.parent)
-        return None if above is None else (t.layer, join(above.path, t.names[pos]), t, pos)
+        path = self._path_of(t, pos)
+        return None if path is None else (t.layer, path, t, pos)
 
-    def _made(self, parent: int, layer: int, name: bytes, ino: int, lookups: int) -> Node | None:
-        """A full node for resident *ino*: *name* in directory *parent*, in
-        *layer*; None if that name no longer holds that object there (a
-        lower layer changed under the mount, which it must not)."""
-        above = self.nodes.get(parent)
-        if above is None:
+    def _path_of(self, t: Table, pos: int) -> bytes | None:
+        """The merged path of the resident node at *pos* of *t*: its
+        directory's path (it follows renames) and its name."""
+        above = self.nodes.get(t.parent)
+        return None if above is None else join(above.path, t.names[pos])
+
+    def _made(self, t: Table, pos: int) -> Node | None:
+        """A full node (not kept) for the resident node at *pos* of *t*;
+        None if its name no longer holds that object (a lower layer
+        changed under the mount, which it must not)."""
+        ino, path = t.inos[pos], self._path_of(t, pos)
+        if path is None:
             return None
-        path = join(above.path, name)
-        entry = self.lower_entry(layer, path)
+        entry = self.lower_entry(t.layer, path)
         if entry is None or self.number(entry.ident, path) != ino:
             return None
-        return Node(ino, path, entry, lookups, parent)
+        node = Node(ino, path, entry, t.lookups(pos), t.parent)
+        if t.bare(pos):
+            node.xattrs = NO_XATTRS
+        return node
 
     def _promote(self, ino: int) -> Node | None:
         found = self.residents.find(ino)
         if found is None:
             return None
-        t, pos = found
-        node = self._made(t.parent, t.layer, t.names[pos], ino, t.lookups(pos))
+        node = self._made(*found)
         if node is not None:
-            if t.bare(pos):
-                node.xattrs = NO_XATTRS
-            self.residents.remove(t, pos)
+            self.residents.remove(*found)
             self.nodes[ino] = node
         return node
 

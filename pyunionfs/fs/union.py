@@ -255,12 +255,9 @@ class UnionFS:
     def getattr(self, ino: int) -> Attr:
         """Fresh attributes of the node's own object (see :meth:`stat_object`)."""
         node = self.inodes.nodes.get(ino)
-        if node is None:  # a resident node (see .residents): its lower file's fresh lstat
-            layer, path, _, _ = self._resident(ino)
-            entry = self._lower_entry(layer, path)
-            if entry is None or self.inodes.number(entry.ident, path) != ino:
-                raise fs_error(errno.ESTALE)  # (a lower layer changed under the mount)
-            return self.attr_of(ino, entry, path)
+        if node is None:  # a resident node (see .residents): made from its lower file's fresh lstat
+            node = self._peek(ino)
+            return self.attr_of(ino, node.entry, node.path)
         st = self.stat_object(node)
         nlink = None
         # An indexed copy of a lower hard link counts the names still only
